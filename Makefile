@@ -1,0 +1,30 @@
+# The two commands of the README. Each creates .venv on first use, installs the
+# package with torch pinned by constraints.txt (the local CPU build on machines
+# without a GPU), then runs the demo or the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sirobust demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)  # includes the slow tests
+	$(BIN)/python -m pytest -m ''
+
+bench: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps torchattacks
+	$(BIN)/python benchmarks/bench_pgd.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,124 @@
+"""PGD-20 speed and strength: sirobust vs torchattacks, side by side in one run.
+
+Same model, same data, same settings (L∞, ε, 20 steps of ε/4, random start,
+model in eval mode). Each attack is timed over the whole evaluation set, best of
+``--repeats`` runs, and its robust accuracy reported. sirobust runs twice: in its
+evaluation mode (early stop: examples already fooled get no more steps) and
+with ``early_stop=False`` (every example takes every step, like torchattacks),
+which isolates the loop's own overhead.
+
+    python benchmarks/bench_pgd.py                 # CPU: cnn-small on fashion-mnist-mini
+    python benchmarks/bench_pgd.py --model resnet18 --device cuda   # GPU: resnet18, CIFAR-shaped data
+
+torchattacks is a benchmark dependency only: ``pip install --no-deps torchattacks``.
+Results are appended as Markdown to ``benchmarks/results.md`` with ``--write``.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import sirobust
+from sirobust.data import load_dataset
+from sirobust.models import build_model
+from sirobust.train import TrainConfig, fit
+
+
+def trained_small_model(cache: Path, device):
+    if not (cache / "model.safetensors").exists():
+        fit(TrainConfig(dataset="fashion-mnist-mini", model="cnn-small", defense="at", epochs=2, out=str(cache),
+                        progress=False), log=lambda *_: None)
+    return sirobust.load(cache / "model.safetensors").to(device).eval()
+
+
+def timed(fn, device, repeats):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="cnn-small", help="cnn-small (trained, fashion-mnist-mini) or a zoo name (random weights, CIFAR-shaped data)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--eps", type=float, default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--write", action="store_true", help="append the result table to benchmarks/results.md")
+    a = p.parse_args()
+    import torchattacks
+
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if a.model == "cnn-small":
+        model = trained_small_model(Path("runs/bench-cnn-small-at"), device)
+        ds = load_dataset("fashion-mnist-mini", "test")
+        x_all, y_all = ds.float_images()[:a.n], ds.labels[:a.n]
+        eps = 0.1 if a.eps is None else a.eps
+        what = "cnn-small, PGD-AT 2 epochs on fashion-mnist-mini, test images"
+    else:
+        model = build_model(a.model, num_classes=10, in_channels=3).to(device).eval()
+        g = torch.Generator().manual_seed(0)
+        x_all = torch.rand(a.n, 3, 32, 32, generator=g)
+        with torch.no_grad():
+            y_all = torch.cat([model(x_all[i:i + 500].to(device)).argmax(1).cpu() for i in range(0, a.n, 500)])
+        eps = 8 / 255 if a.eps is None else a.eps
+        what = f"{a.model}, random init, random 32×32 images labelled by the model"
+    x_all, y_all = x_all.to(device), y_all.to(device)
+    alpha = eps / 4
+
+    def run(attack):
+        correct = 0
+        for s in range(0, len(y_all), a.batch_size):
+            x, y = x_all[s:s + a.batch_size], y_all[s:s + a.batch_size]
+            x_adv = attack(x, y)
+            with torch.no_grad():
+                correct += (model(x_adv).argmax(1) == y).sum().item()
+        return correct / len(y_all)
+
+    contenders = {
+        "torchattacks PGD": torchattacks.PGD(model, eps=eps, alpha=alpha, steps=a.steps, random_start=True),
+        "sirobust PGD (early stop)": sirobust.PGD(model, eps=eps, alpha=alpha, steps=a.steps),
+        "sirobust PGD (all steps)": sirobust.PGD(model, eps=eps, alpha=alpha, steps=a.steps, early_stop=False),
+        "sirobust SI-PGD (early stop)": sirobust.SIPGD(model, eps=eps, alpha=alpha, steps=a.steps),
+    }
+    with torch.no_grad():
+        clean = (model(x_all).argmax(1) == y_all).float().mean().item()
+    rows = []
+    for name, atk in contenders.items():
+        sec, acc = timed(lambda: run(atk), device, a.repeats)
+        rows.append((name, sec, acc))
+    ref = rows[0][1]
+    dev = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    lines = [f"### PGD-{a.steps}: {what}", "",
+             f"{len(y_all)} examples, batch {a.batch_size}, L∞ ε = {eps:.4g}, α = ε/4, device {dev}, "
+             f"torch {torch.__version__}, torchattacks {torchattacks.__version__}, best of {a.repeats}; clean accuracy {100 * clean:.2f}%", "",
+             "| attack | seconds | time vs torchattacks | robust accuracy (%) |", "|---|---:|---:|---:|"]
+    for name, sec, acc in rows:
+        lines.append(f"| {name} | {sec:.2f} | {sec / ref:.2f}× | {100 * acc:.2f} |")
+    lines += ["", f"command: `python benchmarks/bench_pgd.py --model {a.model} --device {a.device} --n {a.n} "
+                  f"--batch-size {a.batch_size} --steps {a.steps}`", ""]
+    text = "\n".join(lines)
+    print(text)
+    if a.write:
+        path = Path(__file__).with_name("results.md")
+        prev = path.read_text() if path.exists() else "# Benchmark results\n\n"
+        path.write_text(prev + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""sirobust: scale-invariant adversarial attacks and defenses.
+
+Implements "Scale-Invariant Adversarial Attack for Evaluating and Enhancing
+Adversarial Defenses" (Xu, Zhang, Li, Zhang): SI-PGD, the PGD family it is
+compared with, and the SI defense mechanism inside AT/TRADES/ALP/MART.
+
+    import sirobust
+    model = sirobust.load("runs/at")                     # a run folder or .safetensors file
+    atk = sirobust.SIPGD(model, eps=8/255)
+    x_adv = atk(x, y)
+"""
+__version__ = "0.1.0"
+
+from .attacks import FGSM, PGD, PGDCW, PGDDLR, RFGSM, SIPGD, Attack, build_attack, list_attacks  # noqa: E402
+from .checkpoint import load, save_model  # noqa: E402
+from .features import FeatureAccessError, ModelOutput, forward_with_features  # noqa: E402
+from .losses import get_loss, list_losses  # noqa: E402
+from .models import build_model, list_models  # noqa: E402
+
+__all__ = ["__version__", "Attack", "PGD", "SIPGD", "PGDCW", "PGDDLR", "FGSM", "RFGSM", "build_attack", "list_attacks",
+           "load", "save_model", "forward_with_features", "ModelOutput", "FeatureAccessError", "get_loss",
+           "list_losses", "build_model", "list_models"]

@@ -1,0 +1,221 @@
+"""CIFAR-10 and CIFAR-100 from the official "python version" pickle batches.
+
+Format (A. Krizhevsky, https://www.cs.toronto.edu/~kriz/cifar.html): each
+batch file is a pickled dict with byte-string keys; ``b'data'`` is a
+(N, 3072) uint8 numpy array, one row per image, 1024 red then 1024 green then
+1024 blue values in row-major order (so ``reshape(N, 3, 32, 32)`` is NCHW);
+``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` (CIFAR-100) is a list of ints.
+Class names are in ``batches.meta`` (``b'label_names'``) / ``meta``
+(``b'fine_label_names'``).
+
+Pickle can run arbitrary code, so batches are read with
+:class:`RestrictedUnpickler`, which resolves only the handful of globals a
+genuine batch needs (numpy's array/dtype reconstruction) and refuses
+everything else *before* calling it.  The archives are also md5-checked.
+
+Lookup order: an extracted ``cifar-10-batches-py/`` (``cifar-100-python/``)
+folder in ``data_dir/<name>/`` or ``data_dir/``; else the ``.tar.gz``
+archive there (md5-checked, safely extracted next to it); else, with
+``download=True``, the archive is downloaded to ``data_dir/<name>/``.
+"""
+from __future__ import annotations
+
+import codecs
+import pickle
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Union
+
+import numpy as np
+import torch
+
+from .base import DataNotFoundError, ImageDataset, as_uint8_images
+from .download import download_file, not_found_message, safe_extract, search_dirs, verify_file
+
+__all__ = ["RestrictedUnpickler", "restricted_load", "load_cifar_batch", "load_cifar_dataset",
+           "CIFAR_SOURCES", "CIFAR10_CLASSES", "CIFAR100_CLASSES"]
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+
+# The 100 fine labels, in label order (alphabetical), as in cifar-100-python/meta.
+CIFAR100_CLASSES = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+]
+
+CIFAR_SOURCES: dict[str, dict] = {
+    "cifar10": {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "md5": "c58f30108f718f92721af3b95e74349a",
+        "folder": "cifar-10-batches-py",
+        "splits": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+        "meta": "batches.meta",
+        "label_key": "labels",
+        "names_key": "label_names",
+        "classes": CIFAR10_CLASSES,
+    },
+    "cifar100": {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
+        "folder": "cifar-100-python",
+        "splits": {"train": ["train"], "test": ["test"]},
+        "meta": "meta",
+        "label_key": "fine_labels",
+        "names_key": "fine_label_names",
+        "classes": CIFAR100_CLASSES,
+    },
+}
+
+
+# --------------------------------------------------------------------------- restricted unpickling
+
+
+def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
+    """The only globals a CIFAR batch may reference, mapped to the real objects.
+
+    The batches were written by Python 2 with numpy arrays (``numpy.core``
+    paths); numpy >= 2 renamed the package to ``numpy._core`` and writes that
+    path, so both spellings map to the same functions.  ``_frombuffer`` is
+    what numpy uses with pickle protocol 5 and ``_codecs.encode`` is how
+    Python 3 writes ``bytes`` with protocol <= 2; both are pure constructors.
+    """
+    try:  # numpy >= 2
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    table: dict[tuple[str, str], Callable[..., Any]] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
+    for pkg in ("numpy.core", "numpy._core"):
+        table[(f"{pkg}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        if hasattr(numeric, "_frombuffer"):
+            table[(f"{pkg}.numeric", "_frombuffer")] = numeric._frombuffer
+    return table
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only resolves the globals listed in :func:`_allowed_globals`.
+
+    ``find_class`` is the single gate through which a pickle reaches any
+    callable (os.system, eval, subprocess...), so refusing there stops an
+    attack before anything runs (see the warning in the :mod:`pickle` docs,
+    "Restricting Globals").
+    """
+
+    _ALLOWED = _allowed_globals()
+
+    def __init__(self, file: BinaryIO, *, source: str = "<pickle>"):
+        # encoding="bytes": Python 2 ``str`` objects come back as bytes, as in
+        # the loader snippet on the CIFAR web page.
+        super().__init__(file, encoding="bytes")
+        self._source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            allowed = ", ".join(sorted({f"{m}.{n}" for m, n in self._ALLOWED}))
+            raise pickle.UnpicklingError(
+                f"refusing to load {self._source}: it references the global '{module}.{name}', which a "
+                f"genuine CIFAR batch never does (allowed: {allowed}). The file may be malicious; "
+                "nothing from it was executed."
+            ) from None
+
+
+def restricted_load(path: Union[str, Path]) -> Any:
+    """Unpickle ``path`` with :class:`RestrictedUnpickler`."""
+    with open(path, "rb") as f:
+        return RestrictedUnpickler(f, source=str(path)).load()
+
+
+def _str_keys(obj: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"malformed CIFAR file {path}: expected a pickled dict, got {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+
+
+def load_cifar_batch(path: Union[str, Path], label_key: str = "labels",
+                     num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file -> (images uint8 (N, 3, 32, 32), labels int64 (N,))."""
+    path = Path(path)
+    d = _str_keys(restricted_load(path), path)
+    if "data" not in d or label_key not in d:
+        raise ValueError(f"malformed CIFAR batch {path}: needs keys b'data' and b'{label_key}', "
+                         f"found {sorted(d)}")
+    data = d["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"malformed CIFAR batch {path}: b'data' must be a uint8 array (N, 3072), got "
+                         f"{type(data).__name__} {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}")
+    labels = np.asarray(d[label_key])
+    if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"malformed CIFAR batch {path}: b'{label_key}' must be {data.shape[0]} integers, "
+                         f"got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"malformed CIFAR batch {path}: labels must lie in [0, {num_classes}), "
+                         f"got [{labels.min()}, {labels.max()}]")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _class_names(folder: Path, src: dict) -> list[str]:
+    meta = folder / src["meta"]
+    if not meta.is_file():
+        return list(src["classes"])  # the meta file only carries names; ours are identical
+    d = _str_keys(restricted_load(meta), meta)
+    names = d.get(src["names_key"])
+    if not isinstance(names, list) or len(names) != len(src["classes"]):
+        raise ValueError(f"malformed CIFAR meta file {meta}: b'{src['names_key']}' must list "
+                         f"{len(src['classes'])} names")
+    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _locate(name: str, split: str, data_dir: Path, download: bool) -> Path:
+    src = CIFAR_SOURCES[name]
+    files = src["splits"][split]
+    dirs = search_dirs(data_dir, name)
+    for d in dirs:
+        if all((d / src["folder"] / f).is_file() for f in files):
+            return d / src["folder"]
+    archive_name = Path(src["url"]).name
+    for d in dirs:
+        archive = d / archive_name
+        if archive.is_file():
+            verify_file(archive, md5=src["md5"])  # deletes it and raises ChecksumError if bad
+            safe_extract(archive, d)
+            return d / src["folder"]
+    dest = data_dir / name
+    wanted = [f"{src['folder']}/{f}" for f in files] + [archive_name]
+    if not download:
+        raise DataNotFoundError(not_found_message(name, split, wanted, dirs, dest, [src["url"]], download))
+    try:
+        archive = download_file(src["url"], dest / archive_name, md5=src["md5"])
+    except DataNotFoundError as exc:
+        raise DataNotFoundError(
+            not_found_message(name, split, wanted, dirs, dest, [src["url"]], download, error=exc)) from exc
+    safe_extract(archive, dest)
+    return dest / src["folder"]
+
+
+def load_cifar_dataset(name: str, split: str, data_dir: Path, download: bool) -> ImageDataset:
+    """Load ``split`` ("train"/"test") of ``name`` ("cifar10"/"cifar100")."""
+    src = CIFAR_SOURCES[name]
+    if split not in src["splits"]:
+        raise ValueError(f"split={split!r} is not available for {name!r}; choose one of {sorted(src['splits'])}")
+    folder = _locate(name, split, data_dir, download)
+    missing = [f for f in src["splits"][split] if not (folder / f).is_file()]
+    if missing:  # only possible when an archive lacked them
+        raise ValueError(f"{folder} is missing {missing}: the {name} archive is incomplete")
+    parts = [load_cifar_batch(folder / f, src["label_key"], len(src["classes"])) for f in src["splits"][split]]
+    images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    return ImageDataset(images=as_uint8_images(images), labels=torch.from_numpy(labels),
+                        classes=_class_names(folder, src), name=name, split=split)

@@ -1,0 +1,307 @@
+"""Downloading and unpacking dataset files safely.
+
+* :func:`download_file` streams a URL (``urllib`` only; ``file://`` works too)
+  into a temporary file *in the destination folder*, checks its md5/sha256 and
+  only then renames it into place with :func:`os.replace` (atomic on POSIX),
+  so a crash or a bad mirror never leaves a half-written or wrong file behind.
+* :func:`verify_file` checks a file already on disk and deletes it if it does
+  not match (it would otherwise poison every later run).
+* :func:`safe_extract` unpacks tar/zip archives after checking *every* member:
+  no absolute paths, no ``..`` escapes, no links, no devices (the classic
+  "tar slip" attacks, CVE-2007-4559; see also Python's tarfile extraction
+  filters, PEP 706).
+
+md5 is used only because it is what dataset authors publish (CIFAR, SVHN,
+MNIST); prefer sha256 when you have it.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import socket
+import stat
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Optional, Union
+
+from .base import DATA_ENV_VAR, ChecksumError, DataNotFoundError
+
+__all__ = ["download_file", "verify_file", "file_digest", "safe_extract", "NETWORK_ERRORS",
+           "search_dirs", "not_found_message"]
+
+PathLike = Union[str, os.PathLike]
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60.0
+_USER_AGENT = "sirobust-data/0.1 (+https://pypi.org/project/sirobust)"
+
+#: Exceptions that mean "could not fetch" (offline, DNS, HTTP error, reset, timeout);
+#: disk errors are deliberately not in this list and propagate unchanged.
+NETWORK_ERRORS = (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
+                  http.client.HTTPException)
+
+
+def file_digest(path: PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _expected(md5: Optional[str], sha256: Optional[str]) -> list[tuple[str, str]]:
+    checks = []
+    if sha256:
+        checks.append(("sha256", sha256.lower()))
+    if md5:
+        checks.append(("md5", md5.lower()))
+    return checks
+
+
+def _check_digests(path: Path, checks: list[tuple[str, str]], shown_name: str) -> None:
+    """Raise ChecksumError (after deleting ``path``) on the first mismatch."""
+    for algorithm, want in checks:
+        got = file_digest(path, algorithm)
+        if got != want:
+            path.unlink(missing_ok=True)
+            raise ChecksumError(
+                f"{algorithm} mismatch for {shown_name}: expected {want}, got {got}. "
+                "The file is corrupt, truncated or not the published one; it has been deleted. "
+                "Download it again (or place the original file there by hand)."
+            )
+
+
+def verify_file(path: PathLike, md5: Optional[str] = None, sha256: Optional[str] = None) -> Path:
+    """Check ``path`` against the given digest(s); delete it and raise on mismatch.
+
+    Returns the path on success.  Raises ``ValueError`` if neither ``md5`` nor
+    ``sha256`` is given, ``FileNotFoundError`` if the file does not exist and
+    :class:`ChecksumError` (file deleted) if a digest differs.
+    """
+    checks = _expected(md5, sha256)
+    if not checks:
+        raise ValueError("verify_file: pass md5= and/or sha256=")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"verify_file: no such file: {path}")
+    _check_digests(path, checks, str(path))
+    return path
+
+
+def download_file(url: str, dest: PathLike, md5: Optional[str] = None,
+                  sha256: Optional[str] = None) -> Path:
+    """Download ``url`` to ``dest`` and verify it; returns ``dest``.
+
+    If ``dest`` already exists and matches the digest, nothing is downloaded
+    (if it does not match it is deleted and fetched again).  The data go to a
+    temporary file next to ``dest`` which is verified and then atomically
+    renamed; on any failure the temporary file is removed.
+
+    Raises:
+        ChecksumError: the downloaded bytes do not match (nothing is left on disk).
+        DataNotFoundError: the URL could not be fetched (offline, HTTP error...);
+            the message says where to put the file by hand.
+    """
+    dest = Path(dest)
+    checks = _expected(md5, sha256)
+    if dest.is_file() and checks:
+        try:
+            _check_digests(dest, checks, str(dest))
+            return dest
+        except ChecksumError:
+            pass  # stale or corrupt copy was deleted: fetch a fresh one
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                _stream(url, out, dest.name)
+            except NETWORK_ERRORS as exc:
+                raise DataNotFoundError(
+                    f"could not download {url} ({_reason(exc)}). If this machine is offline, download "
+                    f"that file elsewhere and place it at {dest} (exact name '{dest.name}' in folder "
+                    f"{dest.parent})."
+                ) from exc
+        _check_digests(tmp, checks, f"{dest.name} (downloaded from {url})")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be shared
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return f"{type(exc.reason).__name__}: {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _stream(url: str, out, label: str) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:  # noqa: S310 (scheme is ours)
+        total = response.headers.get("Content-Length")
+        progress = _progress(int(total) if total and total.isdigit() else None, label)
+        try:
+            for chunk in iter(lambda: response.read(_CHUNK), b""):
+                out.write(chunk)
+                if progress is not None:
+                    progress.update(len(chunk))
+        finally:
+            if progress is not None:
+                progress.close()
+
+
+def _progress(total: Optional[int], label: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but a progress bar is never essential
+        return None
+    # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs).
+    return tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=None, leave=False)
+
+
+# --------------------------------------------------------------------------- lookup helpers
+
+
+def search_dirs(data_dir: Path, name: str, extra: tuple[str, ...] = ()) -> list[Path]:
+    """Folders searched for dataset ``name``, in order.
+
+    ``data_dir/<name>/`` comes first: MNIST and Fashion-MNIST use identical
+    file names, so the per-dataset folder is the unambiguous place (and where
+    downloads go); the bare ``data_dir`` is accepted for convenience.
+    """
+    dirs = [data_dir / name, data_dir] + [Path(e) for e in extra]
+    seen, out = set(), []
+    for d in dirs:
+        if d not in seen:
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+def not_found_message(name: str, split: str, filenames: list[str], looked: list[Path],
+                      dest: Path, urls: list[str], download: bool,
+                      error: Optional[BaseException] = None) -> str:
+    """The text of a DataNotFoundError: what, where we looked, how to fix it."""
+    lines = [f"dataset {name!r} (split {split!r}) not found.",
+             "Looked for: " + ", ".join(filenames),
+             "in:"]
+    lines += [f"  - {d}" for d in looked]
+    if not download:
+        lines.append("download=False, so nothing was fetched.")
+    elif error is not None:
+        lines.append(f"Downloading failed: {error}")
+    lines.append(
+        f"To fix: run load_dataset({name!r}, download=True) on a machine with internet access, "
+        f"or fetch {', '.join(urls)} by hand and put the file(s) in {dest}/ with exactly these names: "
+        + ", ".join(Path(u).name for u in urls)
+        + f". Set ${DATA_ENV_VAR} or pass data_dir= to use another folder."
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _check_member_name(name: str, archive: Path) -> PurePosixPath:
+    """Reject absolute and escaping member names; return the relative path."""
+    norm = name.replace("\\", "/")  # a Windows-made archive may use backslashes
+    p = PurePosixPath(norm)
+    if not norm or p.is_absolute() or norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+        raise ValueError(f"safe_extract: refusing absolute path member {name!r} in {archive}")
+    if ".." in p.parts:
+        raise ValueError(f"safe_extract: refusing member {name!r} in {archive}: '..' escapes the destination")
+    return p
+
+
+def _target(dest: Path, rel: PurePosixPath, name: str, archive: Path) -> Path:
+    target = (dest / Path(*rel.parts)).resolve() if rel.parts else dest
+    # Belt and braces: also catches escapes through symlinks that already exist in dest.
+    if target != dest and dest not in target.parents:
+        raise ValueError(f"safe_extract: refusing member {name!r} in {archive}: it resolves outside {dest}")
+    return target
+
+
+def safe_extract(archive: PathLike, dest: PathLike) -> list[Path]:
+    """Extract a tar (any compression) or zip archive into ``dest``.
+
+    Every member is checked before anything is written; only regular files
+    and directories are allowed.  Raises ``ValueError`` naming the first bad
+    member (absolute path, ``..``, symlink/hardlink, device, fifo) or an
+    unsupported archive type.  File modes are not copied (no setuid surprises).
+    Returns the extracted file paths.
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    dest = dest.resolve()
+    if zipfile.is_zipfile(archive):
+        return _extract_zip(archive, dest)
+    if tarfile.is_tarfile(archive):
+        return _extract_tar(archive, dest)
+    raise ValueError(f"safe_extract: {archive} is neither a tar nor a zip archive")
+
+
+def _check_tar_member(m: tarfile.TarInfo, archive: Path, dest: Path) -> Optional[Path]:
+    rel = _check_member_name(m.name, archive)
+    if m.issym() or m.islnk():
+        raise ValueError(f"safe_extract: refusing link member {m.name!r} -> {m.linkname!r} in {archive}")
+    if not (m.isfile() or m.isdir()):
+        raise ValueError(f"safe_extract: refusing special member {m.name!r} (device/fifo) in {archive}")
+    return _target(dest, rel, m.name, archive)
+
+
+def _extract_tar(archive: Path, dest: Path) -> list[Path]:
+    # Pass 1 validates everything; pass 2 streams ('r|*') so a .tar.gz is
+    # decompressed once instead of once per backwards seek.
+    with tarfile.open(archive, "r:*") as tar:
+        for m in tar.getmembers():
+            _check_tar_member(m, archive, dest)
+    written = []
+    with tarfile.open(archive, "r|*") as tar:
+        for m in tar:
+            target = _check_tar_member(m, archive, dest)
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(m)
+            assert src is not None  # regular file
+            with src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+            written.append(target)
+    return written
+
+
+def _extract_zip(archive: Path, dest: Path) -> list[Path]:
+    written = []
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        targets = []
+        for info in infos:
+            rel = _check_member_name(info.filename, archive)
+            # Unix mode in the high 16 bits; the file-type bits are often absent
+            # (zipfile.writestr records only permissions), which means "regular".
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if kind == stat.S_IFLNK:
+                raise ValueError(f"safe_extract: refusing symlink member {info.filename!r} in {archive}")
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise ValueError(f"safe_extract: refusing special member {info.filename!r} in {archive}")
+            targets.append(_target(dest, rel, info.filename, archive))
+        for info, target in zip(infos, targets):
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+            written.append(target)
+    return written

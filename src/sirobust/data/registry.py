@@ -1,0 +1,115 @@
+"""The dataset registry: names, static facts, and :func:`load_dataset`.
+
+Statistics (mean/std of training pixels in [0, 1]) are the values commonly
+used with each dataset (e.g. in the RobustBench and torchvision examples);
+the L∞ budgets are the customary ones of the adversarial-robustness
+literature (Madry et al. 2018: MNIST 0.3, CIFAR-10 8/255; Fashion-MNIST
+0.1; SVHN and CIFAR-100 8/255).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from .base import DatasetInfo, ImageDataset, default_data_dir
+from .cifar import CIFAR_SOURCES, load_cifar_dataset
+from .idx import SPLIT_FILES, load_idx_dataset
+from .mini import MINI_SIZES, load_mini_dataset
+from .svhn import SVHN_FILES, load_svhn_dataset
+
+__all__ = ["list_datasets", "get_dataset_info", "load_dataset", "dataset_splits"]
+
+Loader = Callable[[str, str, Path, bool], ImageDataset]
+_FMNIST_MEAN, _FMNIST_STD = (0.2860,), (0.3530,)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    info: DatasetInfo
+    loader: Loader
+    splits: tuple[str, ...]
+
+
+def _entry(loader: Loader, splits, **info) -> _Entry:
+    return _Entry(DatasetInfo(**info), loader, tuple(splits))
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "cifar10": _entry(
+        load_cifar_dataset, CIFAR_SOURCES["cifar10"]["splits"], name="cifar10", num_classes=10, in_channels=3,
+        image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616), default_eps=8 / 255,
+        augment="crop-flip",
+        description="CIFAR-10: 50,000 train / 10,000 test 32x32 colour images, 10 classes (Krizhevsky 2009)."),
+    "cifar100": _entry(
+        load_cifar_dataset, CIFAR_SOURCES["cifar100"]["splits"], name="cifar100", num_classes=100, in_channels=3,
+        image_size=32, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), default_eps=8 / 255,
+        augment="crop-flip",
+        description="CIFAR-100: 50,000 train / 10,000 test 32x32 colour images, 100 fine classes "
+                    "(Krizhevsky 2009)."),
+    "fashion-mnist": _entry(
+        load_idx_dataset, SPLIT_FILES, name="fashion-mnist", num_classes=10, in_channels=1, image_size=28,
+        mean=_FMNIST_MEAN, std=_FMNIST_STD, default_eps=0.1, augment="flip",
+        description="Fashion-MNIST: 60,000 train / 10,000 test 28x28 greyscale Zalando article images, "
+                    "10 classes (Xiao et al. 2017)."),
+    "fashion-mnist-mini": _entry(
+        load_mini_dataset, MINI_SIZES, name="fashion-mnist-mini", num_classes=10, in_channels=1, image_size=28,
+        mean=_FMNIST_MEAN, std=_FMNIST_STD, default_eps=0.1, augment="flip",
+        description="Fashion-MNIST subset shipped with sirobust: 6,000 train / 1,000 test images, "
+                    "class-balanced (600/100 per class); needs no download."),
+    "mnist": _entry(
+        load_idx_dataset, SPLIT_FILES, name="mnist", num_classes=10, in_channels=1, image_size=28,
+        mean=(0.1307,), std=(0.3081,), default_eps=0.3, augment="crop",
+        description="MNIST: 60,000 train / 10,000 test 28x28 greyscale handwritten digits (LeCun et al. 1998)."),
+    "svhn": _entry(
+        load_svhn_dataset, SVHN_FILES, name="svhn", num_classes=10, in_channels=3, image_size=32,
+        mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), default_eps=8 / 255, augment="crop",
+        description="SVHN cropped digits: 73,257 train / 26,032 test (+531,131 extra) 32x32 colour house-number "
+                    "digits (Netzer et al. 2011)."),
+}
+
+# Spellings people commonly type; the canonical names are the registry keys.
+_ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "fashionmnist": "fashion-mnist",
+            "fmnist": "fashion-mnist"}
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> _Entry:
+    if isinstance(name, str):
+        key = name.strip().lower().replace("_", "-")
+        key = _ALIASES.get(key, key)
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+    raise ValueError(f"unknown dataset name={name!r}; valid names: {', '.join(list_datasets())}")
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+    """Static facts about ``name``; raises ValueError listing valid names if unknown."""
+    return _lookup(name).info
+
+
+def dataset_splits(name: str) -> tuple[str, ...]:
+    """The splits ``load_dataset`` accepts for ``name`` (e.g. ("train", "test"))."""
+    return _lookup(name).splits
+
+
+def load_dataset(name: str, split: str = "train", data_dir: Optional[Union[str, os.PathLike]] = None,
+                 download: bool = True) -> ImageDataset:
+    """Load a whole split into memory as an :class:`ImageDataset` (uint8 NCHW).
+
+    ``data_dir`` defaults to ``$SIROBUST_DATA`` or ``~/.cache/sirobust/data``;
+    each format module documents where it looks and what it downloads.
+    Raises ValueError (unknown name or split), DataNotFoundError (files
+    missing and not downloadable), ChecksumError (bad file; deleted).
+    """
+    entry = _lookup(name)
+    if split not in entry.splits:
+        raise ValueError(f"split={split!r} is not available for {entry.info.name!r}; "
+                         f"choose one of {list(entry.splits)}")
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    return entry.loader(entry.info.name, split, root, bool(download))

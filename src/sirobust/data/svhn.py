@@ -1,0 +1,79 @@
+"""SVHN (Street View House Numbers), cropped-digits format 2.
+
+Format (Netzer et al. 2011, http://ufldl.stanford.edu/housenumbers/):
+MATLAB v5 files ``train_32x32.mat``, ``test_32x32.mat`` (and
+``extra_32x32.mat``) with ``X`` uint8 (32, 32, 3, N) and ``y`` (N, 1) in
+1..10, where 10 stands for the digit 0 (mapped to 0 here, as everybody does).
+Read with :func:`scipy.io.loadmat` (no pickle involved).
+
+Lookup: ``data_dir/svhn/`` then ``data_dir/``; the file is md5-checked
+against the published digest (a bad copy is deleted); else, with
+``download=True``, it is downloaded to ``data_dir/svhn/``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import torch
+
+from .base import DataNotFoundError, ImageDataset, as_uint8_images
+from .download import download_file, not_found_message, search_dirs, verify_file
+
+__all__ = ["load_svhn_dataset", "SVHN_FILES", "SVHN_CLASSES"]
+
+SVHN_CLASSES = [str(d) for d in range(10)]
+_BASE_URL = "http://ufldl.stanford.edu/housenumbers/"
+
+#: split -> (file name, md5 of the published file); the digests torchvision's SVHN class uses.
+SVHN_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+    "test": ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
+    "extra": ("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7"),
+}
+
+
+def _locate(split: str, data_dir: Path, download: bool) -> Path:
+    fname, md5 = SVHN_FILES[split]
+    dirs = search_dirs(data_dir, "svhn")
+    for d in dirs:
+        if (d / fname).is_file():
+            return verify_file(d / fname, md5=md5)  # deletes it and raises ChecksumError if bad
+    dest = data_dir / "svhn"
+    url = _BASE_URL + fname
+    if not download:
+        raise DataNotFoundError(not_found_message("svhn", split, [fname], dirs, dest, [url], download))
+    try:
+        return download_file(url, dest / fname, md5=md5)
+    except DataNotFoundError as exc:
+        raise DataNotFoundError(
+            not_found_message("svhn", split, [fname], dirs, dest, [url], download, error=exc)) from exc
+
+
+def load_svhn_dataset(name: str, split: str, data_dir: Path, download: bool) -> ImageDataset:
+    """Load ``split`` ("train"/"test"/"extra") of SVHN; ``name`` must be "svhn"."""
+    if split not in SVHN_FILES:
+        raise ValueError(f"split={split!r} is not available for 'svhn'; choose one of {sorted(SVHN_FILES)}")
+    path = _locate(split, data_dir, download)
+    try:
+        mat = scipy.io.loadmat(path, variable_names=["X", "y"])
+    except Exception as exc:  # scipy raises a zoo of types (ValueError, MatReadError, TypeError...)
+        raise ValueError(f"malformed SVHN file {path}: cannot read it as a MATLAB v5 file ({exc})") from exc
+    if "X" not in mat or "y" not in mat:
+        raise ValueError(f"malformed SVHN file {path}: needs variables 'X' and 'y'")
+    x, y = mat["X"], np.asarray(mat["y"])
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise ValueError(f"malformed SVHN file {path}: 'X' must be uint8 (32, 32, 3, N), got {x.dtype} {x.shape}")
+    n = x.shape[3]
+    y = y.reshape(-1)
+    if y.shape[0] != n or not np.issubdtype(y.dtype, np.number):
+        raise ValueError(f"malformed SVHN file {path}: 'y' must hold {n} labels, got {y.dtype} {y.shape}")
+    y = y.astype(np.int64)
+    if n and (y.min() < 1 or y.max() > 10):
+        raise ValueError(f"malformed SVHN file {path}: labels must lie in 1..10, got [{y.min()}, {y.max()}]")
+    y[y == 10] = 0  # the dataset stores digit 0 as class 10
+    # (H, W, C, N) -> (N, C, H, W)
+    images = x.transpose(3, 2, 0, 1)
+    return ImageDataset(images=as_uint8_images(images), labels=torch.from_numpy(y),
+                        classes=list(SVHN_CLASSES), name="svhn", split=split)

@@ -1,0 +1,25 @@
+"""Defenses: each a loss over a batch; ``--si`` adds the SI mechanism to any of them."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+from .at import AT
+from .base import Defense, InnerAttack
+from .si import SIConfig, si_regulariser
+from .standard import Standard
+
+DEFENSES: Dict[str, Type[Defense]] = {"standard": Standard, "at": AT}
+
+
+def list_defenses() -> list[str]:
+    return sorted(DEFENSES)
+
+
+def build_defense(name: str, attack: Optional[InnerAttack] = None, si: Optional[SIConfig] = None, **kw) -> Defense:
+    if name not in DEFENSES:
+        raise ValueError(f"unknown defense {name!r}; valid defenses: {', '.join(list_defenses())}")
+    return DEFENSES[name](attack=attack, si=si, **kw)
+
+
+__all__ = ["Defense", "InnerAttack", "SIConfig", "si_regulariser", "DEFENSES", "build_defense", "list_defenses",
+           "AT", "Standard"]

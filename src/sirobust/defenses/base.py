@@ -1,0 +1,115 @@
+"""A defense is a loss over a batch: ``loss, stats = defense(model, x, y)``.
+
+Multi-step defenses share one shape (Table 1 of the paper): build adversarial
+examples by maximising an *adversarial objective* with the PGD loop (inner
+maximisation), then minimise a *training objective* (outer minimisation).
+A subclass states the two objectives and nothing else. The SI mechanism
+(Sec. 4.3) is applied here, once, for every defense: the inner loss becomes
+``CE(s · cos θ, y)`` and the outer loss gains ``β · CE(s · (cos θ − m · 1_y), y)``
+on the adversarial examples (:mod:`sirobust.defenses.si`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..attacks.loop import pgd_loop
+from ..features import ModelOutput, forward_with_features
+from ..losses import Loss, get_loss
+from ..modes import model_mode
+from ..threat import ThreatModel, make_threat
+from .si import SIConfig, si_regulariser
+
+_MODES = ("eval", "train")
+
+
+@dataclass
+class InnerAttack:
+    """The training adversary: PGD with random start, ``steps`` steps of ``alpha``
+    (paper: ε = 8/255, 10 steps of ε/4). ``model_mode`` is the mode the model is
+    put in while the examples are made (eval, as TRADES and the paper's code do)."""
+
+    eps: float = 8 / 255
+    alpha: Optional[float] = None
+    steps: int = 10
+    norm: str = "Linf"
+    random_start: bool = True
+    model_mode: str = "eval"
+
+    def __post_init__(self):
+        if self.model_mode not in _MODES:
+            raise ValueError(f"attack model_mode must be one of {_MODES}, got {self.model_mode!r}")
+        if int(self.steps) != self.steps or self.steps < 0:
+            raise ValueError(f"attack steps must be an integer >= 0, got {self.steps}")
+        self.threat: ThreatModel = make_threat(self.norm, self.eps)
+        if self.alpha is None:
+            self.alpha = self.eps / 4
+        if not self.alpha >= 0:
+            raise ValueError(f"attack alpha must be >= 0, got {self.alpha}")
+
+
+class Defense:
+    """Base class. Subclasses override :meth:`adversarial_loss` and :meth:`training_loss`."""
+
+    name = "defense"
+    uses_attack = True
+
+    def __init__(self, attack: Optional[InnerAttack] = None, si: Optional[SIConfig] = None):
+        self.attack = attack or InnerAttack()
+        self.si = si
+
+    # ----- the two objectives (Table 1) --------------------------------------------------
+    def adversarial_loss(self, clean: ModelOutput) -> Loss:
+        """The loss the inner PGD maximises, without SI. Default: CE(f(x'), y)."""
+        return get_loss("ce")
+
+    def training_loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor,
+                      clean: Optional[ModelOutput], adv: ModelOutput) -> torch.Tensor:
+        """The per-batch training objective, without the SI term (a scalar)."""
+        raise NotImplementedError
+
+    needs_clean_output = False  # does the defense use f(x) (TRADES, MART, ALP) as well as f(x')?
+
+    # ----- the one algorithm ----------------------------------------------------------------
+    def make_adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         generator: Optional[torch.Generator] = None,
+                         clean: Optional[ModelOutput] = None) -> torch.Tensor:
+        inner = get_loss("si", scale=self.si.scale) if self.si is not None else self.adversarial_loss(clean)
+        with model_mode(model, self.attack.model_mode):
+            return pgd_loop(model, x, y, loss=inner, threat=self.attack.threat, alpha=self.attack.alpha,
+                            steps=self.attack.steps, random_start=self.attack.random_start,
+                            early_stop=False, generator=generator)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict]:
+        """Loss over the batch (a differentiable scalar) and a dict of float stats."""
+        clean_for_attack = None
+        if self.needs_clean_output and self.si is None:
+            # TRADES' inner KL needs f(x) from the model in the attack's mode
+            with model_mode(model, self.attack.model_mode), torch.no_grad():
+                clean_for_attack = ModelOutput(model(x))
+        x_adv = self.make_adversarial(model, x, y, generator, clean_for_attack)
+        need_feat = self.si is not None
+        clean = forward_with_features(model, x, need_features=False) if self.needs_clean_output else None
+        adv = forward_with_features(model, x_adv, need_features=need_feat)
+        loss = self.training_loss(model, x, x_adv, y, clean, adv)
+        stats = {"loss_defense": loss.item()}
+        if self.si is not None:
+            reg = si_regulariser(adv, y, self.si)
+            stats["loss_si"] = reg.item()
+            loss = loss + reg
+        logits = adv.logits.detach()
+        stats["adv_acc"] = (logits.argmax(1) == y).float().mean().item()
+        if clean is not None:
+            stats["clean_acc"] = (clean.logits.detach().argmax(1) == y).float().mean().item()
+        return loss, stats
+
+    def describe(self) -> dict:
+        """Everything that defines this defense, for the run's config record."""
+        a = self.attack
+        return {"defense": self.name, "si": None if self.si is None else vars(self.si),
+                "attack": {"eps": a.eps, "alpha": a.alpha, "steps": a.steps, "norm": a.threat.norm,
+                           "random_start": a.random_start, "model_mode": a.model_mode}}

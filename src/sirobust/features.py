@@ -1,0 +1,127 @@
+"""Run any classifier and get its logits, penultimate features ``z`` and head ``W, b``.
+
+SI-PGD (Sec. 4.2 of the paper) needs ``cos θ_k = W_k·z / (‖W_k‖‖z‖)``, so it must
+see the input of the last linear layer. For zoo models (:class:`ImageClassifier`)
+that is direct. For a foreign ``nn.Module`` the input of its last ``nn.Linear``
+(or of a module the user names) is captured with a forward hook, and the first
+call checks that the model's logits really are ``α · (W z + b) + c`` with
+``α > 0`` (a per-row constant ``c`` changes no softmax). That is exactly the
+family of rescalings SI is immune to, so a wrapper ``α · model(x)`` keeps working.
+
+Example::
+
+    out = forward_with_features(model, x)     # out.logits, out.features, out.weight
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.base import ImageClassifier
+
+
+class FeatureAccessError(ValueError):
+    """The model's penultimate features / last linear layer cannot be found or used."""
+
+
+@dataclass
+class ModelOutput:
+    """One forward pass. ``features``/``weight`` are None when not requested."""
+
+    logits: torch.Tensor                     # (B, K)
+    features: Optional[torch.Tensor] = None  # (B, D): z, the input of the last linear layer
+    weight: Optional[torch.Tensor] = None    # (K, D): W
+    bias: Optional[torch.Tensor] = None      # (K,)
+
+
+HeadSpec = Union[None, str, nn.Linear]
+
+# Models whose head passed the α·(Wz+b)+c check; keyed weakly so models can be freed.
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def find_head(model: nn.Module, head: HeadSpec = None) -> tuple[str, nn.Linear]:
+    """Return (name, module) of the classifier's last linear layer.
+
+    ``head`` may be a module name as in ``model.named_modules()`` (e.g. ``"fc"``),
+    the ``nn.Linear`` itself, or None for the last ``nn.Linear`` registered.
+    """
+    named = list(model.named_modules())
+    if isinstance(head, nn.Module):
+        for name, m in named:
+            if m is head:
+                break
+        else:
+            raise FeatureAccessError("head: the module given is not a submodule of the model")
+    elif isinstance(head, str):
+        names = dict(named)
+        if head not in names:
+            linears = [n for n, m in named if isinstance(m, nn.Linear)]
+            raise FeatureAccessError(f"head: no submodule named {head!r}; linear layers in this model: {linears or 'none'}")
+        name, head = head, names[head]
+    elif head is None:
+        linears = [(n, m) for n, m in named if isinstance(m, nn.Linear)]
+        if not linears:
+            raise FeatureAccessError(
+                "the model has no nn.Linear layer, so its penultimate features cannot be found; "
+                "scale-invariant losses (si, si-margin) need a classifier whose last layer is linear "
+                "(pass head='<module name>' if it is a custom linear module)")
+        name, head = linears[-1]
+    else:
+        raise FeatureAccessError(f"head must be None, a module name or an nn.Linear, got {type(head).__name__}")
+    if not hasattr(head, "weight") or head.weight is None or head.weight.dim() != 2:
+        raise FeatureAccessError(f"head {name!r} has no 2-D weight; it must be a linear layer (out_features, in_features)")
+    return name, head
+
+
+def forward_with_features(model: nn.Module, x: torch.Tensor, head: HeadSpec = None,
+                          need_features: bool = True) -> ModelOutput:
+    """Run ``model`` on ``x``; with ``need_features`` also return ``z``, ``W`` and ``b``."""
+    if not need_features:
+        return ModelOutput(logits=model(x))
+    if isinstance(model, ImageClassifier) and head is None:
+        z = model.features(x)
+        return ModelOutput(model.head(z), z, model.head.weight, model.head.bias)
+    name, lin = find_head(model, head)
+    captured: list[torch.Tensor] = []
+    handle = lin.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    if not captured:
+        raise FeatureAccessError(f"the head {name!r} was not called in the forward pass; name the final linear layer with head=")
+    z = captured[-1]  # the last call is the one that produced the logits
+    if z.dim() != 2 or logits.dim() != 2 or z.shape[0] != logits.shape[0]:
+        raise FeatureAccessError(
+            f"head {name!r} received features of shape {tuple(z.shape)} for logits of shape {tuple(logits.shape)}; "
+            "expected (B, D) features and (B, K) logits")
+    if _CHECKED.get(model) != name:
+        _check_affine(logits.detach(), F.linear(z.detach(), lin.weight.detach(), None if lin.bias is None else lin.bias.detach()), name)
+        _CHECKED[model] = name
+    return ModelOutput(logits, z, lin.weight, lin.bias)
+
+
+def _check_affine(logits: torch.Tensor, head_out: torch.Tensor, name: str) -> None:
+    """Raise unless logits == α·head_out + c(row) with α > 0 (least squares on row-centred values)."""
+    if logits.shape != head_out.shape:
+        raise FeatureAccessError(
+            f"the model's logits have shape {tuple(logits.shape)} but its last linear layer {name!r} gives "
+            f"{tuple(head_out.shape)}: the output is not a rescaling of that layer (name the head with head=)")
+    lc = (logits - logits.mean(1, keepdim=True)).double()
+    hc = (head_out - head_out.mean(1, keepdim=True)).double()
+    denom = (hc * hc).sum()
+    if denom == 0:
+        return  # constant head output: nothing to compare (degenerate but not wrong)
+    alpha = (lc * hc).sum() / denom
+    resid = (lc - alpha * hc).norm() / lc.norm().clamp_min(1e-30)
+    if not torch.isfinite(alpha) or alpha <= 0 or resid > 1e-3:
+        raise FeatureAccessError(
+            f"the model's logits are not a positive multiple of its last linear layer {name!r} "
+            f"(best fit α = {alpha.item():.3g}, relative residual {resid.item():.2g}); scale-invariant attacks need "
+            "logits = α·(W z + b) + c with α > 0. Name the final linear layer with head=, or remove what follows it.")

@@ -1,0 +1,101 @@
+"""Threat models: an ε-ball around the clean input, intersected with the pixel box [0, 1].
+
+A threat model is three operations (MadryLab/robustness' ``AttackerStep``):
+``random_init`` (a uniform start inside the ball), ``step`` (steepest ascent for
+the norm: the gradient's sign for L∞, its normalised direction for L2) and
+``project`` (back onto the ball and [0, 1]). The PGD loop is written once on top.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+import torch
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    """Per-example L2 norm, shaped (B, 1, ..., 1) for broadcasting."""
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+class ThreatModel:
+    norm: str = ""
+
+    def __init__(self, eps: float):
+        eps = float(eps)
+        if not eps >= 0 or eps == float("inf"):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+        self.eps = eps
+
+    def random_init(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, alpha: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-example distance in this norm, (B,)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps={self.eps:.6g})"
+
+
+class LinfBall(ThreatModel):
+    """{x' : ‖x' − x‖∞ ≤ ε, 0 ≤ x' ≤ 1}."""
+
+    norm = "Linf"
+
+    def random_init(self, x, generator=None):
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.project(x + (2 * noise - 1) * self.eps, x)
+
+    def step(self, x_adv, grad, alpha):
+        return x_adv + alpha * grad.sign()
+
+    def project(self, x_adv, x):
+        # min/max rather than clamp(x-ε, x+ε) so that the bounds are exact in float arithmetic
+        return torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0, 1)
+
+    def distance(self, x_adv, x):
+        return (x_adv - x).flatten(1).abs().amax(1)
+
+
+class L2Ball(ThreatModel):
+    """{x' : ‖x' − x‖₂ ≤ ε, 0 ≤ x' ≤ 1}."""
+
+    norm = "L2"
+
+    def random_init(self, x, generator=None):
+        # uniform in the ball: a Gaussian direction, radius ε·U^(1/d)
+        d = x[0].numel()
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / _flat_norm(direction).clamp_min(1e-12)
+        u = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        return self.project(x + direction * self.eps * u.pow(1.0 / d), x)
+
+    def step(self, x_adv, grad, alpha):
+        return x_adv + alpha * grad / _flat_norm(grad).clamp_min(1e-12)
+
+    def project(self, x_adv, x):
+        delta = x_adv - x
+        factor = (self.eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+        # clamping to [0,1] after scaling into the ball can only shrink ‖δ‖, so both constraints hold
+        return (x + delta * factor).clamp(0, 1)
+
+    def distance(self, x_adv, x):
+        return (x_adv - x).flatten(1).norm(dim=1)
+
+
+_THREATS: Dict[str, Type[ThreatModel]] = {"Linf": LinfBall, "L2": L2Ball}
+_ALIASES = {"linf": "Linf", "inf": "Linf", "l_inf": "Linf", "l2": "L2", "2": "L2"}
+
+
+def make_threat(norm: str, eps: float) -> ThreatModel:
+    """``make_threat("Linf", 8/255)``; norm in {Linf, L2} (case-insensitive)."""
+    key = _ALIASES.get(str(norm).lower(), norm)
+    if key not in _THREATS:
+        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(_THREATS)}")
+    return _THREATS[key](eps)

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models and one quickly trained cnn-small on the bundled data."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+class LinearModel(nn.Module):
+    """logits = W · flatten(x) + b, with a penultimate 'feature' = the flat input."""
+
+    def __init__(self, in_shape=(1, 4, 4), num_classes=2, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        d = int(torch.tensor(in_shape).prod())
+        self.fc = nn.Linear(d, num_classes)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(num_classes, d, generator=g))
+            self.fc.bias.copy_(torch.randn(num_classes, generator=g))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class TinyNet(nn.Module):
+    """A foreign (non-zoo) model: conv -> relu -> pool -> linear -> relu -> linear."""
+
+    def __init__(self, channels=1, num_classes=10, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc1 = nn.Linear(8 * 16, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        z = torch.relu(self.fc1(self.pool(torch.relu(self.conv(x))).flatten(1)))
+        return self.fc2(z)
+
+
+@pytest.fixture
+def linear_model():
+    return LinearModel()
+
+
+@pytest.fixture
+def tiny_net():
+    return TinyNet().eval()
+
+
+@pytest.fixture
+def image_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 12, 12, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def fmnist_test():
+    from sirobust.data import load_dataset
+    ds = load_dataset("fashion-mnist-mini", "test")
+    return ds.float_images()[:300], ds.labels[:300]
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(tmp_path_factory):
+    """A standard cnn-small trained 2 epochs on fashion-mnist-mini (shared by the whole session)."""
+    from sirobust import load
+    from sirobust.train import TrainConfig, fit
+    out = tmp_path_factory.mktemp("std")
+    fit(TrainConfig(dataset="fashion-mnist-mini", model="cnn-small", defense="standard", epochs=2,
+                    out=str(out), val_n=200, progress=False), log=lambda *_: None)
+    return load(out / "model.safetensors")
