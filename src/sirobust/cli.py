@@ -65,6 +65,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", choices=["none", "crop", "flip", "crop-flip"], default=None)
     p.add_argument("--val-size", type=float, default=0.1, help="held-out share (or count) of the training set")
     p.add_argument("--val-n", type=int, default=1000, help="validation examples evaluated per epoch")
+    p.add_argument("--train-n", type=int, default=None, help="train on the first n training examples only (quick runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
@@ -80,7 +81,7 @@ def train_config_from_args(a) -> "TrainConfig":
                        milestones=a.milestones, schedule=a.schedule, eps=a.eps, attack_alpha=a.attack_alpha,
                        attack_steps=a.attack_steps, attack_mode=a.attack_mode, norm=a.norm, si=a.si,
                        si_scale=a.si_scale, si_margin=a.si_margin, si_weight=a.si_weight, augment=a.augment,
-                       val_size=a.val_size, val_n=a.val_n, seed=a.seed, data_dir=a.data_dir, device=a.device,
+                       val_size=a.val_size, val_n=a.val_n, train_n=a.train_n, seed=a.seed, data_dir=a.data_dir, device=a.device,
                        progress=not a.no_progress)
 
 
@@ -186,7 +187,7 @@ def cmd_list(a) -> int:
 
 def cmd_demo(a) -> int:
     from .demo import run_demo
-    run_demo(out=a.out, quick=a.quick, device=a.device)
+    run_demo(out=a.out, quick=a.quick, device=a.device, progress=not a.no_progress)
     return 0
 
 
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for smoke tests)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model with a defense (standard, at, ...; --si adds SI)")

@@ -38,11 +38,13 @@ def comparison_table(rows: list[tuple[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "auto", log=print) -> dict:
+def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "auto", progress: bool = True,
+             log=print) -> dict:
     t_start = time.time()
     out_dir = Path(out)
     info = get_dataset_info(DATASET)
-    epochs, n_eval, n_rescale, steps = (1, 100, 60, 5) if quick else (DEMO_EPOCHS, 1000, 300, 20)
+    # quick: a smoke run of every stage (tests use it); the numbers mean little
+    epochs, train_n, n_eval, n_rescale, steps = (1, 640, 60, 40, 3) if quick else (DEMO_EPOCHS, None, 500, 300, 20)
     log(f"sirobust demo: {DATASET}, cnn-small, L∞ ε = {info.default_eps}; results in {out_dir}/")
     test = load_dataset(DATASET, "test")
     rows, dirs = [], {}
@@ -51,13 +53,13 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "auto", 
         log(f"\n[train] {label}: {epochs} epochs of {defense.upper()}{' + SI' if si else ''} "
             f"(10-step PGD inside{', SI-PGD examples and the β·CosFace term' if si else ''})")
         fit(TrainConfig(dataset=DATASET, model="cnn-small", defense=defense, si=si, epochs=epochs, out=str(run_dir),
-                        val_n=200 if quick else 500, device=device, progress=True), log=log)
+                        train_n=train_n, val_n=100 if quick else 500, device=device, progress=progress), log=log)
         dirs[label] = run_dir
         model = load(run_dir / "model.safetensors", device=None if device == "auto" else device)
         if device == "auto" and torch.cuda.is_available():
             model = model.cuda()
         log(f"[evaluate] {label}: {', '.join(ATTACKS)} on {n_eval} test images, {steps} steps of ε/4")
-        rep = evaluate(model, test, attacks=ATTACKS, eps=info.default_eps, steps=steps, n=n_eval,
+        rep = evaluate(model, test, attacks=ATTACKS, eps=info.default_eps, steps=steps, n=n_eval, progress=progress,
                        config={"weights": str(run_dir / 'model.safetensors'), "dataset": DATASET, "split": "test",
                                "model_description": f"cnn-small {label}"})
         rep.save(run_dir / "report.json")
@@ -72,7 +74,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "auto", 
     if device == "auto" and torch.cuda.is_available():
         model = model.cuda()
     result = rescale.rescale_study(model, test, rescale.log_grid(1e-3, 1e3, 7), attacks=("pgd", "si-pgd"),
-                                   eps=info.default_eps, steps=steps, n=n_rescale, progress=True)
+                                   eps=info.default_eps, steps=steps, n=n_rescale, progress=progress)
     rescale.save(result, out_dir / "rescale.json", out_dir / "rescale.png")
     log(rescale.format_table(result))
     summary = {"seconds": time.time() - t_start, "runs": {k: str(v) for k, v in dirs.items()},

@@ -24,7 +24,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .attacks import build_attack
+from .attacks import Attack, build_attack
 from .attacks.registry import canonical_attack_name
 from .checks import check_images, check_labels, model_channels
 from .io import PathLike, atomic_write_text, dumps_json
@@ -136,7 +136,7 @@ def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def evaluate(model: nn.Module, data, attacks: Sequence[str] = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd"),
+def evaluate(model: nn.Module, data, attacks: Sequence[Union[str, Attack]] = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd"),
              eps: float = 8 / 255, steps: int = 20, alpha: Optional[float] = None, restarts: int = 1,
              norm: str = "Linf", n: Optional[int] = None, batch_size: int = 256, seed: int = 0,
              device: Optional[Union[str, torch.device]] = None, progress: bool = True,
@@ -144,13 +144,14 @@ def evaluate(model: nn.Module, data, attacks: Sequence[str] = ("pgd", "pgd-cw", 
              log=None) -> Report:
     """Evaluate ``model`` on ``data`` under each attack; see the module docstring.
 
-    ``n`` takes the first n examples. ``indices`` are the examples' indices in their
+    ``attacks`` are names (built with the shared settings) or ready :class:`Attack`
+    objects (used as they are). ``n`` takes the first n examples. ``indices`` are the examples' indices in their
     dataset, recorded in the report (default 0..N-1). ``attack_params``
     maps an attack name to extra keyword arguments (e.g. ``{"si-pgd": {"scale": 30}}``).
     """
     from tqdm.auto import tqdm
 
-    names = [canonical_attack_name(a) for a in attacks]
+    names = [a.name if isinstance(a, Attack) else canonical_attack_name(a) for a in attacks]
     if len(set(names)) != len(names):
         raise ValueError(f"attacks lists a name twice: {list(attacks)}")
     if eps < 0:
@@ -181,10 +182,14 @@ def evaluate(model: nn.Module, data, attacks: Sequence[str] = ("pgd", "pgd-cw", 
         worst = clean.clone()
         results: dict[str, AttackResult] = {}
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust
-        for name in names:
-            params = dict(eps=eps, alpha=alpha, steps=steps, restarts=restarts, norm=norm, seed=seed)
-            params.update((attack_params or {}).get(name, {}))
-            atk = build_attack(name, model, **params)
+        for name, spec in zip(names, attacks):
+            if isinstance(spec, Attack):
+                atk = spec  # a ready attack object: its own settings are recorded
+                params = {"eps": atk.eps, "norm": atk.norm}
+            else:
+                params = dict(eps=eps, alpha=alpha, steps=steps, restarts=restarts, norm=norm, seed=seed)
+                params.update((attack_params or {}).get(name, {}))
+                atk = build_attack(name, model, **params)
             robust = torch.zeros(N, dtype=torch.bool)
             max_delta = 0.0
             t0 = time.time()

@@ -25,7 +25,7 @@ import torch
 
 from . import __version__
 from .attacks import PGD
-from .checkpoint import BEST_NAME, WEIGHTS_NAME, save_model
+from .checkpoint import BEST_NAME, WEIGHTS_NAME, CheckpointError, save_model
 from .data import BatchLoader, get_dataset_info, load_dataset, train_val_split
 from .defenses import InnerAttack, SIConfig, build_defense
 from .io import append_jsonl, atomic_write, read_jsonl, write_json
@@ -82,6 +82,7 @@ class TrainConfig:
     si_weight: float = 0.2
     augment: Optional[str] = None         # None: the dataset's default
     val_size: float = 0.1                 # fraction (or count) of the training set held out
+    train_n: Optional[int] = None         # use only the first n training examples (quick runs)
     val_n: int = 1000                     # validation examples evaluated per epoch
     val_steps: int = 10                   # PGD steps for validation robust accuracy
     seed: int = 0
@@ -171,6 +172,10 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
 
     full = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir)
     train_ds, val_ds, val_idx = train_val_split(full, cfg.val_size, seed=cfg.seed)
+    if cfg.train_n is not None:
+        if cfg.train_n < 1:
+            raise ValueError(f"train_n must be >= 1, got {cfg.train_n}")
+        train_ds = train_ds.subset(torch.arange(min(cfg.train_n, len(train_ds))))
     loader = BatchLoader.from_dataset(train_ds, cfg.batch_size, shuffle=True, augment=cfg.augment,
                                       drop_last=False, device=device, seed=cfg.seed)
     val_n = min(cfg.val_n, len(val_ds))
@@ -191,12 +196,17 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint {state_path}; start without --resume")
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        try:  # weights_only: a checkpoint can never run code
+            state = torch.load(state_path, map_location=device, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"--resume: {state_path} is not a readable sirobust training state: {e}") from None
         saved = json.loads(state["identity"])
         if saved != cfg.identity():
             diff = sorted(k for k in set(saved) | set(cfg.identity()) if saved.get(k) != cfg.identity().get(k))
+            hint = (" (the preset's milestones scale with --epochs: pass --milestones explicitly to extend a run)"
+                    if diff == ["milestones"] and config.milestones is None else "")
             raise ResumeMismatch(f"--resume: the checkpoint in {out} was written with a different configuration "
-                                 f"(differs in: {', '.join(diff)}); use the same flags or a new --out")
+                                 f"(differs in: {', '.join(diff)}){hint}; use the same flags or a new --out")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

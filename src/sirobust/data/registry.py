@@ -85,7 +85,7 @@ def _lookup(name: str) -> _Entry:
         key = _ALIASES.get(key, key)
         if key in _REGISTRY:
             return _REGISTRY[key]
-    raise ValueError(f"unknown dataset name={name!r}; valid names: {', '.join(list_datasets())}")
+    raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}")
 
 
 def get_dataset_info(name: str) -> DatasetInfo:

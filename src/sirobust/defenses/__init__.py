@@ -3,12 +3,17 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Type
 
+from .alp import ALP
 from .at import AT
 from .base import Defense, InnerAttack
+from .he import HE
+from .mart import MART
 from .si import SIConfig, si_regulariser
 from .standard import Standard
+from .trades import TRADES
 
-DEFENSES: Dict[str, Type[Defense]] = {"standard": Standard, "at": AT}
+DEFENSES: Dict[str, Type[Defense]] = {"standard": Standard, "at": AT, "trades": TRADES, "alp": ALP, "mart": MART,
+                                      "he": HE}
 
 
 def list_defenses() -> list[str]:
@@ -22,4 +27,4 @@ def build_defense(name: str, attack: Optional[InnerAttack] = None, si: Optional[
 
 
 __all__ = ["Defense", "InnerAttack", "SIConfig", "si_regulariser", "DEFENSES", "build_defense", "list_defenses",
-           "AT", "Standard"]
+           "AT", "Standard", "TRADES", "ALP", "MART", "HE"]

@@ -1,0 +1,82 @@
+"""Weights round-trip through .safetensors with rebuild metadata; nothing is ever unpickled."""
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sirobust
+from sirobust.checkpoint import CheckpointError, read_metadata, save_model
+from sirobust.models import build_model
+
+
+def test_round_trip_rebuilds_the_same_model_from_the_file_alone(tmp_path):
+    model = build_model("cnn-small", num_classes=7, in_channels=3, mean=[0.1, 0.2, 0.3], std=[0.5, 0.6, 0.7]).eval()
+    path = save_model(model, tmp_path / "m.safetensors", model_name="cnn-small", dataset="cifar10")
+    again = sirobust.load(path)
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    meta = read_metadata(path)
+    assert meta["model"] == "cnn-small" and meta["dataset"] == "cifar10" and meta["num_classes"] == "7"
+    assert not again.training
+    assert sirobust.load(tmp_path / "m.safetensors").num_classes == 7
+
+
+def test_a_run_folder_loads_its_model_file(tmp_path):
+    model = build_model("cnn-small")
+    save_model(model, tmp_path / "model.safetensors", model_name="cnn-small")
+    assert isinstance(sirobust.load(tmp_path), type(model))
+
+
+def test_missing_foreign_and_corrupt_files_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no weights file"):
+        sirobust.load(tmp_path / "nope.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="no sirobust metadata"):
+        sirobust.load(tmp_path / "foreign.safetensors")
+    good = save_model(build_model("cnn-small"), tmp_path / "good.safetensors", model_name="cnn-small")
+    data = bytearray(good.read_bytes())
+    data[10:40] = b"\x00" * 30  # corrupt the header
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError):
+        sirobust.load(tmp_path / "bad.safetensors")
+
+
+def test_a_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "model.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError):
+        sirobust.load(tmp_path)
+    assert not marker.exists()
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path):
+    path = save_model(build_model("cnn-small"), tmp_path / "m.safetensors", model_name="cnn-small")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(tmp_path / "lie.safetensors"), metadata={**meta, "model": "resnet18"})
+    with pytest.raises(CheckpointError, match="do not match model 'resnet18'"):
+        sirobust.load(tmp_path / "lie.safetensors")
+
+
+def test_save_is_atomic_an_old_file_survives_a_failed_write(tmp_path, monkeypatch):
+    path = save_model(build_model("cnn-small"), tmp_path / "m.safetensors", model_name="cnn-small")
+    before = path.read_bytes()
+    import sirobust.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError):
+        save_model(build_model("cnn-small"), path, model_name="cnn-small")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind

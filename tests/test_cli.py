@@ -1,0 +1,75 @@
+"""The command line: help, number parsing, the evaluate/rescale/train round trip, the demo, clear errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sirobust.cli import build_parser, main, parse_number
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "sirobust.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("sub", [[], ["demo"], ["train"], ["evaluate"], ["rescale"], ["list"]])
+def test_every_command_has_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*sub, "--help"])
+    assert e.value.code == 0
+    assert "usage: sirobust" in capsys.readouterr().out
+
+
+def test_numbers_accept_fractions():
+    assert parse_number("8/255") == pytest.approx(8 / 255)
+    assert parse_number("0.1") == 0.1
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="8/255"):
+        parse_number("eight")
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_number("1/0")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "--dataset", "cifar11"], "valid: cifar10"),
+    (["train", "--model", "vgg"], "valid: cnn-small"),
+    (["train", "--defense", "magic"], "valid:"),
+    (["evaluate", "--weights", "x.safetensors", "--eps", "abc"], "8/255"),
+])
+def test_bad_names_list_the_valid_ones(args, match):
+    r = run(*args)
+    assert r.returncode == 2 and match in r.stderr
+
+
+def test_train_evaluate_rescale_round_trip(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--train-n", "256", "--val-n", "32", "--defense", "at",
+                 "--attack-steps", "2", "--out", str(out), "--no-progress"]) == 0
+    report = tmp_path / "rep.json"
+    assert main(["evaluate", "--model-dir", str(out), "--attacks", "pgd,si-pgd,fgsm", "--eps", "1/10", "--steps", "3",
+                 "--n", "40", "--out", str(report), "--no-progress"]) == 0
+    rep = json.loads(report.read_text())
+    assert set(rep["attacks"]) == {"pgd", "si-pgd", "fgsm"} and rep["n"] == 40
+    assert rep["eps"] == pytest.approx(0.1) and rep["config"]["dataset"] == "fashion-mnist-mini"
+    assert rep["worst_case_acc"] <= min(r["robust_acc"] for r in rep["attacks"].values())
+    assert (tmp_path / "rep.md").exists()
+    assert main(["rescale", "--model-dir", str(out), "--alphas", "1,1000", "--steps", "3", "--n", "30",
+                 "--out", str(tmp_path / "rs"), "--no-progress"]) == 0
+    rs = json.loads((tmp_path / "rs" / "rescale.json").read_text())
+    assert rs["alphas"] == [1, 1000] and set(rs["accuracy"]) == {"pgd", "si-pgd"}
+    assert (tmp_path / "rs" / "rescale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_errors_are_one_line_not_tracebacks(tmp_path):
+    r = run("evaluate", "--weights", str(tmp_path / "missing.safetensors"))
+    assert r.returncode == 2 and "no weights file" in r.stderr and "Traceback" not in r.stderr
+    r = run("train", "--out", str(tmp_path / "x"), "--resume")
+    assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quick_demo_runs_every_stage_and_writes_its_files(tmp_path):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    for name in ("comparison.md", "rescale.json", "rescale.png", "demo.json"):
+        assert (tmp_path / name).exists(), name
+    table = (tmp_path / "comparison.md").read_text()
+    assert "SI-PGD" in table and "Natural" in table
