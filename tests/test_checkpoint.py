@@ -80,3 +80,15 @@ def test_save_is_atomic_an_old_file_survives_a_failed_write(tmp_path, monkeypatc
         save_model(build_model("cnn-small"), path, model_name="cnn-small")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
+
+
+def test_a_cosine_head_model_is_rebuilt_with_its_cosine_head(tmp_path):
+    from sirobust.models import CosineHead
+    model = build_model("cnn-small").use_cosine_head(15.0).eval()
+    x = torch.rand(3, 1, 28, 28)
+    z = model.features(x)
+    cos = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(model.head.weight, dim=1).t()
+    torch.testing.assert_close(model(x), 15 * cos)
+    again = sirobust.load(save_model(model, tmp_path / "he.safetensors", model_name="cnn-small"))
+    assert isinstance(again.head, CosineHead) and again.head.scale == 15.0
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)

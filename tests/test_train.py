@@ -73,6 +73,7 @@ def test_resume_with_another_config_is_refused(tmp_path):
         fit(small(tmp_path, epochs=2, defense="standard", milestones=(5,)), resume=True, log=lambda *_: None)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_resume_without_checkpoint_and_a_malicious_state_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         fit(small(tmp_path / "none"), resume=True, log=lambda *_: None)

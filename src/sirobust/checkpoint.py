@@ -47,6 +47,8 @@ def save_model(model: ImageClassifier, path: PathLike, *, model_name: str, datas
         "mean": json.dumps(model.normalize.mean.flatten().tolist()),
         "std": json.dumps(model.normalize.std.flatten().tolist()),
         "extra": json.dumps(extra or {}),
+        "head": model.head_type,
+        "head_scale": str(getattr(model.head, "scale", "")),
     }
     # clone+contiguous: safetensors refuses shared or strided storage
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -81,6 +83,8 @@ def load(path: PathLike, device: Optional[str | torch.device] = None) -> ImageCl
     meta = read_metadata(path)
     model = build_model(meta["model"], num_classes=int(meta["num_classes"]), in_channels=int(meta["in_channels"]),
                         mean=json.loads(meta["mean"]), std=json.loads(meta["std"]))
+    if meta.get("head", "linear") == "cosine":  # HE-trained models predict with s · cos θ
+        model.use_cosine_head(float(meta["head_scale"]))
     try:
         state = load_file(str(path), device="cpu")
         model.load_state_dict(state, strict=True)

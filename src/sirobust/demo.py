@@ -24,7 +24,7 @@ from .train import TrainConfig, fit
 DATASET = "fashion-mnist-mini"
 ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
 # (label, defense, si): the runs the demo trains
-RUNS = (("AT", "at", False), ("AT-SI", "at", True))
+RUNS = (("TRADES", "trades", False), ("TRADES-SI", "trades", True))
 
 
 def comparison_table(rows: list[tuple[str, object]]) -> str:

@@ -184,6 +184,9 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
                         mean=info.mean, std=info.std).to(device)
     si = SIConfig(cfg.si_scale, cfg.si_margin, cfg.si_weight) if cfg.si else None
+    if cfg.defense == "he":
+        # HE's classifier is s · cos θ (Pang et al. 2020): train, validate and save it that way
+        model.use_cosine_head(cfg.defense_params.get("scale", 15.0))
     defense = build_defense(cfg.defense, attack=InnerAttack(eps=cfg.eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps,
                                                             norm=cfg.norm, model_mode=cfg.attack_mode),
                             si=si, **cfg.defense_params)

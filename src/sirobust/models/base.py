@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,6 +28,26 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class CosineHead(nn.Linear):
+    """``s · cos θ``: the hypersphere-embedding head (Pang et al. 2020, used by the HE defense).
+
+    Holds the same parameters as ``nn.Linear`` (so checkpoints keep their keys);
+    the bias is unused, because HE normalises features and weights and drops it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 15.0):
+        super().__init__(in_features, out_features)
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.scale = float(scale)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(z, dim=1, eps=1e-12) @ F.normalize(self.weight, dim=1, eps=1e-12).t()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", scale={self.scale}"
 
 
 class ImageClassifier(nn.Module):
@@ -60,6 +81,17 @@ class ImageClassifier(nn.Module):
 
     def get_classifier(self) -> nn.Linear:  # timm-style accessor
         return self.head
+
+    def use_cosine_head(self, scale: float = 15.0) -> "ImageClassifier":
+        """Replace the head by :class:`CosineHead` (same weights): logits become s · cos θ."""
+        head = CosineHead(self.head.in_features, self.head.out_features, scale)
+        head.load_state_dict(self.head.state_dict())
+        self.head = head.to(self.head.weight.device)
+        return self
+
+    @property
+    def head_type(self) -> str:
+        return "cosine" if isinstance(self.head, CosineHead) else "linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
