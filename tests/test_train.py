@@ -51,7 +51,11 @@ def test_run_folder_has_metrics_weights_and_config(tmp_path):
     model = sirobust.load(tmp_path)
     assert model.sirobust_metadata["dataset"] == "fashion-mnist-mini"
     best = json.loads((tmp_path / "summary.json").read_text())["best"]
+    assert best["metric"] == "val_robust_acc"
     assert best["val_robust_acc"] == max(r["val_robust_acc"] for r in rows)
+    first_best = next(r["epoch"] for r in rows if r["val_robust_acc"] == best["val_robust_acc"])
+    assert best["epoch"] == first_best  # ties keep the earlier epoch
+    assert sirobust.load(tmp_path / "best.safetensors").sirobust_metadata["extra"].count(f'"epoch": {first_best}')
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
@@ -153,3 +157,29 @@ def test_adversarial_training_is_far_more_robust_than_standard(tmp_path):
     at = fit(small(tmp_path / "at", **kw), log=lambda *_: None)
     assert std["last"]["val_clean_acc"] > 0.7
     assert at["last"]["val_robust_acc"] > std["last"]["val_robust_acc"] + 0.25
+
+
+def test_tensorboard_logging_when_asked(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"pip install 'sirobust\[tensorboard\]'"):
+            fit(small(tmp_path, epochs=1, tensorboard=True), log=lambda *_: None)
+    else:
+        fit(small(tmp_path, epochs=1, tensorboard=True), log=lambda *_: None)
+        assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_compare_reuses_finished_runs_and_tabulates_every_defense(tmp_path):
+    from sirobust.experiments.compare import compare_defenses
+    logs = []
+    kw = dict(epochs=1, out=str(tmp_path), eval_n=30, steps=2, progress=False,
+              train_kw=dict(train_n=128, val_n=32, attack_steps=1))
+    res = compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, **kw)
+    assert [r["label"] for r in res["rows"]] == ["STANDARD", "TRADES", "TRADES-SI"]
+    for r in res["rows"]:
+        assert r["worst_case"] <= min(r[a] for a in ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")) <= r["natural"]
+    assert "| TRADES-SI |" in (tmp_path / "compare.md").read_text()
+    logs.clear()
+    compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, **kw)
+    assert sum("[reuse]" in str(m) for m in logs) == 3

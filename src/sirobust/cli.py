@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -72,6 +73,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/train", help="run folder (metrics.jsonl, model.safetensors, best.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete epoch")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tensorboard", action="store_true", help="also log per-epoch metrics to OUT/tensorboard")
 
 
 def train_config_from_args(a) -> "TrainConfig":
@@ -82,14 +84,15 @@ def train_config_from_args(a) -> "TrainConfig":
                        attack_steps=a.attack_steps, attack_mode=a.attack_mode, norm=a.norm, si=a.si,
                        si_scale=a.si_scale, si_margin=a.si_margin, si_weight=a.si_weight, augment=a.augment,
                        val_size=a.val_size, val_n=a.val_n, train_n=a.train_n, seed=a.seed, data_dir=a.data_dir, device=a.device,
-                       progress=not a.no_progress)
+                       progress=not a.no_progress, tensorboard=a.tensorboard)
 
 
 def cmd_train(a) -> int:
     from .train import fit
     summary = fit(train_config_from_args(a), resume=a.resume)
-    print(f"weights: {summary['weights']}  (best by validation robust accuracy: {summary['best_weights']}, "
-          f"epoch {summary['best']['epoch']})")
+    metric = summary["best"]["metric"].replace("val_", "validation ").replace("_acc", " accuracy").replace("_", " ")
+    print(f"weights: {summary['weights']} (last epoch); best by {metric}: {summary['best_weights']} "
+          f"(epoch {summary['best']['epoch']})")
     return 0
 
 
@@ -99,7 +102,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model-dir", help="a run folder from `sirobust train`")
     src.add_argument("--weights", help="a sirobust .safetensors file")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                   help="with --model-dir: the best (by validation robust accuracy) or the last epoch's weights")
+                   help="with --model-dir: the best (by validation robust accuracy; clean for standard training) or the last epoch's weights")
     p.add_argument("--dataset", default=None, help="default: the dataset recorded in the weights")
     p.add_argument("--split", default="test", choices=["test", "train", "val"])
     p.add_argument("--data-dir", default=None)
@@ -131,9 +134,11 @@ def load_model_and_data(a):
         raise SystemExit("error: --dataset is needed (the weights do not record one)")
     info = get_dataset_info(dataset)
     split = a.split
-    if split == "val":
+    if split == "val":  # the run's own held-out split, as recorded in its config.json
         full = load_dataset(dataset, "train", data_dir=a.data_dir)
-        _, ds, idx = train_val_split(full, 0.1, seed=0)
+        run_cfg = Path(a.model_dir or Path(a.weights).parent) / "config.json"
+        saved = json.loads(run_cfg.read_text())["config"] if run_cfg.exists() else {}
+        _, ds, idx = train_val_split(full, saved.get("val_size", 0.1), seed=saved.get("seed", 0))
     else:
         ds = load_dataset(dataset, split, data_dir=a.data_dir)
         idx = None
@@ -170,6 +175,16 @@ def cmd_rescale(a) -> int:
     out = Path(a.out)
     rescale.save(result, out / "rescale.json", out / "rescale.png")
     print(f"results: {out / 'rescale.json'}, plot: {out / 'rescale.png'}")
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .experiments.compare import compare_defenses
+    si_modes = {"both": (False, True), "on": (True,), "off": (False,)}[a.si]
+    compare_defenses(a.dataset, a.model, parse_list(a.defenses), si_modes=si_modes, epochs=a.epochs, out=a.out,
+                     eval_n=a.n, steps=a.steps, eps=a.eps, device=a.device, seed=a.seed,
+                     progress=not a.no_progress, which=a.checkpoint,
+                     train_kw={"train_n": a.train_n} if a.train_n else None)
     return 0
 
 
@@ -224,6 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=7)
     p.add_argument("--out", default="runs/rescale")
     p.set_defaults(func=cmd_rescale)
+
+    p = sub.add_parser("compare", help="train several defenses with and without SI and compare them in one table")
+    from .data import list_datasets
+    from .defenses import list_defenses
+    from .models import list_models
+    p.add_argument("--dataset", type=_choices_type(list_datasets(), "dataset"), default="fashion-mnist-mini")
+    p.add_argument("--model", type=_choices_type(list_models(), "model"), default="cnn-small")
+    p.add_argument("--defenses", default="standard,at,trades,alp,mart,he",
+                   help=f"comma-separated, from {', '.join(list_defenses())}")
+    p.add_argument("--si", choices=["both", "on", "off"], default="both", help="train each defense with/without SI")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--train-n", type=int, default=None)
+    p.add_argument("--eps", type=parse_number, default=None)
+    p.add_argument("--steps", type=int, default=20, help="attack steps at evaluation")
+    p.add_argument("--n", type=int, default=1000, help="test images evaluated")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("list", help="list datasets, models, attacks, losses and defenses")
     p.set_defaults(func=cmd_list)

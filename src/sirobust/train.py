@@ -89,6 +89,7 @@ class TrainConfig:
     data_dir: Optional[str] = None
     device: str = "auto"
     progress: bool = True
+    tensorboard: bool = False             # also log per-epoch metrics to out/tensorboard (needs tensorboard)
     defense_params: dict = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
@@ -126,7 +127,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """The fields that must match for --resume to continue a run."""
         d = dataclasses.asdict(self)
-        for k in ("out", "epochs", "device", "progress", "data_dir"):
+        for k in ("out", "epochs", "device", "progress", "data_dir", "tensorboard"):
             d.pop(k)
         d["milestones"] = list(d["milestones"] or [])
         return d
@@ -194,7 +195,9 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
     sched = _scheduler(opt, cfg)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    start_epoch, best = 0, {"epoch": None, "val_robust_acc": -1.0}
+    # model selection on the held-out split: robust accuracy for defenses, clean accuracy for standard training
+    select = "val_clean_acc" if cfg.defense == "standard" else "val_robust_acc"
+    start_epoch, best = 0, {"epoch": None, "metric": select, select: -1.0}
     state_path = out / STATE_NAME
     if resume:
         if not state_path.exists():
@@ -225,6 +228,7 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
     write_json(out / CONFIG_NAME, {"config": dataclasses.asdict(cfg), "defense": defense.describe(),
                                    "val_indices": val_idx, "environment": environment_info()})
 
+    tb = _tensorboard_writer(out) if cfg.tensorboard else None
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         stats = _train_epoch(model, defense, opt, loader, gen, epoch, cfg)
@@ -232,10 +236,16 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
         val = _validate(model, val_ds, val_n, cfg, device, epoch)
         row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats, **val, "seconds": time.time() - t0}
         append_jsonl(out / METRICS_NAME, row)
+        if tb is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    tb.add_scalar(k, v, epoch + 1)
+            tb.flush()
         save_model(model, out / WEIGHTS_NAME, model_name=cfg.model, dataset=cfg.dataset,
                    extra={"epoch": epoch + 1, "defense": defense.describe()})
-        if val["val_robust_acc"] > best["val_robust_acc"]:
-            best = {"epoch": epoch + 1, "val_robust_acc": val["val_robust_acc"], "val_clean_acc": val["val_clean_acc"]}
+        if val[select] > best[select]:
+            best = {"epoch": epoch + 1, "metric": select, "val_robust_acc": val["val_robust_acc"],
+                    "val_clean_acc": val["val_clean_acc"]}
             save_model(model, out / BEST_NAME, model_name=cfg.model, dataset=cfg.dataset,
                        extra={"epoch": epoch + 1, "defense": defense.describe(), "best": best})
         # the resume state is written last: a kill before this line redoes the epoch
@@ -247,11 +257,21 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
             f"val clean {val['val_clean_acc']:.3f}  val PGD-{cfg.val_steps} {val['val_robust_acc']:.3f}  "
             f"({row['seconds']:.1f}s)")
 
+    if tb is not None:
+        tb.close()
     summary = {"out": str(out), "epochs": cfg.epochs, "best": best,
                "last": read_jsonl(out / METRICS_NAME)[-1] if cfg.epochs > 0 else None,
                "weights": str(out / WEIGHTS_NAME), "best_weights": str(out / BEST_NAME)}
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'sirobust[tensorboard]'") from None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig) -> dict:
