@@ -73,3 +73,17 @@ def test_quick_demo_runs_every_stage_and_writes_its_files(tmp_path):
         assert (tmp_path / name).exists(), name
     table = (tmp_path / "comparison.md").read_text()
     assert "SI-PGD" in table and "Natural" in table
+
+
+def test_defense_params_reach_the_defense_and_unknown_ones_are_named(tmp_path):
+    from sirobust.cli import parse_param
+    assert parse_param("lam=6") == ("lam", 6) and parse_param("pairing=l2") == ("pairing", "l2")
+    assert parse_param("alpha=0.25") == ("alpha", 0.25)
+    out = tmp_path / "alp"
+    assert main(["train", "--defense", "alp", "--defense-param", "pairing=l2", "--defense-param", "lam=1",
+                 "--epochs", "1", "--train-n", "64", "--val-n", "16", "--attack-steps", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["defense"]["params"] == {"alpha": 0.5, "lam": 1, "pairing": "l2"}
+    r = run("train", "--defense", "trades", "--defense-param", "gamma=2", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "no parameter gamma" in r.stderr and "lam" in r.stderr

@@ -67,7 +67,7 @@ def test_bad_parameters_raise(name, kw):
 
 
 def test_describe_records_parameters_and_mode():
-    for name, params in [("trades", {"lam": 6.0}), ("alp", {"alpha": 0.5, "lam": 3.0}), ("mart", {"lam": 6.0}),
+    for name, params in [("trades", {"lam": 6.0}), ("alp", {"alpha": 0.5, "lam": 3.0, "pairing": "mse"}), ("mart", {"lam": 6.0}),
                          ("he", {"lam": 6.0, "scale": 15.0, "margin": 0.2})]:
         d = build_defense(name).describe()
         assert d["defense"] == name and d["params"] == params
@@ -183,11 +183,17 @@ def test_trades_inner_clean_is_in_attack_mode(batch, monkeypatch):
 
 
 def test_alp_objective_is_mean_logit_distance(tiny_net, image_batch):
-    d = build_defense("alp")
     gc, ga = _logits(2), _logits(3)
-    loss = d.training_loss(None, None, None, _Y, ModelOutput(gc), ModelOutput(ga))
+    ce = 0.5 * F.cross_entropy(gc, _Y) + 0.5 * F.cross_entropy(ga, _Y)
+    # pairing="l2": the literal ‖Wᵀ(z − z')‖₂ of Table 1, averaged over the batch
+    loss = build_defense("alp", pairing="l2").training_loss(None, None, None, _Y, ModelOutput(gc), ModelOutput(ga))
     pairing = torch.stack([torch.sqrt(((gc[i] - ga[i]) ** 2).sum()) for i in range(8)]).mean()
-    torch.testing.assert_close(loss, 0.5 * F.cross_entropy(gc, _Y) + 0.5 * F.cross_entropy(ga, _Y) + 3 * pairing)
+    torch.testing.assert_close(loss, ce + 3 * pairing)
+    # default pairing="mse": Kannan et al.'s L2 loss, the mean squared logit difference
+    loss = build_defense("alp").training_loss(None, None, None, _Y, ModelOutput(gc), ModelOutput(ga))
+    torch.testing.assert_close(loss, ce + 3 * F.mse_loss(gc, ga))
+    with pytest.raises(ValueError, match="pairing"):
+        build_defense("alp", pairing="l1")
     # on a real head with a bias: ‖g(x) − g(x')‖ = ‖Wᵀ(z − z')‖ (the bias cancels)
     x, _ = image_batch
     with torch.no_grad():

@@ -25,6 +25,18 @@ def parse_numbers(text: str) -> list[float]:
     return [parse_number(t) for t in parse_list(text)]
 
 
+def parse_param(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE a number (``8/255`` allowed) or a word."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. lam=6 or pairing=l2), got {text!r}")
+    key, value = (t.strip() for t in text.split("=", 1))
+    try:
+        num = parse_number(value)
+        return key, int(num) if num.is_integer() and "." not in value and "/" not in value else num
+    except argparse.ArgumentTypeError:
+        return key, value
+
+
 def _choices_type(valid: Sequence[str], what: str):
     def check(text: str) -> str:
         if text not in valid:
@@ -45,6 +57,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"one of {', '.join(list_models())} (default cnn-small)")
     p.add_argument("--defense", type=_choices_type(list_defenses(), "defense"), default="standard",
                    help=f"one of {', '.join(list_defenses())} (default standard)")
+    p.add_argument("--defense-param", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="a defense's own parameter, repeatable: lam=6 (trades, mart, he, alp), alpha=0.5 and "
+                        "pairing=mse|l2 (alp), scale=15 and margin=0.2 (he)")
     p.add_argument("--si", action="store_true", help="add the SI mechanism: SI-PGD inner attack + β·CosFace term (paper Sec. 4.3)")
     p.add_argument("--si-scale", type=float, default=15.0, help="s (default 15)")
     p.add_argument("--si-margin", type=float, default=0.2, help="m (default 0.2)")
@@ -84,7 +99,7 @@ def train_config_from_args(a) -> "TrainConfig":
                        attack_steps=a.attack_steps, attack_mode=a.attack_mode, norm=a.norm, si=a.si,
                        si_scale=a.si_scale, si_margin=a.si_margin, si_weight=a.si_weight, augment=a.augment,
                        val_size=a.val_size, val_n=a.val_n, train_n=a.train_n, seed=a.seed, data_dir=a.data_dir, device=a.device,
-                       progress=not a.no_progress, tensorboard=a.tensorboard)
+                       progress=not a.no_progress, tensorboard=a.tensorboard, defense_params=dict(a.defense_param))
 
 
 def cmd_train(a) -> int:

@@ -1,6 +1,7 @@
 """Defenses: each a loss over a batch; ``--si`` adds the SI mechanism to any of them."""
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Optional, Type
 
 from .alp import ALP
@@ -23,7 +24,13 @@ def list_defenses() -> list[str]:
 def build_defense(name: str, attack: Optional[InnerAttack] = None, si: Optional[SIConfig] = None, **kw) -> Defense:
     if name not in DEFENSES:
         raise ValueError(f"unknown defense {name!r}; valid defenses: {', '.join(list_defenses())}")
-    return DEFENSES[name](attack=attack, si=si, **kw)
+    cls = DEFENSES[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "attack", "si")]
+    unknown = sorted(set(kw) - set(accepted))
+    if unknown:
+        raise ValueError(f"defense {name!r} has no parameter {', '.join(unknown)}; "
+                         f"its parameters: {', '.join(accepted) or 'none'}")
+    return cls(attack=attack, si=si, **kw)
 
 
 __all__ = ["Defense", "InnerAttack", "SIConfig", "si_regulariser", "DEFENSES", "build_defense", "list_defenses",
