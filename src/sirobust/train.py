@@ -167,6 +167,8 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
     """Train per ``config``; returns the summary written to ``out/summary.json``."""
     cfg = config.resolved()
     device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     info = get_dataset_info(cfg.dataset)
