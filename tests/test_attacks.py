@@ -196,3 +196,50 @@ def test_mixed_train_eval_modes_are_restored_exactly(trained_cnn, fmnist_test):
         assert [m.training for m in wrapper.modules()] == before
     finally:
         trained_cnn.eval()
+
+
+def test_nan_input_gradients_stop_the_attack_instead_of_stalling_it():
+    from sirobust.attacks.loop import NonFiniteGradientError
+
+    class NanGrad(nn.Module):
+        """Logits of a linear model plus a term that is 0 in value but NaN in gradient."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            f = self.fc(x.flatten(1))
+            return f + 0 * torch.sqrt((f - f.detach()).abs())
+
+    model = NanGrad()
+    x = torch.rand(4, 1, 4, 4)
+    y = model(x).argmax(1)
+    with pytest.raises(NonFiniteGradientError, match="NaN or infinite"):
+        PGD(model, eps=0.1, steps=3)(x, y)
+    from sirobust.sanity import check_gradients
+    nonfinite, _ = check_gradients(model, x, y)
+    assert nonfinite["name"] == "nonfinite_gradients" and nonfinite["triggered"]
+
+
+def test_integer_labels_of_any_width_and_bad_settings():
+    m, x = TinyNet().eval(), torch.rand(4, 1, 12, 12)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        for cls in (PGD, PGDCW, SIPGD):
+            out = cls(m, eps=0.1, steps=2)(x, torch.tensor([1, 2, 3, 4], dtype=dtype))
+            assert out.shape == x.shape
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        PGD(m, eps=0.1, alpha=0.0, steps=5)
+    with pytest.raises(ValueError, match="no parameter scale.*none"):
+        PGD(m, loss="ce", scale=30)
+    with pytest.raises(ValueError, match="its parameters: scale"):
+        PGD(m, loss="si", margin=0.1)
+
+
+def test_si_pgd_works_on_a_cosine_head_model_behind_a_wrapper(fmnist_test):
+    from sirobust.models import build_model
+    he = build_model("cnn-small", in_channels=1).use_cosine_head(15.0).eval()
+    x, y = fmnist_test[0][:16], fmnist_test[1][:16]
+    ref = SIPGD(he, eps=0.1, steps=3, early_stop=False)(x, y)
+    got = SIPGD(ScaledLogits(he, 2.0), eps=0.1, steps=3, early_stop=False)(x, y)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)

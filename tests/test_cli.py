@@ -12,7 +12,7 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "sirobust.cli", *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("sub", [[], ["demo"], ["train"], ["evaluate"], ["rescale"], ["list"]])
+@pytest.mark.parametrize("sub", [[], ["demo"], ["train"], ["evaluate"], ["rescale"], ["compare"], ["list"]])
 def test_every_command_has_help(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([*sub, "--help"])

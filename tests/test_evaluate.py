@@ -56,7 +56,7 @@ def test_worst_case_is_the_per_example_and_of_the_attacks():
     assert (model(x).argmax(1) == y).all()
     a = BreakSome(model, 0.0, 0.2, "breaks-first-pair")    # examples 0, 1
     b = BreakSome(model, 0.2, 0.4, "breaks-second-pair")   # examples 2, 3
-    rep = evaluate(model, (x, y), attacks=[a, b], progress=False)
+    rep = evaluate(model, (x, y), attacks=[a, b], eps=0.2, progress=False)
     ra, rb = rep.attacks["breaks-first-pair"].robust, rep.attacks["breaks-second-pair"].robust
     assert ra == [False, False, True, True, True, True, True, True]
     assert rb == [True, True, False, False, True, True, True, True]
@@ -145,3 +145,17 @@ def test_log_grid():
     assert g == [0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
     with pytest.raises(ValueError):
         log_grid(0, 1, 3)
+
+
+def test_attack_objects_must_share_the_threat_model_and_settings_recorded_are_the_real_ones(trained_cnn, fmnist_test):
+    from sirobust.attacks import PGD
+    from sirobust.evaluate import _tolerance
+    x, y = fmnist_test[0][:16], fmnist_test[1][:16]
+    with pytest.raises(ValueError, match="ε = 0.3 but the evaluation is Linf ε = 0.1"):
+        evaluate(trained_cnn, (x, y), attacks=[PGD(trained_cnn, eps=0.3)], eps=0.1, progress=False)
+    rep = evaluate(trained_cnn, (x, y.int()), attacks=["rfgsm", "pgd"], eps=0.1, alpha=0.01, steps=4, progress=False)
+    assert rep.attacks["rfgsm"].params["steps"] == 1 and rep.attacks["rfgsm"].params["alpha"] == pytest.approx(0.125)
+    assert rep.attacks["pgd"].params["alpha"] == 0.01 and rep.attacks["pgd"].params["loss"]["name"] == "ce"
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        evaluate(trained_cnn, (x, y), steps=0, progress=False)
+    assert _tolerance(torch.float16) > 1e-4 and _tolerance(torch.float32) == 1e-6

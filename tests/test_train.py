@@ -58,8 +58,10 @@ def test_run_folder_has_metrics_weights_and_config(tmp_path):
     assert sirobust.load(tmp_path / "best.safetensors").sirobust_metadata["extra"].count(f'"epoch": {first_best}')
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
-    kw = dict(milestones=(2,))  # lr ÷10 after epoch 2 of 3: the resume must carry the scheduler too
+@pytest.mark.parametrize("defense,si", [("at", False), ("trades", True), ("he", False)])
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, defense, si):
+    # lr ÷10 after epoch 2 of 3: the resume must carry the scheduler too
+    kw = dict(milestones=(2,), defense=defense, si=si)
     fit(small(tmp_path / "straight", epochs=3, **kw), log=lambda *_: None)
     fit(small(tmp_path / "split", epochs=1, **kw), log=lambda *_: None)
     fit(small(tmp_path / "split", epochs=3, **kw), resume=True, log=lambda *_: None)
@@ -138,9 +140,12 @@ def test_kill_at_any_moment_then_resume_matches_a_straight_run(tmp_path):
     while time.time() < deadline and not (killed / "train_state.pt").exists():
         time.sleep(0.05)
     time.sleep(0.3)  # now somewhere inside epoch 2 (or writing it)
+    assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / "train_state.pt").exists()
+    assert len(read_jsonl(killed / "metrics.jsonl")) < 3  # really interrupted
+    assert not (killed / "summary.json").exists()
     torch.load(killed / "train_state.pt", weights_only=True)  # never a torn file
     sirobust.load(killed)                                     # nor torn weights
     done = subprocess.run(cmd + ["--out", str(killed), "--resume"], env=env, capture_output=True, text=True)
@@ -183,3 +188,26 @@ def test_compare_reuses_finished_runs_and_tabulates_every_defense(tmp_path):
     logs.clear()
     compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, **kw)
     assert sum("[reuse]" in str(m) for m in logs) == 3
+
+
+def test_a_fresh_run_removes_the_previous_runs_results_before_training(tmp_path, monkeypatch):
+    fit(small(tmp_path, epochs=1), log=lambda *_: None)
+    assert (tmp_path / "summary.json").exists()
+    import sirobust.train as tr
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(small(tmp_path, epochs=3), log=lambda *_: None)
+    for stale in ("summary.json", "best.safetensors", "model.safetensors", "train_state.pt"):
+        assert not (tmp_path / stale).exists(), stale
+
+
+def test_fit_leaves_the_callers_global_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(small(tmp_path, epochs=1), log=lambda *_: None)
+    assert torch.equal(torch.rand(3), expected)

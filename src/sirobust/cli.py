@@ -79,7 +79,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="model mode while making training examples (default eval, as TRADES)")
     p.add_argument("--norm", choices=["Linf", "L2"], default="Linf")
     p.add_argument("--augment", choices=["none", "crop", "flip", "crop-flip"], default=None)
-    p.add_argument("--val-size", type=float, default=0.1, help="held-out share (or count) of the training set")
+    p.add_argument("--val-size", type=lambda t: int(t) if t.strip().isdigit() else float(t), default=0.1,
+                   help="held-out share (0.1) or count (500) of the training set")
     p.add_argument("--val-n", type=int, default=1000, help="validation examples evaluated per epoch")
     p.add_argument("--train-n", type=int, default=None, help="train on the first n training examples only (quick runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -152,8 +153,11 @@ def load_model_and_data(a):
     if split == "val":  # the run's own held-out split, as recorded in its config.json
         full = load_dataset(dataset, "train", data_dir=a.data_dir)
         run_cfg = Path(a.model_dir or Path(a.weights).parent) / "config.json"
-        saved = json.loads(run_cfg.read_text())["config"] if run_cfg.exists() else {}
-        _, ds, idx = train_val_split(full, saved.get("val_size", 0.1), seed=saved.get("seed", 0))
+        if not run_cfg.exists():
+            raise ValueError(f"--split val needs the run's config.json (its recorded validation split); "
+                             f"none at {run_cfg}: use --model-dir with the run folder")
+        saved = json.loads(run_cfg.read_text())["config"]
+        _, ds, idx = train_val_split(full, saved["val_size"], seed=saved["seed"])
     else:
         ds = load_dataset(dataset, split, data_dir=a.data_dir)
         idx = None

@@ -27,12 +27,15 @@ from torch import nn
 from .attacks import Attack, build_attack
 from .attacks.registry import canonical_attack_name
 from .checks import check_images, check_labels, model_channels
+from .threat import make_threat
 from .io import PathLike, atomic_write_text, dumps_json
 from .modes import model_mode
 from .provenance import environment_info
 from .sanity import run_checks
 
-_TOL = 1e-6  # float slack when checking ‖δ‖ ≤ ε
+def _tolerance(dtype: torch.dtype) -> float:
+    """Float slack when checking ‖δ‖ ≤ ε: rounding of the pixel dtype (1e-6 for float32)."""
+    return max(1e-6, 4 * torch.finfo(dtype).eps)
 
 
 @dataclass
@@ -133,7 +136,8 @@ def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
                         f"got {type(data).__name__}")
     if x.dtype == torch.uint8:
         x = x.float() / 255
-    return x, y
+    # kept on the CPU and moved per batch: indices, masks and labels then always share a device
+    return x.cpu(), y.cpu()
 
 
 def evaluate(model: nn.Module, data, attacks: Sequence[Union[str, Attack]] = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd"),
@@ -165,6 +169,13 @@ def evaluate(model: nn.Module, data, attacks: Sequence[Union[str, Attack]] = ("p
         x_all, y_all = x_all[:n], y_all[:n]
     check_images(x_all, "images", model_channels(model))
     check_labels(y_all, x_all.shape[0], name="labels")
+    y_all = y_all.long()
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 for an evaluation, got {steps}")
+    for spec in attacks:
+        if isinstance(spec, Attack) and (abs(spec.eps - eps) > 1e-12 or spec.norm != make_threat(norm, eps).norm):
+            raise ValueError(f"attack {spec.name!r} uses {spec.norm} ε = {spec.eps:.6g} but the evaluation is "
+                             f"{norm} ε = {eps:.6g}: pass eps=/norm= to match, so that the worst case means one threat model")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     N = len(y_all)
     alpha = eps / 4 if alpha is None else alpha
@@ -184,12 +195,16 @@ def evaluate(model: nn.Module, data, attacks: Sequence[Union[str, Attack]] = ("p
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust
         for name, spec in zip(names, attacks):
             if isinstance(spec, Attack):
-                atk = spec  # a ready attack object: its own settings are recorded
-                params = {"eps": atk.eps, "norm": atk.norm}
+                atk = spec  # a ready attack object, used as it is
             else:
                 params = dict(eps=eps, alpha=alpha, steps=steps, restarts=restarts, norm=norm, seed=seed)
                 params.update((attack_params or {}).get(name, {}))
                 atk = build_attack(name, model, **params)
+            # what actually ran (one-step attacks fix their own steps and step size)
+            params = {k: getattr(atk, k) for k in ("eps", "norm", "alpha", "steps", "restarts", "seed",
+                                                   "random_start") if hasattr(atk, k)}
+            if hasattr(atk, "loss"):
+                params["loss"] = {"name": atk.loss.name, **atk.loss.params}
             robust = torch.zeros(N, dtype=torch.bool)
             max_delta = 0.0
             t0 = time.time()
@@ -198,6 +213,8 @@ def evaluate(model: nn.Module, data, attacks: Sequence[Union[str, Attack]] = ("p
                 idx = todo[s:s + batch_size]
                 x, y = x_all[idx].to(device), y_all[idx].to(device)
                 x_adv = atk(x, y)
+                if not torch.isfinite(x_adv).all():
+                    raise RuntimeError(f"attack {name} returned non-finite pixels")
                 with torch.no_grad():
                     robust[idx] = (model(x_adv).argmax(1) == y).cpu()
                 max_delta = max(max_delta, atk.threat.distance(x_adv, x).max().item())
@@ -206,7 +223,7 @@ def evaluate(model: nn.Module, data, attacks: Sequence[Union[str, Attack]] = ("p
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.time() - t0
-            if max_delta > atk.eps + _TOL:
+            if not max_delta <= atk.eps + _tolerance(x_all.dtype):
                 raise RuntimeError(f"attack {name} left the threat model: ‖δ‖ = {max_delta} > ε = {atk.eps}")
             worst &= robust
             results[name] = AttackResult(name=name, robust_acc=robust.float().mean().item(), n_robust=int(robust.sum()),

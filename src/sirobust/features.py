@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .models.base import ImageClassifier
@@ -102,7 +101,8 @@ def forward_with_features(model: nn.Module, x: torch.Tensor, head: HeadSpec = No
             f"head {name!r} received features of shape {tuple(z.shape)} for logits of shape {tuple(logits.shape)}; "
             "expected (B, D) features and (B, K) logits")
     if _CHECKED.get(model) != name:
-        _check_affine(logits.detach(), F.linear(z.detach(), lin.weight.detach(), None if lin.bias is None else lin.bias.detach()), name)
+        with torch.no_grad():  # the head's own output (a cosine head is not W z + b)
+            _check_affine(logits.detach(), lin(z.detach()), name)
         _CHECKED[model] = name
     return ModelOutput(logits, z, lin.weight, lin.bias)
 

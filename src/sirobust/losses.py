@@ -11,6 +11,7 @@ Example::
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -62,10 +63,15 @@ def list_losses() -> list[str]:
 def get_loss(name: str, **params) -> Loss:
     """Look up a loss by name and bind parameters (e.g. ``scale=15`` for ``si``)."""
     if isinstance(name, Loss):
-        return name.with_params(**params)
+        return name.with_params(**params) if params else name
     if name not in _LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(list_losses())}")
-    return _LOSSES[name].with_params(**params)
+    loss = _LOSSES[name]
+    accepted = [p for p in list(inspect.signature(loss.fn).parameters)[2:] if p != "target"]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"loss {name!r} has no parameter {', '.join(unknown)}; its parameters: {', '.join(accepted) or 'none'}")
+    return loss.with_params(**params)
 
 
 # ---------------------------------------------------------------- helpers

@@ -40,15 +40,19 @@ def check_train_mode(was_training: bool) -> dict:
                  "batch); it was evaluated in eval mode and its mode restored afterwards.")
 
 
-def check_zero_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.01) -> dict:
-    """Share of examples whose input gradient of CE is exactly zero: the gradient masking
-    that saturated (e.g. rescaled) logits cause (paper Sec. 4.1)."""
+def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.01) -> tuple[dict, dict]:
+    """Shares of examples whose input gradient of CE is non-finite, and exactly zero (the
+    gradient masking that saturated, e.g. rescaled, logits cause; paper Sec. 4.1)."""
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         loss = F.cross_entropy(model(x), y, reduction="sum")
         grad, = torch.autograd.grad(loss, x)
     share = (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
-    return _flag("zero_gradients", share > threshold, share,
+    nonfinite = (~torch.isfinite(grad.flatten(1)).all(1)).float().mean().item()
+    return _flag("nonfinite_gradients", nonfinite > 0, nonfinite,
+                 f"{nonfinite:.1%} of the examples have a NaN or infinite input gradient of the CE loss: gradient "
+                 "attacks cannot move there and will stop with an error; the model is not differentiable at "
+                 "these inputs."), _flag("zero_gradients", share > threshold, share,
                  f"{share:.1%} of the examples have an exactly-zero input gradient of the CE loss: gradient "
                  "masking (saturated softmax, e.g. rescaled logits) makes CE-based attacks like PGD fail; "
                  "trust scale-invariant attacks (si-pgd, pgd-dlr) and the worst case instead.")
@@ -59,4 +63,4 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, was_training:
     with torch.no_grad():
         logits = model(x)
     return [check_probabilities(logits), check_randomness(model, x), check_train_mode(was_training),
-            check_zero_gradients(model, x, y)]
+            *check_gradients(model, x, y)]

@@ -164,11 +164,25 @@ def _set_rng_state(state: dict, gen: torch.Generator, device: torch.device) -> N
 
 
 def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
-    """Train per ``config``; returns the summary written to ``out/summary.json``."""
+    """Train per ``config``; returns the summary written to ``out/summary.json``.
+
+    The run seeds and checkpoints its own RNG streams; the caller's global RNG state
+    and cuDNN settings are restored on return.
+    """
     cfg = config.resolved()
     device = pick_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if device.type == "cuda":
+                # fixed input shapes: let cuDNN pick the fastest kernels (bit-exact resume is a CPU guarantee)
+                torch.backends.cudnn.benchmark = True
+            return _fit(cfg, device, resume, log)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _fit(cfg: TrainConfig, device: torch.device, resume: bool, log) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     info = get_dataset_info(cfg.dataset)
@@ -212,7 +226,7 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
         if saved != cfg.identity():
             diff = sorted(k for k in set(saved) | set(cfg.identity()) if saved.get(k) != cfg.identity().get(k))
             hint = (" (the preset's milestones scale with --epochs: pass --milestones explicitly to extend a run)"
-                    if diff == ["milestones"] and config.milestones is None else "")
+                    if diff == ["milestones"] else "")
             raise ResumeMismatch(f"--resume: the checkpoint in {out} was written with a different configuration "
                                  f"(differs in: {', '.join(diff)}){hint}; use the same flags or a new --out")
         model.load_state_dict(state["model"])
@@ -225,8 +239,9 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
             if (out / METRICS_NAME).exists() else []
         atomic_write(out / METRICS_NAME, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
         log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs}")
-    else:
-        (out / METRICS_NAME).unlink(missing_ok=True)
+    else:  # a fresh run: nothing from an earlier run in this folder may be mistaken for its output
+        for stale in (METRICS_NAME, "summary.json", BEST_NAME, WEIGHTS_NAME, STATE_NAME):
+            (out / stale).unlink(missing_ok=True)
     write_json(out / CONFIG_NAME, {"config": dataclasses.asdict(cfg), "defense": defense.describe(),
                                    "val_indices": val_idx, "environment": environment_info()})
 
@@ -261,7 +276,7 @@ def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
 
     if tb is not None:
         tb.close()
-    summary = {"out": str(out), "epochs": cfg.epochs, "best": best,
+    summary = {"out": str(out), "epochs": cfg.epochs, "identity": cfg.identity(), "best": best,
                "last": read_jsonl(out / METRICS_NAME)[-1] if cfg.epochs > 0 else None,
                "weights": str(out / WEIGHTS_NAME), "best_weights": str(out / BEST_NAME)}
     write_json(out / "summary.json", summary)

@@ -70,7 +70,8 @@ class Attack:
         if target is not None:
             check_labels(target, x.shape[0], name="target")
         with model_mode(self.model, None if self.model_mode == "keep" else self.model_mode):
-            return self._perturb_with_restarts(x.detach(), y.detach(), target)
+            return self._perturb_with_restarts(x.detach(), y.detach().long(),
+                                               None if target is None else target.detach().long())
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The attack's private generator on ``device`` (created on first use)."""

@@ -30,6 +30,20 @@ def objective(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: Loss
     return value, out.logits
 
 
+class NonFiniteGradientError(ValueError):
+    """The model's input gradient is NaN/inf: sign() would silently turn it into 0 and stall the attack."""
+
+
+def _checked(grad: torch.Tensor, loss: Loss) -> torch.Tensor:
+    bad = ~torch.isfinite(grad.flatten(1)).all(1)
+    if bad.any():
+        raise NonFiniteGradientError(
+            f"the input gradient of the {loss.name!r} loss is NaN or infinite for {int(bad.sum())} of {len(bad)} "
+            "examples; the attack cannot move there (sign(NaN) = 0), so a robust accuracy measured this way would "
+            "be overstated. The model is not differentiable at these inputs (gradient masking or a numerical bug).")
+    return grad
+
+
 def is_fooled(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Untargeted: prediction ≠ y. Targeted: prediction == target. (B,) bool."""
     pred = logits.argmax(1)
@@ -59,7 +73,7 @@ def pgd_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
             with torch.enable_grad():
                 value, _ = objective(model, xa, y, loss, target, head)
                 grad, = torch.autograd.grad(value.sum(), xa)
-            x_adv = threat.project(threat.step(xa.detach(), grad, alpha), x)
+            x_adv = threat.project(threat.step(xa.detach(), _checked(grad, loss), alpha), x)
         return x_adv.detach()
     active = torch.arange(x.shape[0], device=x.device)  # indices still being attacked
     for step in range(steps + 1):
@@ -72,7 +86,7 @@ def pgd_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
             if step == steps or not keep.any():
                 break  # the last iterate only needed its check
             grad, = torch.autograd.grad(value[keep].sum(), xa)
-        grad, xa, active = grad[keep], xa[keep], active[keep]
+        grad, xa, active = _checked(grad[keep], loss), xa[keep], active[keep]
         x_new = threat.project(threat.step(xa.detach(), grad, alpha), x[active])
         x_adv = x_adv.index_copy(0, active, x_new)
     return x_adv.detach()

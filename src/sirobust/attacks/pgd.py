@@ -42,7 +42,8 @@ class PGD(Attack):
             raise ValueError(f"steps must be an integer >= 0, got {steps}")
         self.steps = int(steps)
         self.alpha = self.eps / 4 if alpha is None else float(alpha)
-        check_positive("alpha", self.alpha)
+        # a zero step would report clean accuracy as robust accuracy
+        check_positive("alpha", self.alpha, allow_zero=self.steps == 0 or self.eps == 0)
         self.loss = get_loss(loss, **loss_params)
         self.random_start = bool(random_start)
         self.head = head

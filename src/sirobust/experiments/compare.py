@@ -12,7 +12,6 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -34,15 +33,19 @@ def run_label(defense: str, si: bool) -> str:
 
 def _train_or_reuse(cfg: TrainConfig, log) -> None:
     out = Path(cfg.out)
-    summary, config = out / "summary.json", out / "config.json"
-    if summary.exists() and config.exists():
-        saved = TrainConfig(**{k: v for k, v in json.loads(config.read_text())["config"].items()
-                               if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-        want = cfg.resolved()
-        if saved.identity() == want.identity() and saved.epochs == want.epochs:
+    want = cfg.resolved()
+    summary = out / "summary.json"  # written only when a run completes (a fresh run deletes it first)
+    if summary.exists():
+        done = json.loads(summary.read_text())
+        if done.get("identity") == json.loads(json.dumps(want.identity())) and done.get("epochs") == want.epochs:
             log(f"[reuse] {out} (finished with the same configuration)")
             return
-    fit(cfg, resume=(out / STATE_NAME).exists() and not summary.exists(), log=log)
+    resumable = False
+    if (out / STATE_NAME).exists() and not summary.exists():
+        import torch
+        state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
+        resumable = json.loads(state["identity"]) == json.loads(json.dumps(want.identity()))
+    fit(cfg, resume=resumable, log=log)
 
 
 def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes: Sequence[bool] = (False, True),
