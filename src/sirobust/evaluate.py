@@ -208,7 +208,8 @@ def evaluate(model: nn.Module, data, attacks: Sequence[Union[str, Attack]] = ("p
             robust = torch.zeros(N, dtype=torch.bool)
             max_delta = 0.0
             t0 = time.time()
-            bar = tqdm(total=len(todo), desc=f"{name}", disable=not progress, leave=False, dynamic_ncols=True)
+            # disable=None: the bar turns itself off when stderr is not a terminal (CI logs)
+            bar = tqdm(total=len(todo), desc=f"{name}", disable=None if progress else True, leave=False, dynamic_ncols=True)
             for s in range(0, len(todo), batch_size):
                 idx = todo[s:s + batch_size]
                 x, y = x_all[idx].to(device), y_all[idx].to(device)

@@ -299,7 +299,7 @@ def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig)
     totals: dict[str, float] = {}
     n = 0
     bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs} {defense.name}{'-si' if defense.si else ''}",
-               disable=not cfg.progress, leave=False, dynamic_ncols=True)
+               disable=None if cfg.progress else True, leave=False, dynamic_ncols=True)
     for batch, (x, y) in enumerate(bar):
         loss, stats = defense(model, x, y, generator=gen)
         if not torch.isfinite(loss):
