@@ -79,9 +79,10 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "auto", 
     log(rescale.format_table(result))
     i1 = result["alphas"].index(1.0)
     pgd, si = result["accuracy"]["pgd"], result["accuracy"]["si-pgd"]
+    si_range = f"{100 * min(si):.1f}%" if min(si) == max(si) else f"{100 * min(si):.1f}-{100 * max(si):.1f}%"
     log(f"\nPGD's accuracy moves from {100 * pgd[i1]:.1f}% (α = 1) to {100 * pgd[-1]:.1f}% (α = {result['alphas'][-1]:g}) "
-        f"although no decision changed: saturated softmax, zero CE gradients. SI-PGD stays at "
-        f"{100 * min(si):.1f}-{100 * max(si):.1f}%: trust it and the worst case, not PGD alone.")
+        f"although no decision changed: saturated softmax, zero CE gradients. SI-PGD stays at {si_range} "
+        f"for every α: trust it and the worst case, not PGD alone.")
     summary = {"seconds": time.time() - t_start, "runs": {k: str(v) for k, v in dirs.items()},
                "comparison": str(out_dir / "comparison.md"), "rescale_json": str(out_dir / "rescale.json"),
                "rescale_plot": str(out_dir / "rescale.png")}
