@@ -71,7 +71,8 @@ class Defense:
         """The per-batch training objective, without the SI term (a scalar)."""
         raise NotImplementedError
 
-    needs_clean_output = False  # does the defense use f(x) (TRADES, MART, ALP) as well as f(x')?
+    needs_clean_output = False  # does the training objective use f(x) (TRADES, MART, ALP) as well as f(x')?
+    attack_uses_clean = False   # does the adversarial objective use f(x) (TRADES' KL)?
 
     # ----- the one algorithm ----------------------------------------------------------------
     def make_adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -87,7 +88,7 @@ class Defense:
                  generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict]:
         """Loss over the batch (a differentiable scalar) and a dict of float stats."""
         clean_for_attack = None
-        if self.needs_clean_output and self.si is None:
+        if self.attack_uses_clean and self.si is None:
             # TRADES' inner KL needs f(x) from the model in the attack's mode
             with model_mode(model, self.attack.model_mode), torch.no_grad():
                 clean_for_attack = ModelOutput(model(x))

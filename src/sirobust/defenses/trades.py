@@ -31,6 +31,7 @@ def kl_clean_adv(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.
 class TRADES(Defense):
     name = "trades"
     needs_clean_output = True
+    attack_uses_clean = True
 
     def __init__(self, attack=None, si=None, lam: float = 6.0):
         super().__init__(attack=attack, si=si)
