@@ -609,6 +609,21 @@ def test_safe_extract_good_archives(tmp_path):
         download.safe_extract(tmp_path / "plain.txt", tmp_path / "p")
 
 
+def test_safe_extract_refuses_archives_that_unpack_too_large(tmp_path):
+    src = tmp_path / "src" / "pkg"
+    src.mkdir(parents=True)
+    (src / "zeros.bin").write_bytes(b"\x00" * 100_000)  # compresses to almost nothing
+    _tar_gz(src, tmp_path / "bomb.tar.gz")
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", b"\x00" * 100_000)
+    for name in ("bomb.tar.gz", "bomb.zip"):
+        dest = tmp_path / f"out-{name}"
+        with pytest.raises(ValueError, match="max_bytes=50000"):
+            download.safe_extract(tmp_path / name, dest, max_bytes=50_000)
+        assert list(dest.iterdir()) == []  # refused before anything was written
+        assert download.safe_extract(tmp_path / name, tmp_path / f"ok-{name}", max_bytes=200_000)
+
+
 # --------------------------------------------------------------------------- fashion-mnist-mini
 
 

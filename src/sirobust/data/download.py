@@ -231,22 +231,26 @@ def _target(dest: Path, rel: PurePosixPath, name: str, archive: Path) -> Path:
     return target
 
 
-def safe_extract(archive: PathLike, dest: PathLike) -> list[Path]:
+MAX_EXTRACT_BYTES = 4 * 2**30  # the largest archive here (CIFAR-100, ~180 MB unpacked) is far below
+
+
+def safe_extract(archive: PathLike, dest: PathLike, max_bytes: int = MAX_EXTRACT_BYTES) -> list[Path]:
     """Extract a tar (any compression) or zip archive into ``dest``.
 
     Every member is checked before anything is written; only regular files
     and directories are allowed.  Raises ``ValueError`` naming the first bad
-    member (absolute path, ``..``, symlink/hardlink, device, fifo) or an
-    unsupported archive type.  File modes are not copied (no setuid surprises).
-    Returns the extracted file paths.
+    member (absolute path, ``..``, symlink/hardlink, device, fifo), an
+    unsupported archive type, or members that unpack to more than
+    ``max_bytes`` in total (a decompression bomb).  File modes are not copied
+    (no setuid surprises).  Returns the extracted file paths.
     """
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     dest = dest.resolve()
     if zipfile.is_zipfile(archive):
-        return _extract_zip(archive, dest)
+        return _extract_zip(archive, dest, max_bytes)
     if tarfile.is_tarfile(archive):
-        return _extract_tar(archive, dest)
+        return _extract_tar(archive, dest, max_bytes)
     raise ValueError(f"safe_extract: {archive} is neither a tar nor a zip archive")
 
 
@@ -259,12 +263,20 @@ def _check_tar_member(m: tarfile.TarInfo, archive: Path, dest: Path) -> Optional
     return _target(dest, rel, m.name, archive)
 
 
-def _extract_tar(archive: Path, dest: Path) -> list[Path]:
+def _check_total(total: int, max_bytes: int, archive: Path) -> None:
+    if total > max_bytes:
+        raise ValueError(f"safe_extract: {archive} would unpack to {total} bytes, more than max_bytes={max_bytes}; "
+                         "refusing (decompression bomb?)")
+
+
+def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> list[Path]:
     # Pass 1 validates everything; pass 2 streams ('r|*') so a .tar.gz is
     # decompressed once instead of once per backwards seek.
     with tarfile.open(archive, "r:*") as tar:
-        for m in tar.getmembers():
+        members = tar.getmembers()
+        for m in members:
             _check_tar_member(m, archive, dest)
+        _check_total(sum(m.size for m in members if m.isfile()), max_bytes, archive)
     written = []
     with tarfile.open(archive, "r|*") as tar:
         for m in tar:
@@ -281,7 +293,7 @@ def _extract_tar(archive: Path, dest: Path) -> list[Path]:
     return written
 
 
-def _extract_zip(archive: Path, dest: Path) -> list[Path]:
+def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> list[Path]:
     written = []
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
@@ -296,6 +308,8 @@ def _extract_zip(archive: Path, dest: Path) -> list[Path]:
             if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
                 raise ValueError(f"safe_extract: refusing special member {info.filename!r} in {archive}")
             targets.append(_target(dest, rel, info.filename, archive))
+        # declared sizes; zipfile stops reading a member at its declared size
+        _check_total(sum(i.file_size for i in infos), max_bytes, archive)
         for info, target in zip(infos, targets):
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
