@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -295,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, CheckpointError, DataNotFoundError, ChecksumError,
-            FeatureAccessError, ResumeMismatch, TrainingDiverged) as e:
+            FeatureAccessError, ResumeMismatch, TrainingDiverged, pickle.UnpicklingError) as e:
         if isinstance(e, TypeError) and not str(e):
             raise
         print(f"sirobust {args.command}: error: {e}", file=sys.stderr)
