@@ -74,3 +74,43 @@ def trained_cnn(tmp_path_factory):
     fit(TrainConfig(dataset="fashion-mnist-mini", model="cnn-small", defense="standard", epochs=2,
                     out=str(out), val_n=200, progress=False), log=lambda *_: None)
     return load(out / "model.safetensors")
+
+
+class _FullDisk:
+    """A binary file that takes ``room`` bytes, then fails every write as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        import errno
+        import os
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """``disk_full(room=0)``: from now on every file sirobust writes atomically runs out of space
+    after ``room`` bytes (the real write path, torch's and safetensors' serialisers included)."""
+    import builtins
+
+    import sirobust.io as sio
+
+    def install(room: int = 0):
+        def fake_open(path, mode="r", *a, **k):
+            f = builtins.open(path, mode, *a, **k)
+            return _FullDisk(f, room) if "w" in mode else f
+        monkeypatch.setattr(sio, "open", fake_open, raising=False)
+    return install

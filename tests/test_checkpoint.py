@@ -67,17 +67,15 @@ def test_weights_for_another_architecture_are_refused(tmp_path):
         sirobust.load(tmp_path / "lie.safetensors")
 
 
-def test_save_is_atomic_an_old_file_survives_a_failed_write(tmp_path, monkeypatch):
+@pytest.mark.parametrize("room", [0, 1000])
+def test_a_full_disk_keeps_the_old_file_and_names_the_new_one(tmp_path, disk_full, room):
     path = save_model(build_model("cnn-small"), tmp_path / "m.safetensors", model_name="cnn-small")
     before = path.read_bytes()
-    import sirobust.checkpoint as ck
-
-    def boom(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(ck, "save_file", boom)
-    with pytest.raises(OSError):
+    disk_full(room)
+    from sirobust.io import OutputError
+    with pytest.raises(OutputError) as e:
         save_model(build_model("cnn-small"), path, model_name="cnn-small")
+    assert str(e.value) == f"cannot write {path}: No space left on device (is the disk full?)"
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
 

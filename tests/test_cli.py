@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from sirobust.cli import build_parser, main, parse_number
+from sirobust.cli import main, parse_number
 
 
 def run(*args):
@@ -64,7 +64,7 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path):
     r = run("evaluate", "--weights", str(tmp_path / "missing.safetensors"))
     assert r.returncode == 2 and "no weights file" in r.stderr and "Traceback" not in r.stderr
     r = run("train", "--out", str(tmp_path / "x"), "--resume")
-    assert r.returncode == 2 and "no checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "nothing to resume" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_quick_demo_runs_every_stage_and_writes_its_files(tmp_path):

@@ -192,10 +192,10 @@ def test_read_idx_rejects_malformed(tmp_path, blob, match):
 
 def test_idx_wrong_shape_rejected(tmp_path):
     write_idx_split(tmp_path / "mnist", "test", np.zeros((2, 27, 28), np.uint8), np.zeros(2, np.uint8), gz=False)
-    with pytest.raises(ValueError, match=r"\(N, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"expected \(N, 28, 28\)"):
         load_dataset("mnist", "test", data_dir=tmp_path, download=False)
     write_idx_split(tmp_path / "mnist", "test", np.zeros((2, 28, 28), np.uint8), np.zeros(3, np.uint8), gz=False)
-    with pytest.raises(ValueError, match="label file"):
+    with pytest.raises(ValueError, match=r"t10k-labels.*expected \(2\)"):
         load_dataset("mnist", "test", data_dir=tmp_path, download=False)
 
 
@@ -379,14 +379,20 @@ def test_cifar_from_archive(tmp_path, monkeypatch):
     assert (root / "cifar10" / "cifar-10-batches-py" / "data_batch_5").is_file()
 
 
-def test_cifar_archive_with_bad_md5_is_deleted(tmp_path):
+def test_a_users_cifar_archive_with_another_md5_is_kept_and_can_be_accepted(tmp_path):
     staging = tmp_path / "staging"
-    write_cifar10(staging)
+    batches = write_cifar10(staging)
     archive = tmp_path / "cifar-10-python.tar.gz"
     _tar_gz(staging / "cifar-10-batches-py", archive)
-    with pytest.raises(ChecksumError, match="c58f30108f718f92721af3b95e74349a"):
+    before = archive.read_bytes()
+    with pytest.raises(ChecksumError) as e:
         load_dataset("cifar10", data_dir=tmp_path, download=False)
-    assert not archive.exists()
+    msg = str(e.value)
+    assert str(archive) in msg and "expected c58f30108f718f92721af3b95e74349a" in msg and f"found {md5_of(archive)}" in msg
+    assert "--accept-checksum-mismatch" in msg
+    assert archive.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [archive.name, "staging"]
+    ds = load_dataset("cifar10", "test", data_dir=tmp_path, download=False, accept_checksum_mismatch=True)
+    assert np.array_equal(ds.images.numpy(), expected_nchw(batches["test_batch"][b"data"]))
 
 
 # --------------------------------------------------------------------------- SVHN
@@ -414,11 +420,13 @@ def test_svhn_roundtrip(tmp_path, monkeypatch, split):
     assert ds.classes == [str(i) for i in range(10)]
 
 
-def test_svhn_bad_checksum_deletes_file(tmp_path):
+def test_svhn_file_with_another_checksum_is_left_alone(tmp_path):
     path, _, _ = write_svhn(tmp_path, "test")
-    with pytest.raises(ChecksumError, match="test_32x32.mat"):
+    before = path.read_bytes()
+    with pytest.raises(ChecksumError, match=r"test_32x32.mat: expected eb5a983be6a315427106f1b164d9cef3, found"):
         load_dataset("svhn", "test", data_dir=tmp_path, download=False)
-    assert not path.exists()
+    assert path.read_bytes() == before
+    assert len(load_dataset("svhn", "test", data_dir=tmp_path, download=False, accept_checksum_mismatch=True)) == 5
 
 
 def test_svhn_published_md5s():
@@ -440,7 +448,10 @@ def test_verify_file(tmp_path):
         download.verify_file(p, sha256=sha)
     assert str(p) in str(e.value) and sha in str(e.value)
     assert hashlib.sha256(b"hellO").hexdigest() in str(e.value)
-    assert not p.exists()
+    assert p.read_bytes() == b"hellO"  # the user's file stays where it is
+    logs = []
+    assert download.verify_file(p, sha256=sha, accept_mismatch=True, log=logs.append) == p
+    assert "using it anyway" in logs[0]
     with pytest.raises(ValueError, match="md5"):
         download.verify_file(tmp_path / "x")
 
@@ -452,7 +463,7 @@ def test_download_file_url(tmp_path):
     url = src.as_uri()  # file:// URL: urllib handles it like any other
     got = download.download_file(url, dest, md5=md5_of(src), sha256=hashlib.sha256(src.read_bytes()).hexdigest())
     assert got == dest and dest.read_bytes() == src.read_bytes()
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["file.bin"]  # no temp files left
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".sirobust-downloads.json", "file.bin"]  # no temp files
     src.unlink()  # a verified copy on disk is reused, not fetched again
     assert download.download_file(url, dest, md5=md5_of(dest)) == dest
 
@@ -508,10 +519,11 @@ def test_download_into_dataset_folder(tmp_path, monkeypatch):
            "md5": {p.name: md5_of(p) for p in mirror.iterdir()},
            "system_dirs": (), "classes": [str(i) for i in range(10)]}
     monkeypatch.setitem(D.idx.IDX_SOURCES, "mnist", src)
+    (tmp_path / "data").mkdir()
     ds = load_dataset("mnist", "test", data_dir=tmp_path / "data", download=True)
     assert ds.labels.tolist() == [4, 2, 0]
     assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == \
-        ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+        [".sirobust-downloads.json", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 
 
 @pytest.mark.parametrize("name,files", [
@@ -523,7 +535,8 @@ def test_download_into_dataset_folder(tmp_path, monkeypatch):
 def test_missing_data_message(tmp_path, name, files):
     if name == "mnist" and Path("/usr/share/datasets/mnist").is_dir():
         pytest.skip("a system MNIST folder exists")
-    data_dir = tmp_path / "nowhere"
+    data_dir = tmp_path / "empty"
+    data_dir.mkdir()
     with pytest.raises(DataNotFoundError) as e:
         load_dataset(name, "train", data_dir=data_dir, download=False)
     assert isinstance(e.value, FileNotFoundError)
@@ -531,7 +544,18 @@ def test_missing_data_message(tmp_path, name, files):
     assert str(data_dir) in msg and str(data_dir / name) in msg and "download=False" in msg
     for f in files:
         assert f in msg
-    assert not data_dir.exists()  # looking must not create folders
+    assert list(data_dir.iterdir()) == []  # looking must not create folders
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist-mini", "cifar10", "svhn"])
+def test_a_mistyped_data_dir_is_an_error_and_is_never_created(tmp_path, name):
+    typo = tmp_path / "dtaa"
+    with pytest.raises(ValueError, match=r"data_dir \(--data-dir\) .*dtaa does not exist"):
+        load_dataset(name, "test", data_dir=typo)
+    assert not typo.exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        load_dataset(name, "test", data_dir=tmp_path / "file")
 
 
 # --------------------------------------------------------------------------- safe extraction

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sirobust.defenses import DEFENSES, HE, InnerAttack, SIConfig, build_defense, list_defenses, si_regulariser
+from sirobust.defenses import DEFENSES, InnerAttack, SIConfig, build_defense, list_defenses, si_regulariser
 from sirobust.defenses.alp import logit_pairing
 from sirobust.defenses.mart import boosted_ce, weighted_kl
 from sirobust.features import FeatureAccessError, ModelOutput, forward_with_features

@@ -1,6 +1,5 @@
 """Evaluation: worst case = per-example AND, reports round-trip, sanity flags fire when they should."""
 import json
-import math
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from sirobust.attacks import Attack
 from sirobust.evaluate import Report, evaluate
 from sirobust.experiments.rescale import ScaledLogits, log_grid, rescale_study
 
-from conftest import TinyNet
 
 
 class ThresholdModel(nn.Module):

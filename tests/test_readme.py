@@ -2,7 +2,6 @@
 import re
 from pathlib import Path
 
-import torch
 
 import sirobust
 

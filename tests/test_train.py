@@ -1,42 +1,21 @@
 """The training loop: learning, exact resume, kill-and-resume, divergence, bad configs."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import assert_same_weights, small_config
 
 import sirobust
-from sirobust.checkpoint import CheckpointError
-from sirobust.defenses import DEFENSES
 from sirobust.defenses.at import AT
 from sirobust.io import read_jsonl
-from sirobust.train import ResumeMismatch, TrainConfig, TrainingDiverged, fit
-
-QUIET = dict(progress=False)
-
-
-def small(out, **kw):
-    base = dict(dataset="fashion-mnist-mini", model="cnn-small", defense="at", epochs=2, train_n=384,
-                val_n=64, val_steps=2, attack_steps=2, batch_size=64, out=str(out), **QUIET)
-    base.update(kw)
-    return TrainConfig(**base)
+from sirobust.runfolder import RunFolderError
+from sirobust.statefile import StateFileError
+from sirobust.train import ResumeMismatch, TrainingDiverged, fit
 
 
-def weights(path):
-    return load_file(str(path))
 
-
-def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+small = small_config
 
 
 def test_run_folder_has_metrics_weights_and_config(tmp_path):
@@ -80,8 +59,8 @@ def test_resume_with_another_config_is_refused(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_resume_without_checkpoint_and_a_malicious_state_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+def test_resume_without_a_run_and_a_malicious_state_file(tmp_path):
+    with pytest.raises(RunFolderError, match="nothing to resume"):
         fit(small(tmp_path / "none"), resume=True, log=lambda *_: None)
     out = tmp_path / "evil"
     out.mkdir()
@@ -92,8 +71,11 @@ def test_resume_without_checkpoint_and_a_malicious_state_file(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     import pickle
-    (out / "train_state.pt").write_bytes(pickle.dumps({"x": Evil()}))
-    with pytest.raises(CheckpointError, match="not a readable"):
+    (out / "train_state.pt").write_bytes(pickle.dumps({"x": Evil()}))  # a bare pickle
+    with pytest.raises(StateFileError, match="train_state.pt is not a torch state file"):
+        fit(small(out), resume=True, log=lambda *_: None)
+    torch.save({"x": Evil()}, out / "train_state.pt")  # the same payload in torch's own container
+    with pytest.raises(StateFileError, match="train_state.pt is not a readable sirobust state"):
         fit(small(out), resume=True, log=lambda *_: None)
     assert not marker.exists()
 
@@ -128,34 +110,6 @@ def test_bad_config_is_a_clear_error(tmp_path, kw, match):
         fit(small(tmp_path, **kw), log=lambda *_: None)
 
 
-def test_kill_at_any_moment_then_resume_matches_a_straight_run(tmp_path):
-    """SIGKILL a training subprocess mid-run, resume it, and compare with an uninterrupted run."""
-    args = ["--dataset", "fashion-mnist-mini", "--model", "cnn-small", "--defense", "at", "--epochs", "3",
-            "--train-n", "384", "--val-n", "64", "--attack-steps", "2", "--batch-size", "64", "--no-progress"]
-    cmd = [sys.executable, "-m", "sirobust.cli", "train", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "train_state.pt").exists():
-        time.sleep(0.05)
-    time.sleep(0.3)  # now somewhere inside epoch 2 (or writing it)
-    assert proc.poll() is None, "training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (killed / "train_state.pt").exists()
-    assert len(read_jsonl(killed / "metrics.jsonl")) < 3  # really interrupted
-    assert not (killed / "summary.json").exists()
-    torch.load(killed / "train_state.pt", weights_only=True)  # never a torn file
-    sirobust.load(killed)                                     # nor torn weights
-    done = subprocess.run(cmd + ["--out", str(killed), "--resume"], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    straight = tmp_path / "straight"
-    fit(small(straight, epochs=3), log=lambda *_: None)
-    assert_same_weights(straight / "model.safetensors", killed / "model.safetensors")
-    assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == [1, 2, 3]
-
-
 def test_adversarial_training_is_far_more_robust_than_standard(tmp_path):
     kw = dict(epochs=2, train_n=2400, val_n=300, val_steps=10, attack_steps=5, batch_size=64)
     std = fit(small(tmp_path / "std", defense="standard", **kw), log=lambda *_: None)
@@ -186,23 +140,35 @@ def test_compare_reuses_finished_runs_and_tabulates_every_defense(tmp_path):
         assert r["worst_case"] <= min(r[a] for a in ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")) <= r["natural"]
     assert "| TRADES-SI |" in (tmp_path / "compare.md").read_text()
     logs.clear()
-    compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, **kw)
+    with pytest.raises(RunFolderError, match="already holds a compare run"):
+        compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, **kw)
+    compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, mode="resume", **kw)
     assert sum("[reuse]" in str(m) for m in logs) == 3
+    with pytest.raises(RunFolderError, match=r"differs in: epochs"):
+        compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, mode="resume",
+                         **{**kw, "epochs": 2})
 
 
-def test_a_fresh_run_removes_the_previous_runs_results_before_training(tmp_path, monkeypatch):
-    fit(small(tmp_path, epochs=1), log=lambda *_: None)
-    assert (tmp_path / "summary.json").exists()
+def test_a_used_folder_is_refused_before_training_and_overwrite_moves_it_aside(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    fit(small(run, epochs=1), log=lambda *_: None)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
     import sirobust.train as tr
 
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
+    def must_not_run(*a, **k):
+        raise AssertionError("training started")
 
-    monkeypatch.setattr(tr, "_train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        fit(small(tmp_path, epochs=3), log=lambda *_: None)
-    for stale in ("summary.json", "best.safetensors", "model.safetensors", "train_state.pt"):
-        assert not (tmp_path / stale).exists(), stale
+    monkeypatch.setattr(tr, "load_dataset", must_not_run)
+    with pytest.raises(RunFolderError, match="already holds a train run .*--resume.*--overwrite"):
+        fit(small(run, epochs=3), log=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    monkeypatch.undo()
+    logs = []
+    fit(small(run, epochs=1, seed=1), overwrite=True, log=logs.append)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and any(str(aside[0]) in m for m in logs)
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == before  # the old run, byte for byte
+    assert json.loads((run / "run.json").read_text())["config"]["seed"] == 1
 
 
 def test_fit_leaves_the_callers_global_rng_alone(tmp_path):

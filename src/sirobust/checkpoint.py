@@ -11,15 +11,18 @@ Example::
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, safe_open
+from safetensors.torch import load_file, safe_open
 
-from .io import PathLike, atomic_write
+from .io import PathLike, atomic_write_bytes
 from .models import ImageClassifier, build_model
 
 FORMAT_VERSION = "1"
@@ -30,6 +33,15 @@ BEST_NAME_ALIASES = {"last": WEIGHTS_NAME, "best": BEST_NAME}
 
 class CheckpointError(ValueError):
     """A weights file that is missing, corrupt, or not a sirobust checkpoint."""
+
+
+# Bounds on what a metadata header may ask us to build (checked before anything is allocated).
+MAX_CLASSES = 100_000
+MAX_CHANNELS = 64
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_FLOAT_CODES = {"F32", "F16", "BF16", "F64"}
 
 
 def save_model(model: ImageClassifier, path: PathLike, *, model_name: str, dataset: Optional[str] = None,
@@ -52,7 +64,20 @@ def save_model(model: ImageClassifier, path: PathLike, *, model_name: str, datas
     }
     # clone+contiguous: safetensors refuses shared or strided storage
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    return atomic_write(path, lambda p: save_file(state, str(p), metadata=meta))
+    meta["tensors_sha256"] = tensors_digest(state)  # safetensors has no checksum: a damaged file must not load
+    # serialised in memory, written by us: a failed write is then a plain OSError naming the file
+    data = safetensors.torch.save(state, metadata=meta)
+    return atomic_write_bytes(path, data)
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in sorted key order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
@@ -77,18 +102,97 @@ def resolve_weights_path(path: PathLike) -> Path:
     return path
 
 
+def _build_args(meta: dict[str, str], path: Path) -> dict[str, Any]:
+    """The model's constructor arguments from the metadata, each checked against its bounds."""
+    from .models import list_models
+
+    def field(key: str) -> str:
+        if key not in meta:
+            raise CheckpointError(f"{path}: the sirobust metadata lacks {key!r}; the file is damaged or was edited")
+        return meta[key]
+
+    name = field("model")
+    if name not in list_models():
+        raise CheckpointError(f"{path}: metadata names model {name!r}, not one of {', '.join(list_models())}")
+    try:
+        num_classes, in_channels = int(field("num_classes")), int(field("in_channels"))
+        mean, std = json.loads(field("mean")), json.loads(field("std"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable sirobust metadata ({e})") from None
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise CheckpointError(f"{path}: metadata num_classes={num_classes} is outside [2, {MAX_CLASSES}]")
+    if not 1 <= in_channels <= MAX_CHANNELS:
+        raise CheckpointError(f"{path}: metadata in_channels={in_channels} is outside [1, {MAX_CHANNELS}]")
+    for key, values in (("mean", mean), ("std", std)):
+        if (not isinstance(values, list) or len(values) != in_channels
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+            raise CheckpointError(f"{path}: metadata {key} must list {in_channels} finite numbers, got {str(values)[:80]}")
+    if any(v <= 0 for v in std):
+        raise CheckpointError(f"{path}: metadata std must be positive, got {std}")
+    head = meta.get("head", "linear")
+    if head not in ("linear", "cosine"):
+        raise CheckpointError(f"{path}: metadata head={head!r} is not 'linear' or 'cosine'")
+    scale = None
+    if head == "cosine":
+        try:
+            scale = float(field("head_scale"))
+        except ValueError:
+            scale = float("nan")
+        if not (math.isfinite(scale) and scale > 0):
+            raise CheckpointError(f"{path}: metadata head_scale={meta.get('head_scale')!r} must be a number > 0")
+    return dict(name=name, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, scale=scale)
+
+
+def _build(args: dict[str, Any]) -> ImageClassifier:
+    model = build_model(args["name"], num_classes=args["num_classes"], in_channels=args["in_channels"],
+                        mean=args["mean"], std=args["std"])
+    if args["scale"] is not None:  # HE-trained models predict with s · cos θ
+        model.use_cosine_head(args["scale"])
+    return model
+
+
+def _check_tensors(path: Path, expected: dict[str, torch.Tensor], name: str) -> None:
+    """Every tensor the model needs is in the file with its shape and dtype, and nothing else is."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable .safetensors file: {e}") from None
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"weights in {path} do not match model {name!r} (named in its metadata): "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, t in expected.items():
+        shape, code = found[k]
+        want = _ST_DTYPES.get(t.dtype, str(t.dtype))
+        if t.is_floating_point() and code not in _FLOAT_CODES:
+            raise CheckpointError(f"{path}: tensor {k!r} is {code}, but the model needs floating point ({want})")
+        if not t.is_floating_point() and code != want:
+            raise CheckpointError(f"{path}: tensor {k!r} is {code}, but the model needs {want}")
+        if shape != tuple(t.shape):
+            raise CheckpointError(f"{path}: tensor {k!r} has shape {list(shape)}, the model needs {list(t.shape)}")
+
+
 def load(path: PathLike, device: Optional[str | torch.device] = None) -> ImageClassifier:
-    """Rebuild a zoo model from a sirobust ``.safetensors`` file or run folder (in eval mode)."""
+    """Rebuild a zoo model from a sirobust ``.safetensors`` file or run folder (in eval mode).
+
+    The metadata and every tensor's shape and dtype are checked against the
+    architecture (built on the meta device, which allocates nothing) before any
+    memory is allocated, so a damaged or hostile file is refused with a message.
+    """
     path = resolve_weights_path(path)
     meta = read_metadata(path)
-    model = build_model(meta["model"], num_classes=int(meta["num_classes"]), in_channels=int(meta["in_channels"]),
-                        mean=json.loads(meta["mean"]), std=json.loads(meta["std"]))
-    if meta.get("head", "linear") == "cosine":  # HE-trained models predict with s · cos θ
-        model.use_cosine_head(float(meta["head_scale"]))
+    args = _build_args(meta, path)
+    with torch.device("meta"):
+        skeleton = _build(args)
+    _check_tensors(path, skeleton.state_dict(), args["name"])
+    model = _build(args)
     try:
         state = load_file(str(path), device="cpu")
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as e:
         raise CheckpointError(f"weights in {path} do not match model {meta['model']!r}: {e}") from None
+    if "tensors_sha256" in meta and tensors_digest(state) != meta["tensors_sha256"]:
+        raise CheckpointError(f"{path} is damaged: its tensors do not match the checksum recorded when it was saved")
     model.sirobust_metadata = {k: v for k, v in meta.items()}  # provenance for reports
     return model.to(device or "cpu").eval()

@@ -19,6 +19,7 @@ from .data import get_dataset_info, load_dataset
 from .evaluate import evaluate
 from .experiments import rescale
 from .io import atomic_write_text, write_json
+from .runfolder import RunFolder
 from .train import TrainConfig, fit
 
 DATASET = "fashion-mnist-mini"
@@ -39,9 +40,15 @@ def comparison_table(rows: list[tuple[str, object]]) -> str:
 
 
 def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "auto", progress: bool = True,
-             log=print) -> dict:
+             mode: str = "new", log=print) -> dict:
+    """Run the demo into ``out`` (a :class:`~sirobust.runfolder.RunFolder` of kind "demo": ``mode="overwrite"``
+    moves an earlier demo aside; ``"new"`` refuses a folder that holds one)."""
+    with RunFolder(out, "demo", mode, config={"quick": quick}, log=log) as folder:
+        return _run_demo(folder.path, quick, device, progress, log)
+
+
+def _run_demo(out_dir: Path, quick: bool, device: str, progress: bool, log) -> dict:
     t_start = time.time()
-    out_dir = Path(out)
     info = get_dataset_info(DATASET)
     # quick: a smoke run of every stage (tests use it); the numbers mean little
     epochs, train_n, n_eval, n_rescale, steps = (1, 640, 60, 40, 3) if quick else (DEMO_EPOCHS, None, 500, 300, 20)

@@ -96,7 +96,7 @@ class Report:
         return path
 
     def to_markdown(self) -> str:
-        lines = [f"# Robustness report", "",
+        lines = ["# Robustness report", "",
                  f"{self.n} examples, {self.norm} ε = {self.eps:.6g}; model: {self.config.get('model_description', '-')}", "",
                  "| attack | robust accuracy (%) | seconds | max ‖δ‖ |", "|---|---:|---:|---:|",
                  f"| clean | {100 * self.clean_acc:.2f} | | |"]
@@ -134,8 +134,6 @@ def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         raise TypeError("data must be (x, y) tensors, an ImageDataset, or an iterable of (x, y) batches; "
                         f"got {type(data).__name__}")
-    if x.dtype == torch.uint8:
-        x = x.float() / 255
     # kept on the CPU and moved per batch: indices, masks and labels then always share a device
     return x.cpu(), y.cpu()
 
@@ -167,6 +165,8 @@ def evaluate(model: nn.Module, data, attacks: Sequence[Union[str, Attack]] = ("p
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         x_all, y_all = x_all[:n], y_all[:n]
+    if x_all.dtype == torch.uint8:  # converted after the cut: only the examples evaluated become floats
+        x_all = x_all.float() / 255
     check_images(x_all, "images", model_channels(model))
     check_labels(y_all, x_all.shape[0], name="labels")
     y_all = y_all.long()

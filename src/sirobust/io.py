@@ -1,38 +1,197 @@
-"""Atomic, strict file writing: a crash never leaves a half-written result or checkpoint."""
+"""Writing and reading files so that nothing is ever half-written, lost, or read without bounds.
+
+* :func:`atomic_write` writes a temporary file beside the target (created with the
+  user's umask, like any file the user makes), fsyncs it, renames it over the
+  target and fsyncs the folder, so a crash or a power cut leaves either the old
+  or the new file, never a torn one.
+* A write that fails (disk full, permission lost) raises :class:`OutputError`: one
+  line naming the file and the reason, and the previous file is untouched.
+* :func:`check_output_file` / :func:`check_output_dir` prove an output can be
+  written *before* any work is spent on it.
+* :func:`read_json` refuses files larger than a bound before reading them.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, BinaryIO, Callable, Union
 
 PathLike = Union[str, os.PathLike]
 
+TMP_SUFFIX = ".tmp"
+MAX_JSON_BYTES = 64 * 2**20  # no config, report or summary of ours comes near this
 
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then
-    rename it over ``path`` (atomic on POSIX). On failure the old file is intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+
+class OutputError(OSError):
+    """An output could not be written; the message names the file and the reason (``errno`` kept)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (" (is the disk full?)" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "")
+    return str(e) or type(e).__name__
+
+
+def output_error(path: PathLike, e: BaseException, doing: str = "write") -> OutputError:
+    err = OutputError(getattr(e, "errno", None) or errno.EIO, f"cannot {doing} {path}: {_reason(e)}")
+    err.filename = str(path)
+    return err
+
+
+def fsync_dir(folder: PathLike) -> None:
+    """Make a rename in ``folder`` durable (POSIX needs the directory itself synced)."""
     try:
-        write(tmp_path)
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. some network filesystems): the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _RecordingFile:
+    """A binary file that remembers the OSError of a failed write.
+
+    torch.save and safetensors turn a failed write into their own errors
+    ("unexpected pos", "I/O error"); the recorded OSError says what happened."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):  # flush, tell, seek, fileno, ... of the real file
+        return getattr(self._f, name)
+
+
+def _create_temp(path: Path) -> Path:
+    """An exclusive new file beside ``path``, created 0o666 & ~umask (the user's permissions)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise OutputError(errno.EEXIST, f"cannot create a temporary file beside {path}")
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a binary file object, then atomically replace ``path`` with it.
+
+    On any failure the old ``path`` is intact, the temporary file is removed, and a
+    write error is raised as :class:`OutputError` naming ``path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temp(path)
+    except OutputError:
         raise
+    except OSError as e:
+        raise output_error(path, e) from None
+    try:
+        with open(tmp, "wb") as raw:
+            f = _RecordingFile(raw)
+            try:
+                write(f)  # type: ignore[arg-type]
+                raw.flush()
+                os.fsync(raw.fileno())
+            except BaseException as e:
+                if f.error is not None:  # the library's own error hides the OSError: report that one
+                    raise output_error(path, f.error) from None
+                if isinstance(e, OSError) and not isinstance(e, OutputError):
+                    raise output_error(path, e) from None
+                raise
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise e if isinstance(e, OutputError) else output_error(path, e) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
     return path
 
 
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
 
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_temp_files(folder: PathLike) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``folder`` (not recursive).
+
+    Only call this while holding the folder (its lock): a live writer's temp file would go too.
+    """
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------- checking outputs first
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and delete a file: the only test that also holds for root and read-only mounts."""
+    try:
+        tmp = _create_temp(folder / "write-test")
+        tmp.unlink(missing_ok=True)  # a concurrent claim of the folder may have cleaned it already
+    except OSError as e:
+        raise output_error(folder, e, doing=f"write {what} into") from None
+
+
+def check_output_dir(folder: PathLike, what: str = "results") -> Path:
+    """Make sure ``folder`` is (or can be made) a writable folder; create it. Raises OutputError."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(errno.ENOTDIR, f"cannot write {what} into {folder}: it is a file, not a folder")
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(errno.ENOTDIR, f"cannot write {what} into {folder}: {parent} is a file, not a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(folder, e, doing="create the folder") from None
+    _probe_writable(folder, what)
+    return folder
+
+
+def check_output_file(path: PathLike, what: str = "the output") -> Path:
+    """Make sure ``path`` can be written: its folder exists or is made, is writable, and ``path`` is no folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(errno.EISDIR, f"cannot write {what} to {path}: it is a folder (give a file name)")
+    check_output_dir(path.parent, what)
+    return path
+
+
+# --------------------------------------------------------------------------- JSON
 
 def to_jsonable(obj: Any) -> Any:
     """Make ``obj`` strict-JSON-safe: NaN/inf -> None, tensors/arrays -> lists, paths -> str."""
@@ -58,19 +217,40 @@ def write_json(path: PathLike, obj: Any) -> Path:
     return atomic_write_text(path, dumps_json(obj))
 
 
+def _read_bounded(path: PathLike, max_bytes: int) -> str:
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path} is {size} bytes, more than the {max_bytes} a sirobust JSON file can be; "
+                         "it is not one of ours (or is damaged)")
+    with open(path, "rb") as f:
+        return f.read(max_bytes + 1).decode("utf-8")
+
+
+def read_json(path: PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file of at most ``max_bytes``; a damaged one is a ValueError naming it."""
+    try:
+        return json.loads(_read_bounded(path, max_bytes))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged") from None
+
+
 def append_jsonl(path: PathLike, obj: Any) -> None:
     """Append one strict-JSON line and flush it to disk (a crash loses at most the line being written)."""
     line = json.dumps(to_jsonable(obj), allow_nan=False)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise output_error(path, e) from None
 
 
-def read_jsonl(path: PathLike) -> list:
+def read_jsonl(path: PathLike, max_bytes: int = MAX_JSON_BYTES) -> list:
     """Read a JSON-lines file, ignoring a torn last line left by a crash."""
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in _read_bounded(path, max_bytes).splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

@@ -1,7 +1,7 @@
 """Per-example correctness, clean and under attack, batched over a dataset."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn

@@ -25,13 +25,16 @@ import torch
 
 from . import __version__
 from .attacks import PGD
-from .checkpoint import BEST_NAME, WEIGHTS_NAME, CheckpointError, save_model
+from .checkpoint import BEST_NAME, WEIGHTS_NAME, save_model
 from .data import BatchLoader, get_dataset_info, load_dataset, train_val_split
 from .defenses import InnerAttack, SIConfig, build_defense
-from .io import append_jsonl, atomic_write, read_jsonl, write_json
+from .interrupts import RunInterrupted, StopRequest, graceful_stop
+from .io import append_jsonl, atomic_write_text, read_json, read_jsonl, write_json
 from .metrics import correct_mask, eval_mode
 from .models import build_model
 from .provenance import environment_info
+from .runfolder import RUN_FILE, ConfigMismatch, RunFolder, config_difference
+from .statefile import StateFileError, load_state, save_state
 
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -53,8 +56,7 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last complete epoch's checkpoint is untouched."""
 
 
-class ResumeMismatch(ValueError):
-    """--resume found a checkpoint written with a different configuration."""
+ResumeMismatch = ConfigMismatch  # --resume found a run started with a different configuration
 
 
 @dataclass
@@ -87,6 +89,7 @@ class TrainConfig:
     val_steps: int = 10                   # PGD steps for validation robust accuracy
     seed: int = 0
     data_dir: Optional[str] = None
+    accept_checksum_mismatch: bool = False  # use dataset files whose checksum differs from the published one
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = False             # also log per-epoch metrics to out/tensorboard (needs tensorboard)
@@ -127,7 +130,7 @@ class TrainConfig:
     def identity(self) -> dict:
         """The fields that must match for --resume to continue a run."""
         d = dataclasses.asdict(self)
-        for k in ("out", "epochs", "device", "progress", "data_dir", "tensorboard"):
+        for k in ("out", "epochs", "device", "progress", "data_dir", "tensorboard", "accept_checksum_mismatch"):
             d.pop(k)
         d["milestones"] = list(d["milestones"] or [])
         return d
@@ -163,31 +166,101 @@ def _set_rng_state(state: dict, gen: torch.Generator, device: torch.device) -> N
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def fit(config: TrainConfig, resume: bool = False, log=print) -> dict:
+def fit(config: TrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train per ``config``; returns the summary written to ``out/summary.json``.
 
-    The run seeds and checkpoints its own RNG streams; the caller's global RNG state
-    and cuDNN settings are restored on return.
+    ``out`` is claimed as a :class:`~sirobust.runfolder.RunFolder`: a folder that
+    holds a run is refused unless ``resume`` (continue it; its recorded config
+    must match) or ``overwrite`` (move it aside, start again). The first SIGINT
+    or SIGTERM saves the progress of the epoch in flight and raises
+    :class:`~sirobust.interrupts.RunInterrupted`. The run seeds and checkpoints
+    its own RNG streams; the caller's global RNG state and cuDNN settings are
+    restored on return.
     """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or move it aside and start again")
     cfg = config.resolved()
     device = pick_device(cfg.device)
+    mode = "resume" if resume else "overwrite" if overwrite else "new"
     benchmark = torch.backends.cudnn.benchmark
+    with RunFolder(cfg.out, "train", mode, config=dataclasses.asdict(cfg), log=log) as folder, \
+            graceful_stop() as stop:
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if device.type == "cuda":
+                    # fixed input shapes: let cuDNN pick the fastest kernels (bit-exact resume is a CPU guarantee)
+                    torch.backends.cudnn.benchmark = True
+                return _fit(cfg, device, folder, stop, log)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+
+
+def recorded_config(out) -> Optional[dict]:
+    """The config a run folder recorded when it started (run.json), or None."""
+    path = Path(out) / RUN_FILE
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    return record.get("config") if isinstance(record, dict) and record.get("kind") == "train" else None
+
+
+def _mismatch(where, diff: list[str]) -> ResumeMismatch:
+    hint = (" (the preset's milestones scale with --epochs: pass --milestones explicitly to extend a run)"
+            if diff == ["milestones"] else "")
+    return ResumeMismatch(f"--resume: the run in {where} was started with a different configuration "
+                          f"(differs in: {', '.join(diff)}){hint}; use the same flags, or --overwrite to start again")
+
+
+def _check_resumable(cfg: TrainConfig, folder: RunFolder) -> None:
+    """Compare the config with the one the run recorded when it started (before any data is loaded)."""
+    saved = folder.record.get("config")
+    if not saved:
+        return  # a run from before run.json: the state file's identity is checked instead
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if device.type == "cuda":
-                # fixed input shapes: let cuDNN pick the fastest kernels (bit-exact resume is a CPU guarantee)
-                torch.backends.cudnn.benchmark = True
-            return _fit(cfg, device, resume, log)
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
+        saved_identity = json.loads(json.dumps(TrainConfig(**{**saved, "milestones": tuple(saved["milestones"] or ())})
+                                               .identity()))
+    except TypeError as e:
+        raise ResumeMismatch(f"--resume: {folder.path / RUN_FILE} records a config this version cannot read ({e})") \
+            from None
+    diff = config_difference(saved_identity, json.loads(json.dumps(cfg.identity())))
+    if diff:
+        raise _mismatch(folder.path, diff)
 
 
-def _fit(cfg: TrainConfig, device: torch.device, resume: bool, log) -> dict:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+def _load_resume_state(cfg: TrainConfig, folder: RunFolder, device, log) -> Optional[dict]:
+    run_id = folder.record.get("run_id")
+    identity = json.loads(json.dumps(cfg.identity()))
+
+    def check(state: dict, path: Path) -> None:
+        for key in ("model", "optimizer", "scheduler", "rng", "epoch", "best"):
+            if key not in state:
+                raise StateFileError(f"{path} is not a sirobust training state (no {key!r})")
+        if run_id and state.get("run_id") and state["run_id"] != run_id:
+            raise StateFileError(f"{path} belongs to another run (run id {state['run_id']}, this folder's is "
+                                 f"{run_id})")
+        if "identity" in state:
+            diff = config_difference(json.loads(state["identity"]), identity)
+            if diff:
+                raise _mismatch(path, diff)
+
+    found = load_state(folder.path / STATE_NAME, device=device, log=log, check=check)
+    return None if found is None else found[0]
+
+
+def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRequest, log) -> dict:
+    out = folder.path
+    if folder.resumed:
+        _check_resumable(cfg, folder)
+        state = _load_resume_state(cfg, folder, device, log)
+        if state is None:
+            log(f"{out} has no checkpoint yet (stopped before its first epoch ended): starting over with its "
+                "recorded config")
+    else:
+        state = None
     info = get_dataset_info(cfg.dataset)
 
-    full = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir)
+    full = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir,
+                        accept_checksum_mismatch=cfg.accept_checksum_mismatch)
     train_ds, val_ds, val_idx = train_val_split(full, cfg.val_size, seed=cfg.seed)
     if cfg.train_n is not None:
         if cfg.train_n < 1:
@@ -213,71 +286,81 @@ def _fit(cfg: TrainConfig, device: torch.device, resume: bool, log) -> dict:
 
     # model selection on the held-out split: robust accuracy for defenses, clean accuracy for standard training
     select = "val_clean_acc" if cfg.defense == "standard" else "val_robust_acc"
-    start_epoch, best = 0, {"epoch": None, "metric": select, select: -1.0}
-    state_path = out / STATE_NAME
-    if resume:
-        if not state_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint {state_path}; start without --resume")
-        try:  # weights_only: a checkpoint can never run code
-            state = torch.load(state_path, map_location=device, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"--resume: {state_path} is not a readable sirobust training state: {e}") from None
-        saved = json.loads(state["identity"])
-        if saved != cfg.identity():
-            diff = sorted(k for k in set(saved) | set(cfg.identity()) if saved.get(k) != cfg.identity().get(k))
-            hint = (" (the preset's milestones scale with --epochs: pass --milestones explicitly to extend a run)"
-                    if diff == ["milestones"] else "")
-            raise ResumeMismatch(f"--resume: the checkpoint in {out} was written with a different configuration "
-                                 f"(differs in: {', '.join(diff)}){hint}; use the same flags or a new --out")
+    start_epoch, best, partial = 0, {"epoch": None, "metric": select, select: -1.0}, None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], gen, device)
         start_epoch = int(state["epoch"])
         best = json.loads(state["best"])
-        rows = [r for r in read_jsonl(out / METRICS_NAME) if r.get("epoch", 0) <= start_epoch] \
-            if (out / METRICS_NAME).exists() else []
-        atomic_write(out / METRICS_NAME, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-        log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs}")
-    else:  # a fresh run: nothing from an earlier run in this folder may be mistaken for its output
-        for stale in (METRICS_NAME, "summary.json", BEST_NAME, WEIGHTS_NAME, STATE_NAME):
+        partial = state.get("partial")  # progress inside epoch start_epoch + 1, saved on a stop signal
+        if partial is not None:
+            loader.load_state_dict(partial["loader"])
+        if start_epoch >= cfg.epochs:
+            log(f"{out} already finished its {start_epoch} epochs (pass a larger --epochs, with explicit --milestones, "
+                "to extend it)")
+        else:
+            where = f"epoch {start_epoch + 1}/{cfg.epochs}" + (f", batch {partial['loader']['position'] + 1}"
+                                                              if partial else "")
+            log(f"resuming {out} at {where}")
+    metrics_path = out / METRICS_NAME
+    rows = [r for r in read_jsonl(metrics_path) if r.get("epoch", 0) <= start_epoch] if metrics_path.exists() else []
+    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    if state is None:  # a fresh start: nothing from a stopped attempt may be mistaken for this run's output
+        for stale in ("summary.json", BEST_NAME, WEIGHTS_NAME):
             (out / stale).unlink(missing_ok=True)
     write_json(out / CONFIG_NAME, {"config": dataclasses.asdict(cfg), "defense": defense.describe(),
                                    "val_indices": val_idx, "environment": environment_info()})
 
-    tb = _tensorboard_writer(out) if cfg.tensorboard else None
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        stats = _train_epoch(model, defense, opt, loader, gen, epoch, cfg)
-        sched.step()
-        val = _validate(model, val_ds, val_n, cfg, device, epoch)
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats, **val, "seconds": time.time() - t0}
-        append_jsonl(out / METRICS_NAME, row)
-        if tb is not None:
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, (int, float)):
-                    tb.add_scalar(k, v, epoch + 1)
-            tb.flush()
-        save_model(model, out / WEIGHTS_NAME, model_name=cfg.model, dataset=cfg.dataset,
-                   extra={"epoch": epoch + 1, "defense": defense.describe()})
-        if val[select] > best[select]:
-            best = {"epoch": epoch + 1, "metric": select, "val_robust_acc": val["val_robust_acc"],
-                    "val_clean_acc": val["val_clean_acc"]}
-            save_model(model, out / BEST_NAME, model_name=cfg.model, dataset=cfg.dataset,
-                       extra={"epoch": epoch + 1, "defense": defense.describe(), "best": best})
-        # the resume state is written last: a kill before this line redoes the epoch
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": _rng_state(gen, device), "epoch": epoch + 1, "best": json.dumps(best),
-                 "identity": json.dumps(cfg.identity()), "version": __version__}
-        atomic_write(state_path, lambda p: torch.save(state, p))
-        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  train-acc {stats['train_acc']:.3f}  "
-            f"val clean {val['val_clean_acc']:.3f}  val PGD-{cfg.val_steps} {val['val_robust_acc']:.3f}  "
-            f"({row['seconds']:.1f}s)")
+    def save_state_now(epoch_done: int, partial_now: Optional[dict]) -> None:
+        save_state(out / STATE_NAME, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": _rng_state(gen, device), "epoch": epoch_done, "best": json.dumps(best), "partial": partial_now,
+            "identity": json.dumps(cfg.identity()), "run_id": folder.record.get("run_id"), "version": __version__})
 
-    if tb is not None:
-        tb.close()
+    tb = _tensorboard_writer(out) if cfg.tensorboard else None
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.time()
+            stats, partial = _train_epoch(model, defense, opt, loader, gen, epoch, cfg, partial, stop)
+            if partial is not None:  # stopped by a signal inside the epoch: keep what the finished batches did
+                save_state_now(epoch, partial)
+                pos = partial["loader"]["position"]
+                raise RunInterrupted(f"stopped by {stop.name} in epoch {epoch + 1}, after batch {pos}/{len(loader)}; "
+                                     f"progress saved in {out / STATE_NAME}. Continue with: "
+                                     f"sirobust train --out {out} --resume", stop.signum)
+            sched.step()
+            val = _validate(model, val_ds, val_n, cfg, device, epoch)
+            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats, **val, "seconds": time.time() - t0}
+            append_jsonl(metrics_path, row)
+            if tb is not None:
+                for k, v in row.items():
+                    if k != "epoch" and isinstance(v, (int, float)):
+                        tb.add_scalar(k, v, epoch + 1)
+                tb.flush()
+            save_model(model, out / WEIGHTS_NAME, model_name=cfg.model, dataset=cfg.dataset,
+                       extra={"epoch": epoch + 1, "defense": defense.describe()})
+            if val[select] > best[select]:
+                best = {"epoch": epoch + 1, "metric": select, "val_robust_acc": val["val_robust_acc"],
+                        "val_clean_acc": val["val_clean_acc"]}
+                save_model(model, out / BEST_NAME, model_name=cfg.model, dataset=cfg.dataset,
+                           extra={"epoch": epoch + 1, "defense": defense.describe(), "best": best})
+            # the resume state is written last: a kill before it completes redoes the epoch
+            save_state_now(epoch + 1, None)
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  train-acc {stats['train_acc']:.3f}  "
+                f"val clean {val['val_clean_acc']:.3f}  val PGD-{cfg.val_steps} {val['val_robust_acc']:.3f}  "
+                f"({row['seconds']:.1f}s)")
+            if stop.requested and epoch + 1 < cfg.epochs:
+                raise RunInterrupted(f"stopped by {stop.name} after epoch {epoch + 1}/{cfg.epochs}; its checkpoint is "
+                                     f"saved. Continue with: sirobust train --out {out} --resume", stop.signum)
+    finally:
+        if tb is not None:
+            tb.close()
+
+    rows = read_jsonl(metrics_path)
     summary = {"out": str(out), "epochs": cfg.epochs, "identity": cfg.identity(), "best": best,
-               "last": read_jsonl(out / METRICS_NAME)[-1] if cfg.epochs > 0 else None,
+               "last": rows[-1] if rows else None,
                "weights": str(out / WEIGHTS_NAME), "best_weights": str(out / BEST_NAME)}
     write_json(out / "summary.json", summary)
     return summary
@@ -291,19 +374,27 @@ def _tensorboard_writer(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig) -> dict:
+def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig, partial: Optional[dict],
+                 stop: StopRequest) -> tuple[dict, Optional[dict]]:
+    """One epoch (or the rest of one, from ``partial``). Returns (mean stats, None), or
+    (stats so far, the partial state to save) when a stop signal arrived between two batches."""
     from tqdm.auto import tqdm
 
     model.train()
-    loader.set_epoch(epoch)
-    totals: dict[str, float] = {}
-    n = 0
-    bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs} {defense.name}{'-si' if defense.si else ''}",
+    if partial is None:
+        loader.set_epoch(epoch)
+        totals: dict[str, float] = {}
+        n = 0
+    else:  # the loader already points at the saved batch
+        totals, n = dict(partial["totals"]), int(partial["n"])
+    bar = tqdm(loader, total=len(loader), initial=loader.state_dict()["position"],
+               desc=f"epoch {epoch + 1}/{cfg.epochs} {defense.name}{'-si' if defense.si else ''}",
                disable=None if cfg.progress else True, leave=False, dynamic_ncols=True)
-    for batch, (x, y) in enumerate(bar):
+    for x, y in bar:
+        batch = loader.state_dict()["position"]  # 1-based index of this batch in the epoch
         loss, stats = defense(model, x, y, generator=gen)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, batch {batch + 1}; "
+            raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, batch {batch}; "
                                    f"the checkpoints of the last complete epoch are kept (lower --lr?)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -314,9 +405,12 @@ def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig)
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v * b
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
+        if stop.requested and batch < len(loader):
+            bar.close()
+            return totals, {"loader": loader.state_dict(), "totals": totals, "n": n}
     out = {k: v / max(n, 1) for k, v in totals.items()}
     out["train_acc"] = out.get("adv_acc", out.get("clean_acc", math.nan))
-    return out
+    return out, None
 
 
 def _validate(model, val_ds, n: int, cfg: TrainConfig, device, epoch: int) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import nn
 
 from ..checks import check_positive

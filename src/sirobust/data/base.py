@@ -41,9 +41,10 @@ class DataNotFoundError(FileNotFoundError):
 
 
 class ChecksumError(RuntimeError):
-    """A file's digest differs from the published one (corrupt or tampered).
+    """A file's digest differs from the published one (corrupt, tampered, or the user's own copy).
 
-    The offending file has already been deleted when this is raised.
+    The message names the file, the expected and found digests and how to accept it;
+    a file the user placed is never moved or deleted.
     """
 
 

@@ -132,8 +132,16 @@ class RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
 
-def restricted_load(path: Union[str, Path]) -> Any:
-    """Unpickle ``path`` with :class:`RestrictedUnpickler`."""
+#: The largest genuine file is CIFAR-100's ``train`` (about 155 MB); a batch holds at most 50,000 images.
+MAX_FILE_BYTES = 256 * 2**20
+MAX_IMAGES = 50_000
+
+
+def restricted_load(path: Union[str, Path], max_bytes: int = MAX_FILE_BYTES) -> Any:
+    """Unpickle ``path`` with :class:`RestrictedUnpickler`, refusing files larger than ``max_bytes``."""
+    size = Path(path).stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"malformed CIFAR file {path}: {size} bytes, more than the {max_bytes} any CIFAR file has")
     with open(path, "rb") as f:
         return RestrictedUnpickler(f, source=str(path)).load()
 
@@ -141,7 +149,25 @@ def restricted_load(path: Union[str, Path]) -> Any:
 def _str_keys(obj: Any, path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError(f"malformed CIFAR file {path}: expected a pickled dict, got {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+    if not all(isinstance(k, (bytes, str)) for k in obj):
+        raise ValueError(f"malformed CIFAR file {path}: its keys must be strings")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _flat_ints(values: Any, n: int, path: Path, key: str) -> np.ndarray:
+    """``values`` as an int64 array, checked to be exactly ``n`` plain integers *before* numpy walks it:
+    a pickle can share one object many times (a list holding itself, nested), which a naive
+    ``np.asarray`` would expand without bound."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or values.shape[0] != n or not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"malformed CIFAR batch {path}: b'{key}' must be {n} integers, "
+                             f"got {values.dtype} {values.shape}")
+        return values.astype(np.int64)
+    if not isinstance(values, list) or len(values) != n or not all(type(v) is int for v in values):
+        kind = type(values).__name__ + (f" of {len(values)}" if isinstance(values, list) else "")
+        raise ValueError(f"malformed CIFAR batch {path}: b'{key}' must be a list of {n} integers, got a {kind}"
+                         + ("" if not isinstance(values, list) or len(values) != n else " with non-integer items"))
+    return np.array(values, dtype=np.int64)
 
 
 def load_cifar_batch(path: Union[str, Path], label_key: str = "labels",
@@ -156,10 +182,9 @@ def load_cifar_batch(path: Union[str, Path], label_key: str = "labels",
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"malformed CIFAR batch {path}: b'data' must be a uint8 array (N, 3072), got "
                          f"{type(data).__name__} {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}")
-    labels = np.asarray(d[label_key])
-    if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"malformed CIFAR batch {path}: b'{label_key}' must be {data.shape[0]} integers, "
-                         f"got {labels.dtype} {labels.shape}")
+    if data.shape[0] > MAX_IMAGES:
+        raise ValueError(f"malformed CIFAR batch {path}: {data.shape[0]} images, more than the {MAX_IMAGES} a batch has")
+    labels = _flat_ints(d[label_key], data.shape[0], path, label_key)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"malformed CIFAR batch {path}: labels must lie in [0, {num_classes}), "
                          f"got [{labels.min()}, {labels.max()}]")
@@ -172,13 +197,14 @@ def _class_names(folder: Path, src: dict) -> list[str]:
         return list(src["classes"])  # the meta file only carries names; ours are identical
     d = _str_keys(restricted_load(meta), meta)
     names = d.get(src["names_key"])
-    if not isinstance(names, list) or len(names) != len(src["classes"]):
+    if (not isinstance(names, list) or len(names) != len(src["classes"])
+            or not all(isinstance(n, (bytes, str)) and len(n) <= 100 for n in names)):
         raise ValueError(f"malformed CIFAR meta file {meta}: b'{src['names_key']}' must list "
                          f"{len(src['classes'])} names")
     return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
 
 
-def _locate(name: str, split: str, data_dir: Path, download: bool) -> Path:
+def _locate(name: str, split: str, data_dir: Path, download: bool, accept_mismatch: bool) -> Path:
     src = CIFAR_SOURCES[name]
     files = src["splits"][split]
     dirs = search_dirs(data_dir, name)
@@ -189,7 +215,7 @@ def _locate(name: str, split: str, data_dir: Path, download: bool) -> Path:
     for d in dirs:
         archive = d / archive_name
         if archive.is_file():
-            verify_file(archive, md5=src["md5"])  # deletes it and raises ChecksumError if bad
+            verify_file(archive, md5=src["md5"], accept_mismatch=accept_mismatch, source=src["url"])
             safe_extract(archive, d)
             return d / src["folder"]
     dest = data_dir / name
@@ -205,12 +231,13 @@ def _locate(name: str, split: str, data_dir: Path, download: bool) -> Path:
     return dest / src["folder"]
 
 
-def load_cifar_dataset(name: str, split: str, data_dir: Path, download: bool) -> ImageDataset:
+def load_cifar_dataset(name: str, split: str, data_dir: Path, download: bool,
+                       accept_checksum_mismatch: bool = False) -> ImageDataset:
     """Load ``split`` ("train"/"test") of ``name`` ("cifar10"/"cifar100")."""
     src = CIFAR_SOURCES[name]
     if split not in src["splits"]:
         raise ValueError(f"split={split!r} is not available for {name!r}; choose one of {sorted(src['splits'])}")
-    folder = _locate(name, split, data_dir, download)
+    folder = _locate(name, split, data_dir, download, accept_checksum_mismatch)
     missing = [f for f in src["splits"][split] if not (folder / f).is_file()]
     if missing:  # only possible when an archive lacked them
         raise ValueError(f"{folder} is missing {missing}: the {name} archive is incomplete")

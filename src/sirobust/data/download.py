@@ -4,8 +4,11 @@
   into a temporary file *in the destination folder*, checks its md5/sha256 and
   only then renames it into place with :func:`os.replace` (atomic on POSIX),
   so a crash or a bad mirror never leaves a half-written or wrong file behind.
-* :func:`verify_file` checks a file already on disk and deletes it if it does
-  not match (it would otherwise poison every later run).
+* :func:`verify_file` checks a file already on disk. A mismatch moves and
+  deletes nothing: the file may be the user's own (a re-compressed copy, a
+  patched one); the error names it, the expected and found digests, and the
+  way to accept it. Only a file sirobust downloaded itself (recorded in the
+  folder's ``.sirobust-downloads.json``) is fetched again over a bad copy.
 * :func:`safe_extract` unpacks tar/zip archives after checking *every* member:
   no absolute paths, no ``..`` escapes, no links, no devices (the classic
   "tar slip" attacks, CVE-2007-4559; see also Python's tarfile extraction
@@ -64,25 +67,50 @@ def _expected(md5: Optional[str], sha256: Optional[str]) -> list[tuple[str, str]
     return checks
 
 
-def _check_digests(path: Path, checks: list[tuple[str, str]], shown_name: str) -> None:
-    """Raise ChecksumError (after deleting ``path``) on the first mismatch."""
+ACCEPT_HINT = ("If it is the file you mean to use, pass --accept-checksum-mismatch (accept_checksum_mismatch=True "
+               "in Python); otherwise replace it with the published file")
+_MANIFEST = ".sirobust-downloads.json"
+
+
+def _mismatch(path: Path, checks: list[tuple[str, str]]) -> Optional[str]:
+    """A description of the first digest that differs, or None when all match."""
     for algorithm, want in checks:
         got = file_digest(path, algorithm)
         if got != want:
-            path.unlink(missing_ok=True)
-            raise ChecksumError(
-                f"{algorithm} mismatch for {shown_name}: expected {want}, got {got}. "
-                "The file is corrupt, truncated or not the published one; it has been deleted. "
-                "Download it again (or place the original file there by hand)."
-            )
+            return f"{algorithm} mismatch for {path}: expected {want}, found {got}"
+    return None
 
 
-def verify_file(path: PathLike, md5: Optional[str] = None, sha256: Optional[str] = None) -> Path:
-    """Check ``path`` against the given digest(s); delete it and raise on mismatch.
+def _downloaded_by_us(path: Path) -> bool:
+    manifest = path.parent / _MANIFEST
+    try:
+        import json
+        return path.name in json.loads(manifest.read_text(encoding="utf-8")[:1 << 20])
+    except (OSError, ValueError):
+        return False
 
-    Returns the path on success.  Raises ``ValueError`` if neither ``md5`` nor
-    ``sha256`` is given, ``FileNotFoundError`` if the file does not exist and
-    :class:`ChecksumError` (file deleted) if a digest differs.
+
+def _record_download(path: Path, sha256: str) -> None:
+    import json
+    manifest = path.parent / _MANIFEST
+    try:
+        known = json.loads(manifest.read_text(encoding="utf-8")[:1 << 20]) if manifest.exists() else {}
+    except (OSError, ValueError):
+        known = {}
+    known[path.name] = sha256
+    from ..io import atomic_write_text
+    atomic_write_text(manifest, json.dumps(known, indent=1) + "\n")
+
+
+def verify_file(path: PathLike, md5: Optional[str] = None, sha256: Optional[str] = None,
+                accept_mismatch: bool = False, log=print, source: str = "") -> Path:
+    """Check ``path`` against the given digest(s); returns the path.
+
+    A mismatch raises :class:`ChecksumError` naming the file, the expected and the
+    found digest and how to proceed, and leaves the file where it is; with
+    ``accept_mismatch`` it is logged and the file used. Raises ``ValueError`` if
+    neither ``md5`` nor ``sha256`` is given and ``FileNotFoundError`` if the file
+    does not exist.
     """
     checks = _expected(md5, sha256)
     if not checks:
@@ -90,33 +118,43 @@ def verify_file(path: PathLike, md5: Optional[str] = None, sha256: Optional[str]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"verify_file: no such file: {path}")
-    _check_digests(path, checks, str(path))
-    return path
+    problem = _mismatch(path, checks)
+    if problem is None:
+        return path
+    if accept_mismatch:
+        log(f"warning: {problem}; using it anyway (--accept-checksum-mismatch)")
+        return path
+    where = f" ({source})" if source else ""
+    raise ChecksumError(f"{problem}{where}. The file was left as it is. {ACCEPT_HINT}.")
 
 
 def download_file(url: str, dest: PathLike, md5: Optional[str] = None,
                   sha256: Optional[str] = None) -> Path:
     """Download ``url`` to ``dest`` and verify it; returns ``dest``.
 
-    If ``dest`` already exists and matches the digest, nothing is downloaded
-    (if it does not match it is deleted and fetched again).  The data go to a
-    temporary file next to ``dest`` which is verified and then atomically
-    renamed; on any failure the temporary file is removed.
+    If ``dest`` already exists and matches the digest, nothing is downloaded. If it
+    does not match, it is fetched again only when sirobust downloaded it (the
+    folder's manifest says so); a file the user placed there is never replaced
+    (:class:`ChecksumError`). The data go to a temporary file next to ``dest``,
+    which is verified and then atomically renamed; on any failure it is removed.
 
     Raises:
-        ChecksumError: the downloaded bytes do not match (nothing is left on disk).
+        ChecksumError: the bytes do not match (nothing new is left on disk).
         DataNotFoundError: the URL could not be fetched (offline, HTTP error...);
             the message says where to put the file by hand.
     """
     dest = Path(dest)
     checks = _expected(md5, sha256)
     if dest.is_file() and checks:
-        try:
-            _check_digests(dest, checks, str(dest))
+        problem = _mismatch(dest, checks)
+        if problem is None:
             return dest
-        except ChecksumError:
-            pass  # stale or corrupt copy was deleted: fetch a fresh one
+        if not _downloaded_by_us(dest):
+            raise ChecksumError(f"{problem}. It was not downloaded by sirobust, so it was left as it is. "
+                                f"{ACCEPT_HINT} ({url}).")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.*.part"):  # left by a killed download
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
@@ -129,11 +167,17 @@ def download_file(url: str, dest: PathLike, md5: Optional[str] = None,
                     f"that file elsewhere and place it at {dest} (exact name '{dest.name}' in folder "
                     f"{dest.parent})."
                 ) from exc
-        _check_digests(tmp, checks, f"{dest.name} (downloaded from {url})")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be shared
+        problem = _mismatch(tmp, checks)
+        if problem is not None:
+            raise ChecksumError(f"{problem.replace(str(tmp), dest.name)} (downloaded from {url}): the download is "
+                                "corrupt or the mirror serves another file; nothing was kept")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; data files get the user's permissions
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+    _record_download(dest, file_digest(dest, "sha256"))
     return dest
 
 

@@ -70,48 +70,91 @@ IDX_SOURCES: dict[str, dict] = {
 }
 
 
-def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":  # gzip magic: decide by content, not by file name
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise ValueError(f"malformed IDX file {path}: broken gzip stream ({exc})") from exc
-    return raw
+#: The most examples an IDX file may declare in general, and per split of MNIST / Fashion-MNIST
+#: (the published sizes): a header is checked against these before anything is decompressed.
+MAX_EXAMPLES = 2_000_000
+SPLIT_SIZES = {"train": 60_000, "test": 10_000}
+MAX_DIMS = 4
+
+# Label counts per class of the published splits: they tell MNIST and Fashion-MNIST apart (same file
+# names, same shapes), so the files of one are never loaded as the other.
+KNOWN_LABEL_COUNTS = {
+    ("mnist", "train"): (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+    ("mnist", "test"): (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
+    ("fashion-mnist", "train"): (6000,) * 10,
+    ("fashion-mnist", "test"): (1000,) * 10,
+}
 
 
-def read_idx(path: Union[str, Path]) -> np.ndarray:
+def _open(path: Path):
+    """The file's bytes as a stream, decompressed when it is gzip (decided by content, not by name)."""
+    f = open(path, "rb")
+    if f.read(2) == b"\x1f\x8b":
+        f.seek(0)
+        return gzip.GzipFile(fileobj=f, mode="rb"), True
+    f.seek(0)
+    return f, False
+
+
+def _read_exact(stream, n: int, path: Path, problem: str) -> bytes:
+    try:
+        data = stream.read(n)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"malformed IDX file {path}: broken gzip stream ({exc})") from None
+    if len(data) != n:
+        raise ValueError(f"malformed IDX file {path}: {problem} ({len(data)} of the {n} bytes needed)")
+    return data
+
+
+def read_idx(path: Union[str, Path], max_bytes: int = MAX_EXAMPLES * 28 * 28,
+             shape: Optional[tuple[Optional[int], ...]] = None) -> np.ndarray:
     """Parse an IDX file (gzipped or not) into a native-endian numpy array.
 
-    Checks the magic number (two zero bytes, a known type code, ndim >= 1)
-    and that the file size equals header + prod(dims) * itemsize exactly;
-    raises ``ValueError`` naming the file otherwise.
+    The header is read first and checked before anything else is read or
+    allocated: the magic number (two zero bytes, a known type code, 1 to 4
+    dimensions), the declared size against ``max_bytes`` and, when given,
+    against ``shape`` (``None`` entries match any size). Then exactly the
+    declared bytes are read (a gzip stream is decompressed only that far) and
+    trailing data is refused. Raises ``ValueError`` naming the file.
     """
     path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise ValueError(f"malformed IDX file {path}: {len(raw)} bytes, too short for the 4-byte magic number")
-    magic = int.from_bytes(raw[:4], "big")
-    code, ndim = raw[2], raw[3]
-    if raw[:2] != b"\x00\x00" or code not in _IDX_TYPES or ndim == 0:
-        raise ValueError(
-            f"malformed IDX file {path}: bad magic number 0x{magic:08x} (expected 0x0000TTNN with type "
-            f"TT in {{{', '.join(f'0x{t:02x}' for t in _IDX_TYPES)}}} and NN >= 1 dimensions)"
-        )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"malformed IDX file {path}: truncated header ({len(raw)} bytes, need {header})")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = _IDX_TYPES[code]
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(raw) != expected:
-        raise ValueError(
-            f"malformed IDX file {path}: {len(raw)} bytes but the header (dims {list(dims)}, "
-            f"{dtype.itemsize}-byte items) implies {expected}"
-        )
-    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    stream, gz = _open(path)
+    with stream:
+        head = _read_exact(stream, 4, path, "too short for the 4-byte magic number")
+        magic = int.from_bytes(head, "big")
+        code, ndim = head[2], head[3]
+        if head[:2] != b"\x00\x00" or code not in _IDX_TYPES or not 1 <= ndim <= MAX_DIMS:
+            raise ValueError(
+                f"malformed IDX file {path}: bad magic number 0x{magic:08x} (expected 0x0000TTNN with type "
+                f"TT in {{{', '.join(f'0x{t:02x}' for t in _IDX_TYPES)}}} and 1 <= NN <= {MAX_DIMS} dimensions)"
+            )
+        dims = struct.unpack(f">{ndim}I", _read_exact(stream, 4 * ndim, path, "truncated header"))
+        dtype = _IDX_TYPES[code]
+        nbytes = math.prod(dims) * dtype.itemsize
+        if shape is not None and (len(shape) != ndim or any(w is not None and w != d for w, d in zip(shape, dims))):
+            want = "(" + ", ".join("N" if w is None else str(w) for w in shape) + ")"
+            raise ValueError(f"malformed IDX file {path}: declares shape {list(dims)}, expected {want}")
+        if nbytes > max_bytes:
+            raise ValueError(f"malformed IDX file {path}: declares {nbytes} bytes of data (dims {list(dims)}), more "
+                             f"than the {max_bytes} allowed; refusing to read it")
+        if not gz:
+            size = path.stat().st_size
+            if size != 4 + 4 * ndim + nbytes:
+                raise ValueError(f"malformed IDX file {path}: {size} bytes but the header (dims {list(dims)}, "
+                                 f"{dtype.itemsize}-byte items) implies {4 + 4 * ndim + nbytes}")
+        raw = _read_exact(stream, nbytes, path, f"truncated data: the header (dims {list(dims)}, "
+                                                f"{dtype.itemsize}-byte items) implies {4 + 4 * ndim + nbytes} bytes")
+        if _read_exact_or_empty(stream, path):
+            raise ValueError(f"malformed IDX file {path}: data continues past the {nbytes} bytes its header declares")
+    arr = np.frombuffer(raw, dtype=dtype).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)  # writable, native byte order
+
+
+def _read_exact_or_empty(stream, path: Path) -> bytes:
+    try:
+        return stream.read(1)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"malformed IDX file {path}: broken gzip stream ({exc})") from None
 
 
 def _find(dirname: Path, stem: str) -> Optional[Path]:
@@ -147,7 +190,18 @@ def _download(name: str, stems: tuple[str, str], dest: Path) -> tuple[Path, Path
     return paths[0], paths[1]
 
 
-def load_idx_dataset(name: str, split: str, data_dir: Path, download: bool) -> ImageDataset:
+def _identify(name: str, split: str, labels: np.ndarray, img_path: Path) -> None:
+    """Refuse the files of the other MNIST-style dataset (same names and shapes; known label counts)."""
+    counts = tuple(int(c) for c in np.bincount(labels, minlength=10)[:10])
+    for (other, other_split), known in KNOWN_LABEL_COUNTS.items():
+        if other != name and other_split == split and counts == known and KNOWN_LABEL_COUNTS[(name, split)] != known:
+            raise ValueError(f"the files found for {name!r} in {img_path.parent} are {other!r} (their label counts "
+                             f"are exactly {other}'s {split} split): keep each dataset in its own folder, "
+                             f"<data-dir>/{name}/ and <data-dir>/{other}/")
+
+
+def load_idx_dataset(name: str, split: str, data_dir: Path, download: bool,
+                     accept_checksum_mismatch: bool = False) -> ImageDataset:
     """Load ``split`` ("train"/"test") of ``name`` ("mnist"/"fashion-mnist")."""
     src = IDX_SOURCES[name]
     if split not in SPLIT_FILES:
@@ -168,7 +222,8 @@ def load_idx_dataset(name: str, split: str, data_dir: Path, download: bool) -> I
                 not_found_message(name, split, names, dirs, dest, urls, download, error=exc)
             ) from exc
     img_path, lbl_path = found
-    images, labels = read_idx(img_path), read_idx(lbl_path)
+    images = read_idx(img_path, max_bytes=SPLIT_SIZES[split] * 28 * 28, shape=(None, 28, 28))
+    labels = read_idx(lbl_path, max_bytes=MAX_EXAMPLES, shape=(images.shape[0],))
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(f"malformed {name} image file {img_path}: expected uint8 (N, 28, 28), "
                          f"got {images.dtype} {images.shape}")
@@ -177,6 +232,7 @@ def load_idx_dataset(name: str, split: str, data_dir: Path, download: bool) -> I
                          f"got {labels.dtype} {labels.shape}")
     if labels.size and labels.max() >= len(src["classes"]):
         raise ValueError(f"malformed {name} label file {lbl_path}: label {labels.max()} >= {len(src['classes'])}")
+    _identify(name, split, labels, img_path)
     return ImageDataset(
         images=as_uint8_images(images[:, None]),
         labels=torch.from_numpy(labels.astype(np.int64)),

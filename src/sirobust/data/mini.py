@@ -32,9 +32,10 @@ def mini_asset():
     return resources.files(__package__).joinpath("assets", MINI_FILE)
 
 
-def load_mini_dataset(name: str, split: str, data_dir: Path, download: bool) -> ImageDataset:
-    """Load ``split`` ("train"/"test") of the embedded subset; ``data_dir``/``download`` are unused."""
-    del data_dir, download  # nothing to find or fetch: the data ship with the package
+def load_mini_dataset(name: str, split: str, data_dir: Path, download: bool,
+                      accept_checksum_mismatch: bool = False) -> ImageDataset:
+    """Load ``split`` ("train"/"test") of the embedded subset; the other arguments are unused."""
+    del data_dir, download, accept_checksum_mismatch  # nothing to find or fetch: the data ship with the package
     if split not in MINI_SIZES:
         raise ValueError(f"split={split!r} is not available for {name!r}; choose one of {sorted(MINI_SIZES)}")
     asset = mini_asset()

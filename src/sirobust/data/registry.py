@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .base import DatasetInfo, ImageDataset, default_data_dir
+from .base import DATA_ENV_VAR, DatasetInfo, ImageDataset, default_data_dir
 from .cifar import CIFAR_SOURCES, load_cifar_dataset
 from .idx import SPLIT_FILES, load_idx_dataset
 from .mini import MINI_SIZES, load_mini_dataset
@@ -99,17 +99,28 @@ def dataset_splits(name: str) -> tuple[str, ...]:
 
 
 def load_dataset(name: str, split: str = "train", data_dir: Optional[Union[str, os.PathLike]] = None,
-                 download: bool = True) -> ImageDataset:
+                 download: bool = True, accept_checksum_mismatch: bool = False) -> ImageDataset:
     """Load a whole split into memory as an :class:`ImageDataset` (uint8 NCHW).
 
-    ``data_dir`` defaults to ``$SIROBUST_DATA`` or ``~/.cache/sirobust/data``;
-    each format module documents where it looks and what it downloads.
-    Raises ValueError (unknown name or split), DataNotFoundError (files
-    missing and not downloadable), ChecksumError (bad file; deleted).
+    ``data_dir`` defaults to ``$SIROBUST_DATA`` or ``~/.cache/sirobust/data``
+    (created when needed); a ``data_dir`` given explicitly must exist: a typo is
+    an error, never a new empty folder. Each format module documents where it
+    looks and what it downloads. Raises ValueError (unknown name or split, a
+    missing ``data_dir``), DataNotFoundError (files missing and not
+    downloadable), ChecksumError (a file differs from the published one; it is
+    left as it is, and ``accept_checksum_mismatch=True`` uses it anyway).
     """
     entry = _lookup(name)
     if split not in entry.splits:
         raise ValueError(f"split={split!r} is not available for {entry.info.name!r}; "
                          f"choose one of {list(entry.splits)}")
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    return entry.loader(entry.info.name, split, root, bool(download))
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        if not root.is_dir():
+            what = "is a file, not a folder" if root.exists() else "does not exist"
+            raise ValueError(f"data_dir (--data-dir) {root} {what}; give the folder that holds the dataset files "
+                             f"(or leave it out for ${DATA_ENV_VAR} / {default_data_dir()})")
+    else:
+        root = default_data_dir()
+    return entry.loader(entry.info.name, split, root, bool(download),
+                        accept_checksum_mismatch=bool(accept_checksum_mismatch))

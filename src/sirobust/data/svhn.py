@@ -12,6 +12,7 @@ against the published digest (a bad copy is deleted); else, with
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,9 @@ __all__ = ["load_svhn_dataset", "SVHN_FILES", "SVHN_CLASSES"]
 SVHN_CLASSES = [str(d) for d in range(10)]
 _BASE_URL = "http://ufldl.stanford.edu/housenumbers/"
 
+#: split -> number of images in the published file: no file may declare more.
+SVHN_SIZES = {"train": 73_257, "test": 26_032, "extra": 531_131}
+
 #: split -> (file name, md5 of the published file); the digests torchvision's SVHN class uses.
 SVHN_FILES: dict[str, tuple[str, str]] = {
     "train": ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
@@ -34,12 +38,12 @@ SVHN_FILES: dict[str, tuple[str, str]] = {
 }
 
 
-def _locate(split: str, data_dir: Path, download: bool) -> Path:
+def _locate(split: str, data_dir: Path, download: bool, accept_mismatch: bool) -> Path:
     fname, md5 = SVHN_FILES[split]
     dirs = search_dirs(data_dir, "svhn")
     for d in dirs:
         if (d / fname).is_file():
-            return verify_file(d / fname, md5=md5)  # deletes it and raises ChecksumError if bad
+            return verify_file(d / fname, md5=md5, accept_mismatch=accept_mismatch, source=_BASE_URL + fname)
     dest = data_dir / "svhn"
     url = _BASE_URL + fname
     if not download:
@@ -51,11 +55,30 @@ def _locate(split: str, data_dir: Path, download: bool) -> Path:
             not_found_message("svhn", split, [fname], dirs, dest, [url], download, error=exc)) from exc
 
 
-def load_svhn_dataset(name: str, split: str, data_dir: Path, download: bool) -> ImageDataset:
+def _check_declared(path: Path, split: str) -> None:
+    """Read only the variable headers and refuse sizes no SVHN file has, before loadmat allocates them."""
+    try:
+        found = {name: shape for name, shape, _cls in scipy.io.whosmat(path)}
+    except Exception as exc:  # scipy raises a zoo of types
+        raise ValueError(f"malformed SVHN file {path}: cannot read it as a MATLAB v5 file ({exc})") from exc
+    if "X" not in found or "y" not in found:
+        raise ValueError(f"malformed SVHN file {path}: needs variables 'X' and 'y', found {sorted(found)[:5]}")
+    x, y = tuple(found["X"]), tuple(found["y"])
+    limit = SVHN_SIZES[split]
+    if len(x) != 4 or x[:3] != (32, 32, 3) or x[3] > limit:
+        raise ValueError(f"malformed SVHN file {path}: 'X' declares shape {list(x)}; the {split} split is "
+                         f"(32, 32, 3, N) with N <= {limit}")
+    if math.prod(y) != x[3] or len(y) != 2:
+        raise ValueError(f"malformed SVHN file {path}: 'y' declares shape {list(y)} for {x[3]} images")
+
+
+def load_svhn_dataset(name: str, split: str, data_dir: Path, download: bool,
+                      accept_checksum_mismatch: bool = False) -> ImageDataset:
     """Load ``split`` ("train"/"test"/"extra") of SVHN; ``name`` must be "svhn"."""
     if split not in SVHN_FILES:
         raise ValueError(f"split={split!r} is not available for 'svhn'; choose one of {sorted(SVHN_FILES)}")
-    path = _locate(split, data_dir, download)
+    path = _locate(split, data_dir, download, accept_checksum_mismatch)
+    _check_declared(path, split)
     try:
         mat = scipy.io.loadmat(path, variable_names=["X", "y"])
     except Exception as exc:  # scipy raises a zoo of types (ValueError, MatReadError, TypeError...)

@@ -13,16 +13,16 @@ Example::
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..checkpoint import load
 from ..data import get_dataset_info, load_dataset
 from ..evaluate import evaluate
-from ..io import atomic_write_text, write_json
+from ..io import atomic_write_text, read_json, write_json
 from ..provenance import environment_info
-from ..train import STATE_NAME, TrainConfig, fit
+from ..runfolder import ConfigMismatch, RunFolder, command_line, config_difference
+from ..train import STATE_NAME, TrainConfig, fit, pick_device, recorded_config
 
 ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
 
@@ -32,58 +32,78 @@ def run_label(defense: str, si: bool) -> str:
 
 
 def _train_or_reuse(cfg: TrainConfig, log) -> None:
+    """Reuse a finished run with the same configuration, resume a stopped one, or train a new one."""
     out = Path(cfg.out)
-    want = cfg.resolved()
-    summary = out / "summary.json"  # written only when a run completes (a fresh run deletes it first)
+    want = json.loads(json.dumps(cfg.resolved().identity()))
+    summary = out / "summary.json"  # written only when a run completes
     if summary.exists():
-        done = json.loads(summary.read_text())
-        if done.get("identity") == json.loads(json.dumps(want.identity())) and done.get("epochs") == want.epochs:
+        done = read_json(summary)
+        if done.get("identity") == want and done.get("epochs") == cfg.resolved().epochs:
             log(f"[reuse] {out} (finished with the same configuration)")
             return
-    resumable = False
-    if (out / STATE_NAME).exists() and not summary.exists():
-        import torch
-        state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
-        resumable = json.loads(state["identity"]) == json.loads(json.dumps(want.identity()))
-    fit(cfg, resume=resumable, log=log)
+    holds_run = recorded_config(out) is not None or (out / STATE_NAME).exists()
+    fit(cfg, resume=holds_run, log=log)  # a run with another configuration is refused by name, never replaced
 
 
 def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes: Sequence[bool] = (False, True),
                      epochs: Optional[int] = None, out: str = "runs/compare", eval_n: Optional[int] = 1000,
                      steps: int = 20, eps: Optional[float] = None, device: str = "auto", seed: int = 0,
-                     progress: bool = True, train_kw: Optional[dict] = None, which: str = "best", log=print) -> dict:
-    """Train and evaluate every (defense, si) pair; returns the table as a dict and writes it to ``out``."""
+                     progress: bool = True, train_kw: Optional[dict] = None, which: str = "best", mode: str = "new",
+                     log=print) -> dict:
+    """Train and evaluate every (defense, si) pair; returns the table as a dict and writes it to ``out``.
+
+    ``out`` is a :class:`~sirobust.runfolder.RunFolder` of kind "compare": ``mode="resume"`` reuses the
+    finished runs and resumes a stopped one (the comparison's config must match), ``"overwrite"`` moves
+    an earlier comparison aside, ``"new"`` (default) refuses a folder that holds one.
+    """
+    from ..defenses import list_defenses
+    unknown = [d for d in defenses if d not in list_defenses()]
+    if unknown:
+        raise ValueError(f"unknown defense {', '.join(map(repr, unknown))}; valid defenses: {', '.join(list_defenses())}")
     info = get_dataset_info(dataset)
     eps = info.default_eps if eps is None else eps
+    config = {"dataset": dataset, "model": model, "defenses": list(defenses), "si_modes": list(si_modes),
+              "epochs": epochs, "eval_n": eval_n, "steps": steps, "eps": eps, "seed": seed, "which": which,
+              "train_kw": train_kw or {}}
+    with RunFolder(out, "compare", mode, config=config, log=log) as folder:
+        if folder.resumed and folder.record.get("config") is not None:
+            diff = config_difference(json.loads(json.dumps(folder.record["config"])), json.loads(json.dumps(config)))
+            if diff:
+                raise ConfigMismatch(f"--resume: the comparison in {out} was started with a different configuration "
+                                     f"(differs in: {', '.join(diff)}); use the same flags, or --overwrite")
+        return _compare(folder.path, dataset, model, defenses, si_modes, epochs, eval_n, steps, eps, device, seed,
+                        progress, train_kw, which, log)
+
+
+def _compare(out: Path, dataset, model, defenses, si_modes, epochs, eval_n, steps, eps, device, seed, progress,
+             train_kw, which, log) -> dict:
     test = load_dataset(dataset, "test")
     rows = []
     runs = [("standard", False)] if "standard" in defenses else []
     runs += [(d, s) for d in defenses if d != "standard" for s in si_modes if not (d == "he" and s)]
     for defense, si in runs:
         label = run_label(defense, si)
-        run_dir = Path(out) / label.lower()
+        run_dir = out / label.lower()
         cfg = TrainConfig(dataset=dataset, model=model, defense=defense, si=si, epochs=epochs, out=str(run_dir),
                           eps=eps, seed=seed, device=device, progress=progress, **(train_kw or {}))
         log(f"\n[train] {label} -> {run_dir}")
         _train_or_reuse(cfg, log)
         weights = run_dir / ("best.safetensors" if which == "best" else "model.safetensors")
-        net = load(weights)
-        from ..train import pick_device
-        net = net.to(pick_device(device))
+        net = load(weights, device=pick_device(device))
         log(f"[evaluate] {label} ({which} checkpoint): {', '.join(ATTACKS)}, ε = {eps:.4g}, {steps} steps")
         rep = evaluate(net, test, attacks=ATTACKS, eps=eps, steps=steps, n=eval_n, seed=seed, progress=progress,
                        config={"weights": str(weights), "dataset": dataset, "split": "test",
                                "model_description": f"{model} {label}"})
         rep.save(run_dir / "report.json")
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_json(run_dir / "summary.json")
         rows.append({"label": label, "defense": defense, "si": si, "natural": rep.clean_acc,
                      **{a: rep.attacks[a].robust_acc for a in ATTACKS}, "worst_case": rep.worst_case_acc,
                      "best_epoch": summary["best"]["epoch"], "report": str(run_dir / "report.json")})
     result = {"dataset": dataset, "model": model, "eps": eps, "steps": steps, "eval_n": len(rep.clean_correct),
-              "epochs": epochs, "checkpoint": which, "rows": rows, "command": " ".join(sys.argv),
+              "epochs": epochs, "checkpoint": which, "rows": rows, "command": command_line(),
               "environment": environment_info()}
-    write_json(Path(out) / "compare.json", result)
-    atomic_write_text(Path(out) / "compare.md", to_markdown(result))
+    write_json(out / "compare.json", result)
+    atomic_write_text(out / "compare.md", to_markdown(result))
     log("\n" + to_markdown(result))
     return result
 

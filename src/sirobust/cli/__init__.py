@@ -1,0 +1,54 @@
+"""Command line: ``sirobust {demo,train,evaluate,rescale,compare,list}``.
+
+Names become objects here and nowhere deeper; one module per command.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from typing import Optional, Sequence
+
+from .args import choices_type, parse_list, parse_number, parse_numbers, parse_param
+from .train import train_config_from_args
+
+__all__ = ["main", "build_parser", "parse_number", "parse_list", "parse_numbers", "parse_param", "choices_type",
+           "train_config_from_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    from . import compare, demo, evaluate, listing, rescale, train
+    parser = argparse.ArgumentParser(prog="sirobust", description="Scale-invariant adversarial attacks and defenses.")
+    parser.add_argument("--version", action="version", version=f"sirobust {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (demo, train, evaluate, rescale, compare, listing):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..checkpoint import CheckpointError
+    from ..data import ChecksumError, DataNotFoundError
+    from ..features import FeatureAccessError
+    from ..interrupts import RunInterrupted, terminate_as_interrupt
+    from ..io import OutputError
+    from ..train import TrainingDiverged
+    terminate_as_interrupt()  # `kill` then runs every cleanup (locks, temporary files) like Ctrl-C does
+    try:
+        return args.func(args)
+    except RunInterrupted as e:
+        print(f"sirobust {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, OutputError, CheckpointError,
+            DataNotFoundError, ChecksumError, FeatureAccessError, TrainingDiverged, pickle.UnpicklingError) as e:
+        if isinstance(e, TypeError) and not str(e):
+            raise
+        print(f"sirobust {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sirobust {args.command}: interrupted; every file written so far is complete (the last finished "
+              "checkpoint is kept)", file=sys.stderr)
+        return 130

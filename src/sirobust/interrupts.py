@@ -1,0 +1,73 @@
+"""Stopping cleanly on SIGINT and SIGTERM.
+
+A long job asked to stop (Ctrl-C, ``kill``, a cluster's pre-emption signal)
+should keep what it finished and say how to continue. :func:`graceful_stop`
+turns the first SIGINT/SIGTERM into a flag that the job checks at points where
+its state is consistent (after a training batch); the job saves and raises
+:class:`RunInterrupted`. A second signal interrupts at once (KeyboardInterrupt),
+which still runs every ``finally`` (locks released, temporary files removed).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The job stopped on a signal after saving its progress; the message says how to continue."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopRequest:
+    """Set when a stop signal arrived; ``signum`` says which."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+@contextmanager
+def graceful_stop() -> Iterator[StopRequest]:
+    """Within the block, the first SIGINT/SIGTERM sets the returned flag; a second raises KeyboardInterrupt.
+
+    Outside the main thread (where Python cannot install handlers) the flag is never set."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, _frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.signum = signum
+
+    saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def terminate_as_interrupt() -> None:
+    """Make SIGTERM raise KeyboardInterrupt (as SIGINT does), so cleanup code runs on ``kill``."""
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, _frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, handler)

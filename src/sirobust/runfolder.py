@@ -1,0 +1,363 @@
+"""A run folder is owned by one run: the one place that decides who may write where.
+
+Training runs, comparisons, rescaling studies and the demo all write into a
+folder of results. :class:`RunFolder` gives each of them the same guarantees
+(DESIGN: "one owner for state on disk"):
+
+* **No clobbering.** A folder that holds a run is refused unless the caller
+  resumes it (``mode="resume"``) or replaces it (``mode="overwrite"``, which
+  moves the old run aside to a dated sibling folder: nothing is deleted). A
+  non-empty folder that holds no sirobust run is always refused.
+* **One writer.** A lock file (pid, host, command, start time) is created
+  atomically and held with ``flock`` while the run lives; a second process is
+  refused with a message naming the holder. A lock whose holder is gone (its
+  process died without cleaning up) is taken over, with a message.
+* **A recorded config.** ``run.json`` records the kind of run, its id, the
+  command and its config when the folder is claimed, before any work, so a run
+  killed at any moment can be resumed with the config it started with.
+* **No debris.** Temporary files of a killed write are removed on the next claim.
+
+Example::
+
+    with RunFolder("runs/at", kind="train", mode="new", config=cfg_dict) as folder:
+        ...  # write into folder.path
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from .io import OutputError, PathLike, check_output_dir, fsync_dir, read_json, remove_temp_files, write_json
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: fall back to pid checks alone
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".sirobust.lock"
+RUN_FILE = "run.json"
+MODES = ("new", "resume", "overwrite", "continue")
+# Files that mark a folder as a sirobust run written before run.json existed (0.1.0).
+_LEGACY_MARKERS = {"train_state.pt": "train", "config.json": "train", "metrics.jsonl": "train",
+                   "compare.json": "compare", "rescale.json": "rescale", "demo.json": "demo"}
+
+
+class RunFolderError(ValueError):
+    """The folder cannot be used as asked (holds another run, nothing to resume, not a run folder)."""
+
+
+class FolderBusy(RunFolderError):
+    """Another live process holds the folder's lock."""
+
+
+class ConfigMismatch(RunFolderError):
+    """A run was asked to resume with a configuration other than the one it started with."""
+
+
+def config_difference(saved: dict, current: dict) -> list[str]:
+    """The keys whose values differ between two flat config dicts, sorted."""
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+def command_line() -> str:
+    """The command that started this process, as a user could paste it again."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("sirobust", "cli.py", "__main__.py")):
+        argv[0] = "sirobust"
+    return shlex.join(argv)
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OverflowError:
+        return False
+    return True
+
+
+class FolderLock:
+    """An exclusive lock on a folder: ``LOCK_NAME`` created with O_EXCL and held with flock.
+
+    ``flock`` is released by the kernel when its holder dies, however it dies, so a
+    lock file nobody holds is stale; the pid and host written inside are for the
+    messages (and the check on systems without flock).
+    """
+
+    def __init__(self, folder: PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            text = self.path.read_text(encoding="utf-8")[:4096]
+            info = json.loads(text)
+            return info if isinstance(info, dict) and "pid" in info else None
+        except (OSError, ValueError):
+            return None
+
+    def _unheld(self) -> bool:
+        """True when no process holds an flock on the lock file now (it may still exist)."""
+        if fcntl is None:
+            return False
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            return False  # flock unsupported here: rely on the pid
+        finally:
+            os.close(fd)  # closing releases the probe's flock
+        return True
+
+    def _stale(self, info: Optional[dict]) -> Optional[str]:
+        """Why the existing lock is stale, or None when its holder may be alive."""
+        host = socket.gethostname()
+        if info is None:
+            # unreadable content: a holder between creating the file and writing it, or one that died there
+            return "an unfinished lock file nobody holds" if self._unheld() else None
+        if info.get("host") != host:
+            return None  # another machine's process: we cannot see it, so it wins
+        pid = int(info.get("pid", -1))
+        if not _pid_alive(pid):
+            return f"process {pid} on {host} is no longer running"
+        if self._unheld():
+            return f"process {pid} no longer holds it (the pid was reused)"
+        return None
+
+    def acquire(self, log: Callable[[str], None] = print, what: str = "folder") -> None:
+        """Take the lock or raise :class:`FolderBusy` naming the holder."""
+        for attempt in range(50):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                info = self._holder()
+                why = self._stale(info)
+                if why is None:
+                    if info is None and attempt < 20:
+                        time.sleep(0.05)  # its creator is writing it now
+                        continue
+                    raise FolderBusy(self._busy_message(info, what))
+                log(f"taking over the stale lock {self.path}: {why}")
+                aside = self.path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex[:8]}")
+                try:
+                    os.rename(self.path, aside)  # one contender wins this rename; the others retry
+                    aside.unlink(missing_ok=True)
+                except FileNotFoundError:
+                    pass
+                continue
+            except OSError as e:
+                raise OutputError(e.errno, f"cannot create the lock file {self.path}: {e.strerror}") from None
+            try:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError as e:
+                        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                            os.close(fd)  # somebody judged our fresh file stale and locked it: retry
+                            continue
+                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                    os.close(fd)  # our file was replaced under us: retry
+                    continue
+                info = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now(),
+                        "command": command_line()}
+                os.write(fd, json.dumps(info).encode())
+                os.fsync(fd)
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            self._fd = fd
+            return
+        raise FolderBusy(f"could not take the lock {self.path} after repeated tries (another process keeps "
+                         "replacing it)")
+
+    def _busy_message(self, info: Optional[dict], what: str) -> str:
+        if info is None:
+            return (f"{what} {self.folder} is in use: its lock {self.path} is held by another process; wait for it "
+                    "to finish, or choose another folder")
+        return (f"{what} {self.folder} is in use by process {info.get('pid')} on {info.get('host')} since "
+                f"{info.get('started')} ({info.get('command', '?')}); wait for it to finish or choose another "
+                f"folder. If that process is gone, delete {self.path}")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                self.path.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+
+def _describe(folder: Path) -> Optional[dict]:
+    """What run the folder holds: run.json's record, a legacy record, or None (empty / no folder).
+
+    Raises RunFolderError for a non-empty folder that holds no sirobust run."""
+    if not folder.is_dir():
+        return None
+    record = folder / RUN_FILE
+    if record.is_file():
+        try:
+            info = read_json(record, max_bytes=16 * 2**20)
+        except ValueError as e:
+            raise RunFolderError(f"{record} is damaged ({e}); move the folder aside or choose another --out") from None
+        if not isinstance(info, dict) or "kind" not in info:
+            raise RunFolderError(f"{record} is not a sirobust run record; choose another folder")
+        return info
+    names = {p.name for p in folder.iterdir() if p.name != LOCK_NAME and not p.name.startswith(f".{LOCK_NAME}")}
+    names = {n for n in names if not (n.startswith(".") and n.endswith(".tmp"))}
+    if not names:
+        return None
+    for marker, kind in _LEGACY_MARKERS.items():
+        if marker in names:
+            return {"kind": kind, "legacy": True}
+    raise RunFolderError(f"{folder} is not empty and holds no sirobust run ({', '.join(sorted(names)[:5])}"
+                         f"{', ...' if len(names) > 5 else ''}); refusing to write there: choose a new or empty folder")
+
+
+def aside_name(path: Path) -> Path:
+    """A dated sibling name that does not exist yet: runs/at -> runs/at.old-20261128-142501."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = path.with_name(f"{path.name}.old-{stamp}")
+    i = 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}.old-{stamp}-{i}")
+        i += 1
+    return candidate
+
+
+def fresh_name(path: PathLike) -> Path:
+    """``path`` if it is free, else the first free ``path-2``, ``path-3``, ... (suffix kept for files)."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    stem, suffix = (path.stem, path.suffix) if path.suffix and not path.is_dir() else (path.name, "")
+    i = 2
+    while path.with_name(f"{stem}-{i}{suffix}").exists():
+        i += 1
+    return path.with_name(f"{stem}-{i}{suffix}")
+
+
+class RunFolder:
+    """Claim ``path`` for a run of ``kind`` (see the module docstring).
+
+    ``mode``: ``"new"`` (the folder must be empty or absent), ``"resume"`` (it must
+    hold a run of this kind), ``"overwrite"`` (a run there is moved aside first) or
+    ``"continue"`` (resume if there is a run of this kind, else start new; for tools
+    like ``compare`` that manage their own sub-runs). ``config`` is recorded in
+    ``run.json`` for a new run. After :meth:`claim`, ``resumed`` says which case it
+    was and ``record`` holds run.json's content.
+    """
+
+    def __init__(self, path: PathLike, kind: str, mode: str = "new", config: Optional[dict] = None,
+                 log: Callable[[str], None] = print, what: str = "run folder"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.path = Path(path)
+        self.kind = kind
+        self.mode = mode
+        self.config = config
+        self.log = log
+        self.what = what
+        self.lock = FolderLock(self.path)
+        self.resumed = False
+        self.moved_to: Optional[Path] = None
+        self.record: dict = {}
+
+    def __enter__(self) -> "RunFolder":
+        self.claim()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def claim(self) -> "RunFolder":
+        check_output_dir(self.path, f"the {self.kind} results")
+        self.lock.acquire(self.log, self.what)
+        try:
+            self._settle()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def _settle(self) -> None:
+        existing = _describe(self.path)
+        flag_hint = "pass --resume to continue it or --overwrite to move it aside and start again"
+        if existing is not None and existing["kind"] != self.kind:
+            raise RunFolderError(f"{self.path} holds a {existing['kind']} run, not a {self.kind} run; "
+                                 "choose another folder")
+        if self.mode == "new" and existing is not None:
+            started = f" started {existing['created']}" if existing.get("created") else ""
+            raise RunFolderError(f"{self.path} already holds a {self.kind} run{started}; {flag_hint}")
+        if self.mode == "resume" and existing is None:
+            raise RunFolderError(f"nothing to resume: {self.path} holds no {self.kind} run; start without --resume")
+        if self.mode == "overwrite" and existing is not None:
+            self._move_aside()
+            existing = None
+        remove_temp_files(self.path)
+        if existing is not None:  # resume / continue
+            self.resumed = True
+            self.record = existing
+            return
+        self.record = {"kind": self.kind, "run_id": uuid.uuid4().hex, "created": utc_now(),
+                       "host": socket.gethostname(), "command": command_line(), "config": self.config}
+        from . import __version__
+        self.record["sirobust"] = __version__
+        write_json(self.path / RUN_FILE, self.record)
+
+    def _move_aside(self) -> None:
+        old = self.lock
+        target = aside_name(self.path)
+        try:
+            os.rename(self.path, target)  # the held lock file moves with it
+        except OSError as e:
+            raise OutputError(e.errno, f"cannot move the previous run {self.path} aside to {target}: "
+                              f"{e.strerror}") from None
+        fsync_dir(self.path.parent)
+        self.moved_to = target
+        old.path = target / LOCK_NAME
+        old.folder = target
+        self.lock = FolderLock(self.path)
+        try:
+            check_output_dir(self.path, f"the {self.kind} results")
+            self.lock.acquire(self.log, self.what)
+        finally:
+            old.release()
+        self.log(f"moved the previous run in {self.path} to {target}")
+
+    def update_record(self, **fields) -> None:
+        """Add fields to run.json (e.g. the config of a legacy run being resumed)."""
+        self.record.update(fields)
+        write_json(self.path / RUN_FILE, self.record)
+
+    def release(self) -> None:
+        self.lock.release()
