@@ -31,7 +31,7 @@ from sirobust.train import TrainConfig, fit
 def trained_small_model(cache: Path, device):
     if not (cache / "model.safetensors").exists():
         fit(TrainConfig(dataset="fashion-mnist-mini", model="cnn-small", defense="at", epochs=2, out=str(cache),
-                        progress=False), log=lambda *_: None)
+                        progress=False), overwrite=True, log=lambda *_: None)
     return sirobust.load(cache / "model.safetensors").to(device).eval()
 
 

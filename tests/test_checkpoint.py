@@ -90,3 +90,23 @@ def test_a_cosine_head_model_is_rebuilt_with_its_cosine_head(tmp_path):
     again = sirobust.load(save_model(model, tmp_path / "he.safetensors", model_name="cnn-small"))
     assert isinstance(again.head, CosineHead) and again.head.scale == 15.0
     torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_classes", None, "lacks 'num_classes'"), ("mean", "[0.5, 0.5]", "mean must list 1 finite numbers"),
+    ("std", "[0]", "std must be positive"), ("model", "vgg", "names model 'vgg'"),
+    ("in_channels", "1000", "in_channels=1000 is outside"), ("head", "magic", "head='magic'"),
+])
+def test_weights_with_missing_or_impossible_metadata_are_refused(tmp_path, field, value, match):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = save_model(build_model("cnn-small", in_channels=1), tmp_path / "m.safetensors", model_name="cnn-small")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    if value is None:
+        del meta[field]
+    else:
+        meta[field] = value
+    save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=match):
+        sirobust.load(tmp_path / "bad.safetensors")

@@ -31,14 +31,15 @@ def test_numbers_accept_fractions():
 
 
 @pytest.mark.parametrize("args,match", [
-    (["train", "--dataset", "cifar11"], "valid: cifar10"),
-    (["train", "--model", "vgg"], "valid: cnn-small"),
-    (["train", "--defense", "magic"], "valid:"),
+    (["train", "--dataset", "cifar11"], "(did you mean 'cifar10' or 'cifar100'?); valid datasets: cifar10"),
+    (["train", "--model", "vgg"], "valid models: cnn-small"),
+    (["train", "--defense", "magic"], "valid defenses:"),
     (["evaluate", "--weights", "x.safetensors", "--eps", "abc"], "8/255"),
 ])
 def test_bad_names_list_the_valid_ones(args, match):
     r = run(*args)
-    assert r.returncode == 2 and match in r.stderr
+    assert r.returncode == 2 and match in r.stderr.splitlines()[0]
+    assert r.stderr.splitlines()[1].startswith("usage:")  # the error first, then the usage
 
 
 def test_train_evaluate_rescale_round_trip(tmp_path):

@@ -199,6 +199,17 @@ def test_idx_wrong_shape_rejected(tmp_path):
         load_dataset("mnist", "test", data_dir=tmp_path, download=False)
 
 
+@pytest.mark.parametrize("wanted,found", [("fashion-mnist", "mnist"), ("mnist", "fashion-mnist")])
+def test_the_files_of_one_mnist_dataset_are_never_loaded_as_the_other(tmp_path, wanted, found):
+    """Both use the same file names and shapes; the published label counts tell them apart."""
+    counts = D.idx.KNOWN_LABEL_COUNTS[(found, "test")]
+    labels = np.repeat(np.arange(10, dtype=np.uint8), counts)
+    write_idx_split(tmp_path, "test", np.zeros((len(labels), 28, 28), np.uint8), labels, gz=False)
+    with pytest.raises(ValueError, match=f"the files found for '{wanted}' in {tmp_path} are '{found}'"):
+        load_dataset(wanted, "test", data_dir=tmp_path, download=False)
+    assert len(load_dataset(found, "test", data_dir=tmp_path, download=False)) == 10_000
+
+
 @pytest.mark.skipif(not FMNIST_SYSTEM.is_dir(), reason="Debian dataset-fashion-mnist not installed")
 def test_fashion_mnist_from_debian_folder(tmp_path):
     ds = load_dataset("fashion-mnist", "test", data_dir=tmp_path, download=False)

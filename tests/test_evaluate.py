@@ -34,7 +34,7 @@ class BreakSome(Attack):
         super().__init__(model, eps=0.2)
         self.lo, self.hi, self.name = lo, hi, name
 
-    def run(self, x, y, target):
+    def run(self, x, y, target, noise):
         pick = ((x[:, 0, 0, 0] >= self.lo) & (x[:, 0, 0, 0] < self.hi)).view(-1, 1, 1, 1)
         direction = torch.where(y.view(-1, 1, 1, 1) == 1, -1.0, 1.0)
         return torch.where(pick, self.threat.project(x + self.eps * direction, x), x)
@@ -151,9 +151,11 @@ def test_attack_objects_must_share_the_threat_model_and_settings_recorded_are_th
     x, y = fmnist_test[0][:16], fmnist_test[1][:16]
     with pytest.raises(ValueError, match="ε = 0.3 but the evaluation is Linf ε = 0.1"):
         evaluate(trained_cnn, (x, y), attacks=[PGD(trained_cnn, eps=0.3)], eps=0.1, progress=False)
-    rep = evaluate(trained_cnn, (x, y.int()), attacks=["rfgsm", "pgd"], eps=0.1, alpha=0.01, steps=4, progress=False)
-    assert rep.attacks["rfgsm"].params["steps"] == 1 and rep.attacks["rfgsm"].params["alpha"] == pytest.approx(0.125)
+    rep = evaluate(trained_cnn, (x, y.int()), attacks=["fgsm-rs", "rfgsm", "pgd"], eps=0.1, alpha=0.01, steps=4,
+                   progress=False)
+    assert rep.attacks["fgsm-rs"].params["steps"] == 1 and rep.attacks["fgsm-rs"].params["alpha"] == pytest.approx(0.125)
+    assert rep.attacks["rfgsm"].params["steps"] == 1 and rep.attacks["rfgsm"].params["alpha"] == pytest.approx(0.05)
     assert rep.attacks["pgd"].params["alpha"] == 0.01 and rep.attacks["pgd"].params["loss"]["name"] == "ce"
-    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         evaluate(trained_cnn, (x, y), steps=0, progress=False)
     assert _tolerance(torch.float16) > 1e-4 and _tolerance(torch.float32) == 1e-6

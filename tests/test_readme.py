@@ -1,21 +1,57 @@
-"""The README's Python API example runs as written (on the bundled data)."""
+"""The README runs as written: its Python example, its quick-start command lines, and its demo numbers
+are the ones a demo run printed (generated from the committed demo.json, never retyped)."""
+import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 
 import sirobust
+from sirobust.checkpoint import save_model
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, trained_cnn, fmnist_test):
-    block = re.search(r"## Python API\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
-    assert len(block.strip().splitlines()) == 5
-    monkeypatch.setattr(sirobust, "load", lambda path: trained_cnn)  # the demo's run folder is not there in tests
-    x, y = fmnist_test[0][:16], fmnist_test[1][:16]
-    scope = {"x": x, "y": y}
-    exec(block, scope)
-    assert (scope["x_adv"] - x).abs().max() <= 0.1 + 1e-6
-    report = scope["report"]
+def block_after(heading: str, lang: str, nth: int = 0) -> str:
+    section = README.split(heading, 1)[1]
+    return re.findall(rf"```{lang}\n(.*?)```", section, re.S)[nth]
+
+
+def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, trained_cnn):
+    # what `make demo` leaves behind, here a quickly trained model of the same kind
+    save_model(trained_cnn, tmp_path / "runs" / "demo" / "trades" / "model.safetensors", model_name="cnn-small",
+               dataset="fashion-mnist-mini")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(block_after("## Python API", "python"), scope)
+    x, x_adv, report = scope["x"], scope["x_adv"], scope["report"]
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert isinstance(report, sirobust.Report) and set(report.attacks) == {"pgd", "pgd-cw", "pgd-dlr", "si-pgd"}
-    assert report.worst_case_acc <= report.clean_acc
+    assert report.eps == pytest.approx(0.1) and report.worst_case_acc <= report.clean_acc
+
+
+def test_readme_quick_start_commands_run_as_written(tmp_path):
+    lines = [ln for ln in block_after("## Command line", "bash").splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("sirobust ") for ln in lines)
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    for line in lines:
+        r = subprocess.run(shlex.split(line) + ["--no-progress"] * ("list" not in line), cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (line, r.stderr[-2000:])
+    report = json.loads((tmp_path / "runs" / "at-report.json").read_text())
+    assert report["n"] == 100 and report["worst_case_acc"] < report["clean_acc"]
+    assert (tmp_path / "runs" / "at-rescale" / "rescale.png").exists()
+
+
+def test_readme_demo_numbers_are_generated_from_a_demo_run():
+    from sirobust.demo import render_results
+    summary = json.loads((ROOT / "benchmarks" / "demo-results.json").read_text())
+    block = re.search(r"<!-- demo-results:begin[^>]*-->\n(.*?)\n<!-- demo-results:end -->", README, re.S).group(1)
+    assert block.strip() == render_results(summary).strip()
+    assert not summary["quick"] and summary["epochs"] == 3

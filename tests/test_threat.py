@@ -52,5 +52,5 @@ def test_bad_eps_is_refused(bad):
 
 
 def test_unknown_norm_lists_valid():
-    with pytest.raises(ValueError, match="valid norms: Linf, L2"):
+    with pytest.raises(ValueError, match="unknown norm 'L1'; valid norms: L2, Linf"):
         make_threat("L1", 0.1)

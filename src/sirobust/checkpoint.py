@@ -24,6 +24,7 @@ from safetensors.torch import load_file, safe_open
 
 from .io import PathLike, atomic_write_bytes
 from .models import ImageClassifier, build_model
+from .provenance import file_sha256
 
 FORMAT_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"   # the last epoch's weights
@@ -194,5 +195,6 @@ def load(path: PathLike, device: Optional[str | torch.device] = None) -> ImageCl
         raise CheckpointError(f"weights in {path} do not match model {meta['model']!r}: {e}") from None
     if "tensors_sha256" in meta and tensors_digest(state) != meta["tensors_sha256"]:
         raise CheckpointError(f"{path} is damaged: its tensors do not match the checksum recorded when it was saved")
-    model.sirobust_metadata = {k: v for k, v in meta.items()}  # provenance for reports
+    # provenance for reports: what the file says, where it was and the sha256 of its bytes
+    model.sirobust_metadata = {**meta, "file": str(path), "file_sha256": file_sha256(path)}
     return model.to(device or "cpu").eval()

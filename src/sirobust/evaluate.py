@@ -3,241 +3,287 @@
 Each attack is run on every clean-correct example (so each column of the
 report stands alone, as in the paper's tables); the worst case is the
 per-example AND over all attacks (AutoAttack's notion: a point is robust only
-if no attack breaks it). Timings, the largest perturbation actually measured,
-sanity flags, the resolved config, versions and the evaluated indices go in
-the :class:`Report`, which round-trips through strict JSON.
+if no attack breaks it). Everything is checked before the first attack runs:
+the arguments, every attack's fitness for the model (SI-PGD's linear head, the
+classes DLR needs). Random starts are keyed per example (its index in the
+dataset), so the same command gives the same per-example results for any batch
+size. The :class:`~sirobust.report.Report` carries counts with 95 % intervals,
+the attack that broke each example, sanity flags and the provenance of it all.
+
+Attacks may be names, sirobust :class:`Attack` objects, torchattacks objects or
+any ``(x, y) -> x_adv`` callable (optionally as a ``(name, callable)`` pair);
+theirs are held to the same rules as ours, and one that leaves the threat model
+is reported but not counted in the worst case.
 
 Example::
 
     report = sirobust.evaluate(model, (x, y), attacks=["pgd", "si-pgd"], eps=8/255)
-    print(report.to_markdown()); report.save("report.json")
+    print(report.table()); report.save("report.json")
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .attacks import Attack, build_attack
-from .attacks.registry import canonical_attack_name
-from .checks import check_images, check_labels, model_channels
-from .threat import make_threat
-from .io import PathLike, atomic_write_text, dumps_json
+from .attacks import Attack, build_attack, canonical_attack_name, list_attacks
+from .attacks.base import default_eps, recorded_dataset
+from .attacks.external import ExternalAttack
+from .checks import (as_names, check_images, check_int, check_labels, check_step_size, logits_of, model_channels,
+                     model_dtype, parse_number)
+from .features import FeatureAccessError, forward_with_features
 from .modes import model_mode
-from .provenance import environment_info
+from .provenance import environment_info, model_description, precision_of, weights_identity
+from .report import AttackResult, Report, accuracy
+from .runfolder import command_line, utc_now
 from .sanity import run_checks
+from .threat import canonical_norm
+
+DEFAULT_ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
+AttackSpec = Union[str, Attack, Callable, tuple]
+
+__all__ = ["evaluate", "Report", "AttackResult", "DEFAULT_ATTACKS"]
+
 
 def _tolerance(dtype: torch.dtype) -> float:
     """Float slack when checking ‖δ‖ ≤ ε: rounding of the pixel dtype (1e-6 for float32)."""
     return max(1e-6, 4 * torch.finfo(dtype).eps)
 
 
-@dataclass
-class AttackResult:
-    name: str
-    robust_acc: float
-    n_robust: int
-    seconds: float
-    max_perturbation: float
-    params: dict
-    robust: list = field(default_factory=list)  # per evaluated example: still correct after this attack
-
-
-@dataclass
-class Report:
-    n: int
-    clean_acc: float
-    attacks: dict            # name -> AttackResult
-    worst_case_acc: float
-    worst_case_robust: list  # per example: correct under every attack
-    max_perturbation: float
-    eps: float
-    norm: str
-    indices: list
-    config: dict
-    flags: list
-    environment: dict
-    clean_correct: list = field(default_factory=list)
-
-    # ------------------------------------------------------------ serialisation
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return d
-
-    def to_json(self) -> str:
-        return dumps_json(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Report":
-        d = dict(d)
-        d["attacks"] = {k: AttackResult(**v) for k, v in d["attacks"].items()}
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Report":
-        return cls.from_dict(json.loads(text))
-
-    @classmethod
-    def load(cls, path: PathLike) -> "Report":
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
-
-    def save(self, path: PathLike, markdown: bool = True) -> Path:
-        """Strict JSON written atomically; with ``markdown`` a ``.md`` table beside it."""
-        path = Path(path)
-        atomic_write_text(path, self.to_json())
-        if markdown:
-            atomic_write_text(path.with_suffix(".md"), self.to_markdown())
-        return path
-
-    def to_markdown(self) -> str:
-        lines = ["# Robustness report", "",
-                 f"{self.n} examples, {self.norm} ε = {self.eps:.6g}; model: {self.config.get('model_description', '-')}", "",
-                 "| attack | robust accuracy (%) | seconds | max ‖δ‖ |", "|---|---:|---:|---:|",
-                 f"| clean | {100 * self.clean_acc:.2f} | | |"]
-        for r in self.attacks.values():
-            lines.append(f"| {r.name} | {100 * r.robust_acc:.2f} | {r.seconds:.1f} | {r.max_perturbation:.6g} |")
-        lines.append(f"| **worst case** | **{100 * self.worst_case_acc:.2f}** | | {self.max_perturbation:.6g} |")
-        triggered = [f for f in self.flags if f["triggered"]]
-        lines += ["", "## Sanity flags", ""]
-        lines += [f"- **{f['name']}**: {f['message']}" for f in triggered] or ["none triggered"]
-        env = self.environment
-        lines += ["", f"sirobust {env.get('sirobust')}, torch {env.get('torch')}, commit {env.get('git_commit')}", ""]
-        return "\n".join(lines)
-
-    def table(self) -> str:
-        """A plain-text table for the terminal."""
-        rows = [("clean", self.clean_acc, None)] + [(r.name, r.robust_acc, r.seconds) for r in self.attacks.values()]
-        rows.append(("worst case", self.worst_case_acc, None))
-        w = max(len(r[0]) for r in rows)
-        out = [f"{'attack':<{w}}  accuracy   seconds"]
-        out += [f"{name:<{w}}  {100 * acc:7.2f}%  {'' if s is None else f'{s:8.1f}'}" for name, acc, s in rows]
-        return "\n".join(out)
-
-
 # ------------------------------------------------------------------ data handling
 
-def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) tensors from a tuple, an ImageDataset, or an iterable of (x, y) batches."""
+def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, Optional[str], Optional[str]]:
+    """(x, y, dataset name, split) from a tuple, an ImageDataset, or an iterable of (x, y) batches."""
+    name = split = None
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x, y = data
     elif hasattr(data, "images") and hasattr(data, "labels"):
         x, y = data.images, data.labels
-    elif isinstance(data, Iterable):
-        xs, ys = zip(*[(bx, by) for bx, by in data])
+        name, split = getattr(data, "name", None), getattr(data, "split", None)
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
+        batches = [(bx, by) for bx, by in data]
+        if not batches:
+            raise ValueError("data has no examples")
+        xs, ys = zip(*batches)
         x, y = torch.cat(xs), torch.cat(ys)
     else:
         raise TypeError("data must be (x, y) tensors, an ImageDataset, or an iterable of (x, y) batches; "
                         f"got {type(data).__name__}")
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"data must hold tensors, got images {type(x).__name__} and labels {type(y).__name__}")
     # kept on the CPU and moved per batch: indices, masks and labels then always share a device
-    return x.cpu(), y.cpu()
+    return x.cpu(), y.cpu(), name, split
 
 
-def evaluate(model: nn.Module, data, attacks: Sequence[Union[str, Attack]] = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd"),
-             eps: float = 8 / 255, steps: int = 20, alpha: Optional[float] = None, restarts: int = 1,
-             norm: str = "Linf", n: Optional[int] = None, batch_size: int = 256, seed: int = 0,
+# ------------------------------------------------------------------ attacks
+
+def _runners(specs, model, eps, norm, shared: dict, attack_params: dict) -> list:
+    """Each spec as a ready attack (ours or wrapped), with its name; names are checked before anything runs."""
+    runners, names = [], []
+    for spec in specs:
+        if isinstance(spec, str):
+            name = canonical_attack_name(spec)
+            try:
+                runner = build_attack(name, model, overrides=attack_params.get(name), **shared)
+            except FeatureAccessError as e:
+                raise FeatureAccessError(f"attack {name!r} cannot run on this model: {e}") from None
+        elif isinstance(spec, Attack):
+            runner = spec
+            if abs(spec.eps - eps) > 1e-12 or spec.norm != norm:
+                raise ValueError(f"attack {spec.name!r} uses {spec.norm} ε = {spec.eps:.6g} but the evaluation is "
+                                 f"{norm} ε = {eps:.6g}: pass eps=/norm= to match, so that the worst case means one "
+                                 "threat model")
+        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
+            runner = spec[1] if isinstance(spec[1], Attack) else ExternalAttack(spec[1], eps, norm, name=spec[0])
+            runner.name = spec[0]
+        else:
+            runner = ExternalAttack(spec, eps, norm)
+        if runner.name in names:
+            raise ValueError(f"attacks lists {runner.name!r} twice; give callables distinct names with "
+                             "(name, callable) pairs")
+        names.append(runner.name)
+        runners.append(runner)
+    return runners
+
+
+def _preflight(model: nn.Module, runners: list, probe: torch.Tensor, num_classes: int) -> None:
+    """Fail now, not after the other attacks spent their time, if an attack cannot run on this model."""
+    for atk in runners:
+        loss = getattr(atk, "loss", None)
+        if loss is None:
+            continue
+        need = {"dlr": 3, "dlr-targeted": 4}.get(loss.name)
+        if need and num_classes < need:
+            raise ValueError(f"attack {atk.name!r} uses the {loss.name} loss, which needs at least {need} classes; "
+                             f"the model has {num_classes}")
+        if loss.needs_features:
+            try:
+                with torch.no_grad():
+                    forward_with_features(model, probe, head=getattr(atk, "head", None), need_features=True)
+            except FeatureAccessError as e:
+                raise FeatureAccessError(f"attack {atk.name!r} cannot run on this model: {e}") from None
+
+
+def _params(atk) -> dict:
+    return atk.params() if hasattr(atk, "params") else {"repr": repr(atk)}
+
+
+# ------------------------------------------------------------------ the evaluation
+
+def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] = DEFAULT_ATTACKS,
+             eps: Optional[Union[float, str]] = None, steps: int = 20, alpha: Optional[Union[float, str]] = None,
+             restarts: int = 1, norm: str = "Linf", n: Optional[int] = None, batch_size: int = 256, seed: int = 0,
              device: Optional[Union[str, torch.device]] = None, progress: bool = True,
-             attack_params: Optional[dict] = None, config: Optional[dict] = None, indices: Optional[Sequence[int]] = None,
-             log=None) -> Report:
+             attack_params: Optional[dict] = None, config: Optional[dict] = None,
+             indices: Optional[Sequence[int]] = None, log: Optional[Callable[[str], None]] = None,
+             force_step_size: bool = False, provenance: Optional[dict] = None) -> Report:
     """Evaluate ``model`` on ``data`` under each attack; see the module docstring.
 
-    ``attacks`` are names (built with the shared settings) or ready :class:`Attack`
-    objects (used as they are). ``n`` takes the first n examples. ``indices`` are the examples' indices in their
-    dataset, recorded in the report (default 0..N-1). ``attack_params``
-    maps an attack name to extra keyword arguments (e.g. ``{"si-pgd": {"scale": 30}}``).
+    ``eps`` (pixel units; ``"8/255"`` accepted) defaults to the budget of the model's recorded
+    dataset or of ``data``'s dataset, and is otherwise required. ``n`` takes the first n examples.
+    ``indices`` are the examples' indices in their dataset: they key the random starts and are
+    recorded (default 0..N-1). ``attack_params`` maps an attack name to its own keyword arguments
+    (``{"si-pgd": {"scale": 30}}``). ``provenance`` adds or overrides provenance fields (the CLI
+    records the weights file's sha256 and the command there). ``log`` gets a line per attack
+    as soon as it finishes.
     """
     from tqdm.auto import tqdm
 
-    names = [a.name if isinstance(a, Attack) else canonical_attack_name(a) for a in attacks]
-    if len(set(names)) != len(names):
-        raise ValueError(f"attacks lists a name twice: {list(attacks)}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    x_all, y_all = _as_tensors(data)
+    # ---- every argument checked before any forward pass
+    norm = canonical_norm(norm)
+    x_all, y_all, data_name, data_split = _as_tensors(data)
+    if eps is None and recorded_dataset(model) is None and data_name is not None:
+        from .data import get_dataset_info
+        eps = get_dataset_info(data_name).eps_for(norm)
+    eps = default_eps(model, norm, eps)
+    steps = check_int("steps", steps, min=1)
+    alpha = check_step_size(eps / 4 if alpha is None else parse_number(alpha, "alpha"), eps, steps, "alpha",
+                            force_step_size)
+    restarts = check_int("restarts", restarts, min=1)
+    batch_size = check_int("batch_size", batch_size, min=1)
+    seed = check_int("seed", seed, min=0)
+    specs = as_names(attacks, "attack", list_attacks()) if isinstance(attacks, str) else list(attacks)
+    if not specs:
+        raise ValueError(f"attacks is empty: name at least one attack (valid: {', '.join(list_attacks())})")
     if n is not None:
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        n = check_int("n", n, min=1)
         x_all, y_all = x_all[:n], y_all[:n]
+    if x_all.shape[0] == 0:
+        raise ValueError("data has no examples to evaluate")
     if x_all.dtype == torch.uint8:  # converted after the cut: only the examples evaluated become floats
         x_all = x_all.float() / 255
     check_images(x_all, "images", model_channels(model))
     check_labels(y_all, x_all.shape[0], name="labels")
-    y_all = y_all.long()
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1 for an evaluation, got {steps}")
-    for spec in attacks:
-        if isinstance(spec, Attack) and (abs(spec.eps - eps) > 1e-12 or spec.norm != make_threat(norm, eps).norm):
-            raise ValueError(f"attack {spec.name!r} uses {spec.norm} ε = {spec.eps:.6g} but the evaluation is "
-                             f"{norm} ε = {eps:.6g}: pass eps=/norm= to match, so that the worst case means one threat model")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    x_all, y_all = x_all.to(model_dtype(model)), y_all.long()
     N = len(y_all)
-    alpha = eps / 4 if alpha is None else alpha
+    idx_list = list(range(N)) if indices is None else [int(i) for i in indices][:N]
+    if len(idx_list) != N:
+        raise ValueError(f"indices has {len(idx_list)} entries for {N} examples")
+    keys_all = torch.tensor(idx_list, dtype=torch.int64)
+    shared = dict(eps=eps, alpha=alpha, steps=steps, restarts=restarts, norm=norm, seed=seed, force=force_step_size)
+    runners = _runners(specs, model, eps, norm, shared, attack_params or {})
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
     was_training = model.training
     with model_mode(model, "eval"):
         probe_x, probe_y = x_all[:min(N, 64)].to(device), y_all[:min(N, 64)].to(device)
         with torch.no_grad():
-            num_classes = model(probe_x).shape[1]
+            num_classes = logits_of(model(probe_x)).shape[1]
         check_labels(y_all, N, num_classes, name="labels")
+        _preflight(model, runners, probe_x[:2], num_classes)
         flags = run_checks(model, probe_x, probe_y, was_training)
         clean = torch.empty(N, dtype=torch.bool)
         for s in range(0, N, batch_size):
             with torch.no_grad():
-                clean[s:s + batch_size] = (model(x_all[s:s + batch_size].to(device)).argmax(1).cpu() == y_all[s:s + batch_size])
-        worst = clean.clone()
+                clean[s:s + batch_size] = (model(x_all[s:s + batch_size].to(device)).argmax(1).cpu()
+                                           == y_all[s:s + batch_size])
         results: dict[str, AttackResult] = {}
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust
-        for name, spec in zip(names, attacks):
-            if isinstance(spec, Attack):
-                atk = spec  # a ready attack object, used as it is
-            else:
-                params = dict(eps=eps, alpha=alpha, steps=steps, restarts=restarts, norm=norm, seed=seed)
-                params.update((attack_params or {}).get(name, {}))
-                atk = build_attack(name, model, **params)
-            # what actually ran (one-step attacks fix their own steps and step size)
-            params = {k: getattr(atk, k) for k in ("eps", "norm", "alpha", "steps", "restarts", "seed",
-                                                   "random_start") if hasattr(atk, k)}
-            if hasattr(atk, "loss"):
-                params["loss"] = {"name": atk.loss.name, **atk.loss.params}
-            robust = torch.zeros(N, dtype=torch.bool)
-            max_delta = 0.0
-            t0 = time.time()
-            # disable=None: the bar turns itself off when stderr is not a terminal (CI logs)
-            bar = tqdm(total=len(todo), desc=f"{name}", disable=None if progress else True, leave=False, dynamic_ncols=True)
-            for s in range(0, len(todo), batch_size):
-                idx = todo[s:s + batch_size]
-                x, y = x_all[idx].to(device), y_all[idx].to(device)
-                x_adv = atk(x, y)
-                if not torch.isfinite(x_adv).all():
-                    raise RuntimeError(f"attack {name} returned non-finite pixels")
-                with torch.no_grad():
-                    robust[idx] = (model(x_adv).argmax(1) == y).cpu()
-                max_delta = max(max_delta, atk.threat.distance(x_adv, x).max().item())
-                bar.update(len(idx))
-            bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.time() - t0
-            if not max_delta <= atk.eps + _tolerance(x_all.dtype):
-                raise RuntimeError(f"attack {name} left the threat model: ‖δ‖ = {max_delta} > ε = {atk.eps}")
-            worst &= robust
-            results[name] = AttackResult(name=name, robust_acc=robust.float().mean().item(), n_robust=int(robust.sum()),
-                                         seconds=seconds, max_perturbation=max_delta, params={"repr": repr(atk), **params},
-                                         robust=robust.tolist())
+        for atk in runners:
+            results[atk.name] = _run_attack(model, atk, x_all, y_all, keys_all, todo, N, batch_size, device, progress,
+                                            tqdm)
+            if results[atk.name].excluded:
+                flags.append({"name": "attack_left_threat_model", "triggered": True, "value": atk.name,
+                              "message": f"attack {atk.name!r} returned points outside the threat model or [0, 1] "
+                                         f"({results[atk.name].note}); its column is reported but not counted in the "
+                                         "worst case."})
             if log:
-                log(f"{name:<10} {100 * results[name].robust_acc:6.2f}%  ({seconds:.1f}s)")
+                r = results[atk.name]
+                lo, hi = r.ci95
+                log(f"{atk.name:<14} {100 * r.robust_acc:6.2f}%  [{100 * lo:.1f}, {100 * hi:.1f}]  ({r.seconds:.1f}s)"
+                    + ("  EXCLUDED: left the threat model" if r.excluded else ""))
+
+    worst = clean.clone()
+    broken_by: list = [None if c else "clean" for c in clean.tolist()]
+    for name, r in results.items():
+        if r.excluded:
+            continue
+        robust = torch.tensor(r.robust, dtype=torch.bool)
+        for i in (worst & ~robust).nonzero().squeeze(1).tolist():
+            broken_by[i] = name
+        worst &= robust
     env = environment_info()
-    cfg = {"attacks": names, "eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts, "norm": norm,
+    cfg = {"attacks": list(results), "eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts, "norm": norm,
            "n": N, "batch_size": batch_size, "seed": seed, "device": str(device),
            "model_description": type(model).__name__, **(config or {})}
-    return Report(n=N, clean_acc=clean.float().mean().item(), attacks=results,
-                  worst_case_acc=worst.float().mean().item(), worst_case_robust=worst.tolist(),
-                  max_perturbation=max((r.max_perturbation for r in results.values()), default=0.0),
-                  eps=eps, norm=norm, indices=list(range(N)) if indices is None else [int(i) for i in indices][:N],
-                  config=cfg, flags=flags, environment=env, clean_correct=clean.tolist())
+    prov = {**weights_identity(model), "model": model_description(model),
+            "dataset": (config or {}).get("dataset") or data_name or recorded_dataset(model),
+            "split": (config or {}).get("split") or data_split,
+            "examples": {"count": N, "first_index": idx_list[0], "last_index": idx_list[-1],
+                         "contiguous": idx_list == list(range(idx_list[0], idx_list[0] + N))},
+            "threat_model": {"norm": norm, "eps": eps, "step_size": alpha, "steps": steps, "restarts": restarts},
+            "attacks": {name: r.params for name, r in results.items()},
+            "seed": seed, "device": str(device), "precision": precision_of(model),
+            "sirobust": env["sirobust"], "torch": env["torch"], "python": env["python"],
+            "git_commit": env["git_commit"], "command": command_line(), "utc_time": utc_now(),
+            **(provenance or {})}
+    clean_acc = accuracy(int(clean.sum()), N)
+    worst_acc = accuracy(int(worst.sum()), N)
+    return Report(n=N, clean_acc=clean_acc["fraction"], clean=clean_acc, attacks=results,
+                  worst_case_acc=worst_acc["fraction"], worst_case=worst_acc, worst_case_robust=worst.tolist(),
+                  broken_by=broken_by,
+                  max_perturbation=max((r.max_perturbation for r in results.values() if not r.excluded), default=0.0),
+                  eps=eps, norm=norm, indices=idx_list, config=cfg, flags=flags, environment=env, provenance=prov,
+                  clean_correct=clean.tolist())
+
+
+def _run_attack(model, atk, x_all, y_all, keys_all, todo, N, batch_size, device, progress, tqdm) -> AttackResult:
+    """One attack over the clean-correct examples, its outputs checked against the threat model."""
+    robust = torch.zeros(N, dtype=torch.bool)
+    max_delta, outside = 0.0, 0
+    tol = _tolerance(x_all.dtype)
+    ours = isinstance(atk, Attack)
+    t0 = time.time()
+    # disable=None: the bar turns itself off when stderr is not a terminal (CI logs)
+    bar = tqdm(total=len(todo), desc=atk.name, disable=None if progress else True, leave=False, dynamic_ncols=True)
+    for s in range(0, len(todo), batch_size):
+        idx = todo[s:s + batch_size]
+        x, y = x_all[idx].to(device), y_all[idx].to(device)
+        x_adv = atk(x, y, keys=keys_all[idx].to(device)) if ours else atk(x, y)
+        if x_adv.shape != x.shape:
+            raise ValueError(f"attack {atk.name!r} returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
+        if not torch.isfinite(x_adv).all():
+            raise RuntimeError(f"attack {atk.name!r} returned non-finite pixels")
+        x_adv = x_adv.to(device=device, dtype=x.dtype)
+        dist = atk.threat.distance(x_adv, x)
+        bad = (dist > atk.eps + tol) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
+        if bad.any() and ours:
+            raise RuntimeError(f"attack {atk.name} left the threat model: ‖δ‖ = {dist.max().item()} > ε = {atk.eps}")
+        outside += int(bad.sum())
+        max_delta = max(max_delta, dist.max().item())
+        with torch.no_grad():
+            robust[idx] = (logits_of(model(x_adv)).argmax(1) == y).cpu()
+        bar.update(len(idx))
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.time() - t0
+    k = int(robust.sum())
+    acc = accuracy(k, N)
+    note = (f"{outside} of {len(todo)} outputs outside the {atk.norm} ε-ball or [0, 1], max ‖δ‖ = {max_delta:.6g}"
+            if outside else "")
+    return AttackResult(name=atk.name, robust_acc=acc["fraction"], n_robust=k, n=N, ci95=acc["ci95"], seconds=seconds,
+                        max_perturbation=max_delta, params={"repr": repr(atk), **_params(atk)},
+                        robust=robust.tolist(), excluded=outside > 0, note=note)

@@ -21,6 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .checks import logits_of
 from .models.base import ImageClassifier
 
 
@@ -44,6 +45,12 @@ HeadSpec = Union[None, str, nn.Linear]
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
+def _is_linear(m: nn.Module) -> bool:
+    """An nn.Linear, or a TorchScript module compiled from one."""
+    return isinstance(m, nn.Linear) or (isinstance(m, torch.jit.ScriptModule)
+                                        and getattr(m, "original_name", None) == "Linear")
+
+
 def find_head(model: nn.Module, head: HeadSpec = None) -> tuple[str, nn.Linear]:
     """Return (name, module) of the classifier's last linear layer.
 
@@ -60,11 +67,11 @@ def find_head(model: nn.Module, head: HeadSpec = None) -> tuple[str, nn.Linear]:
     elif isinstance(head, str):
         names = dict(named)
         if head not in names:
-            linears = [n for n, m in named if isinstance(m, nn.Linear)]
+            linears = [n for n, m in named if _is_linear(m)]
             raise FeatureAccessError(f"head: no submodule named {head!r}; linear layers in this model: {linears or 'none'}")
         name, head = head, names[head]
     elif head is None:
-        linears = [(n, m) for n, m in named if isinstance(m, nn.Linear)]
+        linears = [(n, m) for n, m in named if _is_linear(m)]
         if not linears:
             raise FeatureAccessError(
                 "the model has no nn.Linear layer, so its penultimate features cannot be found; "
@@ -82,15 +89,17 @@ def forward_with_features(model: nn.Module, x: torch.Tensor, head: HeadSpec = No
                           need_features: bool = True) -> ModelOutput:
     """Run ``model`` on ``x``; with ``need_features`` also return ``z``, ``W`` and ``b``."""
     if not need_features:
-        return ModelOutput(logits=model(x))
+        return ModelOutput(logits=logits_of(model(x)))
     if isinstance(model, ImageClassifier) and head is None:
         z = model.features(x)
         return ModelOutput(model.head(z), z, model.head.weight, model.head.bias)
     name, lin = find_head(model, head)
+    if isinstance(lin, torch.jit.ScriptModule):
+        return _script_features(model, x, name, lin)
     captured: list[torch.Tensor] = []
     handle = lin.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
     try:
-        logits = model(x)
+        logits = logits_of(model(x))
     finally:
         handle.remove()
     if not captured:
@@ -105,6 +114,27 @@ def forward_with_features(model: nn.Module, x: torch.Tensor, head: HeadSpec = No
             _check_affine(logits.detach(), lin(z.detach()), name)
         _CHECKED[model] = name
     return ModelOutput(logits, z, lin.weight, lin.bias)
+
+
+def _script_features(model: nn.Module, x: torch.Tensor, name: str, lin) -> ModelOutput:
+    """TorchScript hides module calls from hooks: the features come from the model's exported
+    ``forward_features`` (timm's name) or ``features`` method, checked once against its logits."""
+    fn = getattr(model, "forward_features", None) or getattr(model, "features", None)
+    if fn is None:
+        raise FeatureAccessError(
+            "this TorchScript model hides its penultimate features (TorchScript has no forward hooks); export a "
+            "forward_features(x) method returning the input of its last linear layer (@torch.jit.export), or "
+            "evaluate the Python model with --model-def")
+    z = fn(x)
+    if not isinstance(z, torch.Tensor) or z.dim() != 2:
+        raise FeatureAccessError(f"forward_features returned {getattr(z, 'shape', type(z).__name__)}, not (B, D) features")
+    head_out = lin(z)
+    if _CHECKED.get(model) != name:
+        with torch.no_grad():
+            _check_affine(logits_of(model(x)), head_out.detach(), name)
+        _CHECKED[model] = name
+    # checked: the logits are α·(W z + b) + c with α > 0, so W z + b ranks the classes as they do
+    return ModelOutput(head_out, z, lin.weight, lin.bias)
 
 
 def _check_affine(logits: torch.Tensor, head_out: torch.Tensor, name: str) -> None:

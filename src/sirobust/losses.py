@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from .checks import resolve_name
 from .features import ModelOutput
 
 _EPS_NORM = 1e-12  # keeps ‖z‖, ‖W_k‖ > 0 (SPEC: "a small epsilon in the norms")
@@ -60,13 +61,16 @@ def list_losses() -> list[str]:
     return sorted(_LOSSES)
 
 
+def describe_loss(name: str) -> str:
+    """The first line of the loss's docstring."""
+    return (_LOSSES[resolve_name("loss", name, _LOSSES)].fn.__doc__ or "").strip().splitlines()[0]
+
+
 def get_loss(name: str, **params) -> Loss:
     """Look up a loss by name and bind parameters (e.g. ``scale=15`` for ``si``)."""
     if isinstance(name, Loss):
         return name.with_params(**params) if params else name
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(list_losses())}")
-    loss = _LOSSES[name]
+    loss = _LOSSES[resolve_name("loss", name, _LOSSES)]
     accepted = [p for p in list(inspect.signature(loss.fn).parameters)[2:] if p != "target"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:

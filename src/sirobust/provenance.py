@@ -1,12 +1,15 @@
-"""Where a number came from: versions, git commit, device."""
+"""Where a number came from: the weights' hash, the command, versions, git commit, device, time."""
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
+from torch import nn
 
 
 def git_commit() -> str | None:
@@ -33,3 +36,46 @@ def environment_info() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_commit": git_commit(),
     }
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, as ``sha256sum`` prints it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """The sha256 of the model's state dict saved as safetensors with sorted keys (no metadata):
+    the same weights give the same hash, whatever object holds them."""
+    import safetensors.torch
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(model.state_dict().items())}
+    return hashlib.sha256(safetensors.torch.save(state)).hexdigest()
+
+
+def weights_identity(model: nn.Module) -> dict:
+    """``weights_sha256`` of the file the model was loaded from (sirobust.load records it), else of its
+    state dict; ``weights_sha256_of`` says which."""
+    for m in (model, getattr(model, "model", None)):
+        meta = getattr(m, "sirobust_metadata", None)
+        if isinstance(meta, dict) and meta.get("file_sha256"):
+            return {"weights_sha256": meta["file_sha256"], "weights_sha256_of": "file",
+                    "weights_file": meta.get("file")}
+    return {"weights_sha256": state_dict_sha256(model), "weights_sha256_of": "state dict (safetensors, sorted keys)",
+            "weights_file": None}
+
+
+def precision_of(model: nn.Module) -> str:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).replace("torch.", "")
+    return "float32"
+
+
+def model_description(model: nn.Module) -> Optional[str]:
+    meta = getattr(model, "sirobust_metadata", None)
+    if isinstance(meta, dict) and meta.get("model"):
+        return f"sirobust zoo model {meta['model']}" + (f" ({meta['head']} head)" if meta.get("head") == "cosine" else "")
+    return f"{type(model).__module__}.{type(model).__qualname__}"

@@ -289,6 +289,7 @@ class RunFolder:
         self.what = what
         self.lock = FolderLock(self.path)
         self.resumed = False
+        self._created = False
         self.moved_to: Optional[Path] = None
         self.record: dict = {}
 
@@ -296,10 +297,29 @@ class RunFolder:
         self.claim()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self.resumed:
+            self._abandon_if_empty()
         self.release()
 
+    def _abandon_if_empty(self) -> None:
+        """A new run that failed before writing anything leaves no trace (no run to --resume or --overwrite)."""
+        try:
+            left = {p.name for p in self.path.iterdir()} - {LOCK_NAME, RUN_FILE}
+        except OSError:
+            return
+        if left:
+            return
+        (self.path / RUN_FILE).unlink(missing_ok=True)
+        if self._created:
+            self.release()
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+
     def claim(self) -> "RunFolder":
+        self._created = not self.path.exists()
         check_output_dir(self.path, f"the {self.kind} results")
         self.lock.acquire(self.log, self.what)
         try:
@@ -344,6 +364,7 @@ class RunFolder:
                               f"{e.strerror}") from None
         fsync_dir(self.path.parent)
         self.moved_to = target
+        self._created = True
         old.path = target / LOCK_NAME
         old.folder = target
         self.lock = FolderLock(self.path)

@@ -7,9 +7,12 @@ the norm: the gradient's sign for L∞, its normalised direction for L2) and
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Dict, Type
 
 import torch
+
+from .checks import resolve_name
+from .rng import as_noise
 
 
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
@@ -26,7 +29,9 @@ class ThreatModel:
             raise ValueError(f"eps must be a finite number >= 0, got {eps}")
         self.eps = eps
 
-    def random_init(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def random_init(self, x: torch.Tensor, noise=None) -> torch.Tensor:
+        """A uniform start inside the ball around ``x``. ``noise``: a torch.Generator, None (global RNG) or
+        a :class:`~sirobust.rng.KeyedNoise` (per-example draws, independent of batching)."""
         raise NotImplementedError
 
     def step(self, x_adv: torch.Tensor, grad: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -48,9 +53,9 @@ class LinfBall(ThreatModel):
 
     norm = "Linf"
 
-    def random_init(self, x, generator=None):
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.project(x + (2 * noise - 1) * self.eps, x)
+    def random_init(self, x, noise=None):
+        u = as_noise(noise).uniform(x)
+        return self.project(x + (2 * u - 1) * self.eps, x)
 
     def step(self, x_adv, grad, alpha):
         return x_adv + alpha * grad.sign()
@@ -68,12 +73,13 @@ class L2Ball(ThreatModel):
 
     norm = "L2"
 
-    def random_init(self, x, generator=None):
+    def random_init(self, x, noise=None):
         # uniform in the ball: a Gaussian direction, radius ε·U^(1/d)
+        noise = as_noise(noise)
         d = x[0].numel()
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = noise.normal(x)
         direction = direction / _flat_norm(direction).clamp_min(1e-12)
-        u = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        u = noise.uniform(x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)), salt=7)
         return self.project(x + direction * self.eps * u.pow(1.0 / d), x)
 
     def step(self, x_adv, grad, alpha):
@@ -90,12 +96,14 @@ class L2Ball(ThreatModel):
 
 
 _THREATS: Dict[str, Type[ThreatModel]] = {"Linf": LinfBall, "L2": L2Ball}
-_ALIASES = {"linf": "Linf", "inf": "Linf", "l_inf": "Linf", "l2": "L2", "2": "L2"}
+_ALIASES = {"inf": "Linf", "l-inf": "Linf", "linfty": "Linf", "2": "L2"}
+
+
+def canonical_norm(norm: str) -> str:
+    """``"Linf"`` or ``"L2"`` from any common spelling (case-insensitive)."""
+    return resolve_name("norm", norm, _THREATS, _ALIASES)
 
 
 def make_threat(norm: str, eps: float) -> ThreatModel:
     """``make_threat("Linf", 8/255)``; norm in {Linf, L2} (case-insensitive)."""
-    key = _ALIASES.get(str(norm).lower(), norm)
-    if key not in _THREATS:
-        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(_THREATS)}")
-    return _THREATS[key](eps)
+    return _THREATS[canonical_norm(norm)](eps)

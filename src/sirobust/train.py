@@ -25,16 +25,19 @@ import torch
 
 from . import __version__
 from .attacks import PGD
+from .checks import check_eps, check_float, check_int, check_step_size, resolve_name
 from .checkpoint import BEST_NAME, WEIGHTS_NAME, save_model
 from .data import BatchLoader, get_dataset_info, load_dataset, train_val_split
+from .data.loader import AUGMENTATIONS
 from .defenses import InnerAttack, SIConfig, build_defense
 from .interrupts import RunInterrupted, StopRequest, graceful_stop
 from .io import append_jsonl, atomic_write_text, read_json, read_jsonl, write_json
 from .metrics import correct_mask, eval_mode
 from .models import build_model
-from .provenance import environment_info
-from .runfolder import RUN_FILE, ConfigMismatch, RunFolder, config_difference
+from .provenance import environment_info, file_sha256, precision_of
+from .runfolder import RUN_FILE, ConfigMismatch, RunFolder, command_line, config_difference, utc_now
 from .statefile import StateFileError, load_state, save_state
+from .threat import canonical_norm
 
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -93,44 +96,66 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = False             # also log per-epoch metrics to out/tensorboard (needs tensorboard)
+    force_step_size: bool = False         # accept an attack step size above ε
     defense_params: dict = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
-        """A copy with every None replaced by its preset or dataset default, validated."""
-        info = get_dataset_info(self.dataset)
-        sched_name = self.schedule or _MODEL_SCHEDULE.get(self.model, "resnet")
-        if sched_name not in SCHEDULES:
-            raise ValueError(f"unknown schedule {sched_name!r}; valid schedules: {', '.join(SCHEDULES)}")
+        """A copy with every None replaced by its preset or dataset default, every field checked
+        (:mod:`sirobust.checks`): an error names the field and the allowed values."""
+        from .data.registry import canonical_dataset
+        from .defenses import canonical_defense
+        from .models import canonical_model
+        dataset, model = canonical_dataset(self.dataset), canonical_model(self.model)
+        defense, norm = canonical_defense(self.defense), canonical_norm(self.norm)
+        info = get_dataset_info(dataset)
+        sched_name = resolve_name("schedule", self.schedule or _MODEL_SCHEDULE.get(model, "resnet"), SCHEDULES)
         preset = SCHEDULES[sched_name]
-        epochs = preset["epochs"] if self.epochs is None else int(self.epochs)
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        epochs = check_int("epochs", preset["epochs"] if self.epochs is None else self.epochs, min=1)
         milestones = self.milestones
         if milestones is None:
             milestones = tuple(sorted({max(1, round(m * epochs / preset["epochs"])) for m in preset["milestones"]}))
             milestones = tuple(m for m in milestones if m < epochs)
-        eps = info.default_eps if self.eps is None else float(self.eps)
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        cfg = dataclasses.replace(
-            self, schedule=sched_name, epochs=epochs,
-            lr=preset["lr"] if self.lr is None else float(self.lr),
-            momentum=preset["momentum"] if self.momentum is None else float(self.momentum),
-            weight_decay=preset["weight_decay"] if self.weight_decay is None else float(self.weight_decay),
-            milestones=tuple(int(m) for m in milestones), eps=eps,
-            attack_alpha=eps / 4 if self.attack_alpha is None else float(self.attack_alpha),
-            augment=info.augment if self.augment is None else self.augment,
+        milestones = tuple(check_int("milestones", m, min=1) for m in milestones)
+        eps = check_eps(info.eps_for(norm) if self.eps is None else self.eps, norm, "eps")
+        steps = check_int("attack_steps (--steps)", self.attack_steps, min=0 if defense == "standard" else 1)
+        alpha = check_step_size(eps / 4 if self.attack_alpha is None else self.attack_alpha, eps, steps,
+                                "attack_alpha (--step-size)", self.force_step_size)
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            raise ValueError(f"data_dir (--data-dir) {self.data_dir} does not exist or is not a folder")
+        # the defense and its own parameters (unknown ones, HE with SI) fail here, not after the data loaded
+        build_defense(defense, si=SIConfig(self.si_scale, self.si_margin, self.si_weight) if self.si else None,
+                      **self.defense_params)
+        val_size = self.val_size
+        if isinstance(val_size, float) and not val_size.is_integer():
+            check_float("val_size", val_size, min=0, max=1, min_open=True, max_open=True)
+        else:
+            val_size = check_int("val_size", val_size, min=1)
+        return dataclasses.replace(
+            self, dataset=dataset, model=model, defense=defense, norm=norm, schedule=sched_name, epochs=epochs,
+            batch_size=check_int("batch_size", self.batch_size, min=1),
+            lr=check_float("lr", preset["lr"] if self.lr is None else self.lr, min=0, min_open=True),
+            momentum=check_float("momentum", preset["momentum"] if self.momentum is None else self.momentum,
+                                 min=0, max=1, max_open=True),
+            weight_decay=check_float("weight_decay", preset["weight_decay"] if self.weight_decay is None
+                                     else self.weight_decay, min=0),
+            lr_gamma=check_float("lr_gamma", self.lr_gamma, min=0, max=1, min_open=True),
+            milestones=milestones, eps=eps, attack_alpha=alpha, attack_steps=steps,
+            attack_mode=resolve_name("attack_mode", self.attack_mode, ("eval", "train")),
+            si_scale=check_float("si_scale", self.si_scale, min=0, min_open=True),
+            si_margin=check_float("si_margin", self.si_margin, min=0),
+            si_weight=check_float("si_weight", self.si_weight, min=0),
+            augment=resolve_name("augment", info.augment if self.augment is None else self.augment, AUGMENTATIONS),
+            val_size=val_size,
+            train_n=None if self.train_n is None else check_int("train_n", self.train_n, min=1),
+            val_n=check_int("val_n", self.val_n, min=1), val_steps=check_int("val_steps", self.val_steps, min=1),
+            seed=check_int("seed", self.seed, min=0),
         )
-        if cfg.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {cfg.lr}")
-        return cfg
 
     def identity(self) -> dict:
         """The fields that must match for --resume to continue a run."""
         d = dataclasses.asdict(self)
-        for k in ("out", "epochs", "device", "progress", "data_dir", "tensorboard", "accept_checksum_mismatch"):
+        for k in ("out", "epochs", "device", "progress", "data_dir", "tensorboard", "accept_checksum_mismatch",
+                  "force_step_size"):
             d.pop(k)
         d["milestones"] = list(d["milestones"] or [])
         return d
@@ -359,9 +384,16 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
             tb.close()
 
     rows = read_jsonl(metrics_path)
+    env = environment_info()
+    weights = {name: file_sha256(out / name) for name in (WEIGHTS_NAME, BEST_NAME) if (out / name).exists()}
     summary = {"out": str(out), "epochs": cfg.epochs, "identity": cfg.identity(), "best": best,
                "last": rows[-1] if rows else None,
-               "weights": str(out / WEIGHTS_NAME), "best_weights": str(out / BEST_NAME)}
+               "weights": str(out / WEIGHTS_NAME), "best_weights": str(out / BEST_NAME),
+               "provenance": {"run_id": folder.record.get("run_id"), "weights_sha256": weights,
+                              "command": folder.record.get("command"), "resumed_by": command_line(),
+                              "started": folder.record.get("created"), "finished": utc_now(), "device": str(device),
+                              "precision": precision_of(model), "sirobust": env["sirobust"], "torch": env["torch"],
+                              "python": env["python"], "git_commit": env["git_commit"]}}
     write_json(out / "summary.json", summary)
     return summary
 

@@ -1,8 +1,8 @@
 """Attacks. ``atk = SIPGD(model, eps=8/255); x_adv = atk(x, y)``."""
 from .base import Attack
 from .loop import pgd_loop, is_fooled
-from .pgd import FGSM, PGD, PGDCW, PGDDLR, RFGSM, SIPGD
-from .registry import ATTACKS, build_attack, list_attacks
+from .pgd import FGSM, FGSMRS, PGD, PGDCW, PGDDLR, RFGSM, SIPGD
+from .registry import ATTACKS, build_attack, canonical_attack_name, describe_attack, list_attacks
 
-__all__ = ["Attack", "PGD", "SIPGD", "PGDCW", "PGDDLR", "FGSM", "RFGSM", "pgd_loop", "is_fooled",
-           "ATTACKS", "build_attack", "list_attacks"]
+__all__ = ["Attack", "PGD", "SIPGD", "PGDCW", "PGDDLR", "FGSM", "FGSMRS", "RFGSM", "pgd_loop", "is_fooled",
+           "ATTACKS", "build_attack", "canonical_attack_name", "describe_attack", "list_attacks"]

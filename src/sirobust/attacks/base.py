@@ -1,77 +1,119 @@
 """The attack object users know from torchattacks: ``x_adv = atk(x, y)``.
 
 The base class owns what every attack must get right and no attack should
-repeat: input checks, the model's train/eval mode (set for the attack, then
-restored), a private random generator (the global RNG is never touched),
-never mutating the caller's tensors, and restarts where a point counts as
-robust only if it survives every restart.
+repeat: argument and input checks (:mod:`sirobust.checks`), the model's
+train/eval mode (set for the attack, then restored), randomness that never
+touches the global RNG (a private generator, or draws keyed per example when
+the caller gives the examples' ``keys``), never mutating the caller's tensors,
+and restarts where a point counts as robust only if it survives every restart.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..checks import check_images, check_labels, model_channels, check_positive
+from ..checks import (check_eps, check_images, check_int, check_labels, check_same_device, logits_of,
+                      model_channels, model_dtype, resolve_name)
 from ..modes import model_mode
-from ..threat import ThreatModel, make_threat
+from ..rng import GeneratorNoise, KeyedNoise, Noise
+from ..threat import ThreatModel, canonical_norm, make_threat
 from .loop import is_fooled
 
 _MODES = ("eval", "train", "keep")
+
+
+def recorded_dataset(model: nn.Module) -> Optional[str]:
+    """The dataset a sirobust checkpoint recorded for ``model`` (looking through one wrapper), if any."""
+    for m in (model, getattr(model, "model", None)):
+        meta = getattr(m, "sirobust_metadata", None)
+        if isinstance(meta, dict) and meta.get("dataset"):
+            return meta["dataset"]
+    return None
+
+
+def default_eps(model: nn.Module, norm: str, eps=None, name: str = "eps") -> float:
+    """``eps`` checked, or when it is None the budget of the dataset the model records; else an error."""
+    if eps is None:
+        dataset = recorded_dataset(model)
+        if dataset is None:
+            raise ValueError(f"{name} is required: the model records no dataset whose customary ε could be used "
+                             "(pass e.g. eps=8/255 for CIFAR-10 L∞)")
+        from ..data import get_dataset_info
+        eps = get_dataset_info(dataset).eps_for(norm)
+    return check_eps(eps, norm, name)
 
 
 class Attack:
     """Base class. Subclasses implement :meth:`run` for one restart.
 
     Args:
-        model: any classifier taking [0,1] pixels and returning logits.
-        eps: radius of the threat model, in pixel units (8/255 for CIFAR).
+        model: any classifier taking [0,1] pixels and returning logits (B, K).
+        eps: radius of the threat model, in pixel units (8/255 for CIFAR); None takes the
+            budget of the dataset a sirobust checkpoint records, else it is required.
         norm: ``"Linf"`` or ``"L2"``.
         restarts: independent runs; an example is robust only if it survives all.
-        seed: seeds the attack's own ``torch.Generator`` (created once, so repeated
-            calls draw fresh noise in a reproducible sequence).
+        seed: seeds the attack's randomness (None: fresh each time the attack is built).
         model_mode: ``"eval"`` (default) runs the attack with ``model.eval()``,
             ``"train"`` with ``model.train()``, ``"keep"`` leaves it; the mode is restored.
         early_stop: evaluation mode (default): points the model already gets wrong
             are not attacked, and an example stops at the first iterate that fools
             the model. ``False`` (for training): every example takes every step.
+
+    ``atk(x, y, keys=idx)`` keys each example's random start on its index ``idx`` (B,), so
+    the result for an example does not depend on the batch it came in; without ``keys``
+    a private generator is used, and repeated calls draw fresh starts in a reproducible sequence.
     """
 
     name = "attack"
 
-    def __init__(self, model: nn.Module, eps: float, norm: str = "Linf", restarts: int = 1,
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, norm: str = "Linf", restarts: int = 1,
                  seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_positive("eps", eps)
-        if int(restarts) != restarts or restarts < 1:
-            raise ValueError(f"restarts must be an integer >= 1, got {restarts}")
-        if model_mode not in _MODES:
-            raise ValueError(f"model_mode must be one of {_MODES}, got {model_mode!r}")
+        norm = canonical_norm(norm)
         self.model = model
-        self.threat: ThreatModel = make_threat(norm, eps)
-        self.eps = float(eps)
+        self.eps = default_eps(model, norm, eps)
+        self.threat: ThreatModel = make_threat(norm, self.eps)
         self.norm = self.threat.norm
-        self.restarts = int(restarts)
+        self.restarts = check_int("restarts", restarts, min=1)
+        if seed is not None:
+            seed = check_int("seed", seed, min=0)
         self.seed = seed
-        self.model_mode = model_mode
+        self._keyed_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.model_mode = resolve_name("model_mode", model_mode, _MODES)
         self.early_stop = bool(early_stop)
         self._generator: Optional[torch.Generator] = None
 
     # ------------------------------------------------------------------ api
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.perturb(x, y, target)
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                 keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.perturb(x, y, target, keys=keys)
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Adversarial examples for (x, y); ``target`` makes the attack targeted."""
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Adversarial examples for (x, y), same shape and dtype as ``x``; ``target`` makes the attack targeted."""
         check_images(x, "x", model_channels(self.model))
         check_labels(y, x.shape[0], name="y")
         if target is not None:
             check_labels(target, x.shape[0], name="target")
+        if keys is not None and (not isinstance(keys, torch.Tensor) or keys.dtype.is_floating_point
+                                 or keys.shape != (x.shape[0],)):
+            raise ValueError(f"keys must be an integer tensor of shape ({x.shape[0]},): one index per example")
+        check_same_device(self.model, x)
+        if x.shape[0] == 0:
+            return x.detach().clone()
+        work_dtype = model_dtype(self.model)
+        xw = x.detach().to(work_dtype)  # the model's precision (a float64 batch for a float32 model)
         with model_mode(self.model, None if self.model_mode == "keep" else self.model_mode):
-            return self._perturb_with_restarts(x.detach(), y.detach().long(),
-                                               None if target is None else target.detach().long())
+            x_adv = self._perturb_with_restarts(xw, y.detach().to(x.device).long(),
+                                                None if target is None else target.detach().to(x.device).long(),
+                                                None if keys is None else keys.detach().long())
+        if x_adv.dtype != x.dtype:  # back to the caller's dtype, inside the ball in that precision too
+            x_adv = self.threat.project(x_adv.to(x.dtype), x.detach())
+        return x_adv
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The attack's private generator on ``device`` (created on first use)."""
@@ -83,35 +125,45 @@ class Attack:
                 self._generator.manual_seed(int(self.seed))
         return self._generator
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+    def noise(self, x: torch.Tensor, keys: Optional[torch.Tensor], restart: int) -> Noise:
+        """Where restart ``restart`` draws its random numbers (its own stream, named after the attack)."""
+        if keys is None:
+            return GeneratorNoise(self.generator(x.device))
+        return KeyedNoise(self._keyed_seed, f"{self.name}/restart-{restart}", keys)
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], noise: Noise) -> torch.Tensor:
         raise NotImplementedError
+
+    def params(self) -> dict:
+        """What defines this attack, for reports (subclasses add theirs)."""
+        return {"name": self.name, "eps": self.eps, "norm": self.norm, "restarts": self.restarts, "seed": self.seed,
+                "model_mode": self.model_mode}
 
     # ------------------------------------------------------------ internals
     def _check_classes(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            logits = self.model(x)
-        if logits.dim() != 2:
-            raise ValueError(f"the model must return logits of shape (B, K), got {tuple(logits.shape)}")
+            logits = logits_of(self.model(x))
         check_labels(y, x.shape[0], logits.shape[1], name="y")
         if target is not None:
             check_labels(target, x.shape[0], logits.shape[1], name="target")
         return logits
 
-    def _perturb_with_restarts(self, x, y, target):
+    def _perturb_with_restarts(self, x, y, target, keys):
         logits = self._check_classes(x, y, target)
         if self.eps == 0:
             return x.clone()
         x_best = x.clone()
         # already-misclassified points are not attacked (they are not robust anyway)
         robust = ~is_fooled(logits, y, target) if self.early_stop else torch.ones_like(y, dtype=torch.bool)
-        for _ in range(self.restarts):
+        for restart in range(self.restarts):
             idx = robust.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             t = None if target is None else target[idx]
-            x_adv = self.run(x[idx], y[idx], t)
+            noise = self.noise(x, None if keys is None else keys[idx], restart)
+            x_adv = self.run(x[idx], y[idx], t, noise)
             with torch.no_grad():
-                fooled = is_fooled(self.model(x_adv), y[idx], t)
+                fooled = is_fooled(logits_of(self.model(x_adv)), y[idx], t)
             # keep the last restart's point for survivors, the fooling point for the rest
             x_best[idx] = x_adv
             robust[idx[fooled]] = False

@@ -52,8 +52,7 @@ def is_fooled(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tens
 
 def pgd_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, threat: ThreatModel,
              alpha: float, steps: int, random_start: bool = True, target: Optional[torch.Tensor] = None,
-             early_stop: bool = False, generator: Optional[torch.Generator] = None,
-             head=None) -> torch.Tensor:
+             early_stop: bool = False, noise=None, head=None, start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run projected gradient ascent and return the adversarial batch (same shape/dtype as ``x``).
 
     ``early_stop=False`` (training): every example takes every step and the last
@@ -61,12 +60,17 @@ def pgd_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
     ``early_stop=True`` (evaluation): an example stops at the first iterate that
     fools the model, that iterate is returned, and no more forward/backward is
     spent on it. Model gradients are never accumulated (``autograd.grad`` w.r.t.
-    the input only); ``x`` is never modified.
+    the input only); ``x`` is never modified. ``noise`` (a torch.Generator or a
+    :class:`~sirobust.rng.KeyedNoise`) draws the random start; ``start`` replaces
+    it with a given first iterate (inside the ball around ``x``).
     """
     x = x.detach()
     if steps == 0 or threat.eps == 0:
         return x.clone()
-    x_adv = threat.random_init(x, generator) if random_start else x.clone()
+    if start is not None:
+        x_adv = threat.project(start.detach(), x)
+    else:
+        x_adv = threat.random_init(x, noise) if random_start else x.clone()
     if not early_stop:
         for _ in range(steps):
             xa = x_adv.requires_grad_(True)

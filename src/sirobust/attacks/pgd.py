@@ -1,7 +1,7 @@
-"""PGD and its presets: FGSM, RFGSM, PGD-CW, PGD-DLR and SI-PGD.
+"""PGD and its presets: PGD-CW, PGD-DLR, SI-PGD, FGSM, FGSM-RS and R+FGSM.
 
-One class; the variants differ only in the loss and the number of steps
-(DESIGN: "a variant is a parameter"). SI-PGD is ``PGD(loss="si")``: PGD on
+One class; the variants differ only in the loss, the number of steps and the
+start (DESIGN: "a variant is a parameter"). SI-PGD is ``PGD(loss="si")``: PGD on
 ``CE(s · cos θ, y)`` (paper Sec. 4.2, Eq. 24), which no positive rescaling of
 the logits can weaken.
 """
@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-from ..checks import check_positive
+from ..checks import check_float, check_int, check_step_size
 from ..features import find_head
 from ..losses import Loss, get_loss
 from .base import Attack
@@ -22,6 +22,7 @@ class PGD(Attack):
     """Projected gradient descent (Madry et al. 2018) on any per-example loss.
 
     Defaults follow the paper (Sec. 5.1): 20 steps of ε/4 from a uniform random start.
+    A step size above ε is refused unless ``force=True``.
 
     Example::
 
@@ -30,29 +31,31 @@ class PGD(Attack):
     """
 
     name = "pgd"
+    fixed: tuple = ()  # shared evaluation settings this preset ignores (it fixes them itself)
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: Optional[float] = None, steps: int = 20,
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 20,
                  loss: Union[str, Loss] = "ce", random_start: bool = True, norm: str = "Linf",
                  restarts: int = 1, seed: Optional[int] = 0, head=None, model_mode: str = "eval",
-                 early_stop: bool = True, **loss_params):
+                 early_stop: bool = True, force: bool = False, **loss_params):
         super().__init__(model, eps, norm=norm, restarts=restarts, seed=seed, model_mode=model_mode,
                          early_stop=early_stop)
-        if int(steps) != steps or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {steps}")
-        self.steps = int(steps)
-        self.alpha = self.eps / 4 if alpha is None else float(alpha)
-        # a zero step would report clean accuracy as robust accuracy
-        check_positive("alpha", self.alpha, allow_zero=self.steps == 0 or self.eps == 0)
+        self.steps = check_int("steps", steps, min=1)
+        self.alpha = check_step_size(self.eps / 4 if alpha is None else alpha, self.eps, self.steps, "alpha", force)
         self.loss = get_loss(loss, **loss_params)
         self.random_start = bool(random_start)
         self.head = head
         if self.loss.needs_features:
             find_head(model, head)  # fail now, not on the first batch, if there is no linear head
 
-    def run(self, x, y, target):
+    def run(self, x, y, target, noise):
         return pgd_loop(self.model, x, y, loss=self.loss, threat=self.threat, alpha=self.alpha,
                         steps=self.steps, random_start=self.random_start, target=target,
-                        early_stop=self.early_stop, generator=self.generator(x.device), head=self.head)
+                        early_stop=self.early_stop, noise=noise, head=self.head)
+
+    def params(self) -> dict:
+        head = self.head if self.head is None or isinstance(self.head, str) else type(self.head).__name__
+        return {**super().params(), "alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
+                "loss": {"name": self.loss.name, **self.loss.params}, "early_stop": self.early_stop, "head": head}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(eps={self.eps:.6g}, alpha={self.alpha:.6g}, steps={self.steps}, "
@@ -60,10 +63,11 @@ class PGD(Attack):
 
 
 class SIPGD(PGD):
-    """SI-PGD (paper Sec. 4.2): PGD on CE(s · cos θ, y), s = 15 by default.
+    """SI-PGD (paper Sec. 4.2): PGD on CE(s · cos θ, y), s = 15, immune to rescaled logits.
 
     Needs a classifier whose last layer is linear (zoo model or any ``nn.Module``
-    whose last ``nn.Linear`` produces the logits, up to a positive scale).
+    whose last ``nn.Linear`` produces the logits, up to a positive scale; name
+    another one with ``head=``).
 
     Example::
 
@@ -72,9 +76,9 @@ class SIPGD(PGD):
 
     name = "si-pgd"
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: Optional[float] = None, steps: int = 20,
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 20,
                  scale: float = 15.0, **kw):
-        check_positive("scale", scale, allow_zero=False)
+        check_float("scale", scale, min=0.0, min_open=True)
         super().__init__(model, eps, alpha, steps, loss="si", scale=scale, **kw)
 
 
@@ -83,16 +87,18 @@ class PGDCW(PGD):
 
     name = "pgd-cw"
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: Optional[float] = None, steps: int = 20, **kw):
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 20,
+                 **kw):
         super().__init__(model, eps, alpha, steps, loss="cw", **kw)
 
 
 class PGDDLR(PGD):
-    """PGD on the difference-of-logits-ratio loss (Croce & Hein 2020; paper Sec. 3.2)."""
+    """PGD on the difference-of-logits-ratio loss (Croce & Hein 2020; paper Sec. 3.2); needs 3+ classes."""
 
     name = "pgd-dlr"
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: Optional[float] = None, steps: int = 20, **kw):
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 20,
+                 **kw):
         super().__init__(model, eps, alpha, steps, loss="dlr", **kw)
 
 
@@ -100,18 +106,43 @@ class FGSM(PGD):
     """FGSM (Goodfellow et al. 2015): one step of size ε from the clean point."""
 
     name = "fgsm"
+    fixed = ("steps", "alpha", "random_start", "force")
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, loss: Union[str, Loss] = "ce", **kw):
-        super().__init__(model, eps, alpha=eps, steps=1, loss=loss, random_start=False, **kw)
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, loss: Union[str, Loss] = "ce", **kw):
+        super().__init__(model, eps, alpha=None, steps=1, loss=loss, random_start=False, force=True, **kw)
+        self.alpha = self.eps  # set after the base resolved ε (None: the model's dataset's)
+
+
+class FGSMRS(PGD):
+    """FGSM from a uniform random start in the ε-ball, step 1.25 ε, projected (Wong et al. 2020,
+    "Fast is better than free"; the attack of FGSM-RS / fast adversarial training)."""
+
+    name = "fgsm-rs"
+    fixed = ("steps", "alpha", "random_start", "force")
+
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None,
+                 loss: Union[str, Loss] = "ce", **kw):
+        super().__init__(model, eps, alpha=alpha, steps=1, loss=loss, random_start=True, force=True, **kw)
+        if alpha is None:
+            self.alpha = 1.25 * self.eps
 
 
 class RFGSM(PGD):
-    """FGSM from a uniform random start in the ε-ball, step α = 1.25 ε, projected
-    (Wong et al. 2020, "Fast is better than free")."""
+    """R+FGSM (Tramèr et al. 2018), as in torchattacks: a random step α·sign(N(0, I)), then
+    ``steps`` gradient-sign steps of ε − α (α = ε/2, one step, as in the paper)."""
 
     name = "rfgsm"
+    fixed = ("steps", "alpha", "random_start", "force")
 
-    def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: Optional[float] = None,
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 1,
                  loss: Union[str, Loss] = "ce", **kw):
-        super().__init__(model, eps, alpha=1.25 * eps if alpha is None else alpha, steps=1, loss=loss,
-                         random_start=True, **kw)
+        super().__init__(model, eps, alpha=None, steps=steps, loss=loss, random_start=True, **kw)
+        self.alpha = check_float("alpha", self.eps / 2 if alpha is None else alpha, min=0.0, max=self.eps)
+        if self.norm != "Linf":
+            raise ValueError("rfgsm (R+FGSM) is an L∞ attack; use norm='Linf'")
+
+    def run(self, x, y, target, noise):
+        start = x + self.alpha * (2 * (noise.uniform(x) > 0.5).to(x.dtype) - 1)  # α·sign(N(0, I))
+        return pgd_loop(self.model, x, y, loss=self.loss, threat=self.threat, alpha=self.eps - self.alpha,
+                        steps=self.steps, target=target, early_stop=self.early_stop, head=self.head,
+                        start=start.clamp(0, 1))

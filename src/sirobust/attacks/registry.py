@@ -1,12 +1,13 @@
 """Attack names used by the CLI and reports (resolved here, nowhere deeper)."""
 from __future__ import annotations
 
-from typing import Dict, Type
+from typing import Dict, Optional, Type
 
 from torch import nn
 
+from ..checks import resolve_name
 from .base import Attack
-from .pgd import FGSM, PGD, PGDCW, PGDDLR, RFGSM, SIPGD
+from .pgd import FGSM, FGSMRS, PGD, PGDCW, PGDDLR, RFGSM, SIPGD
 
 ATTACKS: Dict[str, Type[Attack]] = {
     "pgd": PGD,
@@ -14,29 +15,30 @@ ATTACKS: Dict[str, Type[Attack]] = {
     "pgd-dlr": PGDDLR,
     "si-pgd": SIPGD,
     "fgsm": FGSM,
+    "fgsm-rs": FGSMRS,
     "rfgsm": RFGSM,
 }
-_ALIASES = {"pgdcw": "pgd-cw", "pgd_cw": "pgd-cw", "pgdlr": "pgd-dlr", "pgd_dlr": "pgd-dlr", "pgddlr": "pgd-dlr",
-            "sipgd": "si-pgd", "si_pgd": "si-pgd"}
+_ALIASES = {"pgdcw": "pgd-cw", "pgdlr": "pgd-dlr", "pgddlr": "pgd-dlr", "sipgd": "si-pgd", "fgsmrs": "fgsm-rs",
+            "r+fgsm": "rfgsm"}
 
 
 def list_attacks() -> list[str]:
     return sorted(ATTACKS)
 
 
+def describe_attack(name: str) -> str:
+    """The first line of the attack's docstring."""
+    return (ATTACKS[canonical_attack_name(name)].__doc__ or "").strip().splitlines()[0]
+
+
 def canonical_attack_name(name: str) -> str:
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(list_attacks())}")
-    return key
+    return resolve_name("attack", name, ATTACKS, _ALIASES)
 
 
-def build_attack(name: str, model: nn.Module, **kw) -> Attack:
-    """``build_attack("si-pgd", model, eps=8/255, steps=20)``; options the attack
-    does not take (``steps`` for FGSM) are dropped."""
+def build_attack(name: str, model: nn.Module, overrides: Optional[dict] = None, **shared) -> Attack:
+    """``build_attack("si-pgd", model, eps=8/255, steps=20)``. ``shared`` settings a preset fixes
+    itself (the step count of FGSM, say) are dropped; ``overrides`` are this attack's own and always passed."""
     cls = ATTACKS[canonical_attack_name(name)]
-    if cls in (FGSM, RFGSM):  # one-step attacks fix their own step count, step size and start
-        for key in ("steps", "alpha", "random_start"):
-            kw.pop(key, None)
+    kw = {k: v for k, v in shared.items() if k not in getattr(cls, "fixed", ())}
+    kw.update(overrides or {})
     return cls(model, **kw)

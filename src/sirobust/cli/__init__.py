@@ -4,22 +4,22 @@ Names become objects here and nowhere deeper; one module per command.
 """
 from __future__ import annotations
 
-import argparse
 import pickle
 import sys
 from typing import Optional, Sequence
 
-from .args import choices_type, parse_list, parse_number, parse_numbers, parse_param
+from .args import Parser, parse_list, parse_number, parse_numbers, parse_param
 from .train import train_config_from_args
 
-__all__ = ["main", "build_parser", "parse_number", "parse_list", "parse_numbers", "parse_param", "choices_type",
+__all__ = ["main", "build_parser", "parse_number", "parse_list", "parse_numbers", "parse_param",
            "train_config_from_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from . import compare, demo, evaluate, listing, rescale, train
-    parser = argparse.ArgumentParser(prog="sirobust", description="Scale-invariant adversarial attacks and defenses.")
+    parser = Parser(prog="sirobust", description="Scale-invariant adversarial attacks and defenses.",
+                    allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"sirobust {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (demo, train, evaluate, rescale, compare, listing):
@@ -33,6 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..checkpoint import CheckpointError
     from ..data import ChecksumError, DataNotFoundError
     from ..features import FeatureAccessError
+    from ..foreign import ModelLoadError
     from ..interrupts import RunInterrupted, terminate_as_interrupt
     from ..io import OutputError
     from ..train import TrainingDiverged
@@ -43,7 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"sirobust {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except (ValueError, TypeError, FileNotFoundError, PermissionError, OutputError, CheckpointError,
-            DataNotFoundError, ChecksumError, FeatureAccessError, TrainingDiverged, pickle.UnpicklingError) as e:
+            DataNotFoundError, ChecksumError, FeatureAccessError, ModelLoadError, TrainingDiverged,
+            pickle.UnpicklingError) as e:
         if isinstance(e, TypeError) and not str(e):
             raise
         print(f"sirobust {args.command}: error: {e}", file=sys.stderr)

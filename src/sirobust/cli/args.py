@@ -1,17 +1,46 @@
-"""Argument types and the flags several commands share (one spelling and one meaning each)."""
+"""Argument types and the flags several commands share (one spelling and one meaning each).
+
+Every type here checks its value with :mod:`sirobust.checks`, the same layer the
+Python API uses, so a bad flag fails at parse time, before any work, with a
+message that names the flag and the allowed values.
+"""
 from __future__ import annotations
 
 import argparse
-from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+
+from .. import checks
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the error first, on one line, then the usage (argparse prints it the other way round),
+    and no abbreviated flags: a command line means the same thing to every reader and every launcher."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kw)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n{self.format_usage()}")
+
+
+def _typed(fn: Callable, metavar: str = ""):
+    """An argparse type from a check: its ValueError/TypeError message becomes argparse's."""
+    def parse(text: str):
+        try:
+            return fn(text)
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = metavar or getattr(fn, "__name__", "value")
+    return parse
 
 
 def parse_number(text: str) -> float:
     """A float or a fraction such as ``8/255`` (never eval'd)."""
     try:
-        return float(Fraction(text.strip())) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
+        return checks.parse_number(text)
+    except (ValueError, TypeError):
         raise argparse.ArgumentTypeError(f"expected a number such as 0.03 or 8/255, got {text!r}") from None
 
 
@@ -29,18 +58,41 @@ def parse_param(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. lam=6 or pairing=l2), got {text!r}")
     key, value = (t.strip() for t in text.split("=", 1))
     try:
-        num = parse_number(value)
+        num = checks.parse_number(value)
         return key, int(num) if num.is_integer() and "." not in value and "/" not in value else num
-    except argparse.ArgumentTypeError:
+    except (ValueError, TypeError):
         return key, value
 
 
-def choices_type(valid: Sequence[str], what: str):
-    def check(text: str) -> str:
-        if text not in valid:
-            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; valid: {', '.join(valid)}")
-        return text
-    return check
+def int_arg(flag: str, min: int | None = None, max: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{flag} must be an integer, got {text!r}") from None
+        return checks.check_int(flag, value, min, max)
+    return _typed(parse, "N")
+
+
+def float_arg(flag: str, min: float | None = None, max: float | None = None, min_open: bool = False,
+              max_open: bool = False):
+    return _typed(lambda t: checks.check_float(flag, checks.parse_number(t, flag), min, max, min_open, max_open), "X")
+
+
+def number_arg(flag: str):
+    """A finite number (fractions accepted); range checks that depend on other flags come after parsing."""
+    return float_arg(flag)
+
+
+def name_arg(resolve: Callable[[str], str]):
+    return _typed(resolve, "NAME")
+
+
+def names_arg(kind: str, resolve: Callable[[str], str], valid: Callable[[], Sequence[str]]):
+    """A comma-separated, non-empty list of names, each resolved (case-insensitive, with did-you-mean)."""
+    def parse(text: str) -> list[str]:
+        return [resolve(n) for n in checks.as_names(text, kind, valid())]
+    return _typed(parse, "NAMES")
 
 
 def add_output_args(p: argparse.ArgumentParser, default: str, what: str, resume: bool = False) -> None:
@@ -74,7 +126,8 @@ def run_mode(a) -> str:
 def add_common_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (they also switch off when not on a terminal)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they also switch off when not on a terminal)")
 
 
 def optional_store_true(p: argparse.ArgumentParser, *names: str, help: str) -> None:
@@ -93,3 +146,25 @@ def add_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
         optional_store_true(p, "--accept-checksum-mismatch", help=help_)
     else:
         p.add_argument("--accept-checksum-mismatch", action="store_true", help=help_)
+
+
+def add_threat_args(p: argparse.ArgumentParser, steps_default: int | None, steps_help: str) -> None:
+    """--eps, --norm, --steps, --step-size, --force-step-size: one name for each, in every command."""
+    from ..threat import canonical_norm
+    p.add_argument("--eps", type=number_arg("--eps"), default=None,
+                   help="ε in pixel units, fractions accepted (8/255); default: the dataset's (L∞ 0.1 fashion-mnist, "
+                        "0.3 mnist, 8/255 cifar/svhn; L2 1.5, 2.0, 0.5)")
+    p.add_argument("--norm", type=name_arg(canonical_norm), default=None, help="Linf (default) or L2")
+    p.add_argument("--steps", type=int_arg("--steps", min=1), default=steps_default,
+                   help=f"{steps_help} (default {steps_default if steps_default is not None else 'see above'})")
+    p.add_argument("--step-size", "--alpha", dest="step_size", type=number_arg("--step-size"), default=None,
+                   help="step size of each PGD step, in pixel units (default ε/4; above ε only with --force-step-size)")
+    p.add_argument("--force-step-size", action="store_true", default=None,
+                   help="accept a step size above ε")
+
+
+def check_threat(a, eps: float, norm: str) -> None:
+    """The checks of --eps and --step-size that need the norm and the ε actually used."""
+    checks.check_eps(eps, norm, "--eps")
+    if a.step_size is not None:
+        checks.check_step_size(a.step_size, eps, a.steps or 1, "--step-size", bool(a.force_step_size))

@@ -1,19 +1,33 @@
-"""``sirobust list``: every name the other commands accept."""
+"""``sirobust list``: every name the other commands accept, each with a one-line description."""
 from __future__ import annotations
 
 
+def entries() -> list[tuple[str, list[tuple[str, str]]]]:
+    from ..attacks import describe_attack, list_attacks
+    from ..data import get_dataset_info, list_datasets
+    from ..defenses import describe_defense, list_defenses
+    from ..losses import describe_loss, list_losses
+    from ..models import describe_model, list_models
+    return [
+        ("datasets", [(n, get_dataset_info(n).description) for n in list_datasets()]),
+        ("models", [(n, describe_model(n)) for n in list_models()]),
+        ("attacks", [(n, describe_attack(n)) for n in list_attacks()]),
+        ("losses", [(n, describe_loss(n)) for n in list_losses()]),
+        ("defenses", [(n, describe_defense(n)) for n in list_defenses()]),
+        ("norms", [("Linf", "L∞ ball: every pixel moves by at most ε"),
+                   ("L2", "L2 ball: the perturbation's Euclidean norm is at most ε")]),
+    ]
+
+
 def cmd_list(a) -> int:
-    from ..attacks import list_attacks
-    from ..data import list_datasets
-    from ..defenses import list_defenses
-    from ..losses import list_losses
-    from ..models import list_models
-    for what, names in [("datasets", list_datasets()), ("models", list_models()), ("attacks", list_attacks()),
-                        ("losses", list_losses()), ("defenses", list_defenses())]:
-        print(f"{what}: {', '.join(names)}")
+    for what, rows in entries():
+        print(f"{what}:")
+        width = max(len(n) for n, _ in rows)
+        for name, text in rows:
+            print(f"  {name:<{width}}  {text}")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("list", help="list datasets, models, attacks, losses and defenses")
+    p = sub.add_parser("list", help="list datasets, models, attacks, losses, defenses and norms, with what each is")
     p.set_defaults(func=cmd_list)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import (add_common_args, add_data_args, add_output_args, choices_type, optional_store_true, output_path,
-                   parse_list, parse_number, parse_param)
+from .args import (add_common_args, add_data_args, add_output_args, float_arg, int_arg, name_arg, number_arg,
+                   optional_store_true, output_path, parse_list, parse_param)
 
 DEFAULT_OUT = "runs/train"
 
@@ -15,54 +15,78 @@ _FIELD = {"defense_param": "defense_params"}
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Every flag defaults to None ("not given"): TrainConfig supplies the defaults, and ``--resume``
-    takes the run's recorded value for every flag not given."""
+    takes the run's recorded value for every flag not given. Values are checked at parse time."""
     from ..data import list_datasets
-    from ..defenses import list_defenses
-    from ..models import list_models
+    from ..data.registry import canonical_dataset
+    from ..defenses import canonical_defense, list_defenses
+    from ..models import canonical_model, list_models
+    from ..threat import canonical_norm
     from ..train import TrainConfig as C
 
-    p.add_argument("--dataset", type=choices_type(list_datasets(), "dataset"), default=None,
+    p.add_argument("--dataset", type=name_arg(canonical_dataset), default=None,
                    help=f"one of {', '.join(list_datasets())} (default {C.dataset})")
-    p.add_argument("--model", type=choices_type(list_models(), "model"), default=None,
+    p.add_argument("--model", type=name_arg(canonical_model), default=None,
                    help=f"one of {', '.join(list_models())} (default {C.model})")
-    p.add_argument("--defense", type=choices_type(list_defenses(), "defense"), default=None,
+    p.add_argument("--defense", type=name_arg(canonical_defense), default=None,
                    help=f"one of {', '.join(list_defenses())} (default {C.defense})")
     p.add_argument("--defense-param", type=parse_param, action="append", default=None, metavar="KEY=VALUE",
                    help="a defense's own parameter, repeatable: lam=6 (trades, mart, he, alp), alpha=0.5 and "
                         "pairing=mse|l2 (alp), scale=15 and margin=0.2 (he)")
     optional_store_true(p, "--si", help="add the SI mechanism: SI-PGD inner attack + β·CosFace term (paper Sec. 4.3)")
-    p.add_argument("--si-scale", type=float, default=None, help=f"s (default {C.si_scale:g})")
-    p.add_argument("--si-margin", type=float, default=None, help=f"m (default {C.si_margin:g})")
-    p.add_argument("--si-weight", type=float, default=None, help=f"β (default {C.si_weight:g})")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--si-scale", type=float_arg("--si-scale", min=0, min_open=True), default=None,
+                   help=f"s (default {C.si_scale:g})")
+    p.add_argument("--si-margin", type=float_arg("--si-margin", min=0), default=None, help=f"m (default {C.si_margin:g})")
+    p.add_argument("--si-weight", type=float_arg("--si-weight", min=0), default=None, help=f"β (default {C.si_weight:g})")
+    p.add_argument("--epochs", type=int_arg("--epochs", min=1), default=None,
                    help="default: the schedule preset's (120 ResNet, 90 WRN, 30 cnn-small)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"(default {C.batch_size})")
-    p.add_argument("--lr", type=float, default=None, help="default: preset (0.01 ResNet, 0.1 WRN, 0.05 cnn-small)")
-    p.add_argument("--momentum", type=float, default=None, help="default: preset (0.9)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: preset (5e-4 ResNet, 7e-4 WRN)")
+    p.add_argument("--batch-size", type=int_arg("--batch-size", min=1), default=None, help=f"(default {C.batch_size})")
+    p.add_argument("--lr", type=float_arg("--lr", min=0, min_open=True), default=None,
+                   help="default: preset (0.01 ResNet, 0.1 WRN, 0.05 cnn-small)")
+    p.add_argument("--momentum", type=float_arg("--momentum", min=0, max=1, max_open=True), default=None,
+                   help="default: preset (0.9)")
+    p.add_argument("--weight-decay", type=float_arg("--weight-decay", min=0), default=None,
+                   help="default: preset (5e-4 ResNet, 7e-4 WRN)")
     p.add_argument("--milestones", type=lambda s: tuple(int(v) for v in parse_list(s)), default=None,
                    help="comma-separated epochs where lr is divided by 10 (default: preset, rescaled to --epochs)")
     p.add_argument("--schedule", choices=["resnet", "wideresnet", "small"], default=None,
                    help="optimiser preset (default: by model)")
-    p.add_argument("--eps", type=parse_number, default=None, help="training ε, e.g. 8/255 (default: the dataset's)")
-    p.add_argument("--attack-steps", type=int, default=None, help=f"inner PGD steps (default {C.attack_steps})")
-    p.add_argument("--attack-alpha", type=parse_number, default=None, help="inner PGD step size (default ε/4)")
+    p.add_argument("--eps", type=number_arg("--eps"), default=None,
+                   help="training ε in pixel units, e.g. 8/255 (default: the dataset's)")
+    p.add_argument("--norm", type=name_arg(canonical_norm), default=None, help=f"Linf or L2 (default {C.norm})")
+    p.add_argument("--steps", "--attack-steps", dest="attack_steps", type=int_arg("--steps", min=0), default=None,
+                   help=f"steps of the training attack (default {C.attack_steps})")
+    p.add_argument("--step-size", "--attack-alpha", "--alpha", dest="attack_alpha", type=number_arg("--step-size"),
+                   default=None, help="step size of the training attack (default ε/4; above ε only with "
+                                      "--force-step-size)")
+    optional_store_true(p, "--force-step-size", help="accept a step size above ε")
     p.add_argument("--attack-mode", choices=["eval", "train"], default=None,
                    help=f"model mode while making training examples (default {C.attack_mode}, as TRADES)")
-    p.add_argument("--norm", choices=["Linf", "L2"], default=None, help=f"(default {C.norm})")
     p.add_argument("--augment", choices=["none", "crop", "flip", "crop-flip"], default=None,
                    help="default: the dataset's")
-    p.add_argument("--val-size", type=lambda t: int(t) if t.strip().isdigit() else float(t), default=None,
+    p.add_argument("--val-size", type=_val_size, default=None,
                    help=f"held-out share (0.1) or count (500) of the training set (default {C.val_size})")
-    p.add_argument("--val-n", type=int, default=None, help=f"validation examples evaluated per epoch (default {C.val_n})")
-    p.add_argument("--val-steps", type=int, default=None, help=f"PGD steps of the validation attack (default {C.val_steps})")
-    p.add_argument("--train-n", type=int, default=None, help="train on the first n training examples only (quick runs)")
-    p.add_argument("--seed", type=int, default=None, help=f"(default {C.seed})")
+    p.add_argument("--val-n", type=int_arg("--val-n", min=1), default=None,
+                   help=f"validation examples evaluated per epoch (default {C.val_n})")
+    p.add_argument("--val-steps", type=int_arg("--val-steps", min=1), default=None,
+                   help=f"PGD steps of the validation attack (default {C.val_steps})")
+    p.add_argument("--train-n", type=int_arg("--train-n", min=1), default=None,
+                   help="train on the first n training examples only (quick runs)")
+    p.add_argument("--seed", type=int_arg("--seed", min=0), default=None, help=f"(default {C.seed})")
     add_data_args(p, train=True)
     p.add_argument("--device", default=None, help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     add_output_args(p, DEFAULT_OUT, "run folder (metrics.jsonl, model.safetensors, best.safetensors)", resume=True)
     add_common_args(p, device=False)
     optional_store_true(p, "--tensorboard", help="also log per-epoch metrics to OUT/tensorboard")
+
+
+def _val_size(text: str):
+    from ..checks import check_float, check_int
+    try:
+        return check_int("--val-size", int(text), min=1) if text.strip().isdigit() else \
+            check_float("--val-size", float(text), min=0, max=1, min_open=True, max_open=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "--val-size" in str(e) else
+                                         f"--val-size must be a share in (0, 1) or a count >= 1, got {text!r}") from None
 
 
 def train_config_from_args(a, recorded: dict | None = None):

@@ -64,7 +64,8 @@ class DatasetInfo:
     to [0, 1] (the values commonly used with each dataset, e.g. by
     RobustBench); models store them as buffers, so attacks stay in pixel space.
     ``default_eps`` is the customary L∞ budget for the dataset
-    (MNIST 0.3, Fashion-MNIST 0.1, CIFAR/SVHN 8/255) and ``augment`` the
+    (MNIST 0.3, Fashion-MNIST 0.1, CIFAR/SVHN 8/255), ``default_eps_l2`` the L2 one
+    (CIFAR/SVHN 0.5 as in RobustBench, MNIST 2.0, Fashion-MNIST 1.5) and ``augment`` the
     standard training augmentation understood by ``BatchLoader``.
     """
 
@@ -77,6 +78,11 @@ class DatasetInfo:
     default_eps: float
     augment: str
     description: str
+    default_eps_l2: float = 0.5
+
+    def eps_for(self, norm: str) -> float:
+        """The customary budget of this dataset for ``norm`` ("Linf" or "L2"), in pixel units."""
+        return self.default_eps_l2 if norm == "L2" else self.default_eps
 
 
 @dataclass

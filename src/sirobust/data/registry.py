@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from ..checks import resolve_name
 from .base import DATA_ENV_VAR, DatasetInfo, ImageDataset, default_data_dir
 from .cifar import CIFAR_SOURCES, load_cifar_dataset
 from .idx import SPLIT_FILES, load_idx_dataset
@@ -50,17 +51,17 @@ _REGISTRY: dict[str, _Entry] = {
                     "(Krizhevsky 2009)."),
     "fashion-mnist": _entry(
         load_idx_dataset, SPLIT_FILES, name="fashion-mnist", num_classes=10, in_channels=1, image_size=28,
-        mean=_FMNIST_MEAN, std=_FMNIST_STD, default_eps=0.1, augment="flip",
+        mean=_FMNIST_MEAN, std=_FMNIST_STD, default_eps=0.1, default_eps_l2=1.5, augment="flip",
         description="Fashion-MNIST: 60,000 train / 10,000 test 28x28 greyscale Zalando article images, "
                     "10 classes (Xiao et al. 2017)."),
     "fashion-mnist-mini": _entry(
         load_mini_dataset, MINI_SIZES, name="fashion-mnist-mini", num_classes=10, in_channels=1, image_size=28,
-        mean=_FMNIST_MEAN, std=_FMNIST_STD, default_eps=0.1, augment="flip",
+        mean=_FMNIST_MEAN, std=_FMNIST_STD, default_eps=0.1, default_eps_l2=1.5, augment="flip",
         description="Fashion-MNIST subset shipped with sirobust: 6,000 train / 1,000 test images, "
                     "class-balanced (600/100 per class); needs no download."),
     "mnist": _entry(
         load_idx_dataset, SPLIT_FILES, name="mnist", num_classes=10, in_channels=1, image_size=28,
-        mean=(0.1307,), std=(0.3081,), default_eps=0.3, augment="crop",
+        mean=(0.1307,), std=(0.3081,), default_eps=0.3, default_eps_l2=2.0, augment="crop",
         description="MNIST: 60,000 train / 10,000 test 28x28 greyscale handwritten digits (LeCun et al. 1998)."),
     "svhn": _entry(
         load_svhn_dataset, SVHN_FILES, name="svhn", num_classes=10, in_channels=3, image_size=32,
@@ -80,12 +81,12 @@ def list_datasets() -> list[str]:
 
 
 def _lookup(name: str) -> _Entry:
-    if isinstance(name, str):
-        key = name.strip().lower().replace("_", "-")
-        key = _ALIASES.get(key, key)
-        if key in _REGISTRY:
-            return _REGISTRY[key]
-    raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}")
+    return _REGISTRY[resolve_name("dataset", name, _REGISTRY, _ALIASES)]
+
+
+def canonical_dataset(name: str) -> str:
+    """The registry's spelling of ``name`` (case-insensitive; "did you mean" for a typo)."""
+    return resolve_name("dataset", name, _REGISTRY, _ALIASES)
 
 
 def get_dataset_info(name: str) -> DatasetInfo:

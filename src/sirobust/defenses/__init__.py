@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Dict, Optional, Type
 
+from ..checks import resolve_name
 from .alp import ALP
 from .at import AT
 from .base import Defense, InnerAttack
@@ -21,10 +22,17 @@ def list_defenses() -> list[str]:
     return sorted(DEFENSES)
 
 
+def canonical_defense(name: str) -> str:
+    return resolve_name("defense", name, DEFENSES)
+
+
+def describe_defense(name: str) -> str:
+    """The first line of the defense's docstring."""
+    return (DEFENSES[canonical_defense(name)].__doc__ or "").strip().splitlines()[0]
+
+
 def build_defense(name: str, attack: Optional[InnerAttack] = None, si: Optional[SIConfig] = None, **kw) -> Defense:
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; valid defenses: {', '.join(list_defenses())}")
-    cls = DEFENSES[name]
+    cls = DEFENSES[canonical_defense(name)]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "attack", "si")]
     unknown = sorted(set(kw) - set(accepted))
     if unknown:
@@ -34,4 +42,5 @@ def build_defense(name: str, attack: Optional[InnerAttack] = None, si: Optional[
 
 
 __all__ = ["Defense", "InnerAttack", "SIConfig", "si_regulariser", "DEFENSES", "build_defense", "list_defenses",
+           "canonical_defense", "describe_defense",
            "AT", "Standard", "TRADES", "ALP", "MART", "HE"]

@@ -42,6 +42,8 @@ PAIRINGS = {"mse": squared_logit_pairing, "l2": logit_pairing}
 
 
 class ALP(Defense):
+    """ALP: mixed clean/adversarial CE + λ·logit pairing (Kannan et al. 2018), λ = 3."""
+
     name = "alp"
     needs_clean_output = True
 

@@ -10,6 +10,8 @@ from .base import Defense
 
 
 class AT(Defense):
+    """Madry AT: CE on PGD examples (Madry et al. 2018; paper Table 1)."""
+
     name = "at"
 
     def training_loss(self, model, x, x_adv, y, clean, adv):

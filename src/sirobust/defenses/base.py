@@ -82,7 +82,7 @@ class Defense:
         with model_mode(model, self.attack.model_mode):
             return pgd_loop(model, x, y, loss=inner, threat=self.attack.threat, alpha=self.attack.alpha,
                             steps=self.attack.steps, random_start=self.attack.random_start,
-                            early_stop=False, generator=generator)
+                            early_stop=False, noise=generator)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict]:

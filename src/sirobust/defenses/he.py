@@ -56,6 +56,8 @@ class HypersphereLogits(nn.Module):
 
 
 class HE(TRADES):
+    """HE: TRADES on s·cos θ with an angular margin (hypersphere embedding, Pang et al. 2020)."""
+
     name = "he"
 
     def __init__(self, attack=None, si=None, lam: float = 6.0, scale: float = 15.0, margin: float = 0.2):

@@ -42,6 +42,8 @@ def weighted_kl(clean_logits: torch.Tensor, adv_logits: torch.Tensor, y: torch.T
 
 
 class MART(Defense):
+    """MART: boosted CE on PGD examples + λ·KL weighted by 1 − f(x)_y (Wang et al. 2020), λ = 6."""
+
     name = "mart"
     needs_clean_output = True
 

@@ -9,6 +9,8 @@ from .base import Defense
 
 
 class Standard(Defense):
+    """Standard training: CE on clean examples, no adversary (the non-robust baseline)."""
+
     name = "standard"
     uses_attack = False
 

@@ -29,6 +29,8 @@ def kl_clean_adv(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.
 
 
 class TRADES(Defense):
+    """TRADES: CE(f(x)) + λ·KL(f(x) ‖ f(x')) with KL-maximising PGD (Zhang et al. 2019), λ = 6."""
+
     name = "trades"
     needs_clean_output = True
     attack_uses_clean = True

@@ -12,11 +12,14 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..checkpoint import load
+from ..checks import as_names
+from ..defenses import list_defenses
 from ..data import get_dataset_info, load_dataset
 from ..evaluate import evaluate
 from ..io import atomic_write_text, read_json, write_json
@@ -49,43 +52,78 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
                      epochs: Optional[int] = None, out: str = "runs/compare", eval_n: Optional[int] = 1000,
                      steps: int = 20, eps: Optional[float] = None, device: str = "auto", seed: int = 0,
                      progress: bool = True, train_kw: Optional[dict] = None, which: str = "best", mode: str = "new",
-                     log=print) -> dict:
+                     defense_params: Optional[dict] = None, log=print) -> dict:
     """Train and evaluate every (defense, si) pair; returns the table as a dict and writes it to ``out``.
 
     ``out`` is a :class:`~sirobust.runfolder.RunFolder` of kind "compare": ``mode="resume"`` reuses the
     finished runs and resumes a stopped one (the comparison's config must match), ``"overwrite"`` moves
-    an earlier comparison aside, ``"new"`` (default) refuses a folder that holds one.
+    an earlier comparison aside, ``"new"`` (default) refuses a folder that holds one. ``defense_params``
+    maps ``"lam"`` (every defense that takes it) or ``"trades.lam"`` (one defense) to a value.
+
+    Every name and setting is checked, and every run's config resolved, before the first run trains.
     """
-    from ..defenses import list_defenses
-    unknown = [d for d in defenses if d not in list_defenses()]
-    if unknown:
-        raise ValueError(f"unknown defense {', '.join(map(repr, unknown))}; valid defenses: {', '.join(list_defenses())}")
-    info = get_dataset_info(dataset)
-    eps = info.default_eps if eps is None else eps
+    from ..defenses import canonical_defense
+    defenses = [canonical_defense(d) for d in as_names(defenses, "defense", list_defenses())]
+    eps = get_dataset_info(dataset).default_eps if eps is None else eps
+    per_defense = _split_defense_params(defenses, defense_params or {})
     config = {"dataset": dataset, "model": model, "defenses": list(defenses), "si_modes": list(si_modes),
               "epochs": epochs, "eval_n": eval_n, "steps": steps, "eps": eps, "seed": seed, "which": which,
-              "train_kw": train_kw or {}}
+              "train_kw": train_kw or {}, "defense_params": defense_params or {}}
+    runs = _plan(dataset, model, defenses, si_modes, epochs, eps, seed, device, progress, train_kw, per_defense)
+    for _label, cfg in runs:
+        cfg.resolved()  # a bad setting fails here, before any training
     with RunFolder(out, "compare", mode, config=config, log=log) as folder:
         if folder.resumed and folder.record.get("config") is not None:
             diff = config_difference(json.loads(json.dumps(folder.record["config"])), json.loads(json.dumps(config)))
             if diff:
                 raise ConfigMismatch(f"--resume: the comparison in {out} was started with a different configuration "
                                      f"(differs in: {', '.join(diff)}); use the same flags, or --overwrite")
-        return _compare(folder.path, dataset, model, defenses, si_modes, epochs, eval_n, steps, eps, device, seed,
-                        progress, train_kw, which, log)
+        return _compare(folder.path, runs, dataset, model, epochs, eval_n, steps, eps, device, seed, progress,
+                        train_kw or {}, which, log)
 
 
-def _compare(out: Path, dataset, model, defenses, si_modes, epochs, eval_n, steps, eps, device, seed, progress,
-             train_kw, which, log) -> dict:
-    test = load_dataset(dataset, "test")
-    rows = []
+def _split_defense_params(defenses: list, params: dict) -> dict:
+    """{defense: its own parameters} from "key" (every defense that takes it) and "defense.key" entries."""
+    import inspect
+
+    from ..defenses import DEFENSES, canonical_defense
+    out = {d: {} for d in defenses}
+    for key, value in params.items():
+        target, _, name = key.rpartition(".")
+        if target:
+            target = canonical_defense(target)
+            if target not in out:
+                raise ValueError(f"--defense-param {key}: {target!r} is not among the defenses compared "
+                                 f"({', '.join(defenses)})")
+            out[target][name] = value
+            continue
+        takers = [d for d in defenses if name in inspect.signature(DEFENSES[d].__init__).parameters]
+        if not takers:
+            raise ValueError(f"--defense-param {key}: none of {', '.join(defenses)} has a parameter {name!r}")
+        for d in takers:
+            out[d][name] = value
+    return out
+
+
+def _plan(dataset, model, defenses, si_modes, epochs, eps, seed, device, progress, train_kw, per_defense) -> list:
+    """(label, TrainConfig) of every run of the comparison, in order."""
     runs = [("standard", False)] if "standard" in defenses else []
     runs += [(d, s) for d in defenses if d != "standard" for s in si_modes if not (d == "he" and s)]
-    for defense, si in runs:
-        label = run_label(defense, si)
+    return [(run_label(d, si), TrainConfig(dataset=dataset, model=model, defense=d, si=si, epochs=epochs, eps=eps,
+                                           seed=seed, device=device, progress=progress, out="",
+                                           defense_params=per_defense.get(d, {}), **(train_kw or {})))
+            for d, si in runs]
+
+
+def _compare(out: Path, runs, dataset, model, epochs, eval_n, steps, eps, device, seed, progress, train_kw, which,
+             log) -> dict:
+    test = load_dataset(dataset, "test", data_dir=train_kw.get("data_dir"),
+                        accept_checksum_mismatch=train_kw.get("accept_checksum_mismatch", False))
+    rows = []
+    for label, cfg in runs:
         run_dir = out / label.lower()
-        cfg = TrainConfig(dataset=dataset, model=model, defense=defense, si=si, epochs=epochs, out=str(run_dir),
-                          eps=eps, seed=seed, device=device, progress=progress, **(train_kw or {}))
+        cfg = dataclasses.replace(cfg, out=str(run_dir))
+        defense, si = cfg.defense, cfg.si
         log(f"\n[train] {label} -> {run_dir}")
         _train_or_reuse(cfg, log)
         weights = run_dir / ("best.safetensors" if which == "best" else "model.safetensors")

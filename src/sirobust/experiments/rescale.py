@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..evaluate import evaluate
+from ..provenance import model_description
 from ..io import PathLike, write_json
 
 
@@ -62,8 +63,10 @@ def rescale_study(model: nn.Module, data, alphas: Sequence[float], attacks: Sequ
                         **{f"{k}_acc": v.robust_acc for k, v in rep.attacks.items()}})
         if log:
             log(f"α = {alpha:<8g} " + "  ".join(f"{k} {100 * v.robust_acc:6.2f}%" for k, v in rep.attacks.items()))
+    # the model rescaled, not the α wrapper around it (a model of the user's is named by the caller)
+    provenance = {**rep.provenance, "model": (eval_kw.get("provenance") or {}).get("model") or model_description(model)}
     return {"alphas": list(alphas), "attacks": list(attacks), "accuracy": acc, "clean": clean, "rows": reports,
-            "config": rep.config, "environment": rep.environment}
+            "n": rep.n, "config": rep.config, "environment": rep.environment, "provenance": provenance}
 
 
 def format_table(result: dict) -> str:

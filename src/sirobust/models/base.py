@@ -50,6 +50,26 @@ class CosineHead(nn.Linear):
         return super().extra_repr() + f", scale={self.scale}"
 
 
+class SelectOutput(nn.Module):
+    """``model(x)[key]``: adapt a model that returns a tuple or dict (logits plus extras) to one that
+    returns its logits, as attacks need.
+
+    Example::
+
+        model = SelectOutput(hf_model, "logits")      # or SelectOutput(model, 0) for (logits, aux)
+    """
+
+    def __init__(self, model: nn.Module, key):
+        super().__init__()
+        self.model = model
+        self.key = key
+        self.training = model.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return getattr(out, self.key) if isinstance(self.key, str) and hasattr(out, self.key) else out[self.key]
+
+
 class ImageClassifier(nn.Module):
     """Base class of the model zoo.
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Sequence
 
+from ..checks import resolve_name
 from .base import ImageClassifier
 
 _MODELS: Dict[str, Callable[..., ImageClassifier]] = {}
@@ -25,12 +26,20 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def canonical_model(name: str) -> str:
+    return resolve_name("model", name, _MODELS)
+
+
+def describe_model(name: str) -> str:
+    """The first line of the builder's docstring."""
+    return (_MODELS[canonical_model(name)].__doc__ or "").strip().splitlines()[0]
+
+
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> ImageClassifier:
     """Build a zoo model by name. ``mean``/``std`` default to 0/1 per channel
     (no normalisation); pass the dataset's to normalise inside the model."""
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+    name = resolve_name("model", name, _MODELS)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if in_channels < 1:

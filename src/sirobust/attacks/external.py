@@ -1,0 +1,72 @@
+"""Attacks that are not ours: a torchattacks object or any ``(x, y) -> x_adv`` callable.
+
+Users must be able to add any attack to an evaluation (a stronger one lowers the
+worst case). :class:`ExternalAttack` gives such an attack a name and the
+evaluation's threat model; ``evaluate`` then holds its outputs to the same rules
+as ours (ε-ball, [0, 1], shape, finite) and reports, rather than counts, an
+attack that breaks them.
+"""
+from __future__ import annotations
+
+import inspect
+import numbers
+from typing import Callable, Optional
+
+import torch
+
+from ..threat import ThreatModel, make_threat
+
+
+def external_name(fn) -> str:
+    """``torchattacks:PGD`` for an attack object, the function's name for a function."""
+    if inspect.isfunction(fn) or inspect.ismethod(fn):
+        return "callable" if fn.__name__ == "<lambda>" else fn.__name__
+    module = type(fn).__module__.split(".")[0]
+    return type(fn).__name__ if module in ("__main__", "builtins", "functools") else f"{module}:{type(fn).__name__}"
+
+
+def is_torchattacks(fn) -> bool:
+    return type(fn).__module__.split(".")[0] == "torchattacks"
+
+
+class ExternalAttack:
+    """Wrap ``fn(x, y) -> x_adv`` for :func:`sirobust.evaluate`.
+
+    Example::
+
+        evaluate(model, data, attacks=["pgd", torchattacks.APGDT(model, eps=8/255), ("mine", my_fn)], eps=8/255)
+    """
+
+    def __init__(self, fn: Callable, eps: float, norm: str, name: Optional[str] = None):
+        if not callable(fn):
+            raise TypeError(f"an attack must be a name, a sirobust Attack or a callable (x, y) -> x_adv, "
+                            f"got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or external_name(fn)
+        self.threat: ThreatModel = make_threat(norm, eps)
+        self.eps, self.norm = self.threat.eps, self.threat.norm
+        own = getattr(fn, "eps", None)
+        if isinstance(own, numbers.Real) and abs(float(own) - self.eps) > 1e-9:
+            raise ValueError(f"attack {self.name!r} uses ε = {float(own):.6g} but the evaluation is {self.norm} "
+                             f"ε = {self.eps:.6g}: build it with the same ε, so that the worst case means one threat model")
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self.fn(x, y)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"attack {self.name!r} returned a {type(out).__name__}, not a tensor of images")
+        return out.detach()
+
+    def params(self) -> dict:
+        """Whatever simple settings the object exposes (torchattacks: eps, alpha, steps, ...)."""
+        out = {"name": self.name, "external": True, "eps": self.eps, "norm": self.norm,
+               "source": f"{type(self.fn).__module__}.{type(self.fn).__qualname__}"}
+        for key, value in (vars(self.fn).items() if hasattr(self.fn, "__dict__") else ()):
+            if key.startswith("_") or key in out or not isinstance(value, (bool, numbers.Real, str)):
+                continue
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+                value = float(value)
+            out[key] = value
+        return out
+
+    def __repr__(self) -> str:
+        return f"ExternalAttack({self.name}, {self.norm} ε={self.eps:.6g})"

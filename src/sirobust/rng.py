@@ -1,0 +1,127 @@
+"""Random numbers keyed by (seed, stream, example): the same draws whatever the batching.
+
+An evaluation draws each example's random start from a hash of the seed, the
+attack's stream (its name and restart) and the example's index in its dataset,
+never from a generator shared across a batch. So the per-example results of a
+report do not depend on ``--batch-size``, on how many processes share the work,
+on which examples an earlier attack already broke, or on the device (the hash
+is exact integer arithmetic, the same on every backend).
+
+The hash is ``lowbias32`` (C. Wellons, "Hash Prospector"), a bijection on 32-bit
+integers with near-ideal avalanche, written with int64 tensor arithmetic that
+never overflows.
+
+Example::
+
+    noise = KeyedNoise(seed=0, stream="pgd/restart-0", keys=torch.tensor([17, 42]))
+    u = noise.uniform(x)     # (2, C, H, W) in (0, 1): example 17 always gets the same numbers
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional, Union
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+    """x · m mod 2³² for x in [0, 2³²): split m in 16-bit halves so no product exceeds 2⁴⁸."""
+    lo, hi = m & 0xFFFF, m >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on an int64 tensor of values in [0, 2³²)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix_int(v: int) -> int:
+    return int(mix32(torch.tensor([v & _MASK32], dtype=torch.int64))[0])
+
+
+def _word(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def stream_key(seed: int, stream: str) -> int:
+    """One 32-bit word for (seed, stream); seeds of any size are folded in 32-bit pieces."""
+    h = _mix_int(_word(stream))
+    seed = int(seed)
+    for _ in range(4):  # up to 128-bit seeds
+        h = _mix_int(h ^ (seed & _MASK32))
+        seed >>= 32
+    return h
+
+
+class KeyedNoise:
+    """Uniform and Gaussian draws for a batch whose examples have stable integer ``keys`` (B,)."""
+
+    def __init__(self, seed: int, stream: str, keys: torch.Tensor):
+        if keys.dim() != 1:
+            raise ValueError(f"keys must be a 1-D tensor of example indices, got shape {tuple(keys.shape)}")
+        self.seed, self.stream = int(seed), str(stream)
+        keys = keys.to(torch.int64)
+        base = stream_key(self.seed, self.stream)
+        lo, hi = keys & _MASK32, (keys >> 32) & _MASK32
+        self._rows = mix32(mix32(lo ^ base) ^ mix32(hi ^ 0x9E3779B9))  # (B,)
+
+    def subset(self, index: torch.Tensor) -> "KeyedNoise":
+        """The same streams for a subset of the batch (e.g. the examples still being attacked)."""
+        out = KeyedNoise.__new__(KeyedNoise)
+        out.seed, out.stream, out._rows = self.seed, self.stream, self._rows[index.to(self._rows.device)]
+        return out
+
+    def _bits(self, per_example: int, salt: int, device) -> torch.Tensor:
+        rows = self._rows.to(device)
+        cols = mix32(torch.arange(per_example, device=device, dtype=torch.int64) * 2 + 1 ^ mix32(
+            torch.tensor([salt & _MASK32], device=device, dtype=torch.int64)))
+        return mix32(mix32(rows[:, None] ^ cols[None, :]) ^ rows[:, None])  # (B, per_example)
+
+    def uniform(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:
+        """Values in (0, 1), shaped and typed like ``like`` (B, ...)."""
+        b = like.shape[0]
+        per = like[0].numel() if b else 0
+        u = (self._bits(per, salt, like.device).double() + 0.5) / 2.0 ** 32
+        return u.to(like.dtype).reshape(like.shape)
+
+    def normal(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:
+        """Standard Gaussian values (Box–Muller on two keyed uniform streams), shaped like ``like``."""
+        u1 = self.uniform(like.double(), 2 * salt + 101)
+        u2 = self.uniform(like.double(), 2 * salt + 102)
+        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        return z.to(like.dtype)
+
+
+class GeneratorNoise:
+    """The same interface over a ``torch.Generator`` (draws depend on the order of calls)."""
+
+    def __init__(self, generator: Optional[torch.Generator] = None):
+        self.generator = generator
+
+    def subset(self, index: torch.Tensor) -> "GeneratorNoise":
+        return self
+
+    def uniform(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:
+        return torch.rand(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+    def normal(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+
+Noise = Union[KeyedNoise, GeneratorNoise]
+
+
+def as_noise(source) -> Noise:
+    """A noise source from a KeyedNoise/GeneratorNoise, a torch.Generator or None (the global RNG)."""
+    if isinstance(source, (KeyedNoise, GeneratorNoise)):
+        return source
+    if source is None or isinstance(source, torch.Generator):
+        return GeneratorNoise(source)
+    raise TypeError(f"expected a torch.Generator or a noise source, got {type(source).__name__}")
