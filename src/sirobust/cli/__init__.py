@@ -15,7 +15,7 @@ __all__ = ["main", "build_parser", "parse_number", "parse_list", "parse_numbers"
            "train_config_from_args"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     from .. import __version__
     from . import compare, demo, evaluate, listing, rescale, train
     parser = Parser(prog="sirobust", description="Scale-invariant adversarial attacks and defenses.",
