@@ -246,3 +246,13 @@ def test_si_pgd_works_on_a_cosine_head_model_behind_a_wrapper(fmnist_test):
     ref = SIPGD(he, eps=0.1, steps=3, early_stop=False)(x, y)
     got = SIPGD(ScaledLogits(he, 2.0), eps=0.1, steps=3, early_stop=False)(x, y)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+def test_rfgsm_is_a_random_sign_step_then_a_gradient_sign_step(linear_model):
+    """R+FGSM (Tramèr et al.): x + α·sign(N) then a step of ε − α (= α at the default α = ε/2): away from the
+    box edges every pixel moves by exactly 0 or ±ε."""
+    x = torch.full((3, 1, 4, 4), 0.5)
+    y = linear_model(x).argmax(1)
+    out = RFGSM(linear_model, eps=0.1, early_stop=False)(x, y)
+    d = (out - x).abs().flatten()
+    assert torch.all((d < 1e-6) | ((d - 0.1).abs() < 1e-6)) and (d > 0).any() and (d < 1e-6).any()

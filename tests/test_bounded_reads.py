@@ -48,9 +48,36 @@ def _nested_cifar_batch(path: Path) -> None:
     assert path.stat().st_size < 64_000  # the "3.5 KB file that wants 3.4 GB" of the probe, in kind
 
 
-def _svhn_declaring(path: Path, n: int) -> None:
+class _ObjectArray:
+    """Pickles as numpy.ndarray((n,), dtype=object): numpy fills it with None pointers, touching all of it."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __reduce__(self):
+        return (np.ndarray, ((self.n,), np.dtype(object)))
+
+
+class _CopyOf:
+    """Pickles as an array rebuilt from a shared (memoised) raw-bytes state: each one copies it again."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+        return (_reconstruct, (np.ndarray, (0,), b"b"), self.state)
+
+
+def _cifar_batch(path: Path, extra: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], **extra}, f, protocol=2)
+
+
+def _svhn_declaring(path: Path, n: int, dtype=np.uint8) -> None:
     """A compressed .mat whose X declares (32, 32, 3, n): the dims patched inside the zlib stream."""
-    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 1), np.uint8), "y": np.ones((1, 1), np.uint8)},
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 1), dtype), "y": np.ones((1, 1), np.uint8)},
                      do_compression=True)
     raw = bytearray(path.read_bytes())
     pos, out = 128, bytearray(raw[:128])
@@ -85,8 +112,16 @@ def hostile(tmp_path_factory):
     (d / "fashion-mnist" / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + struct.pack(">I", 10))
     (d / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)
     _nested_cifar_batch(d / "cifar10" / "cifar-10-batches-py" / "test_batch")
+    _cifar_batch(d / "objects" / "cifar10" / "cifar-10-batches-py" / "test_batch",
+                 {b"x": _ObjectArray(2 ** 27)})
+    raw = (1, (1 << 20,), np.dtype(np.uint8), False, b"\x00" * (1 << 20))  # 1 MB, stored once
+    _cifar_batch(d / "copies" / "cifar10" / "cifar-10-batches-py" / "test_batch",
+                 {b"x": [_CopyOf(raw) for _ in range(2000)]})  # 2 GB if each copy were made
+    assert (d / "copies" / "cifar10" / "cifar-10-batches-py" / "test_batch").stat().st_size < 2 << 20
     (d / "svhn").mkdir()
     _svhn_declaring(d / "svhn" / "test_32x32.mat", 10_000_000)
+    (d / "double" / "svhn").mkdir(parents=True)
+    _svhn_declaring(d / "double" / "svhn" / "test_32x32.mat", 26_032, np.float64)  # a legal count, 8 bytes each
     model = build_model("cnn-small")
     path = save_model(model, d / "classes.safetensors", model_name="cnn-small")
     from safetensors import safe_open
@@ -115,7 +150,10 @@ PROBE = textwrap.dedent("""
     cases = {
         "idx": lambda: load_dataset("fashion-mnist", "test", data_dir=d),
         "cifar": lambda: load_dataset("cifar10", "test", data_dir=d),
+        "cifar-objects": lambda: load_dataset("cifar10", "test", data_dir=d / "objects"),
+        "cifar-copies": lambda: load_dataset("cifar10", "test", data_dir=d / "copies"),
         "svhn": lambda: load_dataset("svhn", "test", data_dir=d, accept_checksum_mismatch=True),
+        "svhn-double": lambda: load_dataset("svhn", "test", data_dir=d / "double", accept_checksum_mismatch=True),
         "classes": lambda: sirobust.load(d / "classes.safetensors"),
         "int8": lambda: sirobust.load(d / "int8.safetensors"),
         "state": lambda: read_state(d / "train_state.pt"),
@@ -149,7 +187,10 @@ def test_hostile_inputs_are_refused_with_bounded_memory(hostile):
     expect = {
         "idx": ("ValueError", "declares 199999968 bytes of data (dims [255102, 28, 28]), more than the 7840000"),
         "cifar": ("ValueError", "b'labels' must be a list of 1 integers"),
+        "cifar-objects": ("UnpicklingError", "builds an array of dtype object"),
+        "cifar-copies": ("UnpicklingError", "more data than the file holds"),
         "svhn": ("ValueError", "'X' declares shape [32, 32, 3, 10000000]"),
+        "svhn-double": ("ValueError", "'X' must be uint8 and 'y' numeric, found double"),
         "classes": ("CheckpointError", "num_classes=1000000000000 is outside [2, 100000]"),
         "int8": ("CheckpointError", "is I8, but the model needs floating point"),
         "state": ("StateFileError", "compressed record"),

@@ -168,3 +168,44 @@ def test_attack_objects_with_keys_are_independent_of_batching(tiny_net):
     whole = atk(x, y, keys=torch.arange(10))
     halves = torch.cat([atk(x[:4], y[:4], keys=torch.arange(4)), atk(x[4:], y[4:], keys=torch.arange(4, 10))])
     torch.testing.assert_close(whole, halves, rtol=0, atol=0)
+
+
+def test_weights_changed_after_loading_are_hashed_as_they_are_not_as_the_file_was(tmp_path, weights, fmnist_test):
+    import sirobust
+    model = sirobust.load(weights)
+    x, y = fmnist_test[0][:8], fmnist_test[1][:8]
+    rep = evaluate(model, (x, y), attacks=["fgsm"], progress=False)
+    assert rep.provenance["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    with torch.no_grad():
+        model.head.weight.mul_(0.5)  # the file no longer describes what is measured
+    rep = evaluate(model, (x, y), attacks=["fgsm"], progress=False)
+    assert rep.provenance["weights_sha256_of"].startswith("state dict")
+    state = {k: v.detach().contiguous().clone() for k, v in sorted(model.state_dict().items())}
+    assert rep.provenance["weights_sha256"] == hashlib.sha256(safetensors.torch.save(state)).hexdigest()
+
+
+def test_an_external_attack_returning_garbage_is_excluded_not_fatal(trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:20], fmnist_test[1][:20]
+
+    def nan_attack(x, y):
+        return torch.full_like(x, float("nan"))
+
+    def wrong_shape(x, y):
+        return x[:, :, :10]
+
+    rep = evaluate(trained_cnn, (x, y), attacks=["fgsm", ("nan", nan_attack), ("shape", wrong_shape)], eps=0.1,
+                   progress=False)
+    assert rep.attacks["nan"].excluded and "non-finite" in rep.attacks["nan"].note
+    assert rep.attacks["shape"].excluded and "shape" in rep.attacks["shape"].note
+    assert rep.worst_case_robust == [c and f for c, f in zip(rep.clean_correct, rep.attacks["fgsm"].robust)]
+    assert "not keyed" in rep.attacks["nan"].note
+
+
+def test_a_named_attack_object_is_checked_and_left_unchanged(trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:8], fmnist_test[1][:8]
+    big = PGD(trained_cnn, eps=0.5)
+    with pytest.raises(ValueError, match="attack 'big' uses Linf ε = 0.5 but the evaluation is Linf ε = 0.05"):
+        evaluate(trained_cnn, (x, y), attacks=["pgd", ("big", big)], eps=0.05, progress=False)
+    mine = PGD(trained_cnn, eps=0.1, steps=2)
+    rep = evaluate(trained_cnn, (x, y), attacks=[("mine", mine)], eps=0.1, progress=False)
+    assert list(rep.attacks) == ["mine"] and mine.name == "pgd"  # a renamed copy ran; the object is untouched

@@ -55,7 +55,24 @@ def wait_for(proc, predicate, timeout=120.0, lines=None):
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".part")) or p.name == LOCK_NAME)
+    """Debris of killed writes, and a lock still held or not released cleanly (a released lock is empty)."""
+    out = sorted(p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".part")))
+    lock = folder / LOCK_NAME
+    if lock.exists() and (lock.read_bytes() or not _unlocked(lock)):
+        out.append(LOCK_NAME)
+    return out
+
+
+def _unlocked(path: Path) -> bool:
+    import fcntl
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +111,45 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
 
 def test_a_folder_that_holds_other_files_is_never_used_nor_moved(tmp_path):
     (tmp_path / "thesis.tex").write_text("years of work")
-    for mode in ("new", "overwrite", "resume", "continue"):
+    for mode in ("new", "overwrite", "resume"):
         with pytest.raises(RunFolderError, match="holds no sirobust run.*thesis.tex"):
             RunFolder(tmp_path, "train", mode, log=lambda *_: None).claim()
-    assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != LOCK_NAME) == ["thesis.tex"]
+
+
+def test_someone_elses_model_folder_is_not_taken_for_an_old_run(tmp_path):
+    """A folder with config.json and model.safetensors (a Hugging Face model, say) is no sirobust run:
+    --resume and --overwrite must leave it exactly as it is."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"architectures": ["ViT"]}')
+    (hf / "model.safetensors").write_bytes(os.urandom(4096))
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    for kw in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(RunFolderError, match="holds no sirobust run"):
+            fit(small(hf, epochs=1), **kw, **QUIET)
+    assert {p.name: p.read_bytes() for p in hf.iterdir() if p.name != LOCK_NAME} == before
+    assert not any(p.name.startswith("hf.old-") for p in tmp_path.iterdir())
+
+
+def test_resume_of_a_mistyped_folder_creates_nothing_and_a_failed_overwrite_puts_the_old_run_back(tmp_path,
+                                                                                                  monkeypatch):
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        fit(small(tmp_path / "typo", epochs=1), resume=True, **QUIET)
+    assert not (tmp_path / "typo").exists()
+    run = tmp_path / "run"
+    fit(small(run, epochs=1), **QUIET)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK_NAME}
+    import sirobust.train as tr
+
+    def missing(*a, **k):
+        raise FileNotFoundError("the dataset vanished")
+
+    monkeypatch.setattr(tr, "load_dataset", missing)
+    with pytest.raises(FileNotFoundError, match="vanished"):  # fails after the old run was moved aside
+        fit(small(run, epochs=1), overwrite=True, **QUIET)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK_NAME} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_modes_and_kinds(tmp_path):
@@ -105,13 +157,12 @@ def test_modes_and_kinds(tmp_path):
         RunFolder(tmp_path / "a", "train", "resume").claim()
     with RunFolder(tmp_path / "a", "compare", "new", config={"x": 1}) as f:
         assert not f.resumed and (f.path / "run.json").exists()
+        (f.path / "compare.md").write_text("a result")
     with pytest.raises(RunFolderError, match="holds a compare run, not a train run"):
         RunFolder(tmp_path / "a", "train", "overwrite").claim()
-    with RunFolder(tmp_path / "a", "compare", "continue") as f:
+    with RunFolder(tmp_path / "a", "compare", "resume") as f:
         assert f.resumed and f.record["config"] == {"x": 1}
-    with RunFolder(tmp_path / "b", "compare", "continue") as f:
-        assert not f.resumed
-    assert not (tmp_path / "a" / LOCK_NAME).exists()
+    assert leftovers(tmp_path / "a") == []
 
 
 def test_default_outputs_take_a_fresh_name(tmp_path):
@@ -151,27 +202,63 @@ def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
     assert leftovers(run) == []
 
 
-def test_a_stale_lock_is_taken_over_with_a_message(tmp_path):
+@pytest.mark.parametrize("host", ["this", "another-machine"])
+def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, host):
+    """A lock file left by a killed process (here: a dead pid, on this host or another one sharing the
+    folder) holds no flock: the next run takes it over and says whose it was."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    tmp_path.mkdir(exist_ok=True)
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
-                                                  "started": "2026-01-01T00:00:00Z", "command": "sirobust train"}))
+    host = socket.gethostname() if host == "this" else host
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": host, "started": "2026-01-01T00:00:00Z",
+                                                  "command": "sirobust train"}))
     logs = []
     with RunFolder(tmp_path, "train", "new", log=logs.append):
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert any(f"process {dead.pid}" in m and "no longer running" in m for m in logs)
+    assert any(f"process {dead.pid} on {host}" in m and "ended without releasing it" in m for m in logs)
+    assert leftovers(tmp_path) == []
 
 
-def test_a_live_lock_in_this_process_is_refused_and_a_foreign_host_is_trusted(tmp_path):
+def test_a_held_lock_is_refused_by_name(tmp_path):
     lock = FolderLock(tmp_path)
     lock.acquire()
-    with pytest.raises(FolderBusy, match=f"in use by process {os.getpid()}"):
+    with pytest.raises(FolderBusy, match=f"in use by process {os.getpid()} on {socket.gethostname()}"):
         FolderLock(tmp_path).acquire()
     lock.release()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "another-machine", "started": "x"}))
-    with pytest.raises(FolderBusy, match="another-machine.*If that process is gone, delete"):
-        FolderLock(tmp_path).acquire()
+    FolderLock(tmp_path).acquire()
+
+
+RACE = r"""
+import json, os, sys, time
+from pathlib import Path
+from sirobust.runfolder import FolderBusy, FolderLock
+folder, log = Path(sys.argv[1]), Path(sys.argv[2])
+while time.time() < float(sys.argv[3]):
+    pass
+lock = FolderLock(folder)
+try:
+    lock.acquire(log=lambda m: None)
+except FolderBusy:
+    sys.exit(0)
+t0 = time.time(); time.sleep(0.3); t1 = time.time()
+with open(log, "a") as f:
+    f.write(json.dumps([t0, t1]) + "\n")
+lock.release()
+"""
+
+
+def test_contenders_for_a_stale_lock_never_share_the_folder(tmp_path):
+    """Six processes start together on a folder whose lock a killed run left behind; whoever gets in
+    holds it alone (the intervals in which winners held it never overlap), and at least one gets in."""
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "gone", "started": "x"}))
+    log = tmp_path / "held.jsonl"
+    go = time.time() + 8  # all processes spin until this moment (their imports take a few seconds)
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path / "f"), str(log), str(go)]) for _ in range(6)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    spans = sorted(json.loads(line) for line in log.read_text().splitlines())
+    assert spans
+    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        assert a1 <= b0, spans
 
 
 # ----------------------------------------------------------------------------------- resume from any kill

@@ -20,11 +20,10 @@ from typing import Any, Optional
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import safe_open
 
 from .io import PathLike, atomic_write_bytes
 from .models import ImageClassifier, build_model
-from .provenance import file_sha256
 
 FORMAT_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"   # the last epoch's weights
@@ -152,19 +151,32 @@ def _build(args: dict[str, Any]) -> ImageClassifier:
     return model
 
 
-def _check_tensors(path: Path, expected: dict[str, torch.Tensor], name: str) -> None:
-    """Every tensor the model needs is in the file with its shape and dtype, and nothing else is."""
+def _header(data: bytes, path: Path) -> tuple[dict, dict]:
+    """(metadata, tensor entries) from a safetensors file's bytes; the header length is checked first."""
+    if len(data) < 8:
+        raise CheckpointError(f"{path} is not a readable .safetensors file: {len(data)} bytes")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(len(data) - 8, 100 * 2**20):
+        raise CheckpointError(f"{path} is not a readable .safetensors file: its header declares {n} bytes")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable .safetensors file: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a readable .safetensors file: a header that is not a table")
+    meta = header.pop("__metadata__", None) or {}
+    return meta, header
+
+
+def _check_tensors(path: Path, found: dict, expected: dict[str, torch.Tensor], name: str) -> None:
+    """Every tensor the model needs is in the file with its shape and dtype, and nothing else is."""
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"weights in {path} do not match model {name!r} (named in its metadata): "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, t in expected.items():
-        shape, code = found[k]
+        entry = found[k] if isinstance(found[k], dict) else {}
+        shape, code = tuple(entry.get("shape", ())), entry.get("dtype")
         want = _ST_DTYPES.get(t.dtype, str(t.dtype))
         if t.is_floating_point() and code not in _FLOAT_CODES:
             raise CheckpointError(f"{path}: tensor {k!r} is {code}, but the model needs floating point ({want})")
@@ -177,24 +189,33 @@ def _check_tensors(path: Path, expected: dict[str, torch.Tensor], name: str) -> 
 def load(path: PathLike, device: Optional[str | torch.device] = None) -> ImageClassifier:
     """Rebuild a zoo model from a sirobust ``.safetensors`` file or run folder (in eval mode).
 
-    The metadata and every tensor's shape and dtype are checked against the
-    architecture (built on the meta device, which allocates nothing) before any
-    memory is allocated, so a damaged or hostile file is refused with a message.
+    The file is read once: its sha256, header and tensors all come from the same bytes (a save in
+    progress cannot mix two versions). The metadata and every tensor's shape and dtype are checked
+    against the architecture (built on the meta device, which allocates nothing) before the weights
+    are materialised, and the tensors against the checksum recorded when they were saved.
     """
     path = resolve_weights_path(path)
-    meta = read_metadata(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    meta, entries = _header(data, path)
+    if meta.get("sirobust_format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has no sirobust metadata (format {meta.get('sirobust_format')!r}); "
+                              "it was not written by sirobust.save_model")
     args = _build_args(meta, path)
     with torch.device("meta"):
         skeleton = _build(args)
-    _check_tensors(path, skeleton.state_dict(), args["name"])
+    _check_tensors(path, entries, skeleton.state_dict(), args["name"])
     model = _build(args)
     try:
-        state = load_file(str(path), device="cpu")
+        state = safetensors.torch.load(data)
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as e:
         raise CheckpointError(f"weights in {path} do not match model {meta['model']!r}: {e}") from None
     if "tensors_sha256" in meta and tensors_digest(state) != meta["tensors_sha256"]:
         raise CheckpointError(f"{path} is damaged: its tensors do not match the checksum recorded when it was saved")
     # provenance for reports: what the file says, where it was and the sha256 of its bytes
-    model.sirobust_metadata = {**meta, "file": str(path), "file_sha256": file_sha256(path)}
+    model.sirobust_metadata = {**meta, "file": str(path), "file_sha256": hashlib.sha256(data).hexdigest()}
+    del data
     return model.to(device or "cpu").eval()

@@ -22,6 +22,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -39,7 +40,7 @@ from .provenance import environment_info, model_description, precision_of, weigh
 from .report import AttackResult, Report, accuracy
 from .runfolder import command_line, utc_now
 from .sanity import run_checks
-from .threat import canonical_norm
+from .threat import canonical_norm, make_threat
 
 DEFAULT_ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
 AttackSpec = Union[str, Attack, Callable, tuple]
@@ -80,26 +81,29 @@ def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, Optional[str], Option
 # ------------------------------------------------------------------ attacks
 
 def _runners(specs, model, eps, norm, shared: dict, attack_params: dict) -> list:
-    """Each spec as a ready attack (ours or wrapped), with its name; names are checked before anything runs."""
+    """Each spec as a ready attack (ours or wrapped), with its name; names and threat models are checked
+    before anything runs. A user's Attack object is never modified (a ``(name, attack)`` pair renames a copy)."""
     runners, names = [], []
     for spec in specs:
+        name = None
+        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
+            name, spec = spec
         if isinstance(spec, str):
-            name = canonical_attack_name(spec)
+            key = canonical_attack_name(spec)
             try:
-                runner = build_attack(name, model, overrides=attack_params.get(name), **shared)
+                runner = build_attack(key, model, overrides=attack_params.get(key), **shared)
             except FeatureAccessError as e:
-                raise FeatureAccessError(f"attack {name!r} cannot run on this model: {e}") from None
+                raise FeatureAccessError(f"attack {key!r} cannot run on this model: {e}") from None
         elif isinstance(spec, Attack):
-            runner = spec
             if abs(spec.eps - eps) > 1e-12 or spec.norm != norm:
-                raise ValueError(f"attack {spec.name!r} uses {spec.norm} ε = {spec.eps:.6g} but the evaluation is "
-                                 f"{norm} ε = {eps:.6g}: pass eps=/norm= to match, so that the worst case means one "
+                raise ValueError(f"attack {name or spec.name!r} uses {spec.norm} ε = {spec.eps:.6g} but the evaluation "
+                                 f"is {norm} ε = {eps:.6g}: pass eps=/norm= to match, so that the worst case means one "
                                  "threat model")
-        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
-            runner = spec[1] if isinstance(spec[1], Attack) else ExternalAttack(spec[1], eps, norm, name=spec[0])
-            runner.name = spec[0]
+            runner = copy.copy(spec) if name else spec
         else:
-            runner = ExternalAttack(spec, eps, norm)
+            runner = ExternalAttack(spec, eps, norm, name=name)
+        if name:
+            runner.name = name
         if runner.name in names:
             raise ValueError(f"attacks lists {runner.name!r} twice; give callables distinct names with "
                              "(name, callable) pairs")
@@ -184,6 +188,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
     keys_all = torch.tensor(idx_list, dtype=torch.int64)
     shared = dict(eps=eps, alpha=alpha, steps=steps, restarts=restarts, norm=norm, seed=seed, force=force_step_size)
     runners = _runners(specs, model, eps, norm, shared, attack_params or {})
+    threat = make_threat(norm, eps)
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
     was_training = model.training
@@ -202,13 +207,13 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         results: dict[str, AttackResult] = {}
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust
         for atk in runners:
-            results[atk.name] = _run_attack(model, atk, x_all, y_all, keys_all, todo, N, batch_size, device, progress,
-                                            tqdm)
+            results[atk.name] = _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device,
+                                            progress, tqdm)
             if results[atk.name].excluded:
                 flags.append({"name": "attack_left_threat_model", "triggered": True, "value": atk.name,
-                              "message": f"attack {atk.name!r} returned points outside the threat model or [0, 1] "
-                                         f"({results[atk.name].note}); its column is reported but not counted in the "
-                                         "worst case."})
+                              "message": f"attack {atk.name!r} returned points outside the threat model or [0, 1], "
+                                         f"or unusable ones ({results[atk.name].note}); its column is reported but not "
+                                         "counted in the worst case."})
             if log:
                 r = results[atk.name]
                 lo, hi = r.ci95
@@ -249,10 +254,13 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                   clean_correct=clean.tolist())
 
 
-def _run_attack(model, atk, x_all, y_all, keys_all, todo, N, batch_size, device, progress, tqdm) -> AttackResult:
-    """One attack over the clean-correct examples, its outputs checked against the threat model."""
+def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device, progress,
+                tqdm) -> AttackResult:
+    """One attack over the clean-correct examples, its outputs checked against the evaluation's threat
+    model. Ours must pass (a failure is a bug); an external attack's bad outputs are counted, noted, and
+    its column excluded from the worst case."""
     robust = torch.zeros(N, dtype=torch.bool)
-    max_delta, outside = 0.0, 0
+    max_delta, outside, broken = 0.0, 0, ""
     tol = _tolerance(x_all.dtype)
     ours = isinstance(atk, Attack)
     t0 = time.time()
@@ -262,15 +270,19 @@ def _run_attack(model, atk, x_all, y_all, keys_all, todo, N, batch_size, device,
         idx = todo[s:s + batch_size]
         x, y = x_all[idx].to(device), y_all[idx].to(device)
         x_adv = atk(x, y, keys=keys_all[idx].to(device)) if ours else atk(x, y)
-        if x_adv.shape != x.shape:
-            raise ValueError(f"attack {atk.name!r} returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
-        if not torch.isfinite(x_adv).all():
-            raise RuntimeError(f"attack {atk.name!r} returned non-finite pixels")
+        problem = ("shape " + str(tuple(x_adv.shape)) if x_adv.shape != x.shape
+                   else "non-finite pixels" if not torch.isfinite(x_adv).all() else "")
+        if problem:
+            if ours:
+                raise RuntimeError(f"attack {atk.name!r} returned {problem} for inputs {tuple(x.shape)}")
+            broken, outside = problem, outside + len(idx)
+            bar.update(len(idx))
+            continue  # those examples count as not broken by it; the column is excluded anyway
         x_adv = x_adv.to(device=device, dtype=x.dtype)
-        dist = atk.threat.distance(x_adv, x)
-        bad = (dist > atk.eps + tol) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
+        dist = threat.distance(x_adv, x)
+        bad = (dist > threat.eps + tol) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
         if bad.any() and ours:
-            raise RuntimeError(f"attack {atk.name} left the threat model: ‖δ‖ = {dist.max().item()} > ε = {atk.eps}")
+            raise RuntimeError(f"attack {atk.name} left the threat model: ‖δ‖ = {dist.max().item()} > ε = {threat.eps}")
         outside += int(bad.sum())
         max_delta = max(max_delta, dist.max().item())
         with torch.no_grad():
@@ -282,8 +294,15 @@ def _run_attack(model, atk, x_all, y_all, keys_all, todo, N, batch_size, device,
     seconds = time.time() - t0
     k = int(robust.sum())
     acc = accuracy(k, N)
-    note = (f"{outside} of {len(todo)} outputs outside the {atk.norm} ε-ball or [0, 1], max ‖δ‖ = {max_delta:.6g}"
-            if outside else "")
+    note = ""
+    if broken:
+        note = f"returned {broken} for some batches"
+    elif outside:
+        note = (f"{outside} of {len(todo)} outputs outside the {threat.norm} ε-ball or [0, 1], max ‖δ‖ = "
+                f"{max_delta:.6g}")
+    params = {"repr": repr(atk), **_params(atk)}
+    if not ours:
+        note = (note + "; " if note else "") + "its randomness is its own (not keyed per example)"
     return AttackResult(name=atk.name, robust_acc=acc["fraction"], n_robust=k, n=N, ci95=acc["ci95"], seconds=seconds,
-                        max_perturbation=max_delta, params={"repr": repr(atk), **_params(atk)},
-                        robust=robust.tolist(), excluded=outside > 0, note=note)
+                        max_perturbation=max_delta, params=params, robust=robust.tolist(),
+                        excluded=bool(outside or broken), note=note)

@@ -84,13 +84,12 @@ def unwrap_state_dict(obj, path: Path) -> dict:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = list(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
         raise ModelLoadError(f"{path} holds no state dict of tensors (found {keys}); save model.state_dict()")
-    out = {}
-    for k, v in obj.items():
-        for prefix in _PREFIXES:
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+    for _ in range(4):  # DataParallel(compile(model)) and the like: strip a prefix only when every key has it
+        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in obj)), None)
+        if prefix is None:
+            break
+        obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return dict(obj)
 
 
 def load_weights(path) -> dict:

@@ -18,7 +18,7 @@ import math
 import os
 import secrets
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -155,25 +155,33 @@ def remove_temp_files(folder: PathLike) -> list[Path]:
 
 # --------------------------------------------------------------------------- checking outputs first
 
-def _probe_writable(folder: Path, what: str) -> None:
+def _probe_writable(folder: Path, what: str, shown: Optional[Path] = None) -> None:
     """Create and delete a file: the only test that also holds for root and read-only mounts."""
     try:
         tmp = _create_temp(folder / "write-test")
         tmp.unlink(missing_ok=True)  # a concurrent claim of the folder may have cleaned it already
     except OSError as e:
-        raise output_error(folder, e, doing=f"write {what} into") from None
+        raise output_error(shown or folder, e, doing=f"write {what} into") from None
 
 
-def check_output_dir(folder: PathLike, what: str = "results") -> Path:
-    """Make sure ``folder`` is (or can be made) a writable folder; create it. Raises OutputError."""
+def check_output_dir(folder: PathLike, what: str = "results", create: bool = True) -> Path:
+    """Make sure ``folder`` is (or can be made) a writable folder, and create it; with ``create=False``
+    nothing is created: the nearest existing ancestor must be a writable folder. Raises OutputError."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputError(errno.ENOTDIR, f"cannot write {what} into {folder}: it is a file, not a folder")
-    for parent in folder.parents:
+    existing = folder
+    for parent in [folder, *folder.parents]:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(errno.ENOTDIR, f"cannot write {what} into {folder}: {parent} is a file, not a folder")
+            existing = parent
             break
+    if not create:
+        if existing != folder and not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputError(errno.EACCES, f"cannot create the folder {folder}: {existing} is not writable")
+        _probe_writable(existing, what, shown=folder)
+        return folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -182,12 +190,13 @@ def check_output_dir(folder: PathLike, what: str = "results") -> Path:
     return folder
 
 
-def check_output_file(path: PathLike, what: str = "the output") -> Path:
-    """Make sure ``path`` can be written: its folder exists or is made, is writable, and ``path`` is no folder."""
+def check_output_file(path: PathLike, what: str = "the output", create: bool = True) -> Path:
+    """Make sure ``path`` can be written: its folder exists (or is made; with ``create=False`` could be
+    made), is writable, and ``path`` is no folder."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(errno.EISDIR, f"cannot write {what} to {path}: it is a folder (give a file name)")
-    check_output_dir(path.parent, what)
+    check_output_dir(path.parent, what, create)
     return path
 
 
@@ -248,11 +257,15 @@ def append_jsonl(path: PathLike, obj: Any) -> None:
 
 
 def read_jsonl(path: PathLike, max_bytes: int = MAX_JSON_BYTES) -> list:
-    """Read a JSON-lines file, ignoring a torn last line left by a crash."""
+    """Read a JSON-lines file. A torn last line (a crash while appending) is ignored; a bad line
+    anywhere else means the file is damaged, and is an error naming it."""
+    lines = _read_bounded(path, max_bytes).splitlines()
     rows = []
-    for line in _read_bounded(path, max_bytes).splitlines():
+    for i, line in enumerate(lines):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path} is damaged: line {i + 1} is not JSON") from None
     return rows

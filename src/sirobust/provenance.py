@@ -40,11 +40,8 @@ def environment_info() -> dict:
 
 def file_sha256(path) -> str:
     """The sha256 of a file's bytes, as ``sha256sum`` prints it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .data.download import file_digest
+    return file_digest(path, "sha256")
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -55,14 +52,32 @@ def state_dict_sha256(model: nn.Module) -> str:
     return hashlib.sha256(safetensors.torch.save(state)).hexdigest()
 
 
-def weights_identity(model: nn.Module) -> dict:
-    """``weights_sha256`` of the file the model was loaded from (sirobust.load records it), else of its
-    state dict; ``weights_sha256_of`` says which."""
-    for m in (model, getattr(model, "model", None)):
+def _loaded_from_file(model: nn.Module) -> Optional[tuple[nn.Module, dict]]:
+    """The module sirobust.load built and its metadata: ``model`` itself, or the ``.model`` of a wrapper
+    that adds no parameters or buffers of its own (the rescaling study's α·model)."""
+    inner = getattr(model, "model", None)
+    for m in (model, inner):
         meta = getattr(m, "sirobust_metadata", None)
         if isinstance(meta, dict) and meta.get("file_sha256"):
-            return {"weights_sha256": meta["file_sha256"], "weights_sha256_of": "file",
-                    "weights_file": meta.get("file")}
+            if m is inner and set(model.state_dict()) != {f"model.{k}" for k in inner.state_dict()}:
+                return None
+            return m, meta
+    return None
+
+
+def weights_identity(model: nn.Module) -> dict:
+    """``weights_sha256`` of the file the model was loaded from (sirobust.load records it) when its weights
+    still equal the file's (checked against the tensor checksum the file records), else of its state dict;
+    ``weights_sha256_of`` says which."""
+    found = _loaded_from_file(model)
+    if found is not None:
+        m, meta = found
+        if "tensors_sha256" not in meta:
+            return {"weights_sha256": meta["file_sha256"], "weights_file": meta.get("file"),
+                    "weights_sha256_of": "file (not re-verified: the file records no tensor checksum)"}
+        from .checkpoint import tensors_digest
+        if tensors_digest(m.state_dict()) == meta["tensors_sha256"]:
+            return {"weights_sha256": meta["file_sha256"], "weights_sha256_of": "file", "weights_file": meta.get("file")}
     return {"weights_sha256": state_dict_sha256(model), "weights_sha256_of": "state dict (safetensors, sorted keys)",
             "weights_file": None}
 

@@ -4,8 +4,9 @@ An evaluation draws each example's random start from a hash of the seed, the
 attack's stream (its name and restart) and the example's index in its dataset,
 never from a generator shared across a batch. So the per-example results of a
 report do not depend on ``--batch-size``, on how many processes share the work,
-on which examples an earlier attack already broke, or on the device (the hash
-is exact integer arithmetic, the same on every backend).
+or on which examples an earlier attack already broke; the draws themselves are
+also the same on every device (exact integer arithmetic), though the attack's
+floating-point results may differ between devices in the last bits.
 
 The hash is ``lowbias32`` (C. Wellons, "Hash Prospector"), a bijection on 32-bit
 integers with near-ideal avalanche, written with int64 tensor arithmetic that
@@ -78,23 +79,33 @@ class KeyedNoise:
         out.seed, out.stream, out._rows = self.seed, self.stream, self._rows[index.to(self._rows.device)]
         return out
 
-    def _bits(self, per_example: int, salt: int, device) -> torch.Tensor:
-        rows = self._rows.to(device)
-        cols = mix32(torch.arange(per_example, device=device, dtype=torch.int64) * 2 + 1 ^ mix32(
-            torch.tensor([salt & _MASK32], device=device, dtype=torch.int64)))
-        return mix32(mix32(rows[:, None] ^ cols[None, :]) ^ rows[:, None])  # (B, per_example)
+    _CHUNK = 1 << 20  # elements hashed at once: bounds the int64 temporaries to a few MB whatever the batch
+
+    def _uniform(self, shape: tuple, device, dtype: torch.dtype, salt: int) -> torch.Tensor:
+        b = shape[0]
+        per = math.prod(shape[1:]) if b else 0
+        out = torch.empty((b, per), dtype=dtype, device=device)
+        if b == 0 or per == 0:
+            return out.reshape(shape)
+        salt_word = mix32(torch.tensor([salt & _MASK32], device=device, dtype=torch.int64))
+        cols = mix32((torch.arange(per, device=device, dtype=torch.int64) * 2 + 1) ^ salt_word)  # (per,)
+        rows_all = self._rows.to(device)
+        step = max(1, self._CHUNK // per)
+        for i in range(0, b, step):
+            rows = rows_all[i:i + step, None]
+            bits = mix32(mix32(rows ^ cols[None, :]) ^ rows)  # (chunk, per), values in [0, 2^32)
+            out[i:i + step] = ((bits.double() + 0.5) / 2.0 ** 32).to(dtype)
+        return out.reshape(shape)
 
     def uniform(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:
         """Values in (0, 1), shaped and typed like ``like`` (B, ...)."""
-        b = like.shape[0]
-        per = like[0].numel() if b else 0
-        u = (self._bits(per, salt, like.device).double() + 0.5) / 2.0 ** 32
-        return u.to(like.dtype).reshape(like.shape)
+        return self._uniform(tuple(like.shape), like.device, like.dtype, salt)
 
     def normal(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:
         """Standard Gaussian values (Box–Muller on two keyed uniform streams), shaped like ``like``."""
-        u1 = self.uniform(like.double(), 2 * salt + 101)
-        u2 = self.uniform(like.double(), 2 * salt + 102)
+        shape = tuple(like.shape)
+        u1 = self._uniform(shape, like.device, torch.float64, 2 * salt + 101)
+        u2 = self._uniform(shape, like.device, torch.float64, 2 * salt + 102)
         z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
         return z.to(like.dtype)
 

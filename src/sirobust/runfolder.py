@@ -30,7 +30,6 @@ import os
 import shlex
 import socket
 import sys
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,10 +44,7 @@ except ImportError:  # not POSIX: fall back to pid checks alone
 
 LOCK_NAME = ".sirobust.lock"
 RUN_FILE = "run.json"
-MODES = ("new", "resume", "overwrite", "continue")
-# Files that mark a folder as a sirobust run written before run.json existed (0.1.0).
-_LEGACY_MARKERS = {"train_state.pt": "train", "config.json": "train", "metrics.jsonl": "train",
-                   "compare.json": "compare", "rescale.json": "rescale", "demo.json": "demo"}
+MODES = ("new", "resume", "overwrite")
 
 
 class RunFolderError(ValueError):
@@ -80,24 +76,13 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OverflowError:
-        return False
-    return True
-
-
 class FolderLock:
-    """An exclusive lock on a folder: ``LOCK_NAME`` created with O_EXCL and held with flock.
+    """An exclusive lock on a folder: ``flock`` on a lock file that is never renamed or deleted.
 
-    ``flock`` is released by the kernel when its holder dies, however it dies, so a
-    lock file nobody holds is stale; the pid and host written inside are for the
-    messages (and the check on systems without flock).
+    The kernel releases an flock when its holder dies, however it dies, so there is no stale lock
+    to detect or remove, on this machine or another one sharing the folder. The holder writes its
+    pid, host, command and start time into the file once it holds the lock (for the messages) and
+    empties it on release; finding it non-empty means the last holder was killed.
     """
 
     def __init__(self, folder: PathLike):
@@ -109,112 +94,80 @@ class FolderLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def _holder(self) -> Optional[dict]:
+    @staticmethod
+    def _read(fd: int) -> Optional[dict]:
         try:
-            text = self.path.read_text(encoding="utf-8")[:4096]
-            info = json.loads(text)
+            info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
             return info if isinstance(info, dict) and "pid" in info else None
         except (OSError, ValueError):
             return None
 
-    def _unheld(self) -> bool:
-        """True when no process holds an flock on the lock file now (it may still exist)."""
-        if fcntl is None:
-            return False
-        try:
-            fd = os.open(self.path, os.O_RDWR)
-        except FileNotFoundError:
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            return False  # flock unsupported here: rely on the pid
-        finally:
-            os.close(fd)  # closing releases the probe's flock
-        return True
-
-    def _stale(self, info: Optional[dict]) -> Optional[str]:
-        """Why the existing lock is stale, or None when its holder may be alive."""
-        host = socket.gethostname()
-        if info is None:
-            # unreadable content: a holder between creating the file and writing it, or one that died there
-            return "an unfinished lock file nobody holds" if self._unheld() else None
-        if info.get("host") != host:
-            return None  # another machine's process: we cannot see it, so it wins
-        pid = int(info.get("pid", -1))
-        if not _pid_alive(pid):
-            return f"process {pid} on {host} is no longer running"
-        if self._unheld():
-            return f"process {pid} no longer holds it (the pid was reused)"
-        return None
-
     def acquire(self, log: Callable[[str], None] = print, what: str = "folder") -> None:
         """Take the lock or raise :class:`FolderBusy` naming the holder."""
-        for attempt in range(50):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                info = self._holder()
-                why = self._stale(info)
-                if why is None:
-                    if info is None and attempt < 20:
-                        time.sleep(0.05)  # its creator is writing it now
-                        continue
-                    raise FolderBusy(self._busy_message(info, what))
-                log(f"taking over the stale lock {self.path}: {why}")
-                aside = self.path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise OutputError(e.errno, f"cannot create the lock file {self.path}: {e.strerror}") from None
+        try:
+            if fcntl is not None:
                 try:
-                    os.rename(self.path, aside)  # one contender wins this rename; the others retry
-                    aside.unlink(missing_ok=True)
-                except FileNotFoundError:
-                    pass
-                continue
-            except OSError as e:
-                raise OutputError(e.errno, f"cannot create the lock file {self.path}: {e.strerror}") from None
-            try:
-                if fcntl is not None:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError as e:
-                        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                            os.close(fd)  # somebody judged our fresh file stale and locked it: retry
-                            continue
-                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
-                    os.close(fd)  # our file was replaced under us: retry
-                    continue
-                info = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now(),
-                        "command": command_line()}
-                os.write(fd, json.dumps(info).encode())
-                os.fsync(fd)
-            except FileNotFoundError:
-                os.close(fd)
-                continue
-            self._fd = fd
-            return
-        raise FolderBusy(f"could not take the lock {self.path} after repeated tries (another process keeps "
-                         "replacing it)")
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise FolderBusy(self._busy_message(self._read(fd), what)) from None
+                    log(f"warning: {self.path.parent} is on a filesystem without file locks ({e.strerror}): "
+                        "nothing keeps a second process out of it")
+            previous = self._read(fd)
+            if previous is not None:
+                log(f"taking over {self.folder}: its last holder, process {previous.get('pid')} on "
+                    f"{previous.get('host')} ({previous.get('command', '?')}), ended without releasing it")
+            info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now(),
+                               "command": command_line()}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info, 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def _busy_message(self, info: Optional[dict], what: str) -> str:
         if info is None:
-            return (f"{what} {self.folder} is in use: its lock {self.path} is held by another process; wait for it "
+            return (f"{what} {self.folder} is in use: another process holds its lock {self.path}; wait for it "
                     "to finish, or choose another folder")
         return (f"{what} {self.folder} is in use by process {info.get('pid')} on {info.get('host')} since "
                 f"{info.get('started')} ({info.get('command', '?')}); wait for it to finish or choose another "
-                f"folder. If that process is gone, delete {self.path}")
+                "folder")
 
     def release(self) -> None:
         if self._fd is None:
             return
         try:
-            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
-                self.path.unlink()
+            os.ftruncate(self._fd, 0)  # empty: released cleanly
         except OSError:
             pass
         finally:
             os.close(self._fd)  # releases the flock
             self._fd = None
+
+
+def _legacy_kind(folder: Path, names: set) -> Optional[str]:
+    """The kind of a run written before run.json existed (0.1.0), recognised by the content of its
+    files, not their names alone: a folder of someone else's config.json and weights is no run of ours."""
+    if "train_state.pt" in names or "train_state.prev.pt" in names:
+        return "train"
+    shapes = {"config.json": ("train", ("config", "defense", "val_indices")),
+              "compare.json": ("compare", ("rows", "checkpoint")),
+              "rescale.json": ("rescale", ("alphas", "accuracy")), "demo.json": ("demo", ("runs", "comparison"))}
+    for name, (kind, keys) in shapes.items():
+        if name in names:
+            try:
+                content = read_json(folder / name, max_bytes=64 * 2**20)
+            except (OSError, ValueError):
+                continue
+            if isinstance(content, dict) and all(k in content for k in keys):
+                return kind
+    return None
 
 
 def _describe(folder: Path) -> Optional[dict]:
@@ -232,13 +185,13 @@ def _describe(folder: Path) -> Optional[dict]:
         if not isinstance(info, dict) or "kind" not in info:
             raise RunFolderError(f"{record} is not a sirobust run record; choose another folder")
         return info
-    names = {p.name for p in folder.iterdir() if p.name != LOCK_NAME and not p.name.startswith(f".{LOCK_NAME}")}
+    names = {p.name for p in folder.iterdir() if p.name != LOCK_NAME}
     names = {n for n in names if not (n.startswith(".") and n.endswith(".tmp"))}
     if not names:
         return None
-    for marker, kind in _LEGACY_MARKERS.items():
-        if marker in names:
-            return {"kind": kind, "legacy": True}
+    kind = _legacy_kind(folder, names)
+    if kind is not None:
+        return {"kind": kind, "legacy": True}
     raise RunFolderError(f"{folder} is not empty and holds no sirobust run ({', '.join(sorted(names)[:5])}"
                          f"{', ...' if len(names) > 5 else ''}); refusing to write there: choose a new or empty folder")
 
@@ -254,14 +207,19 @@ def aside_name(path: Path) -> Path:
     return candidate
 
 
-def fresh_name(path: PathLike) -> Path:
-    """``path`` if it is free, else the first free ``path-2``, ``path-3``, ... (suffix kept for files)."""
+def fresh_name(path: PathLike, companions: tuple = ()) -> Path:
+    """``path`` if it is free, else the first free ``path-2``, ``path-3``, ... (suffix kept for files).
+    ``companions`` are suffixes of files written beside it (``.md`` beside a report): they must be free too."""
     path = Path(path)
-    if not path.exists():
+
+    def free(p: Path) -> bool:
+        return not p.exists() and not any(p.with_suffix(c).exists() for c in companions)
+
+    if free(path):
         return path
     stem, suffix = (path.stem, path.suffix) if path.suffix and not path.is_dir() else (path.name, "")
     i = 2
-    while path.with_name(f"{stem}-{i}{suffix}").exists():
+    while not free(path.with_name(f"{stem}-{i}{suffix}")):
         i += 1
     return path.with_name(f"{stem}-{i}{suffix}")
 
@@ -270,11 +228,11 @@ class RunFolder:
     """Claim ``path`` for a run of ``kind`` (see the module docstring).
 
     ``mode``: ``"new"`` (the folder must be empty or absent), ``"resume"`` (it must
-    hold a run of this kind), ``"overwrite"`` (a run there is moved aside first) or
-    ``"continue"`` (resume if there is a run of this kind, else start new; for tools
-    like ``compare`` that manage their own sub-runs). ``config`` is recorded in
-    ``run.json`` for a new run. After :meth:`claim`, ``resumed`` says which case it
-    was and ``record`` holds run.json's content.
+    hold a run of this kind) or ``"overwrite"`` (a run there is moved aside first).
+    ``config`` is recorded in ``run.json`` for a new run. After :meth:`claim`,
+    ``resumed`` says which case it was and ``record`` holds run.json's content.
+    A new run that fails before writing anything leaves no trace, and a run it
+    moved aside is put back.
     """
 
     def __init__(self, path: PathLike, kind: str, mode: str = "new", config: Optional[dict] = None,
@@ -303,7 +261,8 @@ class RunFolder:
         self.release()
 
     def _abandon_if_empty(self) -> None:
-        """A new run that failed before writing anything leaves no trace (no run to --resume or --overwrite)."""
+        """A new run that failed before writing anything leaves no trace (no run to --resume or --overwrite);
+        the run --overwrite moved aside for it is put back."""
         try:
             left = {p.name for p in self.path.iterdir()} - {LOCK_NAME, RUN_FILE}
         except OSError:
@@ -311,14 +270,24 @@ class RunFolder:
         if left:
             return
         (self.path / RUN_FILE).unlink(missing_ok=True)
-        if self._created:
-            self.release()
+        if not self._created:
+            return
+        self.release()
+        (self.path / LOCK_NAME).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            return
+        if self.moved_to is not None:
             try:
-                self.path.rmdir()
+                os.rename(self.moved_to, self.path)
+                self.log(f"put the previous run back in {self.path}")
             except OSError:
-                pass
+                self.log(f"the previous run stays in {self.moved_to}")
 
     def claim(self) -> "RunFolder":
+        if self.mode == "resume" and not self.path.is_dir():  # a typo must not create a folder
+            raise RunFolderError(f"nothing to resume: {self.path} does not exist; start without --resume")
         self._created = not self.path.exists()
         check_output_dir(self.path, f"the {self.kind} results")
         self.lock.acquire(self.log, self.what)
@@ -344,7 +313,7 @@ class RunFolder:
             self._move_aside()
             existing = None
         remove_temp_files(self.path)
-        if existing is not None:  # resume / continue
+        if existing is not None:  # resume
             self.resumed = True
             self.record = existing
             return
@@ -374,11 +343,6 @@ class RunFolder:
         finally:
             old.release()
         self.log(f"moved the previous run in {self.path} to {target}")
-
-    def update_record(self, **fields) -> None:
-        """Add fields to run.json (e.g. the config of a legacy run being resumed)."""
-        self.record.update(fields)
-        write_json(self.path / RUN_FILE, self.record)
 
     def release(self) -> None:
         self.lock.release()

@@ -35,7 +35,7 @@ from .io import append_jsonl, atomic_write_text, read_json, read_jsonl, write_js
 from .metrics import correct_mask, eval_mode
 from .models import build_model
 from .provenance import environment_info, file_sha256, precision_of
-from .runfolder import RUN_FILE, ConfigMismatch, RunFolder, command_line, config_difference, utc_now
+from .runfolder import RUN_FILE, ConfigMismatch, RunFolder, RunFolderError, command_line, config_difference, utc_now
 from .statefile import StateFileError, load_state, save_state
 from .threat import canonical_norm
 
@@ -277,6 +277,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     if folder.resumed:
         _check_resumable(cfg, folder)
         state = _load_resume_state(cfg, folder, device, log)
+        if state is None and folder.record.get("legacy"):
+            raise RunFolderError(f"--resume: {out} holds no training checkpoint ({STATE_NAME}) to continue from")
         if state is None:
             log(f"{out} has no checkpoint yet (stopped before its first epoch ended): starting over with its "
                 "recorded config")
@@ -288,8 +290,6 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                         accept_checksum_mismatch=cfg.accept_checksum_mismatch)
     train_ds, val_ds, val_idx = train_val_split(full, cfg.val_size, seed=cfg.seed)
     if cfg.train_n is not None:
-        if cfg.train_n < 1:
-            raise ValueError(f"train_n must be >= 1, got {cfg.train_n}")
         train_ds = train_ds.subset(torch.arange(min(cfg.train_n, len(train_ds))))
     loader = BatchLoader.from_dataset(train_ds, cfg.batch_size, shuffle=True, augment=cfg.augment,
                                       drop_last=False, device=device, seed=cfg.seed)

@@ -128,8 +128,9 @@ class FGSMRS(PGD):
 
 
 class RFGSM(PGD):
-    """R+FGSM (Tramèr et al. 2018), as in torchattacks: a random step α·sign(N(0, I)), then
-    ``steps`` gradient-sign steps of ε − α (α = ε/2, one step, as in the paper)."""
+    """R+FGSM (Tramèr et al. 2018), as torchattacks runs it: a random step α·sign(N(0, I)), then
+    ``steps`` gradient-sign steps of α, projected. The defaults (α = ε/2, one step) are the paper's
+    x' + (ε − α)·sign(∇), since then ε − α = α."""
 
     name = "rfgsm"
     fixed = ("steps", "alpha", "random_start", "force")
@@ -143,6 +144,6 @@ class RFGSM(PGD):
 
     def run(self, x, y, target, noise):
         start = x + self.alpha * (2 * (noise.uniform(x) > 0.5).to(x.dtype) - 1)  # α·sign(N(0, I))
-        return pgd_loop(self.model, x, y, loss=self.loss, threat=self.threat, alpha=self.eps - self.alpha,
+        return pgd_loop(self.model, x, y, loss=self.loss, threat=self.threat, alpha=self.alpha,
                         steps=self.steps, target=target, early_stop=self.early_stop, head=self.head,
                         start=start.clamp(0, 1))

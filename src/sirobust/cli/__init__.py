@@ -51,6 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"sirobust {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sirobust {args.command}: interrupted; every file written so far is complete (the last finished "
-              "checkpoint is kept)", file=sys.stderr)
+        kept = {"train": " (the last finished checkpoint is kept; continue with --resume)",
+                "compare": " (finished runs are kept; continue with --resume)"}.get(args.command, "")
+        print(f"sirobust {args.command}: interrupted; every file written so far is complete{kept}", file=sys.stderr)
         return 130

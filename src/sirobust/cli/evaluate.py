@@ -20,28 +20,32 @@ def report_path(a) -> Path:
     from ..io import check_output_file
     from ..runfolder import fresh_name
     if a.out is None:
-        out = fresh_name(DEFAULT_REPORT)
+        out = fresh_name(DEFAULT_REPORT, companions=(".md",))
     else:
         out = Path(a.out)
         if out.is_dir():
             check_output_file(out, "the report")  # "it is a folder": one message for every command
         if out.suffix != ".json":
             raise ValueError(f"--out must name a .json file (the Markdown table goes beside it), got {out}")
-        if not a.overwrite and out.exists():
-            raise ValueError(f"--out {out} already holds a report; pass --overwrite to replace it, or choose "
+        taken = [p for p in (out, out.with_suffix(".md")) if p.exists()]
+        if taken and not a.overwrite:
+            raise ValueError(f"--out: {taken[0]} already exists; pass --overwrite to replace the report, or choose "
                              "another name")
-    check_output_file(out, "the report")
-    check_output_file(out.with_suffix(".md"), "the report")
+    check_output_file(out, "the report", create=False)  # folders are made when the report is written
+    check_output_file(out.with_suffix(".md"), "the report", create=False)
     return out
 
 
-def attack_settings(a, eps: float, norm: str) -> dict:
+def attack_settings(a, eps: float, norm: str, model=None) -> dict:
     """The keyword arguments of sirobust.evaluate that come from the threat-model flags."""
     settings = dict(eps=eps, norm=norm, steps=a.steps, alpha=a.step_size, restarts=a.restarts, n=a.n,
                     batch_size=a.batch_size, seed=a.seed, force_step_size=bool(a.force_step_size))
     if a.head:
-        from ..attacks import ATTACKS, canonical_attack_name
-        settings["attack_params"] = {canonical_attack_name(n): {"head": a.head} for n in ATTACKS}
+        from ..attacks import ATTACKS
+        from ..foreign import Normalized
+        # --mean/--std put the user's model inside a wrapper: its layer names gain the "model." prefix
+        head = f"model.{a.head}" if isinstance(model, Normalized) and not a.head.startswith("model.") else a.head
+        settings["attack_params"] = {name: {"head": head} for name in ATTACKS}
     return settings
 
 
@@ -59,7 +63,7 @@ def cmd_evaluate(a) -> int:
     report = evaluate(model, ds, attacks=a.attacks, device=device, progress=not a.no_progress,
                       indices=None if idx is None else idx.tolist(), log=print,
                       config={"dataset": ds.name, "split": a.split}, provenance={"split": a.split, **prov},
-                      **attack_settings(a, eps, norm))
+                      **attack_settings(a, eps, norm, model))
     print(report.table())
     for f in report.flags:
         if f["triggered"]:

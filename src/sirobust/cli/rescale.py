@@ -10,21 +10,23 @@ DEFAULT_OUT = "runs/rescale"
 
 def cmd_rescale(a) -> int:
     from ..experiments import rescale
+    from ..io import check_output_dir
     from ..runfolder import RunFolder
     from ..train import pick_device
     out = output_path(a, DEFAULT_OUT)
     alphas = a.alphas if a.alphas else rescale.log_grid(a.alpha_min, a.alpha_max, a.points)
     if any(not v > 0 for v in alphas):
         raise ValueError(f"--alphas must all be > 0 (they multiply the logits), got {alphas}")
+    check_output_dir(out, "the rescale results", create=False)  # before anything else, and creating nothing
+    source = resolve_source(a)  # cheap checks next: a bad flag must not move an earlier run aside
+    eps, norm = threat_settings(a, source)
+    device = pick_device(a.device)
     with RunFolder(out, "rescale", run_mode(a), config={"alphas": alphas}) as folder:
-        source = resolve_source(a)
-        eps, norm = threat_settings(a, source)
-        device = pick_device(a.device)
         model, prov = load_model(a, source, device)
         ds, _ = load_data(a, source)
         result = rescale.rescale_study(model, ds, alphas, attacks=a.attacks, device=device, progress=not a.no_progress,
                                        config={"dataset": ds.name, "split": a.split}, provenance=prov, log=print,
-                                       **attack_settings(a, eps, norm))
+                                       **attack_settings(a, eps, norm, model))
         print(rescale.format_table(result))
         rescale.save(result, folder.path / "rescale.json", folder.path / "rescale.png")
     print(f"results: {out / 'rescale.json'}, plot: {out / 'rescale.png'}")

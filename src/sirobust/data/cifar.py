@@ -21,9 +21,10 @@ archive there (md5-checked, safely extracted next to it); else, with
 from __future__ import annotations
 
 import codecs
+import math
 import pickle
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 import torch
@@ -78,28 +79,91 @@ CIFAR_SOURCES: dict[str, dict] = {
 # --------------------------------------------------------------------------- restricted unpickling
 
 
-def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
-    """The only globals a CIFAR batch may reference, mapped to the real objects.
+_NUMERIC_KINDS = "biuf"  # bool, int, uint, float: what a genuine batch holds
+
+
+class _Budget:
+    """Bytes a load may still materialise. A pickle can call an allowed constructor many times on one
+    memoised argument (a tiny file, gigabytes of copies); every constructor charges what it builds."""
+
+    def __init__(self, limit: int, source: str):
+        self.left, self.source = limit, source
+
+    def charge(self, nbytes: int, what: str) -> None:
+        self.left -= int(nbytes)
+        if self.left < 0:
+            raise pickle.UnpicklingError(f"refusing to load {self.source}: its {what} would make it build more data "
+                                         "than the file holds; the file is malformed or hostile")
+
+
+def _numeric_dtype(dtype, source: str) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"refusing to load {source}: it builds an array of dtype {dtype}, which a "
+                                     "genuine CIFAR batch never holds")
+    return dtype
+
+
+def _allowed_globals(budget: _Budget) -> dict[tuple[str, str], Any]:
+    """The only globals a CIFAR batch may reference, each a guarded stand-in for the real one.
 
     The batches were written by Python 2 with numpy arrays (``numpy.core``
     paths); numpy >= 2 renamed the package to ``numpy._core`` and writes that
-    path, so both spellings map to the same functions.  ``_frombuffer`` is
-    what numpy uses with pickle protocol 5 and ``_codecs.encode`` is how
-    Python 3 writes ``bytes`` with protocol <= 2; both are pure constructors.
+    path, so both spellings are accepted. ``_frombuffer`` is what numpy uses
+    with pickle protocol 5 and ``_codecs.encode`` is how Python 3 writes
+    ``bytes`` with protocol <= 2. Every stand-in refuses non-numeric dtypes
+    (an object array of a declared size is allocated, not read) and charges
+    what it builds to ``budget``; ``numpy.ndarray`` itself cannot be called.
     """
     try:  # numpy >= 2
         from numpy._core import multiarray, numeric
     except ImportError:  # numpy 1.x
         from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    table: dict[tuple[str, str], Callable[..., Any]] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,
+    source = budget.source
+
+    class CountedArray(np.ndarray):
+        """An ndarray whose pickled state (shape, dtype, raw bytes) is checked and charged before it is set."""
+
+        def __setstate__(self, state):
+            if not isinstance(state, tuple) or len(state) < 5:
+                raise pickle.UnpicklingError(f"refusing to load {source}: malformed array state")
+            shape, dtype = state[1], _numeric_dtype(state[2], source)
+            if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise pickle.UnpicklingError(f"refusing to load {source}: malformed array shape")
+            budget.charge(math.prod(shape) * dtype.itemsize, "array")
+            super().__setstate__(state)
+
+    class NdarrayName:
+        """Stands for ``numpy.ndarray`` as the first argument of ``_reconstruct``; calling it is refused."""
+
+        def __call__(self, *args, **kwargs):
+            raise pickle.UnpicklingError(f"refusing to load {source}: it calls numpy.ndarray directly, which a "
+                                         "genuine CIFAR batch never does")
+
+    ndarray_name = NdarrayName()
+
+    def reconstruct(subtype, shape, dtype):
+        if subtype is not ndarray_name or math.prod(shape) > 1:
+            raise pickle.UnpicklingError(f"refusing to load {source}: an unexpected array construction")
+        return multiarray._reconstruct(CountedArray, shape, dtype if isinstance(dtype, bytes) else
+                                       _numeric_dtype(dtype, source))
+
+    def frombuffer(buf, dtype, shape, order):
+        return numeric._frombuffer(buf, _numeric_dtype(dtype, source), shape, order)  # a view: nothing copied
+
+    def encode(obj, encoding="utf-8", errors="strict"):
+        budget.charge(len(obj) if isinstance(obj, str) else 1 << 40, "byte string")
+        return codecs.encode(obj, encoding, errors)
+
+    table: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): ndarray_name,  # only ever an argument of reconstruct
+        ("numpy", "dtype"): lambda *a: _numeric_dtype(np.dtype(*a), source),
+        ("_codecs", "encode"): encode,
     }
     for pkg in ("numpy.core", "numpy._core"):
-        table[(f"{pkg}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{pkg}.multiarray", "_reconstruct")] = reconstruct
         if hasattr(numeric, "_frombuffer"):
-            table[(f"{pkg}.numeric", "_frombuffer")] = numeric._frombuffer
+            table[(f"{pkg}.numeric", "_frombuffer")] = frombuffer
     return table
 
 
@@ -109,22 +173,22 @@ class RestrictedUnpickler(pickle.Unpickler):
     ``find_class`` is the single gate through which a pickle reaches any
     callable (os.system, eval, subprocess...), so refusing there stops an
     attack before anything runs (see the warning in the :mod:`pickle` docs,
-    "Restricting Globals").
+    "Restricting Globals"); the guarded constructors bound what the file can
+    make us allocate to twice its size.
     """
 
-    _ALLOWED = _allowed_globals()
-
-    def __init__(self, file: BinaryIO, *, source: str = "<pickle>"):
+    def __init__(self, file: BinaryIO, *, source: str = "<pickle>", max_bytes: int = 1 << 30):
         # encoding="bytes": Python 2 ``str`` objects come back as bytes, as in
         # the loader snippet on the CIFAR web page.
         super().__init__(file, encoding="bytes")
         self._source = source
+        self._allowed = _allowed_globals(_Budget(max_bytes, source))
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return self._ALLOWED[(module, name)]
+            return self._allowed[(module, name)]
         except KeyError:
-            allowed = ", ".join(sorted({f"{m}.{n}" for m, n in self._ALLOWED}))
+            allowed = ", ".join(sorted({f"{m}.{n}" for m, n in self._allowed}))
             raise pickle.UnpicklingError(
                 f"refusing to load {self._source}: it references the global '{module}.{name}', which a "
                 f"genuine CIFAR batch never does (allowed: {allowed}). The file may be malicious; "
@@ -143,7 +207,7 @@ def restricted_load(path: Union[str, Path], max_bytes: int = MAX_FILE_BYTES) -> 
     if size > max_bytes:
         raise ValueError(f"malformed CIFAR file {path}: {size} bytes, more than the {max_bytes} any CIFAR file has")
     with open(path, "rb") as f:
-        return RestrictedUnpickler(f, source=str(path)).load()
+        return RestrictedUnpickler(f, source=str(path), max_bytes=2 * size + (16 << 20)).load()
 
 
 def _str_keys(obj: Any, path: Path) -> dict[str, Any]:

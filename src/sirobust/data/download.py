@@ -26,13 +26,14 @@ import shutil
 import socket
 import stat
 import tarfile
-import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
+from ..io import fsync_dir
 from .base import DATA_ENV_VAR, ChecksumError, DataNotFoundError
 
 __all__ = ["download_file", "verify_file", "file_digest", "safe_extract", "NETWORK_ERRORS",
@@ -81,22 +82,23 @@ def _mismatch(path: Path, checks: list[tuple[str, str]]) -> Optional[str]:
     return None
 
 
-def _downloaded_by_us(path: Path) -> bool:
-    manifest = path.parent / _MANIFEST
+def _manifest(folder: Path) -> dict:
+    from ..io import read_json
     try:
-        import json
-        return path.name in json.loads(manifest.read_text(encoding="utf-8")[:1 << 20])
+        known = read_json(folder / _MANIFEST, max_bytes=1 << 20)
     except (OSError, ValueError):
-        return False
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _downloaded_by_us(path: Path) -> bool:
+    return path.name in _manifest(path.parent)
 
 
 def _record_download(path: Path, sha256: str) -> None:
     import json
     manifest = path.parent / _MANIFEST
-    try:
-        known = json.loads(manifest.read_text(encoding="utf-8")[:1 << 20]) if manifest.exists() else {}
-    except (OSError, ValueError):
-        known = {}
+    known = _manifest(path.parent)
     known[path.name] = sha256
     from ..io import atomic_write_text
     atomic_write_text(manifest, json.dumps(known, indent=1) + "\n")
@@ -153,12 +155,16 @@ def download_file(url: str, dest: PathLike, md5: Optional[str] = None,
             raise ChecksumError(f"{problem}. It was not downloaded by sirobust, so it was left as it is. "
                                 f"{ACCEPT_HINT} ({url}).")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.*.part"):  # left by a killed download
-        stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    day_ago = time.time() - 86400
+    for stale in dest.parent.glob(f".{dest.name}.*.part"):  # left by a download killed long ago, not a live one
+        try:
+            if stale.stat().st_mtime < day_ago:
+                stale.unlink()
+        except OSError:
+            pass
+    tmp = _new_part_file(dest)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             try:
                 _stream(url, out, dest.name)
             except NETWORK_ERRORS as exc:
@@ -167,18 +173,30 @@ def download_file(url: str, dest: PathLike, md5: Optional[str] = None,
                     f"that file elsewhere and place it at {dest} (exact name '{dest.name}' in folder "
                     f"{dest.parent})."
                 ) from exc
+            out.flush()
+            os.fsync(out.fileno())
         problem = _mismatch(tmp, checks)
         if problem is not None:
             raise ChecksumError(f"{problem.replace(str(tmp), dest.name)} (downloaded from {url}): the download is "
                                 "corrupt or the mirror serves another file; nothing was kept")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; data files get the user's permissions
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
     _record_download(dest, file_digest(dest, "sha256"))
     return dest
+
+
+def _new_part_file(dest: Path) -> Path:
+    """An exclusive temporary file beside ``dest``, created with the user's umask (like any file they make)."""
+    import secrets
+    while True:
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _reason(exc: BaseException) -> str:
@@ -287,15 +305,40 @@ def safe_extract(archive: PathLike, dest: PathLike, max_bytes: int = MAX_EXTRACT
     unsupported archive type, or members that unpack to more than
     ``max_bytes`` in total (a decompression bomb).  File modes are not copied
     (no setuid surprises).  Returns the extracted file paths.
+
+    Everything is first unpacked into a hidden folder inside ``dest`` and moved into
+    place at the end, so a kill mid-way leaves no half-extracted folder behind, and
+    an entry that already exists in ``dest`` (a folder the user may have edited) is
+    never overwritten: that is an error naming it.
     """
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     dest = dest.resolve()
     if zipfile.is_zipfile(archive):
-        return _extract_zip(archive, dest, max_bytes)
-    if tarfile.is_tarfile(archive):
-        return _extract_tar(archive, dest, max_bytes)
-    raise ValueError(f"safe_extract: {archive} is neither a tar nor a zip archive")
+        extract = _extract_zip
+    elif tarfile.is_tarfile(archive):
+        extract = _extract_tar
+    else:
+        raise ValueError(f"safe_extract: {archive} is neither a tar nor a zip archive")
+    import secrets
+    for old in dest.glob(".extract-*"):  # debris of an extraction killed earlier
+        if old.is_dir() and old.stat().st_mtime < time.time() - 3600:
+            shutil.rmtree(old, ignore_errors=True)
+    staging = dest / f".extract-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        written = extract(archive, staging, max_bytes)
+        entries = sorted(staging.iterdir())
+        taken = [e.name for e in entries if (dest / e.name).exists()]
+        if taken:
+            raise ValueError(f"safe_extract: {', '.join(str(dest / t) for t in taken)} already exists (incomplete?); "
+                             f"move it away so that {archive.name} can be extracted there")
+        for e in entries:
+            os.replace(e, dest / e.name)
+        fsync_dir(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [dest / p.relative_to(staging) for p in written]
 
 
 def _check_tar_member(m: tarfile.TarInfo, archive: Path, dest: Path) -> Optional[Path]:

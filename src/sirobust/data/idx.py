@@ -88,12 +88,9 @@ KNOWN_LABEL_COUNTS = {
 
 def _open(path: Path):
     """The file's bytes as a stream, decompressed when it is gzip (decided by content, not by name)."""
-    f = open(path, "rb")
-    if f.read(2) == b"\x1f\x8b":
-        f.seek(0)
-        return gzip.GzipFile(fileobj=f, mode="rb"), True
-    f.seek(0)
-    return f, False
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return (gzip.open(path, "rb"), True) if gz else (open(path, "rb"), False)  # closing it closes the file
 
 
 def _read_exact(stream, n: int, path: Path, problem: str) -> bytes:

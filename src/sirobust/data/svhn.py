@@ -7,8 +7,9 @@ MATLAB v5 files ``train_32x32.mat``, ``test_32x32.mat`` (and
 Read with :func:`scipy.io.loadmat` (no pickle involved).
 
 Lookup: ``data_dir/svhn/`` then ``data_dir/``; the file is md5-checked
-against the published digest (a bad copy is deleted); else, with
-``download=True``, it is downloaded to ``data_dir/svhn/``.
+against the published digest (a mismatch is an error that leaves the file
+alone, unless accepted); else, with ``download=True``, it is downloaded to
+``data_dir/svhn/``. Variable headers are checked before anything is read.
 """
 from __future__ import annotations
 
@@ -55,15 +56,22 @@ def _locate(split: str, data_dir: Path, download: bool, accept_mismatch: bool) -
             not_found_message("svhn", split, [fname], dirs, dest, [url], download, error=exc)) from exc
 
 
+_NUMERIC_CLASSES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "double", "single"}
+
+
 def _check_declared(path: Path, split: str) -> None:
     """Read only the variable headers and refuse sizes no SVHN file has, before loadmat allocates them."""
     try:
-        found = {name: shape for name, shape, _cls in scipy.io.whosmat(path)}
+        found = {name: (shape, cls) for name, shape, cls in scipy.io.whosmat(path)}
     except Exception as exc:  # scipy raises a zoo of types
         raise ValueError(f"malformed SVHN file {path}: cannot read it as a MATLAB v5 file ({exc})") from exc
     if "X" not in found or "y" not in found:
         raise ValueError(f"malformed SVHN file {path}: needs variables 'X' and 'y', found {sorted(found)[:5]}")
-    x, y = tuple(found["X"]), tuple(found["y"])
+    (x, x_cls), (y, y_cls) = found["X"], found["y"]
+    x, y = tuple(x), tuple(y)
+    # the class decides the bytes per element: a double X would be 8x the size its shape suggests
+    if x_cls != "uint8" or y_cls not in _NUMERIC_CLASSES:
+        raise ValueError(f"malformed SVHN file {path}: 'X' must be uint8 and 'y' numeric, found {x_cls} and {y_cls}")
     limit = SVHN_SIZES[split]
     if len(x) != 4 or x[:3] != (32, 32, 3) or x[3] > limit:
         raise ValueError(f"malformed SVHN file {path}: 'X' declares shape {list(x)}; the {split} split is "

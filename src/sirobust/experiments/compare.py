@@ -22,6 +22,7 @@ from ..checks import as_names
 from ..defenses import list_defenses
 from ..data import get_dataset_info, load_dataset
 from ..evaluate import evaluate
+from ..interrupts import RunInterrupted
 from ..io import atomic_write_text, read_json, write_json
 from ..provenance import environment_info
 from ..runfolder import ConfigMismatch, RunFolder, command_line, config_difference
@@ -62,8 +63,12 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
 
     Every name and setting is checked, and every run's config resolved, before the first run trains.
     """
+    from ..checks import check_int, resolve_name
     from ..defenses import canonical_defense
     defenses = [canonical_defense(d) for d in as_names(defenses, "defense", list_defenses())]
+    which = resolve_name("checkpoint", which, ("best", "last"))
+    steps = check_int("steps", steps, min=1)
+    eval_n = None if eval_n is None else check_int("eval_n (--n)", eval_n, min=1)
     eps = get_dataset_info(dataset).default_eps if eps is None else eps
     per_defense = _split_defense_params(defenses, defense_params or {})
     config = {"dataset": dataset, "model": model, "defenses": list(defenses), "si_modes": list(si_modes),
@@ -78,8 +83,13 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
             if diff:
                 raise ConfigMismatch(f"--resume: the comparison in {out} was started with a different configuration "
                                      f"(differs in: {', '.join(diff)}); use the same flags, or --overwrite")
-        return _compare(folder.path, runs, dataset, model, epochs, eval_n, steps, eps, device, seed, progress,
-                        train_kw or {}, which, log)
+        try:
+            return _compare(folder.path, runs, dataset, model, epochs, eval_n, steps, eps, device, seed, progress,
+                            train_kw or {}, which, log)
+        except RunInterrupted as e:  # the run's own message names `sirobust train`; the user ran compare
+            raise RunInterrupted(f"stopped by a signal during the comparison in {out}; every finished run and the "
+                                 "progress of the one in flight are saved. Continue with the same `sirobust compare` "
+                                 "command and --resume", e.signum) from None
 
 
 def _split_defense_params(defenses: list, params: dict) -> dict:
