@@ -35,11 +35,12 @@ from .attacks.external import ExternalAttack
 from .checks import (as_names, check_images, check_int, check_labels, check_step_size, logits_of, model_channels,
                      model_dtype, parse_number)
 from .features import FeatureAccessError, forward_with_features
+from .interrupts import RunInterrupted
 from .modes import model_mode
 from .provenance import environment_info, model_description, precision_of, weights_identity
 from .report import AttackResult, Report, accuracy
 from .runfolder import command_line, utc_now
-from .sanity import run_checks
+from .sanity import check_scale_sensitivity, run_checks
 from .threat import canonical_norm, make_threat
 
 DEFAULT_ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
@@ -130,6 +131,49 @@ def _preflight(model: nn.Module, runners: list, probe: torch.Tensor, num_classes
                 raise FeatureAccessError(f"attack {atk.name!r} cannot run on this model: {e}") from None
 
 
+BLACK_BOX = ("square",)  # attacks that never ask for a gradient
+
+
+def _result_flags(results: dict, n: int) -> list:
+    """Flags that read the results: a black-box attack beating the white-box ones (Croce & Hein's
+    check_square_sr; Carlini et al. 2019), and ensemble stages skipped for want of classes."""
+    flags = []
+    white = [r.robust_acc for name, r in results.items() if name not in BLACK_BOX and not r.excluded
+             and not r.stages]
+    for name, r in results.items():
+        gain = 0.0
+        if name in BLACK_BOX and white:
+            gain = min(white) - r.robust_acc  # below every white-box column
+        for stage in r.stages:
+            if stage["name"] in BLACK_BOX:
+                gain = max(gain, stage["broke"] / n)  # broke points every white-box stage before it missed
+        triggered = gain > 0.002
+        flags.append({"name": "black_box_beats_white_box", "triggered": triggered, "value": gain,
+                      "message": (f"{name}: the black-box Square attack broke {100 * gain:.1f}% of the examples that "
+                                  "the gradient-based attacks could not: a sign of gradient masking, so the white-box "
+                                  "numbers overstate robustness. Run Square with more queries and restarts, or an "
+                                  "adaptive attack (see docs/flags.md).") if triggered else ""} if (
+            name in BLACK_BOX or r.stages) else None)
+        if r.stats.get("skipped"):
+            flags.append({"name": "too_few_classes", "triggered": True, "value": r.stats["skipped"],
+                          "message": f"{name} skipped {'; '.join(r.stats['skipped'])}."})
+    return [f for f in flags if f is not None]
+
+
+def _clean_pass(model, x_all, y_all, batch_size, device, saved) -> torch.Tensor:
+    done = saved.clean() if saved is not None else None
+    if done is not None and len(done) == len(y_all):
+        return torch.tensor(done, dtype=torch.bool)
+    clean = torch.empty(len(y_all), dtype=torch.bool)
+    for s in range(0, len(y_all), batch_size):
+        with torch.no_grad():
+            clean[s:s + batch_size] = (logits_of(model(x_all[s:s + batch_size].to(device))).argmax(1).cpu()
+                                       == y_all[s:s + batch_size])
+    if saved is not None:
+        saved.save_clean(clean.tolist())
+    return clean
+
+
 def _params(atk) -> dict:
     return atk.params() if hasattr(atk, "params") else {"repr": repr(atk)}
 
@@ -142,7 +186,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
              device: Optional[Union[str, torch.device]] = None, progress: bool = True,
              attack_params: Optional[dict] = None, config: Optional[dict] = None,
              indices: Optional[Sequence[int]] = None, log: Optional[Callable[[str], None]] = None,
-             force_step_size: bool = False, provenance: Optional[dict] = None) -> Report:
+             force_step_size: bool = False, provenance: Optional[dict] = None, saved=None, stop=None) -> Report:
     """Evaluate ``model`` on ``data`` under each attack; see the module docstring.
 
     ``eps`` (pixel units; ``"8/255"`` accepted) defaults to the budget of the model's recorded
@@ -151,7 +195,9 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
     recorded (default 0..N-1). ``attack_params`` maps an attack name to its own keyword arguments
     (``{"si-pgd": {"scale": 30}}``). ``provenance`` adds or overrides provenance fields (the CLI
     records the weights file's sha256 and the command there). ``log`` gets a line per attack
-    as soon as it finishes.
+    as soon as it finishes. ``saved`` (an :class:`~sirobust.progress.EvaluationProgress`) keeps every
+    finished batch on disk and reuses what an earlier, stopped call finished; ``stop`` (a
+    :class:`~sirobust.interrupts.StopRequest`) ends the evaluation between two batches.
     """
     from tqdm.auto import tqdm
 
@@ -199,16 +245,12 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         check_labels(y_all, N, num_classes, name="labels")
         _preflight(model, runners, probe_x[:2], num_classes)
         flags = run_checks(model, probe_x, probe_y, was_training)
-        clean = torch.empty(N, dtype=torch.bool)
-        for s in range(0, N, batch_size):
-            with torch.no_grad():
-                clean[s:s + batch_size] = (model(x_all[s:s + batch_size].to(device)).argmax(1).cpu()
-                                           == y_all[s:s + batch_size])
+        clean = _clean_pass(model, x_all, y_all, batch_size, device, saved)
         results: dict[str, AttackResult] = {}
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust
         for atk in runners:
             results[atk.name] = _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device,
-                                            progress, tqdm)
+                                            progress, tqdm, saved, stop)
             if results[atk.name].excluded:
                 flags.append({"name": "attack_left_threat_model", "triggered": True, "value": atk.name,
                               "message": f"attack {atk.name!r} returned points outside the threat model or [0, 1], "
@@ -219,6 +261,10 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                 lo, hi = r.ci95
                 log(f"{atk.name:<14} {100 * r.robust_acc:6.2f}%  [{100 * lo:.1f}, {100 * hi:.1f}]  ({r.seconds:.1f}s)"
                     + ("  EXCLUDED: left the threat model" if r.excluded else ""))
+
+        flags += _result_flags(results, N)
+        flags.append(check_scale_sensitivity(model, x_all[todo[:64]].to(device), y_all[todo[:64]].to(device), eps,
+                                             norm, seed))
 
     worst = clean.clone()
     broken_by: list = [None if c else "clean" for c in clean.tolist()]
@@ -254,44 +300,42 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                   clean_correct=clean.tolist())
 
 
-def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device, progress,
-                tqdm) -> AttackResult:
+def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device, progress_bar,
+                tqdm, saved=None, stop=None) -> AttackResult:
     """One attack over the clean-correct examples, its outputs checked against the evaluation's threat
     model. Ours must pass (a failure is a bug); an external attack's bad outputs are counted, noted, and
-    its column excluded from the worst case."""
+    its column excluded from the worst case. With ``saved`` (an EvaluationProgress) finished batches are
+    read back and new ones written as they finish; ``stop`` (a StopRequest) ends it between batches."""
     robust = torch.zeros(N, dtype=torch.bool)
-    max_delta, outside, broken = 0.0, 0, ""
+    stage_of = torch.full((N,), -1, dtype=torch.long)   # ensembles: the stage that broke each example
+    queries = torch.zeros(N)                            # query-based attacks: queries spent per example
+    max_delta, outside, broken, seconds = 0.0, 0, "", 0.0
     tol = _tolerance(x_all.dtype)
     ours = isinstance(atk, Attack)
-    t0 = time.time()
     # disable=None: the bar turns itself off when stderr is not a terminal (CI logs)
-    bar = tqdm(total=len(todo), desc=atk.name, disable=None if progress else True, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=atk.name, disable=None if progress_bar else True, leave=False,
+               dynamic_ncols=True)
     for s in range(0, len(todo), batch_size):
         idx = todo[s:s + batch_size]
-        x, y = x_all[idx].to(device), y_all[idx].to(device)
-        x_adv = atk(x, y, keys=keys_all[idx].to(device)) if ours else atk(x, y)
-        problem = ("shape " + str(tuple(x_adv.shape)) if x_adv.shape != x.shape
-                   else "non-finite pixels" if not torch.isfinite(x_adv).all() else "")
-        if problem:
-            if ours:
-                raise RuntimeError(f"attack {atk.name!r} returned {problem} for inputs {tuple(x.shape)}")
-            broken, outside = problem, outside + len(idx)
-            bar.update(len(idx))
-            continue  # those examples count as not broken by it; the column is excluded anyway
-        x_adv = x_adv.to(device=device, dtype=x.dtype)
-        dist = threat.distance(x_adv, x)
-        bad = (dist > threat.eps + tol) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
-        if bad.any() and ours:
-            raise RuntimeError(f"attack {atk.name} left the threat model: ‖δ‖ = {dist.max().item()} > ε = {threat.eps}")
-        outside += int(bad.sum())
-        max_delta = max(max_delta, dist.max().item())
-        with torch.no_grad():
-            robust[idx] = (logits_of(model(x_adv)).argmax(1) == y).cpu()
+        done = saved.batch(atk.name, s) if saved is not None else None
+        if done is None:
+            done = _run_batch(model, atk, threat, x_all[idx].to(device), y_all[idx].to(device),
+                              keys_all[idx].to(device), ours, tol, device)
+            if saved is not None:
+                saved.save_batch(atk.name, s, done)
+        robust[idx] = torch.tensor(done["robust"], dtype=torch.bool)
+        if done.get("stages") is not None:
+            stage_of[idx] = torch.tensor(done["stages"], dtype=torch.long)
+        if done.get("queries") is not None:
+            queries[idx] = torch.tensor(done["queries"], dtype=torch.float)
+        max_delta, outside = max(max_delta, done["max_delta"]), outside + done["outside"]
+        broken, seconds = broken or done["broken"], seconds + done["seconds"]
         bar.update(len(idx))
+        if stop is not None and stop.requested and s + batch_size < len(todo):
+            bar.close()
+            raise RunInterrupted(f"stopped by {stop.name} during {atk.name}; every finished batch is saved",
+                                 stop.signum)
     bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.time() - t0
     k = int(robust.sum())
     acc = accuracy(k, N)
     note = ""
@@ -303,6 +347,55 @@ def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size,
     params = {"repr": repr(atk), **_params(atk)}
     if not ours:
         note = (note + "; " if note else "") + "its randomness is its own (not keyed per example)"
+    stats: dict = {}
+    if len(todo) and queries[todo].sum() > 0:
+        q = queries[todo]
+        stats["queries"] = {"mean": q.mean().item(), "max": q.max().item()}
+    stages: list = []
+    broken_by_stage: list = []
+    names = getattr(atk, "stage_names", None)
+    if names is not None:
+        left = len(todo)
+        for i, name in enumerate(names):
+            hit = int((stage_of[todo] == i).sum())
+            left -= hit
+            stages.append({"name": name, "broke": hit, "robust_after": accuracy(left, N)})
+        broken_by_stage = [names[int(v)] if v >= 0 else None for v in stage_of.tolist()]
+        if getattr(atk, "skipped", None):
+            stats["skipped"] = [f"{n}: {why}" for n, why in atk.skipped]
     return AttackResult(name=atk.name, robust_acc=acc["fraction"], n_robust=k, n=N, ci95=acc["ci95"], seconds=seconds,
                         max_perturbation=max_delta, params=params, robust=robust.tolist(),
-                        excluded=bool(outside or broken), note=note)
+                        excluded=bool(outside or broken), note=note, stages=stages, broken_by_stage=broken_by_stage,
+                        stats=stats)
+
+
+def _run_batch(model, atk, threat, x, y, keys, ours: bool, tol: float, device) -> dict:
+    """One batch of one attack: its per-example results, as they are saved for --resume."""
+    t0 = time.time()
+    x_adv = atk(x, y, keys=keys) if ours else atk(x, y)
+    problem = ("shape " + str(tuple(x_adv.shape)) if x_adv.shape != x.shape
+               else "non-finite pixels" if not torch.isfinite(x_adv).all() else "")
+    if problem:
+        if ours:
+            raise RuntimeError(f"attack {atk.name!r} returned {problem} for inputs {tuple(x.shape)}")
+        # those examples count as not broken by it; the column is excluded anyway
+        return {"robust": [True] * len(y), "max_delta": 0.0, "outside": len(y), "broken": problem,
+                "seconds": time.time() - t0}
+    x_adv = x_adv.to(device=device, dtype=x.dtype)
+    dist = threat.distance(x_adv, x)
+    bad = (dist > threat.eps + tol) | (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
+    if bad.any() and ours:
+        raise RuntimeError(f"attack {atk.name} left the threat model: ‖δ‖ = {dist.max().item()} > ε = {threat.eps}")
+    with torch.no_grad():
+        robust = (logits_of(model(x_adv)).argmax(1) == y).cpu()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    out = {"robust": robust.tolist(), "max_delta": dist.max().item(), "outside": int(bad.sum()), "broken": "",
+           "seconds": time.time() - t0}
+    stages = getattr(atk, "last_stages", None)
+    if stages is not None:
+        out["stages"] = stages.cpu().tolist()
+    used = getattr(atk, "queries_used", None)
+    if used is not None and len(used) == len(y):
+        out["queries"] = used.cpu().tolist()
+    return out

@@ -56,6 +56,9 @@ class AttackResult:
     robust: list = field(default_factory=list)  # per evaluated example: still correct after this attack
     excluded: bool = False   # left the threat model: reported, not counted in the worst case
     note: str = ""
+    stages: list = field(default_factory=list)           # ensembles: accuracy after each stage
+    broken_by_stage: list = field(default_factory=list)  # ensembles: the stage that broke each example
+    stats: dict = field(default_factory=dict)            # queries spent, stages skipped, ...
 
 
 @dataclass
@@ -143,6 +146,20 @@ class Report:
             lines.append(f"| {bold}{label}{bold} | {acc['count']}/{acc['n']} | {bold}{100 * acc['fraction']:.2f}{bold} "
                          f"| {100 * lo:.1f}–{100 * hi:.1f} | {'' if seconds is None else f'{seconds:.1f}'} "
                          f"| {'' if delta is None else f'{delta:.6g}'} | {note} |")
+        for r in self.attacks.values():
+            if r.stages:
+                lines += ["", f"### {r.name}: accuracy after each stage", "",
+                          "| stage | broke | robust after | accuracy after (%) | 95% CI (%) |", "|---|---:|---:|---:|---:|"]
+                for st in r.stages:
+                    after = st["robust_after"]
+                    lo, hi = after["ci95"]
+                    lines.append(f"| {st['name']} | {st['broke']} | {after['count']}/{after['n']} | "
+                                 f"{100 * after['fraction']:.2f} | {100 * lo:.1f}–{100 * hi:.1f} |")
+                for why in r.stats.get("skipped", []):
+                    lines.append(f"\nskipped: {why}")
+            if r.stats.get("queries"):
+                q = r.stats["queries"]
+                lines += ["", f"{r.name}: {q['mean']:.0f} queries per example on average, {q['max']:.0f} at most"]
         lines += ["", UPPER_BOUND_NOTE, "", "## Which attack broke each example", ""]
         counts = self.broken_counts()
         lines += [f"- {name}: {k} example{'s' if k != 1 else ''} ({'misclassified without attack' if name == 'clean' else 'first to break them'})"

@@ -69,6 +69,7 @@ class KeyedNoise:
             raise ValueError(f"keys must be a 1-D tensor of example indices, got shape {tuple(keys.shape)}")
         self.seed, self.stream = int(seed), str(stream)
         keys = keys.to(torch.int64)
+        self._keys = keys
         base = stream_key(self.seed, self.stream)
         lo, hi = keys & _MASK32, (keys >> 32) & _MASK32
         self._rows = mix32(mix32(lo ^ base) ^ mix32(hi ^ 0x9E3779B9))  # (B,)
@@ -77,7 +78,16 @@ class KeyedNoise:
         """The same streams for a subset of the batch (e.g. the examples still being attacked)."""
         out = KeyedNoise.__new__(KeyedNoise)
         out.seed, out.stream, out._rows = self.seed, self.stream, self._rows[index.to(self._rows.device)]
+        out._keys = self._keys[index.to(self._keys.device)]
         return out
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys
+
+    def derive(self, name: str) -> "KeyedNoise":
+        """An independent stream for a part of the attack (a target class, an iteration), same examples."""
+        return KeyedNoise(self.seed, f"{self.stream}/{name}", self._keys)
 
     _CHUNK = 1 << 20  # elements hashed at once: bounds the int64 temporaries to a few MB whatever the batch
 
@@ -117,6 +127,9 @@ class GeneratorNoise:
         self.generator = generator
 
     def subset(self, index: torch.Tensor) -> "GeneratorNoise":
+        return self
+
+    def derive(self, name: str) -> "GeneratorNoise":
         return self
 
     def uniform(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:

@@ -31,7 +31,8 @@ def check_randomness(model: nn.Module, x: torch.Tensor) -> dict:
     diff = (model(x) - model(x)).abs().max().item()
     return _flag("random_outputs", diff > 1e-5, diff,
                  f"two identical forward passes differ by up to {diff:.3g}: the model is randomised; plain "
-                 "white-box attacks underestimate such defenses (use expectation over transformation).")
+                 "white-box attacks underestimate such defenses: use aa-rand (APGD with expectation over 20 "
+                 "transformations).")
 
 
 def check_train_mode(was_training: bool) -> dict:
@@ -64,3 +65,44 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, was_training:
         logits = model(x)
     return [check_probabilities(logits), check_randomness(model, x), check_train_mode(was_training),
             *check_gradients(model, x, y)]
+
+
+def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
+                            seed: int = 0, steps: int = 5, alphas=(1e-2, 1e2)) -> dict:
+    """Does rescaling the logits change what PGD-CE measures, while SI-PGD's number stays (paper Sec. 4.1)?
+
+    On the clean-correct examples given (evaluate passes up to 64): PGD-CE and SI-PGD accuracy of ``model`` and of ``α·model`` for
+    each α. A change of more than a point for PGD while SI-PGD moves by at most a point means the CE
+    gradients of this model depend on the logit scale: its PGD numbers may be inflated by saturation."""
+    from .attacks import PGD, SIPGD
+    from .experiments.rescale import ScaledLogits
+    from .features import FeatureAccessError
+    name = "scale_sensitivity"
+    if x.shape[0] == 0 or eps == 0:
+        return _flag(name, False, None, "")
+
+    def acc(m, cls):
+        atk = cls(m, eps=eps, norm=norm, steps=steps, seed=seed)
+        keys = torch.arange(x.shape[0], device=x.device)
+        with torch.no_grad():
+            return (m(atk(x, y, keys=keys)).argmax(1) == y).float().mean().item()
+
+    try:
+        base = {cls: acc(model, cls) for cls in (PGD, SIPGD)}
+        scaled = {cls: [acc(ScaledLogits(model, a), cls) for a in alphas] for cls in (PGD, SIPGD)}
+    except FeatureAccessError:
+        return {"name": name, "triggered": False, "value": None, "message": "",
+                "note": "not checked: SI-PGD cannot run on this model (no linear head)"}
+    # what matters is PGD finding MORE adversarial examples at another scale: then the number measured at
+    # the model's own scale is inflated (a larger α only saturates further, which every model shows)
+    drops = {a: base[PGD] - v for a, v in zip(alphas, scaled[PGD])}
+    worst_alpha = max(drops, key=drops.get)
+    pgd_drop = drops[worst_alpha]
+    si_move = max(abs(v - base[SIPGD]) for v in scaled[SIPGD])
+    value = {"pgd_accuracy": base[PGD], "pgd_accuracy_rescaled": dict(zip(map(str, alphas), scaled[PGD])),
+             "si_pgd_change": si_move, "n": int(x.shape[0])}
+    return _flag(name, pgd_drop > 0.01 and si_move <= 0.01, value,
+                 f"PGD-CE breaks {100 * pgd_drop:.1f} points more examples once the logits are multiplied by "
+                 f"{worst_alpha:g} (SI-PGD changes by {100 * si_move:.1f}): at this model's own logit scale the "
+                 "softmax saturates and CE gradients vanish, so CE-based numbers (pgd, apgd-ce, aa) are inflated; "
+                 "trust si-pgd, apgd-si, aa-si and the worst case.")

@@ -86,6 +86,7 @@ class Attack:
         self.model_mode = resolve_name("model_mode", model_mode, _MODES)
         self.early_stop = bool(early_stop)
         self._generator: Optional[torch.Generator] = None
+        self.current_restart = 0  # which restart :meth:`run` is serving (FAB starts later restarts at random)
 
     # ------------------------------------------------------------------ api
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None, *,
@@ -161,6 +162,7 @@ class Attack:
                 break
             t = None if target is None else target[idx]
             noise = self.noise(x, None if keys is None else keys[idx], restart)
+            self.current_restart = restart
             x_adv = self.run(x[idx], y[idx], t, noise)
             with torch.no_grad():
                 fooled = is_fooled(logits_of(self.model(x_adv)), y[idx], t)

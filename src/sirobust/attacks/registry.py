@@ -6,8 +6,12 @@ from typing import Dict, Optional, Type
 from torch import nn
 
 from ..checks import resolve_name
+from .apgd import APGDCE, APGDDLR, APGDSI, APGDT
+from .autoattack import AutoAttackPlus, AutoAttackRand, AutoAttackSI, AutoAttackStandard
 from .base import Attack
+from .fab import FAB, FABT
 from .pgd import FGSM, FGSMRS, PGD, PGDCW, PGDDLR, RFGSM, SIPGD
+from .square import Square
 
 ATTACKS: Dict[str, Type[Attack]] = {
     "pgd": PGD,
@@ -17,9 +21,21 @@ ATTACKS: Dict[str, Type[Attack]] = {
     "fgsm": FGSM,
     "fgsm-rs": FGSMRS,
     "rfgsm": RFGSM,
+    "apgd-ce": APGDCE,
+    "apgd-dlr": APGDDLR,
+    "apgd-si": APGDSI,
+    "apgd-t": APGDT,
+    "fab": FAB,
+    "fab-t": FABT,
+    "square": Square,
+    "aa": AutoAttackStandard,
+    "aa-plus": AutoAttackPlus,
+    "aa-rand": AutoAttackRand,
+    "aa-si": AutoAttackSI,
 }
 _ALIASES = {"pgdcw": "pgd-cw", "pgdlr": "pgd-dlr", "pgddlr": "pgd-dlr", "sipgd": "si-pgd", "fgsmrs": "fgsm-rs",
-            "r+fgsm": "rfgsm"}
+            "r+fgsm": "rfgsm", "autoattack": "aa", "aa-standard": "aa", "si-apgd": "apgd-si", "apgdt": "apgd-t",
+            "fabt": "fab-t"}
 
 
 def list_attacks() -> list[str]:

@@ -28,6 +28,8 @@ def build_parser() -> Parser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # each result line reaches a pipe or log when printed
     parser = build_parser()
     args = parser.parse_args(argv)
     from ..checkpoint import CheckpointError

@@ -19,15 +19,19 @@ def report_path(a) -> Path:
     """Where the report goes, checked before any work: an existing report is replaced only with --overwrite."""
     from ..io import check_output_file
     from ..runfolder import fresh_name
-    if a.out is None:
-        out = fresh_name(DEFAULT_REPORT, companions=(".md",))
+    if a.out is None and a.resume:
+        out = Path(DEFAULT_REPORT)
+    elif a.out is None:
+        out = fresh_name(DEFAULT_REPORT, companions=(".md", ".evaluation"))
     else:
-        out = Path(a.out)
+        out = Path(a.out or DEFAULT_REPORT)
         if out.is_dir():
             check_output_file(out, "the report")  # "it is a folder": one message for every command
         if out.suffix != ".json":
             raise ValueError(f"--out must name a .json file (the Markdown table goes beside it), got {out}")
         taken = [p for p in (out, out.with_suffix(".md")) if p.exists()]
+        if taken and a.resume:
+            raise ValueError(f"--resume: {taken[0]} exists, so that evaluation finished; nothing to resume")
         if taken and not a.overwrite:
             raise ValueError(f"--out: {taken[0]} already exists; pass --overwrite to replace the report, or choose "
                              "another name")
@@ -49,8 +53,28 @@ def attack_settings(a, eps: float, norm: str, model=None) -> dict:
     return settings
 
 
+def progress_folder(report: Path) -> Path:
+    """Where an evaluation keeps its finished batches until its report is written: r.json -> r.evaluation."""
+    return report.with_suffix(".evaluation")
+
+
+def signature(a, source, eps: float, norm: str, model, prov: dict) -> dict:
+    """Everything that decides an evaluation's results: --resume continues only the same evaluation."""
+    from ..provenance import weights_identity
+    weights = prov.get("weights_sha256") or weights_identity(model)["weights_sha256"]
+    return {"weights_sha256": weights, "model": prov.get("model") or str(source.path), "dataset": source.dataset,
+            "split": a.split, "n": a.n, "eps": eps, "norm": norm, "steps": a.steps, "step_size": a.step_size,
+            "restarts": a.restarts, "seed": a.seed, "batch_size": a.batch_size, "attacks": list(a.attacks),
+            "head": a.head, "mean": a.mean, "std": a.std}
+
+
 def cmd_evaluate(a) -> int:
+    import shutil
+
     from ..evaluate import evaluate
+    from ..interrupts import RunInterrupted, graceful_stop
+    from ..progress import EvaluationProgress
+    from ..runfolder import ConfigMismatch, RunFolder, command_line, config_difference
     from ..train import pick_device
     out = report_path(a)
     source = resolve_source(a)
@@ -58,17 +82,32 @@ def cmd_evaluate(a) -> int:
     device = pick_device(a.device)
     model, prov = load_model(a, source, device)
     ds, idx = load_data(a, source)
-    print(f"evaluating {prov.get('model') or source.path} on {ds.name} ({a.split}), {norm} ε = {eps:.6g}: "
-          f"{', '.join(a.attacks)}")
-    report = evaluate(model, ds, attacks=a.attacks, device=device, progress=not a.no_progress,
-                      indices=None if idx is None else idx.tolist(), log=print,
-                      config={"dataset": ds.name, "split": a.split}, provenance={"split": a.split, **prov},
-                      **attack_settings(a, eps, norm, model))
-    print(report.table())
-    for f in report.flags:
-        if f["triggered"]:
-            print(f"warning [{f['name']}]: {f['message']}")
-    report.save(out)
+    sig = signature(a, source, eps, norm, model, prov)
+    mode = "resume" if a.resume else "overwrite" if a.overwrite else "new"
+    state = progress_folder(out)
+    with RunFolder(state, "evaluate", mode, config=sig, what="evaluation") as folder, graceful_stop() as stop:
+        if folder.resumed:
+            diff = config_difference(folder.record.get("config") or {}, sig)
+            if diff:
+                raise ConfigMismatch(f"--resume: the evaluation in {state} was started with other settings "
+                                     f"(differs in: {', '.join(diff)}); use the same flags, or --overwrite")
+            print(f"resuming the evaluation in {state}")
+        print(f"evaluating {prov.get('model') or source.path} on {ds.name} ({a.split}), {norm} ε = {eps:.6g}: "
+              f"{', '.join(a.attacks)}")
+        try:
+            report = evaluate(model, ds, attacks=a.attacks, device=device, progress=not a.no_progress,
+                              indices=None if idx is None else idx.tolist(), log=print,
+                              config={"dataset": ds.name, "split": a.split}, provenance={"split": a.split, **prov},
+                              saved=EvaluationProgress(folder.path), stop=stop, **attack_settings(a, eps, norm, model))
+        except RunInterrupted as e:
+            again = command_line().replace(" --overwrite", "")
+            raise RunInterrupted(f"{e}; continue with: {again}{'' if a.resume else ' --resume'}", e.signum) from None
+        print(report.table())
+        for f in report.flags:
+            if f["triggered"]:
+                print(f"warning [{f['name']}]: {f['message']}")
+        report.save(out)
+    shutil.rmtree(state, ignore_errors=True)  # the report now holds every result the folder kept
     print(f"report: {out} and {out.with_suffix('.md')}")
     return 0
 
@@ -81,6 +120,10 @@ def register(sub) -> None:
     p.add_argument("--attacks", type=attacks_arg(), default=DEFAULT_ATTACKS.split(","),
                    help=f"comma-separated attack names (default {DEFAULT_ATTACKS}; `sirobust list` shows all)")
     p.add_argument("--out", default=None, help=f"report file (default {DEFAULT_REPORT}; when that exists, the first "
-                                               "free report-2.json, report-3.json, ...); a .md table goes beside it")
-    p.add_argument("--overwrite", action="store_true", help="replace the report --out names if it exists")
+                                               "free report-2.json, report-3.json, ...); a .md table goes beside it, "
+                                               "and finished batches are kept in REPORT.evaluation/ until it is written")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace the report --out names if it exists")
+    group.add_argument("--resume", action="store_true",
+                       help="continue a stopped evaluation of --out, redoing none of its finished batches")
     p.set_defaults(func=cmd_evaluate)

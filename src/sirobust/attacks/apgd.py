@@ -1,0 +1,243 @@
+"""APGD and APGD-T (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble
+of diverse parameter-free attacks", Sec. 3): PGD with momentum whose step size starts at 2ε and is
+halved at checkpoints when the loss has stopped improving; the best point is kept per example.
+
+Any per-example loss of the registry: ``ce`` (APGD-CE), ``dlr`` (APGD-DLR), ``si`` (SI-APGD: the
+paper's scale-invariant loss inside APGD, ours), and ``dlr-targeted`` over the top-k classes (APGD-T).
+
+Example::
+
+    x_adv = APGD(model, eps=8/255, loss="dlr")(x, y)
+    x_adv = APGDT(model, eps=8/255)(x, y)          # targeted DLR, 9 target classes (fewer if K < 10)
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..checks import check_float, check_int, logits_of
+from ..features import find_head
+from ..losses import Loss, get_loss
+from ..threat import ThreatModel, _flat_norm
+from .base import Attack
+from .loop import _checked, is_fooled, objective
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iteration counts after which the step size is checked (paper Sec. 3.2):
+    ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)`` times ``steps``,
+    e.g. 22, 41, 57, 70, 80, 87, 93, 99 for 100 steps (as the reference computes them)."""
+    first, shortest, decrease = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
+    out, length, at = [], first, 0
+    while at + length <= steps:
+        at += length
+        out.append(at)
+        length = max(length - decrease, shortest)
+    return out
+
+
+def halve_step(increases: torch.Tensor, window: int, rho: float, reduced_last: torch.Tensor,
+               best_at_last: torch.Tensor, best_now: torch.Tensor) -> torch.Tensor:
+    """Which examples halve their step size at a checkpoint (paper Eq. 4-5): the loss rose in at most
+    a fraction ρ of the ``window`` steps since the last checkpoint, or the step was not halved there
+    and the best loss has not improved since."""
+    return (increases <= window * rho) | (~reduced_last & (best_at_last >= best_now))
+
+
+def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    return grad.sign() if norm == "Linf" else grad / _flat_norm(grad).clamp_min(1e-12)
+
+
+def _start(x: torch.Tensor, threat: ThreatModel, noise) -> torch.Tensor:
+    """A random point on the sphere of radius ε (the reference's start: t / ‖t‖ · ε), clipped to [0, 1]."""
+    if threat.norm == "Linf":
+        t = 2 * noise.uniform(x) - 1
+        scale = t.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+    else:
+        t = noise.normal(x)
+        scale = _flat_norm(t).clamp_min(1e-12)
+    return (x + threat.eps * t / scale).clamp(0, 1)
+
+
+def _value_and_grad(model, x_adv, y, loss, target, head, eot_iter):
+    """Loss per example, its input gradient (averaged over ``eot_iter`` passes for randomised models), logits."""
+    grad = torch.zeros_like(x_adv)
+    for _ in range(eot_iter):
+        xa = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value, logits = objective(model, xa, y, loss, target, head)
+            g, = torch.autograd.grad(value.sum(), xa)
+        grad += g
+    return value.detach(), _checked(grad / eot_iter, loss), logits.detach()
+
+
+def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, threat: ThreatModel, steps: int,
+             noise, rho: float = 0.75, target: Optional[torch.Tensor] = None, targeted_success: bool = False,
+             head=None, eot_iter: int = 1, early_stop: bool = True) -> torch.Tensor:
+    """One run of APGD from a random start; returns, per example, the first point that fooled the model,
+    else the point of highest loss. With ``early_stop`` a fooled example takes no more steps."""
+    x = x.detach()
+    n = x.shape[0]
+    goal = target if targeted_success else None
+    x_adv = _start(x, threat, noise)
+    value, grad, logits = _value_and_grad(model, x_adv, y, loss, target, head, eot_iter)
+    out = x_adv.clone()                      # the answer per example (first fooling point, or best point)
+    fooled = is_fooled(logits, y, goal)
+    best, best_x, best_grad = value.clone(), x_adv.clone(), grad.clone()
+    step = torch.full((n,) + (1,) * (x.dim() - 1), 2.0 * threat.eps, dtype=x.dtype, device=x.device)
+    checks = set(apgd_checkpoints(steps))
+    window_starts = [0] + sorted(checks)
+    increases = torch.zeros(n, device=x.device)
+    reduced_last = torch.ones(n, dtype=torch.bool, device=x.device)
+    best_at_last = best.clone()
+    prev_value = value.clone()
+    x_prev = x_adv.clone()
+    act = torch.arange(n, device=x.device)   # examples still attacked (all of them without early stop)
+    if early_stop:
+        act = act[~fooled]
+    for i in range(steps):
+        if act.numel() == 0:
+            break
+        xa, xp, xc = x_adv[act], x_prev[act], x[act]
+        with torch.no_grad():
+            a = 0.75 if i > 0 else 1.0
+            z = threat.project(xa + step[act] * _direction(grad[act], threat.norm), xc)
+            x_new = threat.project(xa + a * (z - xa) + (1 - a) * (xa - xp), xc)
+        x_prev[act] = xa
+        x_adv[act] = x_new
+        t = None if target is None else target[act]
+        v, g, lg = _value_and_grad(model, x_new, y[act], loss, t, head, eot_iter)
+        grad[act] = g
+        hit = is_fooled(lg, y[act], None if goal is None else goal[act]) & ~fooled[act]
+        out[act[hit]] = x_new[hit]
+        fooled[act[hit]] = True
+        increases[act] += (v > prev_value[act]).float()
+        prev_value[act] = v
+        better = v > best[act]
+        up = act[better]
+        best[up], best_x[up], best_grad[up] = v[better], x_new[better], g[better]
+        if i + 1 in checks:  # a checkpoint: halve where the loss stalled, restart those from their best point
+            window = (i + 1) - window_starts[window_starts.index(i + 1) - 1]
+            halve = halve_step(increases[act], window, rho, reduced_last[act], best_at_last[act], best[act])
+            h = act[halve]
+            step[h] /= 2
+            x_adv[h], grad[h] = best_x[h], best_grad[h]
+            reduced_last[act] = halve
+            best_at_last[act] = best[act]
+            increases[act] = 0
+        if early_stop:
+            act = act[~fooled[act]]
+    return torch.where(fooled.view(-1, *([1] * (x.dim() - 1))), out, best_x).detach()
+
+
+class APGD(Attack):
+    """APGD (Croce & Hein 2020): momentum PGD with an adaptive step size, 100 steps; any registry loss
+    (apgd-ce, apgd-dlr, apgd-si: SI-APGD).
+
+    Example::
+
+        x_adv = APGD(model, eps=8/255, loss="ce", steps=100)(x, y)
+    """
+
+    name = "apgd"
+    # evaluation-wide settings an APGD preset does not take from the PGD family's defaults
+    fixed: tuple = ("steps", "alpha", "restarts", "random_start", "force")
+
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, steps: int = 100,
+                 loss: Union[str, Loss] = "ce", norm: str = "Linf", restarts: int = 1, seed: Optional[int] = 0,
+                 rho: float = 0.75, eot_iter: int = 1, head=None, model_mode: str = "eval", early_stop: bool = True,
+                 **loss_params):
+        super().__init__(model, eps, norm=norm, restarts=restarts, seed=seed, model_mode=model_mode,
+                         early_stop=early_stop)
+        self.steps = check_int("steps", steps, min=1)
+        self.rho = check_float("rho", rho, min=0, max=1)
+        self.eot_iter = check_int("eot_iter", eot_iter, min=1)
+        self.loss = get_loss(loss, **loss_params)
+        self.head = head
+        if self.loss.needs_features:
+            find_head(model, head)
+
+    def run(self, x, y, target, noise):
+        return apgd_run(self.model, x, y, loss=self.loss, threat=self.threat, steps=self.steps, noise=noise,
+                        rho=self.rho, target=target, targeted_success=target is not None, head=self.head,
+                        eot_iter=self.eot_iter, early_stop=self.early_stop)
+
+    def params(self) -> dict:
+        return {**super().params(), "steps": self.steps, "rho": self.rho, "eot_iter": self.eot_iter,
+                "loss": {"name": self.loss.name, **self.loss.params}, "first_step": f"2ε = {2 * self.eps:.6g}",
+                "checkpoints": apgd_checkpoints(self.steps)}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(eps={self.eps:.6g}, norm={self.norm}, steps={self.steps}, "
+                f"loss={self.loss.name}, restarts={self.restarts})")
+
+
+class APGDT(APGD):
+    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, once per target among the top-k classes
+    (k = 9, or K − 1 for a model with fewer classes); an example is broken when any target run fools it."""
+
+    name = "apgd-t"
+
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, steps: int = 100, n_targets: int = 9, **kw):
+        kw.pop("loss", None)
+        super().__init__(model, eps, steps=steps, loss="dlr-targeted", **kw)
+        self.n_targets = check_int("n_targets", n_targets, min=1)
+
+    def run(self, x, y, target, noise):
+        if target is not None:
+            raise ValueError("apgd-t chooses its own targets (the top-k classes); for one target use APGD "
+                             "with loss='dlr-targeted'")
+        with torch.no_grad():
+            order = logits_of(self.model(x)).argsort(1, descending=True)  # (B, K), the true class usually first
+        k = min(self.n_targets, order.shape[1] - 1)
+        out, robust = x.clone(), torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        for j in range(k):
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            targets = order[idx, j + 1]  # the (j+2)-th most likely class, as the reference picks them
+            adv = apgd_run(self.model, x[idx], y[idx], loss=self.loss, threat=self.threat, steps=self.steps,
+                           noise=noise.subset(idx).derive(f"target-{j + 1}"), rho=self.rho, target=targets,
+                           targeted_success=False, head=self.head, eot_iter=self.eot_iter,
+                           early_stop=self.early_stop)
+            with torch.no_grad():
+                hit = is_fooled(logits_of(self.model(adv)), y[idx])
+            out[idx[hit]] = adv[hit]
+            robust[idx[hit]] = False
+        return out
+
+    def params(self) -> dict:
+        return {**super().params(), "n_targets": self.n_targets}
+
+
+class APGDCE(APGD):
+    """APGD on the cross-entropy (APGD-CE, the first attack of AutoAttack)."""
+
+    name = "apgd-ce"
+
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, **kw):
+        kw.pop("loss", None)
+        super().__init__(model, eps, loss="ce", **kw)
+
+
+class APGDDLR(APGD):
+    """APGD on the DLR loss (APGD-DLR), invariant to shifts and rescaling of the logits; needs 3+ classes."""
+
+    name = "apgd-dlr"
+
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, **kw):
+        kw.pop("loss", None)
+        super().__init__(model, eps, loss="dlr", **kw)
+
+
+class APGDSI(APGD):
+    """SI-APGD (ours): APGD on the paper's scale-invariant loss CE(s·cos θ, y), s = 15."""
+
+    name = "apgd-si"
+
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, scale: float = 15.0, **kw):
+        kw.pop("loss", None)
+        check_float("scale", scale, min=0, min_open=True)
+        super().__init__(model, eps, loss="si", scale=scale, **kw)

@@ -1,0 +1,255 @@
+"""AutoAttack-grade evaluation: APGD, APGD-T, FAB(-T), Square and the ensembles. The same properties as
+for PGD, the schedules against hand-computed values, FAB's exact answer on linear classifiers, the
+ensemble's stages and skips, the scale-invariant ensemble on rescaled logits, and resumable evaluation."""
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+from torch import nn
+
+from sirobust.attacks import AutoAttack, build_attack
+from sirobust.attacks.apgd import apgd_checkpoints, halve_step
+from sirobust.attacks.fab import fab_minimal, project_onto_hyperplane
+from sirobust.attacks.square import square_p, square_side
+from sirobust.evaluate import evaluate
+from sirobust.experiments.rescale import ScaledLogits
+
+from conftest import TinyNet
+
+# small budgets: the properties do not depend on them
+CHEAP = {"apgd-ce": {"steps": 8}, "apgd-dlr": {"steps": 8}, "apgd-si": {"steps": 8},
+         "apgd-t": {"steps": 5, "n_targets": 2}, "fab": {"steps": 5}, "fab-t": {"steps": 5, "n_targets": 2},
+         "square": {"queries": 30}}
+NEW = list(CHEAP) + ["aa", "aa-si"]
+
+
+def cheap(name, model, **kw):
+    if name.startswith("aa"):
+        stages = AutoAttack(model, eps=0.1, version="si" if name == "aa-si" else "standard").stage_names
+        return build_attack(name, model, overrides={"stage_params": {k: CHEAP[k] for k in stages}}, **kw)
+    return build_attack(name, model, overrides=CHEAP[name], **kw)
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 8 / 255), ("Linf", 0.3), ("L2", 0.5)])
+@pytest.mark.parametrize("name", NEW)
+def test_new_attacks_keep_every_guarantee(name, norm, eps):
+    model = TinyNet().train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 1, 12, 12, generator=g)
+    y = torch.randint(0, 10, (6,), generator=g)
+    x0, y0 = x.clone(), y.clone()
+    atk = cheap(name, model, eps=eps, norm=norm, seed=1)
+    out = atk(x, y, keys=torch.arange(6))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= 0 and out.max() <= 1
+    assert (atk.threat.distance(out, x) <= eps + 1e-6).all()
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert model.training  # restored
+    assert all(p.grad is None for p in model.parameters())
+    again = cheap(name, model, eps=eps, norm=norm, seed=1)(x, y, keys=torch.arange(6))
+    torch.testing.assert_close(out, again, rtol=0, atol=0)  # a seed and keys decide everything
+    parts = torch.cat([cheap(name, model, eps=eps, norm=norm, seed=1)(x[:2], y[:2], keys=torch.arange(2)),
+                       cheap(name, model, eps=eps, norm=norm, seed=1)(x[2:], y[2:], keys=torch.arange(2, 6))])
+    assert ((model.eval()(parts).argmax(1) == y) == (model(out).argmax(1) == y)).all()  # batching changes no verdict
+
+
+def test_apgd_checkpoints_are_the_papers():
+    # p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), p_1 = 0.22 (Croce & Hein 2020, Sec. 3.2)
+    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert apgd_checkpoints(10) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert apgd_checkpoints(1000) == [220, 410, 570, 700, 800, 870, 930, 990]
+
+
+def test_apgd_halving_condition():
+    # window of 10 steps, ρ = 0.75: halve when the loss rose in at most 7.5 of them,
+    # or when the step was not halved last time and the best loss has not improved
+    inc = torch.tensor([7.0, 8.0, 8.0, 8.0])
+    reduced_last = torch.tensor([False, False, True, False])
+    best_then = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    best_now = torch.tensor([2.0, 1.0, 1.0, 1.5])
+    assert halve_step(inc, 10, 0.75, reduced_last, best_then, best_now).tolist() == [True, True, False, False]
+
+
+def test_square_window_schedule():
+    assert [square_p(i) for i in (0, 10, 11, 50, 51, 200, 201, 500, 501, 1000, 1001, 2000, 2001, 4000, 4001, 6001,
+                                  8001)] == [0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125,
+                                             0.0125, 0.00625, 0.003125, 0.0015625]
+    assert square_p(2500, queries=5000, rescale=True) == square_p(5000)
+    # CIFAR: the window covers a fraction p of the pixels: side round(sqrt(0.8 · 1024)) = 29
+    assert square_side(0.8, 3 * 32 * 32, 3, 32, 32, "Linf") == 29
+    assert square_side(0.0015625, 3072, 3, 32, 32, "Linf") == 1
+    assert square_side(0.0015625, 3072, 3, 32, 32, "L2") == 3 and square_side(0.2, 3072, 3, 32, 32, "L2") % 2 == 1
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_the_hyperplane_projection_is_the_exact_minimum_within_the_box(norm):
+    g = torch.Generator().manual_seed(0)
+    for trial in range(6):
+        t = torch.rand(1, 8, generator=g, dtype=torch.float64)
+        w = torch.randn(1, 8, generator=g, dtype=torch.float64)
+        b = (w * t).sum(1) + (0.1 if trial % 2 else 1.5) * torch.randn(1, generator=g, dtype=torch.float64)
+        d = project_onto_hyperplane(t, w, b, norm)
+        assert (t + d).min() >= -1e-12 and (t + d).max() <= 1 + 1e-12
+        reachable = torch.where(w > 0, w, 0).sum() >= b and torch.where(w < 0, w, 0).sum() <= b
+        if not reachable:
+            continue
+        assert abs(float((w * (t + d)).sum() - b)) < 1e-9
+        # the same problem for a general-purpose solver: min ‖d‖ s.t. w·(t + d) = b, 0 ≤ t + d ≤ 1
+        tn, wn, bn = t[0].numpy(), w[0].numpy(), float(b)
+        if norm == "L2":
+            obj = lambda v: float(v @ v)  # noqa: E731
+            x0, bounds = np.zeros(8), [(-ti, 1 - ti) for ti in tn]
+            cons = [{"type": "eq", "fun": lambda v: wn @ (tn + v) - bn}]
+            best = np.sqrt(minimize(obj, x0, bounds=bounds, constraints=cons, method="SLSQP", tol=1e-14).fun)
+            got = float(d.norm())
+        else:  # variables (d, s): minimise s with |d_i| <= s
+            obj = lambda v: float(v[-1])  # noqa: E731
+            x0, bounds = np.concatenate([np.zeros(8), [1.0]]), [(-ti, 1 - ti) for ti in tn] + [(0, None)]
+            cons = [{"type": "eq", "fun": lambda v: wn @ (tn + v[:8]) - bn},
+                    {"type": "ineq", "fun": lambda v: v[-1] - np.abs(v[:8])}]
+            best = minimize(obj, x0, bounds=bounds, constraints=cons, method="SLSQP", tol=1e-14).fun
+            got = float(d.abs().max())
+        assert got <= best * (1 + 1e-6) + 1e-9, (norm, trial, got, best)
+
+
+@pytest.mark.parametrize("norm,dual", [("Linf", 1), ("L2", 2)])
+def test_fab_finds_the_exact_minimal_perturbation_of_a_linear_classifier(norm, dual):
+    """On w·x + b the smallest perturbation is |w·x + b| / ‖w‖_dual (the box does not bind here)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 2)
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    x = 0.45 + 0.1 * torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        lin.bias[1] = lin.bias[0] - (lin.weight[1] - lin.weight[0]) @ x.flatten(1)[0] + 0.02  # a few near the edge
+    y = model(x).argmax(1)
+    w = (lin.weight[1 - y] - lin.weight[y]).detach()
+    margin = ((lin.weight[y] - lin.weight[1 - y]) * x.flatten(1)).sum(1) + lin.bias[y] - lin.bias[1 - y]
+    analytic = (margin / w.norm(p=dual, dim=1)).detach()
+    adv, dist = fab_minimal(model, x, y, norm=norm)
+    assert (model(adv).argmax(1) != y).all()
+    assert (dist >= analytic * (1 - 1e-5)).all()                # never below the true minimum
+    assert (dist <= analytic * (1 + 1e-3)).all(), (dist / analytic).tolist()  # and at it, to 1e-3
+    # and the point is inside the box: the distance is of a real image
+    assert adv.min() >= 0 and adv.max() <= 1
+
+
+def test_autoattack_versions_and_class_counts():
+    m = TinyNet().eval()
+    assert AutoAttack(m, eps=0.1).stage_names == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert AutoAttack(m, eps=0.1, version="plus").stage_names == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t",
+                                                                   "fab-t"]
+    rand = AutoAttack(m, eps=0.1, version="rand")
+    assert rand.stage_names == ["apgd-ce", "apgd-dlr"] and all(a.eot_iter == 20 for _, a in rand.stages)
+    assert "apgd-si" in AutoAttack(m, eps=0.1, version="si").stage_names
+    plus = AutoAttack(m, eps=0.1, version="plus").stages
+    assert dict(plus)["apgd-ce"].restarts == 5 and dict(plus)["fab"].restarts == 5
+    assert dict(AutoAttack(m, eps=0.1).stages)["square"].queries == 5000
+    assert dict(AutoAttack(m, eps=0.1).stages)["apgd-t"].steps == 100
+    custom = AutoAttack(m, eps=0.1, version="custom", attacks=["apgd-ce", ("square", {"queries": 7})])
+    assert custom.stage_names == ["apgd-ce", "square"] and dict(custom.stages)["square"].queries == 7
+    with pytest.raises(ValueError, match="unknown AutoAttack version 'strong'"):
+        AutoAttack(m, eps=0.1, version="strong")
+
+
+def test_two_classes_the_ensemble_skips_what_cannot_run_and_says_so(fmnist_test):
+    torch.manual_seed(0)
+    two = nn.Sequential(nn.Flatten(), nn.Linear(784, 2)).eval()
+    x = fmnist_test[0][:20]
+    y = two(x).argmax(1)
+    with pytest.raises(ValueError, match="apgd-dlr' uses the dlr loss, which needs at least 3 classes"):
+        evaluate(two, (x, y), attacks=["apgd-dlr"], eps=0.1, progress=False)
+    aa = AutoAttack(two, eps=0.1, stage_params={"apgd-ce": {"steps": 5}, "fab-t": {"steps": 5},
+                                                 "square": {"queries": 20}})
+    rep = evaluate(two, (x, y), attacks=[aa], eps=0.1, progress=False)
+    flag = next(f for f in rep.flags if f["name"] == "too_few_classes")
+    assert flag["triggered"] and "apgd-t needs at least 4 classes; the model has 2" in flag["message"]
+    assert [s["name"] for s in rep.attacks["aa"].stages] == ["apgd-ce", "fab-t", "square"]
+
+
+def test_the_report_shows_each_stage_and_who_broke_each_point(trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:24], fmnist_test[1][:24]
+    aa = AutoAttack(trained_cnn, eps=0.1, stage_params={k: v for k, v in CHEAP.items()
+                                                        if k in ("apgd-ce", "apgd-t", "fab-t", "square")})
+    rep = evaluate(trained_cnn, (x, y), attacks=[aa], progress=False)
+    r = rep.attacks["aa"]
+    broke = [s["broke"] for s in r.stages]
+    assert sum(broke) == sum(rep.clean_correct) - r.n_robust
+    assert r.stages[-1]["robust_after"]["count"] == r.n_robust
+    for i, stage in enumerate(r.broken_by_stage):
+        assert (stage is None) == (r.robust[i] or not rep.clean_correct[i])
+    assert "accuracy after each stage" in rep.to_markdown()
+
+
+def test_on_rescaled_logits_aa_si_is_never_weaker_and_the_flag_fires(trained_cnn, fmnist_test):
+    """Logits × 1000 saturate the softmax: CE gradients vanish, APGD-CE stalls. SI-APGD does not care."""
+    x, y = fmnist_test[0][:30], fmnist_test[1][:30]
+    scaled = ScaledLogits(trained_cnn, 1000.0)
+    params = {k: v for k, v in CHEAP.items() if k in ("apgd-ce", "apgd-t", "apgd-si", "fab-t", "square")}
+    aa = AutoAttack(scaled, eps=0.1, version="standard", stage_params={k: v for k, v in params.items()
+                                                                       if k != "apgd-si"})
+    aa_si = AutoAttack(scaled, eps=0.1, version="si", stage_params=params)
+    rep = evaluate(scaled, (x, y), attacks=[aa, aa_si], progress=False)
+    assert rep.attacks["aa-si"].n_robust <= rep.attacks["aa"].n_robust
+    flag = next(f for f in rep.flags if f["name"] == "scale_sensitivity")
+    assert flag["triggered"], flag
+    plain = evaluate(trained_cnn, (x, y), attacks=["fgsm"], progress=False)
+    assert not next(f for f in plain.flags if f["name"] == "scale_sensitivity")["triggered"]
+
+
+def test_square_beating_the_white_box_attacks_is_flagged(fmnist_test):
+    """A model whose gradient is zero everywhere (a step function of its input) stops every gradient
+    attack; Square, which only reads outputs, still breaks it: the flag must say so."""
+    class Quantised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(784, 10)
+
+        def forward(self, x):
+            return self.fc((x * 4).round().flatten(1) / 4)  # round() has a zero gradient everywhere
+
+    m = Quantised().eval()
+    x = fmnist_test[0][:40]
+    y = m(x).argmax(1)
+    rep = evaluate(m, (x, y), attacks=["pgd", ("square", build_attack("square", m, eps=0.3, queries=300))],
+                   eps=0.3, steps=5, progress=False)
+    flag = next(f for f in rep.flags if f["name"] == "black_box_beats_white_box")
+    assert rep.attacks["square"].robust_acc < rep.attacks["pgd"].robust_acc - 0.002
+    assert flag["triggered"]
+
+
+def test_an_interrupted_evaluation_resumes_without_redoing_a_batch(tmp_path, trained_cnn, fmnist_test, monkeypatch):
+    import importlib
+    from sirobust.interrupts import RunInterrupted
+    from sirobust.progress import EvaluationProgress
+    ev = importlib.import_module("sirobust.evaluate")
+    x, y = fmnist_test[0][:40], fmnist_test[1][:40]
+    kw = dict(attacks=["pgd", "apgd-ce"], eps=0.1, steps=2, batch_size=8, progress=False,
+              attack_params={"apgd-ce": {"steps": 3}})
+    straight = evaluate(trained_cnn, (x, y), **kw)
+
+    class StopAfter:  # a stop request that arrives after a given number of batches
+        signum, name = 15, "SIGTERM"
+
+        def __init__(self, batches):
+            self.left = batches
+
+        @property
+        def requested(self):
+            self.left -= 1
+            return self.left < 0
+
+    saved = EvaluationProgress(tmp_path)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM during apgd-ce"):
+        evaluate(trained_cnn, (x, y), saved=saved, stop=StopAfter(4), **kw)
+    done_before = saved.done_batches("pgd") + saved.done_batches("apgd-ce")
+    total = 2 * -(-sum(straight.clean_correct) // 8)
+    assert 0 < done_before < total
+    calls = []
+    real = ev._run_batch
+    monkeypatch.setattr(ev, "_run_batch", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
+    resumed = evaluate(trained_cnn, (x, y), saved=saved, **kw)
+    assert len(calls) == total - done_before  # nothing finished is redone
+    for name in ("pgd", "apgd-ce"):
+        assert resumed.attacks[name].robust == straight.attacks[name].robust
+    assert resumed.worst_case_robust == straight.worst_case_robust
