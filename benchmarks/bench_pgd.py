@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def trained_small_model(cache: Path, device):
         fit(TrainConfig(dataset="fashion-mnist-mini", model="cnn-small", defense="at", epochs=2, out=str(cache),
                         progress=False), overwrite=True, log=lambda *_: None)
     return sirobust.load(cache / "model.safetensors").to(device).eval()
+
+
+def publish(lines: list, script: str, md_name: str, write: bool) -> None:
+    """Print a benchmark's Markdown with the command that made it; with ``write``, save it as benchmarks/<md_name>."""
+    text = "\n".join([*lines, "", f"command: `python benchmarks/{script} {' '.join(sys.argv[1:])}`", ""])
+    print(text)
+    if write:
+        Path(__file__).with_name(md_name).write_text(text)
 
 
 def timed(fn, device, repeats):

@@ -24,7 +24,8 @@ def main() -> None:
     for folder in a.folders:
         result = json.loads((folder / "compare.json").read_text())
         rows = {r["label"]: r for r in result["rows"]}
-        base, si = rows["TRADES"], rows["TRADES-SI"]
+        # the rows without their report paths (folders of the machine that ran them)
+        base, si = ({k: v for k, v in rows[label].items() if k != "report"} for label in ("TRADES", "TRADES-SI"))
         seed = json.loads((folder / "run.json").read_text())["config"]["seed"]
         seeds.append({"seed": seed, "trades": base, "trades_si": si,
                       "si_minus_base_points": round(100 * (si["worst_case"] - base["worst_case"]), 2)})

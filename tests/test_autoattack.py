@@ -15,19 +15,10 @@ from sirobust.evaluate import evaluate
 from sirobust.experiments.rescale import ScaledLogits
 
 from conftest import TinyNet
+from helpers import CHEAP, cheap_attack as cheap
 
 # small budgets: the properties do not depend on them
-CHEAP = {"apgd-ce": {"steps": 8}, "apgd-dlr": {"steps": 8}, "apgd-si": {"steps": 8},
-         "apgd-t": {"steps": 5, "n_targets": 2}, "fab": {"steps": 5}, "fab-t": {"steps": 5, "n_targets": 2},
-         "square": {"queries": 30}}
-NEW = list(CHEAP) + ["aa", "aa-si"]
-
-
-def cheap(name, model, **kw):
-    if name.startswith("aa"):
-        stages = AutoAttack(model, eps=0.1, version="si" if name == "aa-si" else "standard").stage_names
-        return build_attack(name, model, overrides={"stage_params": {k: CHEAP[k] for k in stages}}, **kw)
-    return build_attack(name, model, overrides=CHEAP[name], **kw)
+NEW = ["apgd-ce", "apgd-dlr", "apgd-si", "apgd-t", "fab", "fab-t", "square", "aa", "aa-si"]
 
 
 @pytest.mark.parametrize("norm,eps", [("Linf", 8 / 255), ("Linf", 0.3), ("L2", 0.5)])
@@ -253,3 +244,41 @@ def test_an_interrupted_evaluation_resumes_without_redoing_a_batch(tmp_path, tra
     for name in ("pgd", "apgd-ce"):
         assert resumed.attacks[name].robust == straight.attacks[name].robust
     assert resumed.worst_case_robust == straight.worst_case_robust
+
+
+@pytest.mark.slow  # three CLI evaluations; the in-process resume test above runs by default
+def test_cli_evaluation_stopped_by_sigterm_resumes_to_the_same_report(tmp_path, trained_cnn):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from sirobust.checkpoint import save_model
+    weights = save_model(trained_cnn, tmp_path / "w.safetensors", model_name="cnn-small", dataset="fashion-mnist-mini")
+    args = ["evaluate", "--weights", str(weights), "--attacks", "pgd,apgd-ce,pgd-dlr", "--n", "60", "--steps", "3",
+            "--batch-size", "8", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = [sys.executable, "-m", "sirobust.cli", *args]
+    straight = subprocess.run(run + ["--out", str(tmp_path / "a.json")], capture_output=True, text=True, env=env)
+    assert straight.returncode == 0, straight.stderr
+    p = subprocess.Popen(run + ["--out", str(tmp_path / "b.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("pgd "):
+            p.send_signal(signal.SIGTERM)  # apgd-ce is under way
+            break
+    lines += p.stdout.readlines()
+    assert p.wait() == 128 + signal.SIGTERM, "".join(lines)
+    said = "".join(lines)
+    assert "every finished batch is saved" in said and "--resume" in said
+    assert (tmp_path / "b.evaluation" / "pgd").is_dir() and not (tmp_path / "b.json").exists()
+    done = subprocess.run(run + ["--out", str(tmp_path / "b.json"), "--resume"], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    for name in ("pgd", "apgd-ce", "pgd-dlr"):
+        assert a["attacks"][name]["robust"] == b["attacks"][name]["robust"], name
+    assert not (tmp_path / "b.evaluation").exists()  # the report holds everything now

@@ -12,7 +12,7 @@ compared with, and the SI defense mechanism inside AT/TRADES/ALP/MART.
 __version__ = "0.1.0"
 
 from .attacks import (APGD, APGDT, FAB, FGSM, FGSMRS, PGD, PGDCW, PGDDLR, RFGSM, SIPGD, Attack,  # noqa: E402
-                      AutoAttack, Square, build_attack, list_attacks)
+                      AutoAttack, Square, SPSA, RayS, build_attack, list_attacks)
 from .checkpoint import load, save_model  # noqa: E402
 from .evaluate import Report, evaluate  # noqa: E402
 from .train import TrainConfig, fit  # noqa: E402
@@ -21,6 +21,6 @@ from .losses import get_loss, list_losses  # noqa: E402
 from .models import build_model, list_models  # noqa: E402
 
 __all__ = ["__version__", "Attack", "PGD", "SIPGD", "PGDCW", "PGDDLR", "FGSM", "FGSMRS", "RFGSM", "APGD", "APGDT",
-           "FAB", "Square", "AutoAttack", "build_attack", "list_attacks",
+           "FAB", "Square", "SPSA", "RayS", "AutoAttack", "build_attack", "list_attacks",
            "load", "save_model", "forward_with_features", "ModelOutput", "FeatureAccessError", "get_loss",
            "list_losses", "build_model", "list_models", "evaluate", "Report", "fit", "TrainConfig"]

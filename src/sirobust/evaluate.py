@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -40,7 +41,7 @@ from .modes import model_mode
 from .provenance import environment_info, model_description, precision_of, weights_identity
 from .report import AttackResult, Report, accuracy
 from .runfolder import command_line, utc_now
-from .sanity import check_scale_sensitivity, run_checks
+from .sanity import check_scale_sensitivity, gives_gradients, run_checks
 from .threat import canonical_norm, make_threat
 
 DEFAULT_ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
@@ -131,7 +132,7 @@ def _preflight(model: nn.Module, runners: list, probe: torch.Tensor, num_classes
                 raise FeatureAccessError(f"attack {atk.name!r} cannot run on this model: {e}") from None
 
 
-BLACK_BOX = ("square",)  # attacks that never ask for a gradient
+BLACK_BOX = ("square", "spsa", "rays")  # attacks that never ask for a gradient
 
 
 def _result_flags(results: dict, n: int) -> list:
@@ -149,10 +150,10 @@ def _result_flags(results: dict, n: int) -> list:
                 gain = max(gain, stage["broke"] / n)  # broke points every white-box stage before it missed
         triggered = gain > 0.002
         flags.append({"name": "black_box_beats_white_box", "triggered": triggered, "value": gain,
-                      "message": (f"{name}: the black-box Square attack broke {100 * gain:.1f}% of the examples that "
-                                  "the gradient-based attacks could not: a sign of gradient masking, so the white-box "
-                                  "numbers overstate robustness. Run Square with more queries and restarts, or an "
-                                  "adaptive attack (see docs/flags.md).") if triggered else ""} if (
+                      "message": (f"{name}: a black-box attack broke {100 * gain:.1f}% of the examples that the "
+                                  "gradient-based attacks could not: a sign of gradient masking, so the white-box "
+                                  "numbers overstate robustness. Run the black-box attacks with more queries and "
+                                  "restarts, or an adaptive attack (see docs/flags.md).") if triggered else ""} if (
             name in BLACK_BOX or r.stages) else None)
         if r.stats.get("skipped"):
             flags.append({"name": "too_few_classes", "triggered": True, "value": r.stats["skipped"],
@@ -263,8 +264,9 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                     + ("  EXCLUDED: left the threat model" if r.excluded else ""))
 
         flags += _result_flags(results, N)
-        flags.append(check_scale_sensitivity(model, x_all[todo[:64]].to(device), y_all[todo[:64]].to(device), eps,
-                                             norm, seed))
+        if gives_gradients(flags):
+            flags.append(check_scale_sensitivity(model, x_all[todo[:64]].to(device), y_all[todo[:64]].to(device),
+                                                 eps, norm, seed))
 
     worst = clean.clone()
     broken_by: list = [None if c else "clean" for c in clean.tolist()]
@@ -309,6 +311,7 @@ def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size,
     robust = torch.zeros(N, dtype=torch.bool)
     stage_of = torch.full((N,), -1, dtype=torch.long)   # ensembles: the stage that broke each example
     queries = torch.zeros(N)                            # query-based attacks: queries spent per example
+    distances = torch.full((N,), float("nan"), dtype=torch.float64)  # boundary searches (RayS): distance found
     max_delta, outside, broken, seconds = 0.0, 0, "", 0.0
     tol = _tolerance(x_all.dtype)
     ours = isinstance(atk, Attack)
@@ -328,6 +331,9 @@ def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size,
             stage_of[idx] = torch.tensor(done["stages"], dtype=torch.long)
         if done.get("queries") is not None:
             queries[idx] = torch.tensor(done["queries"], dtype=torch.float)
+        if done.get("distances") is not None:
+            distances[idx] = torch.tensor([float("inf") if v is None else v for v in done["distances"]],
+                                          dtype=torch.float64)
         max_delta, outside = max(max_delta, done["max_delta"]), outside + done["outside"]
         broken, seconds = broken or done["broken"], seconds + done["seconds"]
         bar.update(len(idx))
@@ -351,6 +357,8 @@ def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size,
     if len(todo) and queries[todo].sum() > 0:
         q = queries[todo]
         stats["queries"] = {"mean": q.mean().item(), "max": q.max().item()}
+    if len(todo) and not distances[todo].isnan().all():
+        stats["adbd"] = adbd(distances[todo])
     stages: list = []
     broken_by_stage: list = []
     names = getattr(atk, "stage_names", None)
@@ -367,6 +375,15 @@ def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size,
                         max_perturbation=max_delta, params=params, robust=robust.tolist(),
                         excluded=bool(outside or broken), note=note, stages=stages, broken_by_stage=broken_by_stage,
                         stats=stats)
+
+
+def adbd(distances: torch.Tensor) -> dict:
+    """RayS's average decision-boundary distance over the clean-correct examples (Chen & Gu 2020), with the
+    median and how many examples had no boundary within the query budget (they are left out of the mean)."""
+    found = distances[torch.isfinite(distances)]
+    return {"mean": found.mean().item() if found.numel() else None,
+            "median": found.median().item() if found.numel() else None,
+            "found": int(found.numel()), "not_found": int(distances.numel() - found.numel())}
 
 
 def _run_batch(model, atk, threat, x, y, keys, ours: bool, tol: float, device) -> dict:
@@ -398,4 +415,8 @@ def _run_batch(model, atk, threat, x, y, keys, ours: bool, tol: float, device) -
     used = getattr(atk, "queries_used", None)
     if used is not None and len(used) == len(y):
         out["queries"] = used.cpu().tolist()
+    found = getattr(atk, "distances_found", None)
+    if found is not None and len(found) == len(y):
+        # JSON has no infinity: a boundary not found within the budget is stored as null
+        out["distances"] = [v if math.isfinite(v) else None for v in found.cpu().double().tolist()]
     return out

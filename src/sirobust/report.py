@@ -160,6 +160,12 @@ class Report:
             if r.stats.get("queries"):
                 q = r.stats["queries"]
                 lines += ["", f"{r.name}: {q['mean']:.0f} queries per example on average, {q['max']:.0f} at most"]
+            if r.stats.get("adbd") and r.stats["adbd"]["found"]:
+                a = r.stats["adbd"]
+                lines += ["", f"{r.name}: ADBD (average L∞ distance to the decision boundary found, over the "
+                              f"{a['found']} clean-correct examples where one was found) = {a['mean']:.5f}, median "
+                              f"{a['median']:.5f}" + (f"; no boundary found within the budget for {a['not_found']}"
+                                                      if a["not_found"] else "")]
         lines += ["", UPPER_BOUND_NOTE, "", "## Which attack broke each example", ""]
         counts = self.broken_counts()
         lines += [f"- {name}: {k} example{'s' if k != 1 else ''} ({'misclassified without attack' if name == 'clean' else 'first to break them'})"
@@ -167,6 +173,8 @@ class Report:
         lines += ["", "(per example: `broken_by` in the JSON report)", "", "## Sanity flags", ""]
         triggered = [f for f in self.flags if f["triggered"]]
         lines += [f"- **{f['name']}**: {f['message']}" for f in triggered] or ["none triggered"]
+        unchecked = {f["message"] for f in self.flags if not f["triggered"] and f["value"] is None and f["message"]}
+        lines += [f"- {message}" for message in sorted(unchecked)]
         lines += ["", "## Provenance", "", "| | |", "|---|---|"]
         for key, value in p.items():
             if key in ("attacks", "indices"):

@@ -91,14 +91,15 @@ class KeyedNoise:
 
     _CHUNK = 1 << 20  # elements hashed at once: bounds the int64 temporaries to a few MB whatever the batch
 
-    def _uniform(self, shape: tuple, device, dtype: torch.dtype, salt: int) -> torch.Tensor:
+    def _uniform(self, shape: tuple, device, dtype: torch.dtype, salt: int, offset: int = 0) -> torch.Tensor:
         b = shape[0]
         per = math.prod(shape[1:]) if b else 0
         out = torch.empty((b, per), dtype=dtype, device=device)
         if b == 0 or per == 0:
             return out.reshape(shape)
         salt_word = mix32(torch.tensor([salt & _MASK32], device=device, dtype=torch.int64))
-        cols = mix32((torch.arange(per, device=device, dtype=torch.int64) * 2 + 1) ^ salt_word)  # (per,)
+        positions = torch.arange(offset, offset + per, device=device, dtype=torch.int64)
+        cols = mix32(((positions * 2 + 1) & _MASK32) ^ salt_word)  # (per,)
         rows_all = self._rows.to(device)
         step = max(1, self._CHUNK // per)
         for i in range(0, b, step):
@@ -107,9 +108,10 @@ class KeyedNoise:
             out[i:i + step] = ((bits.double() + 0.5) / 2.0 ** 32).to(dtype)
         return out.reshape(shape)
 
-    def uniform(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:
-        """Values in (0, 1), shaped and typed like ``like`` (B, ...)."""
-        return self._uniform(tuple(like.shape), like.device, like.dtype, salt)
+    def uniform(self, like: torch.Tensor, salt: int = 0, offset: int = 0) -> torch.Tensor:
+        """Values in (0, 1), shaped and typed like ``like`` (B, ...). ``offset``: where in each example's
+        stream the draw starts, so a long stream can be drawn in pieces (positions ``offset`` onwards)."""
+        return self._uniform(tuple(like.shape), like.device, like.dtype, salt, offset)
 
     def normal(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:
         """Standard Gaussian values (Box–Muller on two keyed uniform streams), shaped like ``like``."""
@@ -132,7 +134,7 @@ class GeneratorNoise:
     def derive(self, name: str) -> "GeneratorNoise":
         return self
 
-    def uniform(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:
+    def uniform(self, like: torch.Tensor, salt: int = 0, offset: int = 0) -> torch.Tensor:
         return torch.rand(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
 
     def normal(self, like: torch.Tensor, salt: int = 0) -> torch.Tensor:

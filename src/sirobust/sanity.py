@@ -45,9 +45,16 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshol
     """Shares of examples whose input gradient of CE is non-finite, and exactly zero (the
     gradient masking that saturated, e.g. rescaled, logits cause; paper Sec. 4.1)."""
     x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        loss = F.cross_entropy(model(x), y, reduction="sum")
-        grad, = torch.autograd.grad(loss, x)
+    try:
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            grad, = torch.autograd.grad(loss, x)
+    except Exception as e:  # a model that only answers queries (an API, a non-differentiable pipeline)
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        message = (f"not checked: the model gives no input gradient ({why}); only the black-box attacks "
+                   "(square, spsa, rays) can evaluate it")
+        return tuple({"name": name, "triggered": False, "value": None, "message": message}
+                     for name in ("nonfinite_gradients", "zero_gradients"))
     share = (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
     nonfinite = (~torch.isfinite(grad.flatten(1)).all(1)).float().mean().item()
     return _flag("nonfinite_gradients", nonfinite > 0, nonfinite,
@@ -57,6 +64,11 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshol
                  f"{share:.1%} of the examples have an exactly-zero input gradient of the CE loss: gradient "
                  "masking (saturated softmax, e.g. rescaled logits) makes CE-based attacks like PGD fail; "
                  "trust scale-invariant attacks (si-pgd, pgd-dlr) and the worst case instead.")
+
+
+def gives_gradients(flags: list[dict]) -> bool:
+    """False when :func:`check_gradients` found that the model gives no input gradient at all."""
+    return not any(f["name"] == "zero_gradients" and f["value"] is None for f in flags)
 
 
 def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, was_training: bool) -> list[dict]:

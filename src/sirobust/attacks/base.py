@@ -156,6 +156,8 @@ class Attack:
         x_best = x.clone()
         # already-misclassified points are not attacked (they are not robust anyway)
         robust = ~is_fooled(logits, y, target) if self.early_stop else torch.ones_like(y, dtype=torch.bool)
+        queries = torch.zeros(x.shape[0], device=x.device)  # query-based attacks: summed over restarts
+        counted = False
         for restart in range(self.restarts):
             idx = robust.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -164,11 +166,17 @@ class Attack:
             noise = self.noise(x, None if keys is None else keys[idx], restart)
             self.current_restart = restart
             x_adv = self.run(x[idx], y[idx], t, noise)
+            used = getattr(self, "queries_used", None)
+            if used is not None and len(used) == len(idx):
+                queries[idx] += used.to(queries)
+                counted = True
             with torch.no_grad():
                 fooled = is_fooled(logits_of(self.model(x_adv)), y[idx], t)
             # keep the last restart's point for survivors, the fooling point for the rest
             x_best[idx] = x_adv
             robust[idx[fooled]] = False
+        if counted:
+            self.queries_used = queries  # per example of the whole batch (0: not attacked)
         return x_best
 
     def __repr__(self) -> str:

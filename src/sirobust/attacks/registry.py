@@ -1,6 +1,7 @@
 """Attack names used by the CLI and reports (resolved here, nowhere deeper)."""
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Optional, Type
 
 from torch import nn
@@ -11,6 +12,8 @@ from .autoattack import AutoAttackPlus, AutoAttackRand, AutoAttackSI, AutoAttack
 from .base import Attack
 from .fab import FAB, FABT
 from .pgd import FGSM, FGSMRS, PGD, PGDCW, PGDDLR, RFGSM, SIPGD
+from .rays import RayS
+from .spsa import SPSA
 from .square import Square
 
 ATTACKS: Dict[str, Type[Attack]] = {
@@ -28,6 +31,8 @@ ATTACKS: Dict[str, Type[Attack]] = {
     "fab": FAB,
     "fab-t": FABT,
     "square": Square,
+    "spsa": SPSA,
+    "rays": RayS,
     "aa": AutoAttackStandard,
     "aa-plus": AutoAttackPlus,
     "aa-rand": AutoAttackRand,
@@ -54,7 +59,30 @@ def canonical_attack_name(name: str) -> str:
 def build_attack(name: str, model: nn.Module, overrides: Optional[dict] = None, **shared) -> Attack:
     """``build_attack("si-pgd", model, eps=8/255, steps=20)``. ``shared`` settings a preset fixes
     itself (the step count of FGSM, say) are dropped; ``overrides`` are this attack's own and always passed."""
-    cls = ATTACKS[canonical_attack_name(name)]
+    name = canonical_attack_name(name)
+    cls = ATTACKS[name]
+    overrides = dict(overrides or {})
+    allowed = attack_parameters(name)
+    unknown = sorted(set(overrides) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise ValueError(f"attack {name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters are "
+                         f"{', '.join(allowed)}")
     kw = {k: v for k, v in shared.items() if k not in getattr(cls, "fixed", ())}
-    kw.update(overrides or {})
+    kw.update(overrides)
     return cls(model, **kw)
+
+
+def attack_parameters(name: str) -> Optional[list[str]]:
+    """The keyword arguments an attack accepts (for ``--attack-param``), None if it takes any."""
+    names: list[str] = []
+    for cls in ATTACKS[canonical_attack_name(name)].__mro__:  # **kw passes on to the parent's __init__
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters
+        names += [k for k, p in params.items() if k not in ("self", "model") and k not in names
+                  and p.kind is not inspect.Parameter.VAR_KEYWORD]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return names
+        if cls.__name__ in ("PGD", "APGD"):  # their **loss_params go to the loss: any name may be valid
+            return None
+    return names

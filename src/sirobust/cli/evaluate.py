@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .args import names_arg
+from .args import names_arg, parse_param
 from .models import add_model_args, load_data, load_model, resolve_source, threat_settings
 
 DEFAULT_REPORT = "report.json"
@@ -44,13 +44,33 @@ def attack_settings(a, eps: float, norm: str, model=None) -> dict:
     """The keyword arguments of sirobust.evaluate that come from the threat-model flags."""
     settings = dict(eps=eps, norm=norm, steps=a.steps, alpha=a.step_size, restarts=a.restarts, n=a.n,
                     batch_size=a.batch_size, seed=a.seed, force_step_size=bool(a.force_step_size))
+    params = attack_params(a)
     if a.head:
-        from ..attacks import ATTACKS
+        from ..attacks.registry import attack_parameters
         from ..foreign import Normalized
         # --mean/--std put the user's model inside a wrapper: its layer names gain the "model." prefix
         head = f"model.{a.head}" if isinstance(model, Normalized) and not a.head.startswith("model.") else a.head
-        settings["attack_params"] = {name: {"head": head} for name in ATTACKS}
+        for name in a.attacks:  # the attacks that read features (black-box ones take no head)
+            if attack_parameters(name) is None or "head" in attack_parameters(name):
+                params[name] = {"head": head, **params.get(name, {})}
+    if params:
+        settings["attack_params"] = params
     return settings
+
+
+def attack_params(a) -> dict:
+    """--attack-param spsa.samples=256 ... as {"spsa": {"samples": 256}}, each naming one of --attacks."""
+    from ..attacks import canonical_attack_name
+    out: dict = {}
+    for key, value in getattr(a, "attack_param", None) or []:  # `rescale` has no --attack-param
+        attack, dot, name = key.partition(".")
+        if not dot or not name:
+            raise ValueError(f"--attack-param must be ATTACK.KEY=VALUE (e.g. spsa.samples=256), got {key}={value}")
+        attack = canonical_attack_name(attack)
+        if attack not in a.attacks:
+            raise ValueError(f"--attack-param {key}: {attack} is not among --attacks ({', '.join(a.attacks)})")
+        out.setdefault(attack, {})[name] = value
+    return out
 
 
 def progress_folder(report: Path) -> Path:
@@ -65,7 +85,7 @@ def signature(a, source, eps: float, norm: str, model, prov: dict) -> dict:
     return {"weights_sha256": weights, "model": prov.get("model") or str(source.path), "dataset": source.dataset,
             "split": a.split, "n": a.n, "eps": eps, "norm": norm, "steps": a.steps, "step_size": a.step_size,
             "restarts": a.restarts, "seed": a.seed, "batch_size": a.batch_size, "attacks": list(a.attacks),
-            "head": a.head, "mean": a.mean, "std": a.std}
+            "head": a.head, "mean": a.mean, "std": a.std, "attack_params": attack_params(a)}
 
 
 def cmd_evaluate(a) -> int:
@@ -119,6 +139,9 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--attacks", type=attacks_arg(), default=DEFAULT_ATTACKS.split(","),
                    help=f"comma-separated attack names (default {DEFAULT_ATTACKS}; `sirobust list` shows all)")
+    p.add_argument("--attack-param", type=parse_param, action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                   help="an attack's own setting, repeatable: spsa.samples=256, rays.queries=40000, square.queries=1000 "
+                        "(an unknown key is refused with the attack's list)")
     p.add_argument("--out", default=None, help=f"report file (default {DEFAULT_REPORT}; when that exists, the first "
                                                "free report-2.json, report-3.json, ...); a .md table goes beside it, "
                                                "and finished batches are kept in REPORT.evaluation/ until it is written")

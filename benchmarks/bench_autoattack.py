@@ -1,0 +1,97 @@
+"""sirobust's AutoAttack side by side with the reference (github.com/fra31/auto-attack, MIT), on the same
+model and the same points: robust accuracy of each component run alone and of the standard ensemble,
+with the time of each. The reference is a benchmark-only peer, installed outside this project (run from the repository root):
+
+    git clone https://github.com/fra31/auto-attack /tmp/aa-src     # or any copy of it
+    PYTHONPATH=/tmp/aa-src python benchmarks/bench_autoattack.py --n 500 --write
+
+The model is the PGD-AT cnn-small of bench_pgd.py (2 epochs on fashion-mnist-mini), cached in
+runs/bench-cnn-small-at. Both run with the reference's standard settings (APGD 100 steps, 9 target classes,
+FAB-T 100 steps, Square 5,000 queries, p_init 0.8); the reference's time is its whole call, ours the
+attack's own seconds from the report and the whole call.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from bench_pgd import publish, trained_small_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+import sirobust
+from sirobust.data import load_dataset
+
+COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def reference(model, x, y, eps, attacks, bs, device):
+    from autoattack import AutoAttack
+    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", verbose=False, device=str(device), seed=0)
+    aa.attacks_to_run = list(attacks)  # the standard version's settings, these attacks only
+    t0 = time.perf_counter()
+    x_adv = aa.run_standard_evaluation(x, y, bs=bs)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        robust = torch.cat([model(x_adv[i:i + bs]).argmax(1) == y[i:i + bs] for i in range(0, len(y), bs)])
+    return robust.float().mean().item(), seconds
+
+
+def ours(model, x, y, eps, attack, bs, device):
+    t0 = time.perf_counter()
+    rep = sirobust.evaluate(model, (x, y), attacks=[attack], eps=eps, batch_size=bs, device=device, progress=False)
+    return rep.attacks[attack].robust_acc, rep.attacks[attack].seconds, time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--components", default=",".join(COMPONENTS))
+    p.add_argument("--ensembles", default="aa,aa-si")
+    p.add_argument("--write", action="store_true", help="write benchmarks/autoattack.md")
+    a = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    device = torch.device(a.device)
+    model = trained_small_model(Path("runs/bench-cnn-small-at"), device)  # the model bench_pgd.py uses
+    test = load_dataset("fashion-mnist-mini", "test")
+    x, y = test.float_images()[:a.n].to(device), test.labels[:a.n].to(device)
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    rows = []
+    for comp in [c for c in a.components.split(",") if c]:
+        ref_acc, ref_s = reference(model, x, y, a.eps, [comp], a.batch_size, device)
+        our_acc, our_attack_s, our_s = ours(model, x, y, a.eps, comp, a.batch_size, device)
+        rows.append((comp, ref_acc, our_acc, ref_s, our_attack_s, our_s))
+        print(rows[-1], flush=True)
+    for ens in [e for e in a.ensembles.split(",") if e]:
+        ref_acc, ref_s = reference(model, x, y, a.eps, COMPONENTS, a.batch_size, device) if ens == "aa" else (None, None)
+        our_acc, our_attack_s, our_s = ours(model, x, y, a.eps, ens, a.batch_size, device)
+        rows.append((f"{ens} (ensemble)", ref_acc, our_acc, ref_s, our_attack_s, our_s))
+        print(rows[-1], flush=True)
+
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.2f}"
+
+    lines = ["# sirobust AutoAttack vs the reference", "",
+             f"cnn-small, PGD-AT 2 epochs on fashion-mnist-mini; the first {a.n} test images (clean accuracy "
+             f"{100 * clean:.2f}%), L∞ ε = {a.eps:g}, batch {a.batch_size}, device {device.type} "
+             f"({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}. Each component "
+             "alone on every clean-correct image, then the standard ensemble (each stage on the images still robust).",
+             "", "| attack | reference robust acc. (%) | sirobust (%) | sirobust − reference (points) | reference s | "
+             "sirobust attack s | sirobust call s | time vs reference |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r, o, rs, oas, os_ in rows:
+        diff = "–" if r is None else f"{100 * (o - r):+.2f}"
+        ratio = "–" if rs is None else f"{os_ / rs:.2f}×"
+        lines.append(f"| {name} | {pct(r)} | {pct(o)} | {diff} | {'–' if rs is None else f'{rs:.1f}'} | {oas:.1f} | "
+                     f"{os_:.1f} | {ratio} |")
+    lines += ["", "The reference is on PYTHONPATH (`PYTHONPATH=<auto-attack>:benchmarks`)."]
+    publish(lines, "bench_autoattack.py", "autoattack.md", a.write)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Black-box attacks: SPSA (score-based) and RayS (hard-label, with the ADBD measure)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sirobust.attacks import SPSA, RayS, build_attack
+from sirobust.attacks.spsa import margin_loss
+from sirobust.evaluate import evaluate
+from sirobust.rng import GeneratorNoise, KeyedNoise
+
+from conftest import TinyNet
+from helpers import cheap_attack
+
+BLACK_BOX = ["spsa", "rays"]
+
+
+def linear_two_class(d: int = 16, n: int = 24, seed: int = 0):
+    """A two-class linear model and inputs in [0.3, 0.7] whose boundary lies within 0.3 in L∞, so the
+    box [0, 1] never binds and the L∞ distance is |Δw·x + Δb| / ‖Δw‖₁ exactly."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 2)).double()
+    x = 0.3 + 0.4 * torch.rand(n, 1, 4, d // 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        w, b = model[1].weight, model[1].bias
+        w.copy_(torch.randn(2, d, generator=g, dtype=torch.float64))
+        dw = w[1] - w[0]
+        scores = x.flatten(1) @ dw
+        # centre the boundary among the points, halfway between two of them (no point sits on it)
+        mid = scores.sort().values[n // 2 - 1: n // 2 + 1].mean()
+        b.copy_(torch.tensor([0.0, -float(mid)], dtype=torch.float64))
+        margin = x.flatten(1) @ dw + b[1] - b[0]
+        y = (margin > 0).long()
+    distance = margin.abs() / dw.abs().sum()
+    assert distance.max() < 0.3
+    return model, x, y, distance
+
+
+class NoGradients(nn.Module):
+    """Answers queries only: any forward pass that could build a graph raises."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        if torch.is_grad_enabled() or x.requires_grad:
+            raise RuntimeError("this model gives no gradients")
+        return self.model(x)
+
+
+def test_rays_finds_the_analytic_linf_distance_of_a_linear_model():
+    model, x, y, distance = linear_two_class()
+    found, queries = RayS(model, eps=0.05, queries=3000).distances(x, y)
+    assert (found >= distance * (1 - 1e-9)).all()           # a point RayS returns is misclassified: never closer
+    assert ((found - distance) / distance).abs().max() < 1e-3
+    assert (queries <= 3000 + 1).all()
+
+
+def test_rays_robust_decision_and_returned_points_agree_with_the_distance():
+    model, x, y, distance = linear_two_class(seed=1)
+    eps = float(distance.sort().values[11:13].mean())   # between two examples' distances
+    atk = RayS(model, eps=eps, queries=3000)
+    x_adv = atk(x, y)
+    assert ((x_adv - x).abs().flatten(1).amax(1) <= eps + 1e-12).all()
+    fooled = model(x_adv).argmax(1) != y
+    assert torch.equal(fooled, atk.distances_found <= eps)
+    assert torch.equal(fooled, distance <= eps)
+    # stopping at ε gives the same verdicts with fewer queries
+    quick = RayS(model, eps=eps, queries=3000, stop_at_eps=True)
+    assert torch.equal(model(quick(x, y)).argmax(1) != y, fooled)
+    assert quick.queries_used.sum() < atk.queries_used.sum()
+
+
+def test_rays_never_lies_below_the_distance_on_a_multiclass_linear_model():
+    g = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).double()
+    x = 0.3 + 0.4 * torch.rand(20, 1, 4, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+        y = logits.argmax(1)
+        w = model[1].weight
+        gaps = logits.gather(1, y[:, None]) - logits                      # (n, K) ≥ 0
+        norms = (w[y][:, None, :] - w[None]).abs().sum(2)                  # ‖w_y − w_j‖₁
+        pair = torch.where(norms > 0, gaps / norms, torch.full_like(gaps, float("inf")))
+        lower = pair.min(1).values          # the closest pairwise boundary (the box may only push it out)
+    found, _ = RayS(model, eps=0.05, queries=1500).distances(x, y)
+    assert (found >= lower * (1 - 1e-9)).all()
+
+
+def test_spsa_gradient_estimate_points_along_the_true_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 4)).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(16, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = model(x).argmax(1)
+    xr = x.clone().requires_grad_(True)
+    true, = torch.autograd.grad(margin_loss(model(xr), y, None).sum(), xr)
+
+    def mean_cosine(samples):
+        est = SPSA(model, eps=0.1, samples=samples, delta=1e-3).estimate_gradient(
+            x, y, None, GeneratorNoise(torch.Generator().manual_seed(4)))
+        return torch.cosine_similarity(est.flatten(1), true.flatten(1)).mean().item()
+
+    few, many = mean_cosine(8), mean_cosine(512)
+    assert few > 0.1 and many > 0.6 and many > few + 0.2
+
+
+def test_spsa_breaks_a_standard_model_at_a_large_eps(trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:32], fmnist_test[1][:32]
+    clean = (trained_cnn(x).argmax(1) == y).float().mean().item()
+    # Adam moves a pixel by about lr per step: 30 steps of 0.02 can cross ε = 0.3
+    atk = SPSA(trained_cnn, eps=0.3, samples=16, iterations=30, lr=0.02)
+    x_adv = atk(x, y)
+    robust = (trained_cnn(x_adv).argmax(1) == y).float().mean().item()
+    assert clean > 0.7 and robust <= 0.05
+    assert atk.queries_used.max() <= 30 * (2 * 16 + 1) + 1
+
+
+def test_spsa_draws_do_not_depend_on_chunk_or_batch():
+    model = TinyNet().eval()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(6, 1, 12, 12, generator=g), torch.randint(0, 10, (6,), generator=g)
+    keys = torch.arange(10, 16)
+    a = SPSA(model, eps=0.05, samples=6, iterations=3, chunk=1000)(x, y, keys=keys)
+    b = SPSA(model, eps=0.05, samples=6, iterations=3, chunk=4)(x, y, keys=keys)
+    parts = torch.cat([SPSA(model, eps=0.05, samples=6, iterations=3, chunk=5)(x[:2], y[:2], keys=keys[:2]),
+                       SPSA(model, eps=0.05, samples=6, iterations=3, chunk=7)(x[2:], y[2:], keys=keys[2:])])
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a, parts, rtol=0, atol=1e-6)
+
+
+def test_keyed_draws_in_pieces_equal_one_draw():
+    noise = KeyedNoise(0, "s", torch.tensor([3, 9]))
+    whole = noise.uniform(torch.empty(2, 10))
+    pieces = torch.cat([noise.uniform(torch.empty(2, 4)), noise.uniform(torch.empty(2, 6), offset=4)], 1)
+    assert torch.equal(whole, pieces)
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 8 / 255), ("Linf", 0.3), ("L2", 0.5)])
+@pytest.mark.parametrize("name", BLACK_BOX)
+def test_black_box_attacks_keep_every_guarantee(name, norm, eps):
+    if name == "rays" and norm == "L2":
+        with pytest.raises(ValueError, match="norm must be 'Linf' for rays"):
+            build_attack("rays", TinyNet(), eps=eps, norm=norm)
+        return
+    model = NoGradients(TinyNet()).train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 1, 12, 12, generator=g)
+    y = torch.randint(0, 10, (6,), generator=g)
+    with torch.no_grad():
+        y[:3] = model(x[:3]).argmax(1)                   # half of them correctly classified: attacked
+        correct = model(x).argmax(1) == y
+    x0, y0 = x.clone(), y.clone()
+    atk = cheap_attack(name, model, eps=eps, norm=norm, seed=1)
+    out = atk(x, y, keys=torch.arange(6))
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert model.training and model.model.training                  # the mode it was handed over in
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= 0 and out.max() <= 1
+    dist = (out - x).flatten(1).abs().amax(1) if norm == "Linf" else (out - x).flatten(1).norm(dim=1)
+    assert (dist <= eps + 1e-6).all()
+    assert len(atk.queries_used) == 6 and torch.equal(atk.queries_used > 0, correct)
+
+
+def test_evaluate_reports_queries_and_adbd_and_needs_no_gradients(trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:12], fmnist_test[1][:12]
+    model = NoGradients(trained_cnn)
+    rep = evaluate(model, (x, y), attacks=BLACK_BOX, eps=0.1, progress=False,
+                   attack_params={"spsa": {"samples": 8, "iterations": 5}, "rays": {"queries": 60}})
+    spsa, rays = rep.attacks["spsa"], rep.attacks["rays"]
+    assert spsa.stats["queries"]["max"] <= 5 * 17 + 1
+    assert rays.stats["queries"]["max"] <= 60
+    adbd = rays.stats["adbd"]
+    assert adbd["found"] + adbd["not_found"] == sum(rep.clean_correct)
+    assert 0 < adbd["mean"] < 1
+    gradient_flags = [f for f in rep.flags if f["name"] == "zero_gradients"]
+    assert gradient_flags[0]["value"] is None and "not checked" in gradient_flags[0]["message"]
+    md = rep.to_markdown()
+    assert "ADBD" in md and "queries per example" in md and "gives no input gradient" in md
+    assert type(rep).from_json(rep.to_json()).attacks["rays"].stats["adbd"] == adbd
+
+
+def test_unknown_attack_parameters_are_named_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"attack 'spsa' has no parameter 'sample'.*samples"):
+        build_attack("spsa", TinyNet(), overrides={"sample": 3}, eps=0.1)
+    with pytest.raises(ValueError, match="rays is untargeted"):
+        RayS(TinyNet(), eps=0.1, queries=5)(torch.rand(2, 1, 12, 12), torch.tensor([1, 2]),
+                                             torch.tensor([3, 4]))
+
+
+def test_cli_attack_params_reach_the_attacks_and_bad_ones_are_named(trained_cnn, tmp_path, capsys):
+    import json
+
+    from sirobust import save_model
+    from sirobust.cli import main
+    weights = save_model(trained_cnn, tmp_path / "std.safetensors", model_name="cnn-small",
+                         dataset="fashion-mnist-mini")
+    out = tmp_path / "bb.json"
+    assert main(["evaluate", "--weights", str(weights), "--attacks", "spsa,rays", "--n", "6", "--no-progress",
+                 "--attack-param", "spsa.samples=4", "--attack-param", "spsa.iterations=2",
+                 "--attack-param", "rays.queries=30", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    spsa, rays = rep["provenance"]["attacks"]["spsa"], rep["provenance"]["attacks"]["rays"]
+    assert spsa["samples"] == 4 and spsa["iterations"] == 2 and rays["queries"] == 30
+    assert rep["attacks"]["rays"]["stats"]["queries"]["max"] <= 30
+    for bad, message in ((["--attack-param", "spsa.sample=4"], "has no parameter 'sample'"),
+                         (["--attack-param", "pgd.steps=4"], "pgd is not among --attacks"),
+                         (["--attack-param", "samples=4"], "must be ATTACK.KEY=VALUE")):
+        assert main(["evaluate", "--weights", str(weights), "--attacks", "spsa", "--n", "4", "--no-progress",
+                     "--out", str(tmp_path / "x.json"), *bad]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x.json").exists()
