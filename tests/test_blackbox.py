@@ -212,3 +212,41 @@ def test_cli_attack_params_reach_the_attacks_and_bad_ones_are_named(trained_cnn,
                      "--out", str(tmp_path / "x.json"), *bad]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x.json").exists()
+
+
+def test_spsa_never_sends_more_probes_than_chunk_and_counts_its_queries_exactly():
+    sizes = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = TinyNet().eval()
+
+        def forward(self, x):
+            sizes.append(x.shape[0])
+            return self.net(x)
+
+    model = Spy()
+    x, y = torch.rand(5, 1, 12, 12), torch.randint(0, 10, (5,))
+    atk = SPSA(model, eps=0.05, samples=12, iterations=3, chunk=10, early_stop=False)
+    atk(x, y, keys=torch.arange(5))
+    probe_calls = [s for s in sizes if s != 5]          # the per-iteration checks see the batch itself
+    assert probe_calls and max(probe_calls) <= 10
+    assert torch.equal(atk.queries_used, torch.full((5,), 3 * (2 * 12 + 1) + 1.0))
+    # nothing attacked (ε = 0): zero queries, not the last call's
+    assert torch.equal(SPSA(model, eps=0.0, samples=4, iterations=2)(x, y), x)
+
+
+def test_an_attack_cannot_change_the_evaluations_threat_model_and_booleans_parse():
+    from sirobust.cli import parse_param
+    with pytest.raises(ValueError, match="belong to the whole evaluation"):
+        build_attack("spsa", TinyNet(), overrides={"norm": "L2"}, eps=0.1, norm="Linf")
+    assert parse_param("rays.stop_at_eps=false") == ("rays.stop_at_eps", False)
+    assert parse_param("spsa.early_stop=True") == ("spsa.early_stop", True)
+
+
+def test_white_box_attacks_on_a_model_without_gradients_are_refused_before_any_work(trained_cnn, fmnist_test):
+    x, y = fmnist_test[0][:6], fmnist_test[1][:6]
+    with pytest.raises(ValueError, match="gives no input gradient, so pgd cannot run on it"):
+        evaluate(NoGradients(trained_cnn), (x, y), attacks=["rays", "pgd"], eps=0.1, progress=False,
+                 attack_params={"rays": {"queries": 5}})

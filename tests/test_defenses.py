@@ -47,7 +47,7 @@ _Y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
 # ---------------------------------------------------------------- registry and construction
 
 def test_registry_and_unknown_name():
-    assert set(DEFENSES) == {"standard", "at", "trades", "alp", "mart", "he"}
+    assert set(DEFENSES) == {"standard", "at", "trades", "alp", "mart", "he", "fgsm-rs", "free", "gat", "gradalign"}
     with pytest.raises(ValueError) as e:
         build_defense("tradez")
     for name in list_defenses():

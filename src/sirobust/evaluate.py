@@ -246,6 +246,12 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         check_labels(y_all, N, num_classes, name="labels")
         _preflight(model, runners, probe_x[:2], num_classes)
         flags = run_checks(model, probe_x, probe_y, was_training)
+        if not gives_gradients(flags):
+            white = [atk.name for atk in runners if atk.name not in BLACK_BOX]
+            if white:
+                raise ValueError(f"the model gives no input gradient, so {', '.join(white)} cannot run on it; use "
+                                 f"the black-box attacks ({', '.join(BLACK_BOX)}). "
+                                 + next(f["message"] for f in flags if f["name"] == "zero_gradients"))
         clean = _clean_pass(model, x_all, y_all, batch_size, device, saved)
         results: dict[str, AttackResult] = {}
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust

@@ -160,7 +160,10 @@ class Report:
             if r.stats.get("queries"):
                 q = r.stats["queries"]
                 lines += ["", f"{r.name}: {q['mean']:.0f} queries per example on average, {q['max']:.0f} at most"]
-            if r.stats.get("adbd") and r.stats["adbd"]["found"]:
+            if r.stats.get("adbd") and not r.stats["adbd"]["found"]:
+                lines += ["", f"{r.name}: no decision boundary found within the query budget for any of the "
+                              f"{r.stats['adbd']['not_found']} clean-correct examples (no ADBD)"]
+            elif r.stats.get("adbd"):
                 a = r.stats["adbd"]
                 lines += ["", f"{r.name}: ADBD (average L∞ distance to the decision boundary found, over the "
                               f"{a['found']} clean-correct examples where one was found) = {a['mean']:.5f}, median "

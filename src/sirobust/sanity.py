@@ -49,6 +49,8 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshol
         with torch.enable_grad():
             loss = F.cross_entropy(model(x), y, reduction="sum")
             grad, = torch.autograd.grad(loss, x)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
     except Exception as e:  # a model that only answers queries (an API, a non-differentiable pipeline)
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         message = (f"not checked: the model gives no input gradient ({why}); only the black-box attacks "

@@ -75,11 +75,13 @@ class TrainConfig:
     weight_decay: Optional[float] = None
     milestones: Optional[tuple] = None    # epochs at which lr ÷= 10; None: preset (rescaled)
     lr_gamma: float = 0.1
-    schedule: Optional[str] = None        # resnet | wideresnet | small; None: by model
+    schedule: Optional[str] = None        # resnet | wideresnet | small (lr, momentum, decay, epochs); None: by model
+    lr_schedule: Optional[str] = None     # piecewise | cyclic | onecycle; None: the defense's preset, else piecewise
     eps: Optional[float] = None           # None: the dataset's default ε
-    attack_alpha: Optional[float] = None  # None: ε/4
-    attack_steps: int = 10
-    attack_mode: str = "eval"             # model mode while making training examples
+    attack_alpha: Optional[float] = None  # None: the defense's preset (a multiple of ε), else ε/4
+    attack_steps: Optional[int] = None    # None: the defense's preset, else 10
+    attack_mode: Optional[str] = None     # model mode while making training examples; None: preset, else eval
+    attack_random_start: Optional[bool] = None  # None: the defense's preset, else True
     norm: str = "Linf"
     si: bool = False
     si_scale: float = 15.0
@@ -98,6 +100,10 @@ class TrainConfig:
     tensorboard: bool = False             # also log per-epoch metrics to out/tensorboard (needs tensorboard)
     force_step_size: bool = False         # accept an attack step size above ε
     defense_params: dict = field(default_factory=dict)
+    overfit_check: Optional[bool] = None  # PGD accuracy on a fixed training subset each epoch; None: on for
+    #                                       single-step defenses (catastrophic overfitting, Wong et al. 2020)
+    overfit_n: int = 256                  # examples of that subset
+    early_stop: bool = False              # stop at a catastrophic-overfitting collapse (best stays pre-collapse)
 
     def resolved(self) -> "TrainConfig":
         """A copy with every None replaced by its preset or dataset default, every field checked
@@ -110,21 +116,30 @@ class TrainConfig:
         info = get_dataset_info(dataset)
         sched_name = resolve_name("schedule", self.schedule or _MODEL_SCHEDULE.get(model, "resnet"), SCHEDULES)
         preset = SCHEDULES[sched_name]
-        epochs = check_int("epochs", preset["epochs"] if self.epochs is None else self.epochs, min=1)
+        # the defense and its own parameters (unknown ones, HE with SI) fail here, not after the data loaded
+        kind = build_defense(defense, si=SIConfig(self.si_scale, self.si_margin, self.si_weight) if self.si else None,
+                             **self.defense_params)
+        # a replaying defense (FreeAT, m replays) runs m× the updates per pass: its preset divides the passes by m
+        preset_epochs = max(1, round(preset["epochs"] / kind.replays))
+        epochs = check_int("epochs", preset_epochs if self.epochs is None else self.epochs, min=1)
+        lr_schedule = resolve_name("lr_schedule (--lr-schedule)",
+                                   self.lr_schedule or kind.lr_schedule_preset or "piecewise", LR_SCHEDULES)
+        inner = kind.inner_preset
         milestones = self.milestones
         if milestones is None:
             milestones = tuple(sorted({max(1, round(m * epochs / preset["epochs"])) for m in preset["milestones"]}))
             milestones = tuple(m for m in milestones if m < epochs)
         milestones = tuple(check_int("milestones", m, min=1) for m in milestones)
         eps = check_eps(info.eps_for(norm) if self.eps is None else self.eps, norm, "eps")
-        steps = check_int("attack_steps (--steps)", self.attack_steps, min=0 if defense == "standard" else 1)
-        alpha = check_step_size(eps / 4 if self.attack_alpha is None else self.attack_alpha, eps, steps,
-                                "attack_alpha (--step-size)", self.force_step_size)
+        steps = check_int("attack_steps (--steps)", inner.get("steps", 10) if self.attack_steps is None
+                          else self.attack_steps, min=0 if defense == "standard" else 1)
+        if self.attack_alpha is not None:
+            alpha = check_step_size(self.attack_alpha, eps, steps, "attack_alpha (--step-size)", self.force_step_size)
+        else:  # a preset's step (FGSM-RS: 1.25ε) is the method's own: no --force-step-size needed
+            alpha = check_step_size(inner.get("alpha", 0.25) * eps, eps, steps, "attack_alpha (--step-size)",
+                                    force="alpha" in inner)
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ValueError(f"data_dir (--data-dir) {self.data_dir} does not exist or is not a folder")
-        # the defense and its own parameters (unknown ones, HE with SI) fail here, not after the data loaded
-        build_defense(defense, si=SIConfig(self.si_scale, self.si_margin, self.si_weight) if self.si else None,
-                      **self.defense_params)
         val_size = self.val_size
         if isinstance(val_size, float) and not val_size.is_integer():
             check_float("val_size", val_size, min=0, max=1, min_open=True, max_open=True)
@@ -140,7 +155,14 @@ class TrainConfig:
                                      else self.weight_decay, min=0),
             lr_gamma=check_float("lr_gamma", self.lr_gamma, min=0, max=1, min_open=True),
             milestones=milestones, eps=eps, attack_alpha=alpha, attack_steps=steps,
-            attack_mode=resolve_name("attack_mode", self.attack_mode, ("eval", "train")),
+            attack_mode=resolve_name("attack_mode", self.attack_mode or inner.get("model_mode", "eval"),
+                                     ("eval", "train")),
+            attack_random_start=bool(inner.get("random_start", True) if self.attack_random_start is None
+                                     else self.attack_random_start),
+            lr_schedule=lr_schedule,
+            overfit_check=bool(kind.guard_overfitting if self.overfit_check is None else self.overfit_check),
+            overfit_n=check_int("overfit_n", self.overfit_n, min=1),
+            early_stop=bool(self.early_stop),
             si_scale=check_float("si_scale", self.si_scale, min=0, min_open=True),
             si_margin=check_float("si_margin", self.si_margin, min=0),
             si_weight=check_float("si_weight", self.si_weight, min=0),
@@ -156,6 +178,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         for k in ("out", "epochs", "device", "progress", "data_dir", "tensorboard", "accept_checksum_mismatch",
                   "force_step_size"):
+            if k == "epochs" and self.lr_schedule in ("cyclic", "onecycle"):
+                continue  # a cyclic rate is shaped by the run's length: another --epochs is another schedule
             d.pop(k)
         d["milestones"] = list(d["milestones"] or [])
         return d
@@ -173,8 +197,28 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def _scheduler(opt, cfg: TrainConfig):
-    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.lr_gamma)
+LR_SCHEDULES = ("piecewise", "cyclic", "onecycle")
+# fields added after runs were first recorded: a recorded config without them had their (then only) behaviour
+_NEWER_FIELDS = {"lr_schedule": "piecewise", "attack_random_start": True, "overfit_check": False, "overfit_n": 256,
+                 "early_stop": False}
+
+
+def learning_rate(cfg: TrainConfig, epoch: int, batch: int, batches: int) -> float:
+    """The learning rate of batch ``batch`` (0-based) of epoch ``epoch`` (0-based), a pure function of the
+    position in the run (so resume is exact with no scheduler state).
+
+    - piecewise: ``lr``, divided by 1/lr_gamma at each milestone epoch (the paper's schedules);
+    - cyclic: triangular, 0 → ``lr`` at half the run → 0 (Wong et al. 2020's CyclicLR for FGSM-RS);
+    - onecycle: piecewise linear, 0 → ``lr`` at 2/5 of the run → 0 (Andriushchenko & Flammarion 2020's
+      schedule for GradAlign).
+    Both cyclic kinds move per batch, evaluated after the batch ((batch + 1) / batches of the epoch done),
+    so the first batch already has a positive rate."""
+    if cfg.lr_schedule == "piecewise":
+        return cfg.lr * cfg.lr_gamma ** sum(1 for m in cfg.milestones if m <= epoch)
+    t = epoch + (batch + 1) / batches
+    peak = (0.5 if cfg.lr_schedule == "cyclic" else 0.4) * cfg.epochs
+    frac = t / peak if t <= peak else max(0.0, (cfg.epochs - t) / (cfg.epochs - peak))
+    return cfg.lr * min(1.0, frac)
 
 
 def _rng_state(gen: torch.Generator, device: torch.device) -> dict:
@@ -242,6 +286,7 @@ def _check_resumable(cfg: TrainConfig, folder: RunFolder) -> None:
     if not saved:
         return  # a run from before run.json: the state file's identity is checked instead
     try:
+        saved = {**_NEWER_FIELDS, **saved}  # a run recorded before a field existed had that field's only behaviour
         saved_identity = json.loads(json.dumps(TrainConfig(**{**saved, "milestones": tuple(saved["milestones"] or ())})
                                                .identity()))
     except TypeError as e:
@@ -264,7 +309,7 @@ def _load_resume_state(cfg: TrainConfig, folder: RunFolder, device, log) -> Opti
             raise StateFileError(f"{path} belongs to another run (run id {state['run_id']}, this folder's is "
                                  f"{run_id})")
         if "identity" in state:
-            diff = config_difference(json.loads(state["identity"]), identity)
+            diff = config_difference({**_NEWER_FIELDS, **json.loads(state["identity"])}, identity)
             if diff:
                 raise _mismatch(path, diff)
 
@@ -303,26 +348,31 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
         # HE's classifier is s · cos θ (Pang et al. 2020): train, validate and save it that way
         model.use_cosine_head(cfg.defense_params.get("scale", 15.0))
     defense = build_defense(cfg.defense, attack=InnerAttack(eps=cfg.eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps,
-                                                            norm=cfg.norm, model_mode=cfg.attack_mode),
+                                                            norm=cfg.norm, model_mode=cfg.attack_mode,
+                                                            random_start=cfg.attack_random_start),
                             si=si, **cfg.defense_params)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = _scheduler(opt, cfg)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    # catastrophic overfitting (Wong et al. 2020): PGD accuracy on a fixed, unaugmented training subset
+    overfit_set = (train_ds.subset(torch.arange(min(cfg.overfit_n, len(train_ds)))) if cfg.overfit_check else None)
 
     # model selection on the held-out split: robust accuracy for defenses, clean accuracy for standard training
     select = "val_clean_acc" if cfg.defense == "standard" else "val_robust_acc"
-    start_epoch, best, partial = 0, {"epoch": None, "metric": select, select: -1.0}, None
+    start_epoch, best, partial, stopped_early = 0, {"epoch": None, "metric": select, select: -1.0}, None, None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        defense.load_state_dict(state.get("defense") or {})
         _set_rng_state(state["rng"], gen, device)
         start_epoch = int(state["epoch"])
         best = json.loads(state["best"])
         partial = state.get("partial")  # progress inside epoch start_epoch + 1, saved on a stop signal
         if partial is not None:
             loader.load_state_dict(partial["loader"])
-        if start_epoch >= cfg.epochs:
+        if state.get("stopped_early"):
+            log(f"{out} stopped early at epoch {start_epoch} ({state['stopped_early']}); nothing to resume")
+            start_epoch = cfg.epochs
+        elif start_epoch >= cfg.epochs:
             log(f"{out} already finished its {start_epoch} epochs (pass a larger --epochs, with explicit --milestones, "
                 "to extend it)")
         else:
@@ -340,7 +390,9 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
 
     def save_state_now(epoch_done: int, partial_now: Optional[dict]) -> None:
         save_state(out / STATE_NAME, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            # "scheduler": the learning rate is a function of the position (learning_rate); kept for old readers
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": {},
+            "defense": defense.state_dict(), "stopped_early": stopped_early,
             "rng": _rng_state(gen, device), "epoch": epoch_done, "best": json.dumps(best), "partial": partial_now,
             "identity": json.dumps(cfg.identity()), "run_id": folder.record.get("run_id"), "version": __version__})
 
@@ -355,9 +407,18 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                 raise RunInterrupted(f"stopped by {stop.name} in epoch {epoch + 1}, after batch {pos}/{len(loader)}; "
                                      f"progress saved in {out / STATE_NAME}. Continue with: "
                                      f"sirobust train --out {out} --resume", stop.signum)
-            sched.step()
             val = _validate(model, val_ds, val_n, cfg, device, epoch)
             row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats, **val, "seconds": time.time() - t0}
+            collapsed = False
+            if overfit_set is not None:
+                before = [r["overfit_pgd_acc"] for r in read_jsonl(metrics_path) if "overfit_pgd_acc" in r]
+                row.update(_overfit_check(model, overfit_set, cfg, device, epoch, before))
+                collapsed = row["overfit_collapse"]
+                if collapsed:
+                    log(f"warning: catastrophic overfitting in epoch {epoch + 1}: PGD accuracy on {len(overfit_set)} "
+                        f"training images fell to {row['overfit_pgd_acc']:.3f} from a best of {max(before):.3f}"
+                        + ("; stopping (--early-stop), best.safetensors is from before the collapse"
+                           if cfg.early_stop else "; pass --early-stop to stop at a collapse"))
             append_jsonl(metrics_path, row)
             if tb is not None:
                 for k, v in row.items():
@@ -366,16 +427,20 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                 tb.flush()
             save_model(model, out / WEIGHTS_NAME, model_name=cfg.model, dataset=cfg.dataset,
                        extra={"epoch": epoch + 1, "defense": defense.describe()})
-            if val[select] > best[select]:
+            if val[select] > best[select] and not collapsed:
                 best = {"epoch": epoch + 1, "metric": select, "val_robust_acc": val["val_robust_acc"],
                         "val_clean_acc": val["val_clean_acc"]}
                 save_model(model, out / BEST_NAME, model_name=cfg.model, dataset=cfg.dataset,
                            extra={"epoch": epoch + 1, "defense": defense.describe(), "best": best})
+            if collapsed and cfg.early_stop:
+                stopped_early = f"catastrophic overfitting in epoch {epoch + 1}"
             # the resume state is written last: a kill before it completes redoes the epoch
             save_state_now(epoch + 1, None)
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  train-acc {stats['train_acc']:.3f}  "
                 f"val clean {val['val_clean_acc']:.3f}  val PGD-{cfg.val_steps} {val['val_robust_acc']:.3f}  "
                 f"({row['seconds']:.1f}s)")
+            if stopped_early:
+                break
             if stop.requested and epoch + 1 < cfg.epochs:
                 raise RunInterrupted(f"stopped by {stop.name} after epoch {epoch + 1}/{cfg.epochs}; its checkpoint is "
                                      f"saved. Continue with: sirobust train --out {out} --resume", stop.signum)
@@ -387,6 +452,7 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     env = environment_info()
     weights = {name: file_sha256(out / name) for name in (WEIGHTS_NAME, BEST_NAME) if (out / name).exists()}
     summary = {"out": str(out), "epochs": cfg.epochs, "identity": cfg.identity(), "best": best,
+               "stopped_early": stopped_early or (state or {}).get("stopped_early"),
                "last": rows[-1] if rows else None,
                "weights": str(out / WEIGHTS_NAME), "best_weights": str(out / BEST_NAME),
                "provenance": {"run_id": folder.record.get("run_id"), "weights_sha256": weights,
@@ -413,6 +479,7 @@ def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig,
     from tqdm.auto import tqdm
 
     model.train()
+    defense.start_epoch(epoch, cfg.epochs)
     if partial is None:
         loader.set_epoch(epoch)
         totals: dict[str, float] = {}
@@ -424,18 +491,23 @@ def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig,
                disable=None if cfg.progress else True, leave=False, dynamic_ncols=True)
     for x, y in bar:
         batch = loader.state_dict()["position"]  # 1-based index of this batch in the epoch
-        loss, stats = defense(model, x, y, generator=gen)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, batch {batch}; "
-                                   f"the checkpoints of the last complete epoch are kept (lower --lr?)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        b = len(y)
-        n += b
-        stats = {"loss": loss.item(), **stats}
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + v * b
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, epoch, batch - 1, len(loader))
+        defense.start_batch(batch - 1)
+        for _ in range(defense.replays):  # FreeAT: the same minibatch m times, one update each
+            loss, stats = defense(model, x, y, generator=gen)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, batch {batch}; "
+                                       f"the checkpoints of the last complete epoch are kept (lower --lr?)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            defense.after_backward()
+            opt.step()
+            b = len(y)
+            n += b
+            stats = {"loss": loss.item(), **stats}
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v * b
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
         if stop.requested and batch < len(loader):
             bar.close()
@@ -443,6 +515,16 @@ def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig,
     out = {k: v / max(n, 1) for k, v in totals.items()}
     out["train_acc"] = out.get("adv_acc", out.get("clean_acc", math.nan))
     return out, None
+
+
+def _overfit_check(model, subset, cfg: TrainConfig, device, epoch: int, before: list) -> dict:
+    """PGD-5 accuracy (steps of ε/4) on a fixed training subset, and whether it collapsed: more than 0.2 below
+    the best so far (Wong et al. 2020 stop FGSM training there: catastrophic overfitting)."""
+    x, y = subset.images, subset.labels
+    with eval_mode(model):
+        atk = PGD(model, eps=cfg.eps, alpha=cfg.eps / 4, steps=5, norm=cfg.norm, seed=cfg.seed + epoch)
+        acc = correct_mask(model, x, y, batch_size=256, attack=atk, device=device).float().mean().item()
+    return {"overfit_pgd_acc": acc, "overfit_collapse": bool(before) and acc < max(before) - 0.2}
 
 
 def _validate(model, val_ds, n: int, cfg: TrainConfig, device, epoch: int) -> dict:

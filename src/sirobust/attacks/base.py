@@ -150,6 +150,8 @@ class Attack:
         return logits
 
     def _perturb_with_restarts(self, x, y, target, keys):
+        if hasattr(self, "queries_used"):  # a query-based attack: nothing from an earlier call may be reported
+            self.queries_used = torch.zeros(x.shape[0], device=x.device)
         logits = self._check_classes(x, y, target)
         if self.eps == 0:
             return x.clone()
@@ -165,6 +167,8 @@ class Attack:
             t = None if target is None else target[idx]
             noise = self.noise(x, None if keys is None else keys[idx], restart)
             self.current_restart = restart
+            if hasattr(self, "queries_used"):
+                self.queries_used = None  # set by run()
             x_adv = self.run(x[idx], y[idx], t, noise)
             used = getattr(self, "queries_used", None)
             if used is not None and len(used) == len(idx):
@@ -175,7 +179,7 @@ class Attack:
             # keep the last restart's point for survivors, the fooling point for the rest
             x_best[idx] = x_adv
             robust[idx[fooled]] = False
-        if counted:
+        if counted or hasattr(self, "queries_used"):
             self.queries_used = queries  # per example of the whole batch (0: not attacked)
         return x_best
 

@@ -11,9 +11,10 @@ RayS sees only the predicted label (``argmax`` of the outputs) under ``torch.no_
 score or a gradient. Its outputs:
 
 - robust accuracy at ε: an example is robust if the boundary found lies farther than ε;
-- ADBD, the average decision-boundary distance over the clean-correct examples: an ε-free measure
-  of robustness (the RayS paper's), an upper bound on the true average since RayS may not find the
-  closest boundary within its query budget.
+- ADBD, the average decision-boundary distance over the clean-correct examples where a boundary was
+  found: an ε-free measure of robustness (the RayS paper's). Each distance is an upper bound on that
+  example's true distance (RayS may not find the closest boundary within its budget); examples with
+  no boundary found are counted apart, not averaged in.
 
 ``atk(x, y)`` returns adversarial examples like every attack (the boundary point when it lies within
 ε, else the point at distance ε on the best ray); ``atk.distances(x, y)`` returns the distances and the

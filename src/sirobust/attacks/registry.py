@@ -67,6 +67,10 @@ def build_attack(name: str, model: nn.Module, overrides: Optional[dict] = None, 
     if unknown:
         raise ValueError(f"attack {name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters are "
                          f"{', '.join(allowed)}")
+    owned = sorted(k for k in ("eps", "norm") if k in overrides and k in shared and overrides[k] != shared[k])
+    if owned:  # a per-attack ε or norm would measure another threat model than the report states
+        raise ValueError(f"attack {name!r}: {' and '.join(owned)} belong to the whole evaluation (--eps, --norm), "
+                         "not to one attack")
     kw = {k: v for k, v in shared.items() if k not in getattr(cls, "fixed", ())}
     kw.update(overrides)
     return cls(model, **kw)

@@ -11,8 +11,10 @@ defaults: δ = 0.001, lr = 0.01, 100 iterations, 128 samples (also 256 and 512).
 
 The model is only ever asked for outputs, under ``torch.no_grad()``: SPSA sees through gradient
 masking, which is why the paper runs it on the SI defenses. The ±δ probes are evaluated in chunks
-of at most ``chunk`` images per model call, so memory is bounded for any sample count; the draws
-are keyed per example and per sample, so the result does not depend on ``chunk`` or on the batch.
+of at most ``chunk`` images per model call, so memory is bounded for any sample count; with ``keys``
+(as ``evaluate`` passes them) the draws are keyed per example and per sample, so the result does not
+depend on ``chunk`` or on the batch. The probes x ± δv are not clipped to [0, 1] (as in cleverhans and
+advertorch): the model is queried up to δ outside the image range.
 
 Example::
 
@@ -43,7 +45,8 @@ class SPSA(Attack):
         iterations: Adam steps.
         delta: the probes' size δ.
         lr: Adam's learning rate.
-        chunk: the most images sent to the model in one call (bounds memory).
+        chunk: the most probe images sent to the model in one call (bounds memory for any ``samples``;
+            the check of the current points is one call on the batch itself).
     """
 
     name = "spsa"

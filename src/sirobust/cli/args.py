@@ -53,10 +53,12 @@ def parse_numbers(text: str) -> list[float]:
 
 
 def parse_param(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE a number (``8/255`` allowed) or a word."""
+    """``KEY=VALUE`` with VALUE a number (``8/255`` allowed), true/false (yes/no, on/off) or a word."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. lam=6 or pairing=l2), got {text!r}")
     key, value = (t.strip() for t in text.split("=", 1))
+    if value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return key, value.lower() in ("true", "yes", "on")
     try:
         num = checks.parse_number(value)
         return key, int(num) if num.is_integer() and "." not in value and "/" not in value else num

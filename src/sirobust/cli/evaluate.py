@@ -82,10 +82,13 @@ def signature(a, source, eps: float, norm: str, model, prov: dict) -> dict:
     """Everything that decides an evaluation's results: --resume continues only the same evaluation."""
     from ..provenance import weights_identity
     weights = prov.get("weights_sha256") or weights_identity(model)["weights_sha256"]
-    return {"weights_sha256": weights, "model": prov.get("model") or str(source.path), "dataset": source.dataset,
+    sig = {"weights_sha256": weights, "model": prov.get("model") or str(source.path), "dataset": source.dataset,
             "split": a.split, "n": a.n, "eps": eps, "norm": norm, "steps": a.steps, "step_size": a.step_size,
             "restarts": a.restarts, "seed": a.seed, "batch_size": a.batch_size, "attacks": list(a.attacks),
-            "head": a.head, "mean": a.mean, "std": a.std, "attack_params": attack_params(a)}
+            "head": a.head, "mean": a.mean, "std": a.std}
+    if attack_params(a):  # absent when none, so evaluations started before the flag existed still resume
+        sig["attack_params"] = attack_params(a)
+    return sig
 
 
 def cmd_evaluate(a) -> int:

@@ -54,13 +54,24 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="training ε in pixel units, e.g. 8/255 (default: the dataset's)")
     p.add_argument("--norm", type=name_arg(canonical_norm), default=None, help=f"Linf or L2 (default {C.norm})")
     p.add_argument("--steps", "--attack-steps", dest="attack_steps", type=int_arg("--steps", min=0), default=None,
-                   help=f"steps of the training attack (default {C.attack_steps})")
+                   help="steps of the training attack (default: the defense's, 10 for the multi-step ones, 1 for "
+                        "the single-step ones)")
     p.add_argument("--step-size", "--attack-alpha", "--alpha", dest="attack_alpha", type=number_arg("--step-size"),
-                   default=None, help="step size of the training attack (default ε/4; above ε only with "
-                                      "--force-step-size)")
+                   default=None, help="step size of the training attack (default: the defense's, ε/4 for the "
+                                      "multi-step ones, 1.25ε for fgsm-rs; above ε only with --force-step-size)")
     optional_store_true(p, "--force-step-size", help="accept a step size above ε")
     p.add_argument("--attack-mode", choices=["eval", "train"], default=None,
-                   help=f"model mode while making training examples (default {C.attack_mode}, as TRADES)")
+                   help="model mode while making training examples (default: the defense's reference code's: eval "
+                        "as TRADES, train for fgsm-rs, free and gradalign)")
+    p.add_argument("--lr-schedule", choices=["piecewise", "cyclic", "onecycle"], default=None,
+                   help="piecewise (milestones; the paper's), cyclic (triangular, peak --lr at half the run; Wong et "
+                        "al.), onecycle (linear, peak at 2/5; Andriushchenko & Flammarion); default: the defense's")
+    optional_store_true(p, "--overfit-check", help="each epoch, PGD accuracy on a fixed training subset, to catch "
+                        "catastrophic overfitting (default: on for the single-step defenses)")
+    p.add_argument("--no-overfit-check", dest="overfit_check", action="store_const", const=False,
+                   help="turn that check off")
+    optional_store_true(p, "--early-stop", help="stop at a catastrophic-overfitting collapse; best.safetensors stays "
+                                                "the checkpoint from before it")
     p.add_argument("--augment", choices=["none", "crop", "flip", "crop-flip"], default=None,
                    help="default: the dataset's")
     p.add_argument("--val-size", type=_val_size, default=None,

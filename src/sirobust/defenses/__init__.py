@@ -8,6 +8,10 @@ from ..checks import resolve_name
 from .alp import ALP
 from .at import AT
 from .base import Defense, InnerAttack
+from .fgsm_rs import FGSMRS
+from .free import FreeAT
+from .gat import GAT
+from .gradalign import GradAlign
 from .he import HE
 from .mart import MART
 from .si import SIConfig, si_regulariser
@@ -15,7 +19,10 @@ from .standard import Standard
 from .trades import TRADES
 
 DEFENSES: Dict[str, Type[Defense]] = {"standard": Standard, "at": AT, "trades": TRADES, "alp": ALP, "mart": MART,
-                                      "he": HE}
+                                      "he": HE, "fgsm-rs": FGSMRS, "free": FreeAT, "gat": GAT,
+                                      "gradalign": GradAlign}
+_ALIASES = {"rfgsm-at": "fgsm-rs", "fast-at": "fgsm-rs", "fast": "fgsm-rs", "freeat": "free", "free-at": "free",
+            "grad-align": "gradalign"}
 
 
 def list_defenses() -> list[str]:
@@ -23,7 +30,7 @@ def list_defenses() -> list[str]:
 
 
 def canonical_defense(name: str) -> str:
-    return resolve_name("defense", name, DEFENSES)
+    return resolve_name("defense", name, DEFENSES, _ALIASES)
 
 
 def describe_defense(name: str) -> str:
@@ -43,4 +50,4 @@ def build_defense(name: str, attack: Optional[InnerAttack] = None, si: Optional[
 
 __all__ = ["Defense", "InnerAttack", "SIConfig", "si_regulariser", "DEFENSES", "build_defense", "list_defenses",
            "canonical_defense", "describe_defense",
-           "AT", "Standard", "TRADES", "ALP", "MART", "HE"]
+           "AT", "Standard", "TRADES", "ALP", "MART", "HE", "FGSMRS", "FreeAT", "GAT", "GradAlign"]

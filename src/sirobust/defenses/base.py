@@ -52,10 +52,33 @@ class InnerAttack:
 
 
 class Defense:
-    """Base class. Subclasses override :meth:`adversarial_loss` and :meth:`training_loss`."""
+    """Base class. Subclasses override :meth:`adversarial_loss` and :meth:`training_loss`.
+
+    The training loop calls every defense the same way (:func:`sirobust.train._train_epoch`)::
+
+        defense.start_epoch(epoch, epochs)          # schedules of the defense's own weights (GAT's λ)
+        for index, (x, y) in enumerate(batches):
+            defense.start_batch(index)
+            for _ in range(defense.replays):         # FreeAT replays each minibatch m times
+                loss, stats = defense(model, x, y)
+                loss.backward()
+                defense.after_backward()             # FreeAT updates its persistent δ from this backward
+                optimizer.step()
+
+    and saves ``defense.state_dict()`` with the run's state, so that resume is exact for
+    defenses that carry state across batches.
+    """
 
     name = "defense"
     uses_attack = True
+    replays = 1
+    # the inner attack this defense's reference code uses, where it is not the paper's 10-step PGD of ε/4:
+    # steps, alpha (a multiple of ε), random_start, model_mode; any of them a user flag overrides
+    inner_preset: dict = {}
+    # the learning-rate schedule its reference code uses (None: the model's piecewise preset)
+    lr_schedule_preset: Optional[str] = None
+    # single-step defenses can overfit catastrophically: their runs check for it every epoch by default
+    guard_overfitting = False
 
     def __init__(self, attack: Optional[InnerAttack] = None, si: Optional[SIConfig] = None):
         self.attack = attack or InnerAttack()
@@ -75,10 +98,14 @@ class Defense:
     attack_uses_clean = False   # does the adversarial objective use f(x) (TRADES' KL)?
 
     # ----- the one algorithm ----------------------------------------------------------------
+    def inner_loss(self, clean: Optional[ModelOutput] = None) -> Loss:
+        """What the adversary maximises: with SI the SI loss CE(s·cos θ, y), else the defense's own."""
+        return get_loss("si", scale=self.si.scale) if self.si is not None else self.adversarial_loss(clean)
+
     def make_adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                          generator: Optional[torch.Generator] = None,
                          clean: Optional[ModelOutput] = None) -> torch.Tensor:
-        inner = get_loss("si", scale=self.si.scale) if self.si is not None else self.adversarial_loss(clean)
+        inner = self.inner_loss(clean)
         with model_mode(model, self.attack.model_mode):
             return pgd_loop(model, x, y, loss=inner, threat=self.attack.threat, alpha=self.attack.alpha,
                             steps=self.attack.steps, random_start=self.attack.random_start,
@@ -107,6 +134,24 @@ class Defense:
         if clean is not None:
             stats["clean_acc"] = (clean.logits.detach().argmax(1) == y).float().mean().item()
         return loss, stats
+
+    # ----- the training loop's hooks (defaults: nothing to do) ---------------------------------
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Before epoch ``epoch`` (0-based) of ``epochs``."""
+
+    def start_batch(self, index: int) -> None:
+        """Before the minibatch ``index`` (0-based, within the epoch) and all its replays."""
+
+    def after_backward(self) -> None:
+        """After ``loss.backward()`` of each replay, before the optimizer step."""
+
+    def state_dict(self) -> dict:
+        """What the defense carries from batch to batch (tensors and numbers), for exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"defense {self.name!r} carries no state, but the checkpoint has {sorted(state)}")
 
     def describe(self) -> dict:
         """Everything that defines this defense, for the run's config record."""
