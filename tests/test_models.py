@@ -66,7 +66,12 @@ def test_features_head_and_forward_agree(name):
     assert model.get_classifier() is model.head
 
 
-@pytest.mark.parametrize("name", MODELS)
+# the big models' backward passes take seconds each on a CPU: those run with the slow tests (make test-all)
+BIG = {"resnet50", "wrn-34-10", "wrn-28-10"}
+MODELS_FAST_BIG_SLOW = [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n for n in MODELS]
+
+
+@pytest.mark.parametrize("name", MODELS_FAST_BIG_SLOW)
 def test_every_parameter_gets_a_gradient(name):
     model = _build(name, num_classes=10).train()
     x = _input(name)
@@ -78,7 +83,7 @@ def test_every_parameter_gets_a_gradient(name):
         assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODELS_FAST_BIG_SLOW)
 def test_normalization_inside_model(name):
     in_channels = 1 if name == "cnn-small" else 3
     mean, std = ([0.2860], [0.3530]) if in_channels == 1 else (CIFAR_MEAN, CIFAR_STD)
@@ -158,3 +163,33 @@ def test_feature_dims(name, dim):
 def test_wrn_head_bias_starts_at_zero():
     model = _build("wrn-28-10")
     assert torch.equal(model.head.bias, torch.zeros(10))
+
+
+def test_preact_variants_follow_their_reference_codes():
+    """Wong et al.'s and Andriushchenko & Flammarion's PreActResNet-18 feed the projection shortcut the block's
+    raw input; GradAlign's has no final BN-ReLU. Same parameter names (except that BN), different functions."""
+    from sirobust.models import build_model
+    from sirobust.models.preact_resnet import PreActBlock
+    seen = {}
+
+    def record(name):
+        def hook(module, args, _out):
+            seen.setdefault(name, []).append(args[0])
+        return hook
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    for name, raw, final_bn in (("preact-resnet18", False, True), ("preact-resnet18-wong", True, True),
+                                ("preact-resnet18-gradalign", True, False)):
+        model = build_model(name).eval()
+        block = next(b for b in model.modules() if isinstance(b, PreActBlock) and b.shortcut is not None)
+        seen.clear()
+        block.register_forward_hook(record("block_in"))   # PreActBlock's input is args[0] of its forward
+        block.shortcut.register_forward_hook(record("shortcut_in"))
+        model(x)
+        block_in, shortcut_in = seen["block_in"][0], seen["shortcut_in"][0]
+        pre = torch.relu(block.bn1(block_in))
+        assert torch.equal(shortcut_in, block_in if raw else pre), name
+        assert (model.body.bn is not None) == final_bn, name
+    keys = {n: set(build_model(n).state_dict()) for n in ("preact-resnet18", "preact-resnet18-wong")}
+    assert keys["preact-resnet18"] == keys["preact-resnet18-wong"]

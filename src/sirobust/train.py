@@ -51,7 +51,8 @@ SCHEDULES = {
     # not in the paper: the small CNN for 28×28 data, tuned to learn in a few epochs on CPU
     "small": dict(lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=(23, 27), epochs=30),
 }
-_MODEL_SCHEDULE = {"resnet18": "resnet", "preact-resnet18": "resnet", "resnet50": "resnet",
+_MODEL_SCHEDULE = {"resnet18": "resnet", "preact-resnet18": "resnet", "preact-resnet18-wong": "resnet",
+                   "preact-resnet18-gradalign": "resnet", "resnet50": "resnet",
                    "wrn-34-10": "wideresnet", "wrn-28-10": "wideresnet", "cnn-small": "small"}
 
 
@@ -401,6 +402,7 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
             stats, partial = _train_epoch(model, defense, opt, loader, gen, epoch, cfg, partial, stop)
+            train_seconds = time.time() - t0  # the defense's own cost, without validation
             if partial is not None:  # stopped by a signal inside the epoch: keep what the finished batches did
                 save_state_now(epoch, partial)
                 pos = partial["loader"]["position"]
@@ -408,7 +410,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                                      f"progress saved in {out / STATE_NAME}. Continue with: "
                                      f"sirobust train --out {out} --resume", stop.signum)
             val = _validate(model, val_ds, val_n, cfg, device, epoch)
-            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats, **val, "seconds": time.time() - t0}
+            row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats, **val, "seconds": time.time() - t0,
+                   "train_seconds": train_seconds}
             collapsed = False
             if overfit_set is not None:
                 before = [r["overfit_pgd_acc"] for r in read_jsonl(metrics_path) if "overfit_pgd_acc" in r]
