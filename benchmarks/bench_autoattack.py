@@ -3,7 +3,7 @@ model and the same points: robust accuracy of each component run alone and of th
 with the time of each. The reference is a benchmark-only peer, installed outside this project (run from the repository root):
 
     git clone https://github.com/fra31/auto-attack /tmp/aa-src     # or any copy of it
-    PYTHONPATH=/tmp/aa-src python benchmarks/bench_autoattack.py --n 500 --write
+    PYTHONPATH=/tmp/aa-src python benchmarks/bench_autoattack.py -n 500 --write
 
 The model is the PGD-AT cnn-small of bench_pgd.py (2 epochs on fashion-mnist-mini), cached in
 runs/bench-cnn-small-at. Both run with the reference's standard settings (APGD 100 steps, 9 target classes,
@@ -47,7 +47,8 @@ def ours(model, x, y, eps, attack, bs, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=500)
+    p.add_argument("-n", "--num-examples", "--n", dest="n", type=int, default=500,
+                   help="test images attacked (--n: the spelling of older command lines)")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -2,7 +2,7 @@
 against white-box PGD, with torchattacks' SPSA (advertorch's code) on the same model and points as the
 reference for SPSA's accuracy and time. Run from the repository root:
 
-    python benchmarks/bench_blackbox.py --n 100 --write
+    python benchmarks/bench_blackbox.py -n 100 --write
 
 What should hold: a black-box attack never finds a lower accuracy than PGD (else gradients are masked),
 and RayS's ADBD, the average L∞ distance to the decision boundary, is larger on the AT model. The models
@@ -45,7 +45,8 @@ def torchattacks_spsa(model, x, y, eps, samples, iterations, bs):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=100)
+    p.add_argument("-n", "--num-examples", "--n", dest="n", type=int, default=100,
+                   help="test images attacked (--n: the spelling of older command lines)")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--samples", type=int, default=128, help="SPSA probes per iteration (paper: 128, 256, 512)")
     p.add_argument("--iterations", type=int, default=100, help="SPSA iterations (paper: 100)")

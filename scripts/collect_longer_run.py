@@ -1,6 +1,6 @@
 """Collect a TRADES vs TRADES-SI comparison over several seeds into the files the demo and docs cite.
 
-    for s in 0 1; do sirobust compare --defenses trades --si both --epochs 30 --seed $s --out runs/cmp30-s$s; done
+    for s in 0 1; do sirobust compare --defenses trades --with-si both --epochs 30 --seed $s --out runs/cmp30-s$s; done
     python scripts/collect_longer_run.py runs/cmp30-s0 runs/cmp30-s1
 
 writes src/sirobust/experiments/trades_si_30_epochs.json (read by `sirobust demo`) and
@@ -34,7 +34,7 @@ def main() -> None:
             lines.append(f"| {seed} | {label} | " + " | ".join(f"{100 * c:.2f}" for c in cells) + f" | {r['best_epoch']} |")
         epochs, eval_n, eps = result["epochs"], result["eval_n"], result["eps"]
         env = result["environment"]
-    command = f"sirobust compare --defenses trades --si both --epochs {epochs} --seed S"
+    command = f"sirobust compare --defenses trades --with-si both --epochs {epochs} --seed S"
     out = {"epochs": epochs, "eval_n": eval_n, "eps": eps, "command": command, "seeds": seeds,
            "environment": {k: env[k] for k in ("sirobust", "torch", "git_commit")}}
     (ROOT / "src" / "sirobust" / "experiments" / "trades_si_30_epochs.json").write_text(json.dumps(out, indent=2) + "\n")

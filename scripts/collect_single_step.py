@@ -1,8 +1,8 @@
 """Tabulate single-step defenses ± SI beside PGD-10 AT, with each defense's training time per epoch
 relative to AT's, from `sirobust compare` folders:
 
-    sirobust compare --defenses at,fgsm-rs,gat,gradalign --si both --epochs 5 --out runs/compare-single-step
-    sirobust compare --defenses free --si both --epochs 1 --out runs/compare-free
+    sirobust compare --defenses at,fgsm-rs,gat,gradalign --with-si both --epochs 5 --out runs/compare-single-step
+    sirobust compare --defenses free --with-si both --epochs 1 --out runs/compare-free
     python scripts/collect_single_step.py runs/compare-single-step runs/compare-free
 
 writes benchmarks/defenses-single-step.md. Time per epoch is the training part of each epoch

@@ -256,7 +256,7 @@ def test_cli_evaluation_stopped_by_sigterm_resumes_to_the_same_report(tmp_path, 
 
     from sirobust.checkpoint import save_model
     weights = save_model(trained_cnn, tmp_path / "w.safetensors", model_name="cnn-small", dataset="fashion-mnist-mini")
-    args = ["evaluate", "--weights", str(weights), "--attacks", "pgd,apgd-ce,pgd-dlr", "--n", "60", "--steps", "3",
+    args = ["evaluate", "--weights", str(weights), "--attacks", "pgd,apgd-ce,pgd-dlr", "-n", "60", "--steps", "3",
             "--batch-size", "8", "--no-progress"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = [sys.executable, "-m", "sirobust.cli", *args]

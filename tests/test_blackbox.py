@@ -198,7 +198,7 @@ def test_cli_attack_params_reach_the_attacks_and_bad_ones_are_named(trained_cnn,
     weights = save_model(trained_cnn, tmp_path / "std.safetensors", model_name="cnn-small",
                          dataset="fashion-mnist-mini")
     out = tmp_path / "bb.json"
-    assert main(["evaluate", "--weights", str(weights), "--attacks", "spsa,rays", "--n", "6", "--no-progress",
+    assert main(["evaluate", "--weights", str(weights), "--attacks", "spsa,rays", "-n", "6", "--no-progress",
                  "--attack-param", "spsa.samples=4", "--attack-param", "spsa.iterations=2",
                  "--attack-param", "rays.queries=30", "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
@@ -208,7 +208,7 @@ def test_cli_attack_params_reach_the_attacks_and_bad_ones_are_named(trained_cnn,
     for bad, message in ((["--attack-param", "spsa.sample=4"], "has no parameter 'sample'"),
                          (["--attack-param", "pgd.steps=4"], "pgd is not among --attacks"),
                          (["--attack-param", "samples=4"], "must be ATTACK.KEY=VALUE")):
-        assert main(["evaluate", "--weights", str(weights), "--attacks", "spsa", "--n", "4", "--no-progress",
+        assert main(["evaluate", "--weights", str(weights), "--attacks", "spsa", "-n", "4", "--no-progress",
                      "--out", str(tmp_path / "x.json"), *bad]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x.json").exists()

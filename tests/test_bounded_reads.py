@@ -168,7 +168,7 @@ PROBE = textwrap.dedent("""
         except Exception as e:
             out[name] = {"error": type(e).__name__, "message": str(e)}
         out[name]["extra_mb"] = peak_mb() - base
-    # evaluate --n converts only the examples it evaluates: 160 MB of uint8 images would be 640 MB as floats
+    # evaluate -n converts only the examples it evaluates: 160 MB of uint8 images would be 640 MB as floats
     n = 200_000
     ds = ImageDataset(images=torch.zeros(n, 1, 28, 28, dtype=torch.uint8), labels=torch.zeros(n, dtype=torch.long),
                       classes=[str(i) for i in range(10)], name="fashion-mnist-mini", split="test")

@@ -48,13 +48,13 @@ def test_train_evaluate_rescale_round_trip(tmp_path):
                  "--attack-steps", "2", "--out", str(out), "--no-progress"]) == 0
     report = tmp_path / "rep.json"
     assert main(["evaluate", "--model-dir", str(out), "--attacks", "pgd,si-pgd,fgsm", "--eps", "1/10", "--steps", "3",
-                 "--n", "40", "--out", str(report), "--no-progress"]) == 0
+                 "-n", "40", "--out", str(report), "--no-progress"]) == 0
     rep = json.loads(report.read_text())
     assert set(rep["attacks"]) == {"pgd", "si-pgd", "fgsm"} and rep["n"] == 40
     assert rep["eps"] == pytest.approx(0.1) and rep["config"]["dataset"] == "fashion-mnist-mini"
     assert rep["worst_case_acc"] <= min(r["robust_acc"] for r in rep["attacks"].values())
     assert (tmp_path / "rep.md").exists()
-    assert main(["rescale", "--model-dir", str(out), "--alphas", "1,1000", "--steps", "3", "--n", "30",
+    assert main(["rescale", "--model-dir", str(out), "--alphas", "1,1000", "--steps", "3", "-n", "30",
                  "--out", str(tmp_path / "rs"), "--no-progress"]) == 0
     rs = json.loads((tmp_path / "rs" / "rescale.json").read_text())
     assert rs["alphas"] == [1, 1000] and set(rs["accuracy"]) == {"pgd", "si-pgd"}

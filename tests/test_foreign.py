@@ -84,7 +84,7 @@ def test_a_definition_file_and_a_wrapped_state_dict_evaluate_from_the_cli(tmp_pa
     d, model = user_model
     out = tmp_path / "r.json"
     r = cli("evaluate", "--model-def", f"{d / 'net.py'}:make_net", "--model-arg", "width=8", "--weights",
-            str(d / "net.pt"), "--dataset", "fashion-mnist-mini", "--attacks", "pgd,si-pgd", "--n", "60",
+            str(d / "net.pt"), "--dataset", "fashion-mnist-mini", "--attacks", "pgd,si-pgd", "-n", "60",
             "--steps", "5", "--out", str(out), "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rep = _report(out)
@@ -106,7 +106,7 @@ def test_mean_and_std_wrap_the_model_and_are_recorded(tmp_path, user_model):
     d, _ = user_model
     out = tmp_path / "r.json"
     r = cli("evaluate", "--model-def", f"{d / 'net.py'}:make_net", "--weights", str(d / "net.pt"), "--dataset",
-            "fashion-mnist-mini", "--mean", "0.5", "--std", "0.25", "--attacks", "fgsm", "--n", "20", "--out",
+            "fashion-mnist-mini", "--mean", "0.5", "--std", "0.25", "--attacks", "fgsm", "-n", "20", "--out",
             str(out), "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "mean [0.5], std [0.25]" in _report(out)["provenance"]["normalisation"]
@@ -119,7 +119,7 @@ def test_a_torchscript_archive_evaluates_with_pgd_and_si_pgd(tmp_path, user_mode
     d, _ = user_model
     out = tmp_path / "r.json"
     r = cli("evaluate", "--model", str(d / "net.ts"), "--dataset", "fashion-mnist-mini", "--attacks", "pgd,si-pgd",
-            "--n", "60", "--steps", "5", "--out", str(out), "--no-progress", cwd=tmp_path)
+            "-n", "60", "--steps", "5", "--out", str(out), "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rep = _report(out)
     assert rep["clean_acc"] > 0.5 and rep["attacks"]["si-pgd"]["robust_acc"] < rep["clean_acc"]
@@ -137,7 +137,7 @@ def test_si_pgd_on_a_torchscript_model_without_features_says_what_to_export(tmp_
 
     torch.jit.script(Plain()).save(str(tmp_path / "p.ts"))
     r = cli("evaluate", "--model", str(tmp_path / "p.ts"), "--dataset", "fashion-mnist-mini", "--attacks",
-            "pgd,si-pgd", "--n", "10", cwd=tmp_path)
+            "pgd,si-pgd", "-n", "10", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "attack 'si-pgd' cannot run on this model" in r.stderr and "forward_features" in r.stderr
 
@@ -157,7 +157,7 @@ def test_a_malicious_pickle_as_weights_is_refused_and_never_runs(tmp_path, user_
     else:
         torch.save({"state_dict": Evil()}, evil)
     r = cli("evaluate", "--model-def", f"{d / 'net.py'}:make_net", "--weights", str(evil), "--dataset",
-            "fashion-mnist-mini", "--n", "5", cwd=tmp_path)
+            "fashion-mnist-mini", "-n", "5", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert str(evil) in r.stderr
     assert not marker.exists()

@@ -41,7 +41,7 @@ def test_wilson_interval_matches_known_values():
 
 def test_cli_report_provenance_names_what_was_measured(tmp_path, weights):
     out = tmp_path / "r.json"
-    r = cli("evaluate", "--weights", str(weights), "--attacks", "pgd,si-pgd", "--n", "40", "--steps", "3",
+    r = cli("evaluate", "--weights", str(weights), "--attacks", "pgd,si-pgd", "-n", "40", "--steps", "3",
             "--restarts", "2", "--seed", "5", "--out", str(out), "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rep = json.loads(out.read_text())
@@ -67,7 +67,7 @@ def test_cli_report_provenance_names_what_was_measured(tmp_path, weights):
 
 def test_the_command_gives_the_same_examples_for_any_batch_size(tmp_path, weights):
     """Random starts are keyed per example: batch size and restarts change no per-example result."""
-    base = ["evaluate", "--weights", str(weights), "--attacks", "pgd,si-pgd,rfgsm", "--n", "60", "--steps", "3",
+    base = ["evaluate", "--weights", str(weights), "--attacks", "pgd,si-pgd,rfgsm", "-n", "60", "--steps", "3",
             "--restarts", "3", "--eps", "0.15", "--no-progress"]
     reports = []
     for bs in ("64", "7"):

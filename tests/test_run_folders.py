@@ -322,11 +322,11 @@ def test_a_stop_signal_inside_an_epoch_saves_the_batches_done(tmp_path, straight
     real = tr._train_epoch
     calls = {"n": 0}
 
-    def stop_in_epoch_two(model, defense, opt, loader, gen, epoch, cfg, partial, stop):
+    def stop_in_epoch_two(model, defense, opt, loader, gen, epoch, cfg, partial, stop, *rest):
         if epoch == 1 and partial is None:
             calls["n"] += 1
             stop.signum = signal.SIGTERM  # as the handler would on `kill`
-        return real(model, defense, opt, loader, gen, epoch, cfg, partial, stop)
+        return real(model, defense, opt, loader, gen, epoch, cfg, partial, stop, *rest)
 
     monkeypatch.setattr(tr, "_train_epoch", stop_in_epoch_two)
     run = tmp_path / "run"
@@ -430,7 +430,7 @@ def test_report_names_are_never_reused_silently(tmp_path, trained_cnn, monkeypat
     from sirobust.checkpoint import save_model
     weights = save_model(trained_cnn, tmp_path / "w.safetensors", model_name="cnn-small", dataset="fashion-mnist-mini")
     monkeypatch.chdir(tmp_path)
-    args = ["evaluate", "--weights", str(weights), "--attacks", "fgsm", "--n", "8", "--no-progress"]
+    args = ["evaluate", "--weights", str(weights), "--attacks", "fgsm", "-n", "8", "--no-progress"]
     assert main(args) == 0 and main(args) == 0  # no --out: report.json, then report-2.json
     assert (tmp_path / "report.json").exists() and (tmp_path / "report-2.json").exists()
     first = (tmp_path / "report.json").read_text()

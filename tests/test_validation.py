@@ -43,7 +43,7 @@ def weights(tmp_path_factory, trained_cnn):
     (["evaluate", "--weights", "{w}", "--eps", "0.1", "--step-size", "0.2"], "--step-size (the step size) = 0.2 is "
                                                                              "larger than eps = 0.1"),
     (["evaluate", "--weights", "{w}", "--attacks", "pgd,sipgdd"], "unknown attack 'sipgdd' (did you mean 'si-pgd'"),
-    (["evaluate", "--weights", "{w}", "--n", "0"], "--n must be >= 1, got 0"),
+    (["evaluate", "--weights", "{w}", "--num-examples", "0"], "--num-examples must be >= 1, got 0"),
     (["evaluate", "--weights", "{w}", "--data-dir", "{tmp}/missing"], "data_dir (--data-dir)"),
     (["train", "--eps", "8", "--out", "{tmp}/t"], "eps = 8 is outside [0, 1]"),
     (["train", "--val-n", "0", "--out", "{tmp}/t"], "--val-n must be >= 1"),
@@ -64,7 +64,7 @@ def test_bad_arguments_exit_before_any_work_with_one_line_naming_them(tmp_path, 
 
 def test_names_are_case_insensitive_and_each_attack_line_comes_when_it_finishes(tmp_path, weights):
     r = cli("evaluate", "--weights", str(weights), "--attacks", "PGD,SI_PGD", "--norm", "LINF", "--dataset",
-            "Fashion-MNIST-Mini", "--n", "24", "--steps", "2", "--out", str(tmp_path / "r.json"), "--no-progress")
+            "Fashion-MNIST-Mini", "-n", "24", "--steps", "2", "--out", str(tmp_path / "r.json"), "--no-progress")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     table = next(i for i, line in enumerate(lines) if line.startswith("attack "))

@@ -225,7 +225,8 @@ def logits_of(output, where: str = "the model") -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         if output.dim() != 2:
             raise ValueError(f"{where} must return logits of shape (B, K), got {tuple(output.shape)}")
-        return output
+        # bf16 autocast (the fast path): decisions and losses are taken in fp32
+        return output.float() if output.dtype in (torch.bfloat16, torch.float16) else output
     kind = type(output).__name__
     if isinstance(output, (tuple, list)):
         how = "sirobust.models.SelectOutput(model, 0) if the logits come first"

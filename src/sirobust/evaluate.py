@@ -35,6 +35,9 @@ from .attacks.base import default_eps, recorded_dataset
 from .attacks.external import ExternalAttack
 from .checks import (as_names, check_images, check_int, check_labels, check_step_size, logits_of, model_channels,
                      model_dtype, parse_number)
+from .distributed import Group
+from .distributed import current as current_group
+from .fastpath import check_precision, resolve_precision
 from .features import FeatureAccessError, forward_with_features
 from .interrupts import RunInterrupted
 from .modes import model_mode
@@ -132,7 +135,8 @@ def _preflight(model: nn.Module, runners: list, probe: torch.Tensor, num_classes
                 raise FeatureAccessError(f"attack {atk.name!r} cannot run on this model: {e}") from None
 
 
-BLACK_BOX = ("square", "spsa", "rays")  # attacks that never ask for a gradient
+BLACK_BOX = ("square", "spsa", "rays")
+_RESIDENT_BYTES = 4 << 30  # evaluation sets below this stay on the GPU for the whole evaluation  # attacks that never ask for a gradient
 
 
 def _result_flags(results: dict, n: int) -> list:
@@ -169,7 +173,7 @@ def _clean_pass(model, x_all, y_all, batch_size, device, saved) -> torch.Tensor:
     for s in range(0, len(y_all), batch_size):
         with torch.no_grad():
             clean[s:s + batch_size] = (logits_of(model(x_all[s:s + batch_size].to(device))).argmax(1).cpu()
-                                       == y_all[s:s + batch_size])
+                                       == y_all[s:s + batch_size].cpu())
     if saved is not None:
         saved.save_clean(clean.tolist())
     return clean
@@ -187,7 +191,8 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
              device: Optional[Union[str, torch.device]] = None, progress: bool = True,
              attack_params: Optional[dict] = None, config: Optional[dict] = None,
              indices: Optional[Sequence[int]] = None, log: Optional[Callable[[str], None]] = None,
-             force_step_size: bool = False, provenance: Optional[dict] = None, saved=None, stop=None) -> Report:
+             force_step_size: bool = False, provenance: Optional[dict] = None, saved=None, stop=None,
+             precision: str = "auto", compile: bool = False, group: Optional[Group] = None) -> Report:
     """Evaluate ``model`` on ``data`` under each attack; see the module docstring.
 
     ``eps`` (pixel units; ``"8/255"`` accepted) defaults to the budget of the model's recorded
@@ -198,7 +203,12 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
     records the weights file's sha256 and the command there). ``log`` gets a line per attack
     as soon as it finishes. ``saved`` (an :class:`~sirobust.progress.EvaluationProgress`) keeps every
     finished batch on disk and reuses what an earlier, stopped call finished; ``stop`` (a
-    :class:`~sirobust.interrupts.StopRequest`) ends the evaluation between two batches.
+    :class:`~sirobust.interrupts.StopRequest`) ends the evaluation between two batches. ``precision``
+    (auto, fp32, fp32-fast, bf16; :mod:`sirobust.fastpath`) is how our attacks run the model; every
+    verdict is taken on the model as given, in fp32. ``compile`` runs our attacks on a ``torch.compile``d
+    private copy of the model (not with ``precision="fp32"``). Under torchrun (``group``, default: the
+    launcher's, :mod:`sirobust.distributed`) the batches are shared among the processes and every process
+    returns the same report; ``saved`` is then rank 0's alone.
     """
     from tqdm.auto import tqdm
 
@@ -215,6 +225,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
     restarts = check_int("restarts", restarts, min=1)
     batch_size = check_int("batch_size", batch_size, min=1)
     seed = check_int("seed", seed, min=0)
+    precision = check_precision(precision)
     specs = as_names(attacks, "attack", list_attacks()) if isinstance(attacks, str) else list(attacks)
     if not specs:
         raise ValueError(f"attacks is empty: name at least one attack (valid: {', '.join(list_attacks())})")
@@ -233,10 +244,20 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
     if len(idx_list) != N:
         raise ValueError(f"indices has {len(idx_list)} entries for {N} examples")
     keys_all = torch.tensor(idx_list, dtype=torch.int64)
-    shared = dict(eps=eps, alpha=alpha, steps=steps, restarts=restarts, norm=norm, seed=seed, force=force_step_size)
+    shared = dict(eps=eps, alpha=alpha, steps=steps, restarts=restarts, norm=norm, seed=seed, force=force_step_size,
+                  precision=precision)
     runners = _runners(specs, model, eps, norm, shared, attack_params or {})
+    for atk in runners:
+        if isinstance(atk, Attack) and compile:
+            for part in [atk, *(a for _, a in getattr(atk, "stages", []))]:  # an ensemble's stages too
+                part.compile = True
     threat = make_threat(norm, eps)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    group = group or current_group(device.type)
+    fast = resolve_precision(precision, device, compile=compile)
+    if device.type == "cuda" and x_all.numel() * x_all.element_size() < _RESIDENT_BYTES:
+        # the evaluation set lives on the device: no host-to-device copy per batch (CIFAR-10 test: 123 MB)
+        x_all, y_all = x_all.to(device), y_all.to(device)
 
     was_training = model.training
     with model_mode(model, "eval"):
@@ -257,7 +278,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust
         for atk in runners:
             results[atk.name] = _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device,
-                                            progress, tqdm, saved, stop)
+                                            progress, tqdm, saved, stop, group)
             if results[atk.name].excluded:
                 flags.append({"name": "attack_left_threat_model", "triggered": True, "value": atk.name,
                               "message": f"attack {atk.name!r} returned points outside the threat model or [0, 1], "
@@ -285,7 +306,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         worst &= robust
     env = environment_info()
     cfg = {"attacks": list(results), "eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts, "norm": norm,
-           "n": N, "batch_size": batch_size, "seed": seed, "device": str(device),
+           "n": N, "batch_size": batch_size, "seed": seed, "device": str(device), "precision": fast.precision,
            "model_description": type(model).__name__, **(config or {})}
     prov = {**weights_identity(model), "model": model_description(model),
             "dataset": (config or {}).get("dataset") or data_name or recorded_dataset(model),
@@ -294,7 +315,8 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                          "contiguous": idx_list == list(range(idx_list[0], idx_list[0] + N))},
             "threat_model": {"norm": norm, "eps": eps, "step_size": alpha, "steps": steps, "restarts": restarts},
             "attacks": {name: r.params for name, r in results.items()},
-            "seed": seed, "device": str(device), "precision": precision_of(model),
+            "seed": seed, "device": str(device), "processes": group.world, "precision": precision_of(model),
+            "fast_path": {**fast.describe(), "verdicts": "the model as given, " + precision_of(model)},
             "sirobust": env["sirobust"], "torch": env["torch"], "python": env["python"],
             "git_commit": env["git_commit"], "command": command_line(), "utc_time": utc_now(),
             **(provenance or {})}
@@ -309,11 +331,13 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
 
 
 def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device, progress_bar,
-                tqdm, saved=None, stop=None) -> AttackResult:
+                tqdm, saved=None, stop=None, group: Optional[Group] = None) -> AttackResult:
     """One attack over the clean-correct examples, its outputs checked against the evaluation's threat
     model. Ours must pass (a failure is a bug); an external attack's bad outputs are counted, noted, and
     its column excluded from the worst case. With ``saved`` (an EvaluationProgress) finished batches are
-    read back and new ones written as they finish; ``stop`` (a StopRequest) ends it between batches."""
+    read back and new ones written as they finish; ``stop`` (a StopRequest) ends it between batches.
+    With a distributed ``group`` the batches are dealt round-robin and gathered on every process."""
+    group = group or Group()
     robust = torch.zeros(N, dtype=torch.bool)
     stage_of = torch.full((N,), -1, dtype=torch.long)   # ensembles: the stage that broke each example
     queries = torch.zeros(N)                            # query-based attacks: queries spent per example
@@ -321,17 +345,18 @@ def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size,
     max_delta, outside, broken, seconds = 0.0, 0, "", 0.0
     tol = _tolerance(x_all.dtype)
     ours = isinstance(atk, Attack)
-    # disable=None: the bar turns itself off when stderr is not a terminal (CI logs)
-    bar = tqdm(total=len(todo), desc=atk.name, disable=None if progress_bar else True, leave=False,
+    # disable=None: the bar turns itself off when stderr is not a terminal (CI logs); rank 0's only
+    bar = tqdm(total=len(todo), desc=atk.name, disable=None if progress_bar and group.main else True, leave=False,
                dynamic_ncols=True)
-    for s in range(0, len(todo), batch_size):
+    starts = list(range(0, len(todo), batch_size))
+    # batches an earlier, stopped call finished (rank 0 holds them; every process learns which)
+    finished = group.first(lambda: {} if saved is None else
+                           {s: d for s in starts if (d := saved.batch(atk.name, s)) is not None})
+    remaining = [s for s in starts if s not in finished]
+
+    def record(s: int, done: dict) -> None:
+        nonlocal max_delta, outside, broken
         idx = todo[s:s + batch_size]
-        done = saved.batch(atk.name, s) if saved is not None else None
-        if done is None:
-            done = _run_batch(model, atk, threat, x_all[idx].to(device), y_all[idx].to(device),
-                              keys_all[idx].to(device), ours, tol, device)
-            if saved is not None:
-                saved.save_batch(atk.name, s, done)
         robust[idx] = torch.tensor(done["robust"], dtype=torch.bool)
         if done.get("stages") is not None:
             stage_of[idx] = torch.tensor(done["stages"], dtype=torch.long)
@@ -341,12 +366,32 @@ def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size,
             distances[idx] = torch.tensor([float("inf") if v is None else v for v in done["distances"]],
                                           dtype=torch.float64)
         max_delta, outside = max(max_delta, done["max_delta"]), outside + done["outside"]
-        broken, seconds = broken or done["broken"], seconds + done["seconds"]
+        broken = broken or done["broken"]
         bar.update(len(idx))
-        if stop is not None and stop.requested and s + batch_size < len(todo):
+
+    for s, done in finished.items():
+        record(s, done)
+        seconds += done["seconds"]
+    # with N processes, batch r·N + k of the remaining ones is process k's: each batch is computed exactly
+    # as a single process computes it, so 1 and N processes give the same per-example results
+    for r in range(0, len(remaining), group.world):
+        mine = remaining[r:r + group.world][group.rank:group.rank + 1]
+        done = None
+        if mine:
+            idx = todo[mine[0]:mine[0] + batch_size]
+            done = _run_batch(model, atk, threat, x_all[idx].to(device), y_all[idx].to(device),
+                              keys_all[idx].to(device), ours, tol, device)
+        parts = [(p_s, p_done) for p_s, p_done in group.gather((mine[0] if mine else None, done)) if p_s is not None]
+        for p_s, p_done in parts:
+            if saved is not None and group.main:
+                saved.save_batch(atk.name, p_s, p_done)
+            record(p_s, p_done)
+        seconds += max(p_done["seconds"] for _, p_done in parts)  # the processes ran side by side
+        if group.any(stop is not None and stop.requested) and r + group.world < len(remaining):
             bar.close()
-            raise RunInterrupted(f"stopped by {stop.name} during {atk.name}; every finished batch is saved",
-                                 stop.signum)
+            name = stop.name if stop is not None and stop.requested else "a stop signal to another process"
+            raise RunInterrupted(f"stopped by {name} during {atk.name}; every finished batch is saved",
+                                 stop.signum if stop is not None else None)
     bar.close()
     k = int(robust.sum())
     acc = accuracy(k, N)

@@ -38,8 +38,17 @@ class ModelOutput:
     weight: Optional[torch.Tensor] = None    # (K, D): W
     bias: Optional[torch.Tensor] = None      # (K,)
 
+    def __post_init__(self):
+        # under bf16 autocast (the fast path) the model computes in bf16, but losses and decisions
+        # are made in fp32: a margin or a cosine rounded to 8 bits of mantissa would steer the attack badly
+        if self.logits.dtype in _HALF:
+            self.logits = self.logits.float()
+        if self.features is not None and self.features.dtype in _HALF:
+            self.features = self.features.float()
+
 
 HeadSpec = Union[None, str, nn.Linear]
+_HALF = (torch.bfloat16, torch.float16)
 
 # Models whose head passed the α·(Wz+b)+c check; keyed weakly so models can be freed.
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()

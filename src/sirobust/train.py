@@ -13,12 +13,14 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -29,6 +31,9 @@ from .checks import check_eps, check_float, check_int, check_step_size, resolve_
 from .checkpoint import BEST_NAME, WEIGHTS_NAME, save_model
 from .data import BatchLoader, get_dataset_info, load_dataset, train_val_split
 from .data.loader import AUGMENTATIONS
+from .distributed import Group
+from .distributed import current as current_group
+from .fastpath import check_precision, resolve_precision, restore_deterministic, set_deterministic
 from .defenses import InnerAttack, SIConfig, build_defense
 from .interrupts import RunInterrupted, StopRequest, graceful_stop
 from .io import append_jsonl, atomic_write_text, read_json, read_jsonl, write_json
@@ -105,6 +110,9 @@ class TrainConfig:
     #                                       single-step defenses (catastrophic overfitting, Wong et al. 2020)
     overfit_n: int = 256                  # examples of that subset
     early_stop: bool = False              # stop at a catastrophic-overfitting collapse (best stays pre-collapse)
+    precision: str = "auto"               # auto | fp32 | fp32-fast | bf16 (sirobust.fastpath); auto: bf16 on CUDA
+    compile: bool = False                 # torch.compile the model for the training forward passes
+    deterministic: bool = False           # deterministic GPU kernels: a GPU run resumes bit-exactly (slower)
 
     def resolved(self) -> "TrainConfig":
         """A copy with every None replaced by its preset or dataset default, every field checked
@@ -172,13 +180,15 @@ class TrainConfig:
             train_n=None if self.train_n is None else check_int("train_n", self.train_n, min=1),
             val_n=check_int("val_n", self.val_n, min=1), val_steps=check_int("val_steps", self.val_steps, min=1),
             seed=check_int("seed", self.seed, min=0),
+            precision=resolve_precision(check_precision(self.precision), pick_device(self.device)).precision,
+            compile=bool(self.compile), deterministic=bool(self.deterministic),
         )
 
     def identity(self) -> dict:
         """The fields that must match for --resume to continue a run."""
         d = dataclasses.asdict(self)
         for k in ("out", "epochs", "device", "progress", "data_dir", "tensorboard", "accept_checksum_mismatch",
-                  "force_step_size"):
+                  "force_step_size", "compile", "deterministic"):
             if k == "epochs" and self.lr_schedule in ("cyclic", "onecycle"):
                 continue  # a cyclic rate is shaped by the run's length: another --epochs is another schedule
             d.pop(k)
@@ -199,9 +209,10 @@ def pick_device(name: str) -> torch.device:
 
 
 LR_SCHEDULES = ("piecewise", "cyclic", "onecycle")
+_RANK_SEED_STRIDE = 1_000_003  # process k of a distributed run seeds its attack generator with seed + k·stride
 # fields added after runs were first recorded: a recorded config without them had their (then only) behaviour
 _NEWER_FIELDS = {"lr_schedule": "piecewise", "attack_random_start": True, "overfit_check": False, "overfit_n": 256,
-                 "early_stop": False}
+                 "early_stop": False, "precision": "fp32", "compile": False, "deterministic": False}
 
 
 def learning_rate(cfg: TrainConfig, epoch: int, batch: int, batches: int) -> float:
@@ -250,19 +261,34 @@ def fit(config: TrainConfig, resume: bool = False, overwrite: bool = False, log=
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or move it aside and start again")
     cfg = config.resolved()
-    device = pick_device(cfg.device)
+    group = current_group(cfg.device)  # under torchrun: this process's rank among the others
+    device = group.device(cfg.device)
     mode = "resume" if resume else "overwrite" if overwrite else "new"
     benchmark = torch.backends.cudnn.benchmark
-    with RunFolder(cfg.out, "train", mode, config=dataclasses.asdict(cfg), log=log) as folder, \
-            graceful_stop() as stop:
+    if not group.main:
+        log = lambda *_a, **_k: None  # noqa: E731 (rank 0 speaks for the run)
+
+    def claim(stack):  # rank 0 owns the folder; what it found is sent to the others
+        folder = stack.enter_context(RunFolder(cfg.out, "train", mode, config=dataclasses.asdict(cfg), log=log))
+        return folder, {"path": str(folder.path), "record": folder.record, "resumed": folder.resumed}
+
+    with contextlib.ExitStack() as stack:
+        claimed = group.first(claim, stack, share=False)
+        seen = group.broadcast(claimed[1] if claimed else None)
+        folder = claimed[0] if claimed else SimpleNamespace(path=Path(seen["path"]), record=seen["record"],
+                                                            resumed=seen["resumed"])
+        stop = stack.enter_context(graceful_stop())
+        determinism = set_deterministic(cfg.deterministic)
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                if device.type == "cuda":
-                    # fixed input shapes: let cuDNN pick the fastest kernels (bit-exact resume is a CPU guarantee)
+                if device.type == "cuda" and not cfg.deterministic:
+                    # fixed input shapes: let cuDNN pick the fastest kernels (bit-exact GPU resume needs
+                    # --deterministic; on a CPU it is always exact)
                     torch.backends.cudnn.benchmark = True
-                return _fit(cfg, device, folder, stop, log)
+                return _fit(cfg, device, folder, stop, log, group)
         finally:
             torch.backends.cudnn.benchmark = benchmark
+            restore_deterministic(determinism)
 
 
 def recorded_config(out) -> Optional[dict]:
@@ -271,7 +297,9 @@ def recorded_config(out) -> Optional[dict]:
     if not path.is_file():
         return None
     record = read_json(path)
-    return record.get("config") if isinstance(record, dict) and record.get("kind") == "train" else None
+    if not (isinstance(record, dict) and record.get("kind") == "train" and isinstance(record.get("config"), dict)):
+        return None
+    return {**_NEWER_FIELDS, **record["config"]}  # a field the run predates had its then only behaviour
 
 
 def _mismatch(where, diff: list[str]) -> ResumeMismatch:
@@ -310,7 +338,8 @@ def _load_resume_state(cfg: TrainConfig, folder: RunFolder, device, log) -> Opti
             raise StateFileError(f"{path} belongs to another run (run id {state['run_id']}, this folder's is "
                                  f"{run_id})")
         if "identity" in state:
-            diff = config_difference({**_NEWER_FIELDS, **json.loads(state["identity"])}, identity)
+            older = {k: v for k, v in _NEWER_FIELDS.items() if k in identity}  # fields a state may predate
+            diff = config_difference({**older, **json.loads(state["identity"])}, identity)
             if diff:
                 raise _mismatch(path, diff)
 
@@ -318,11 +347,18 @@ def _load_resume_state(cfg: TrainConfig, folder: RunFolder, device, log) -> Opti
     return None if found is None else found[0]
 
 
-def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRequest, log) -> dict:
+def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRequest, log,
+         group: Optional[Group] = None) -> dict:
+    group = group or Group()
     out = folder.path
     if folder.resumed:
         _check_resumable(cfg, folder)
-        state = _load_resume_state(cfg, folder, device, log)
+        # rank 0 reads (and checks) the state; every process continues from it
+        state = group.first(_load_resume_state, cfg, folder, device, log)
+        if state is not None and int(state.get("world_size", 1)) != group.world:
+            raise ResumeMismatch(f"--resume: the run in {out} was trained by {state.get('world_size', 1)} "
+                                 f"process(es), this is {group.world}: each process's random streams and batch "
+                                 "slices are part of the run; resume it with the same number of processes")
         if state is None and folder.record.get("legacy"):
             raise RunFolderError(f"--resume: {out} holds no training checkpoint ({STATE_NAME}) to continue from")
         if state is None:
@@ -337,13 +373,19 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     train_ds, val_ds, val_idx = train_val_split(full, cfg.val_size, seed=cfg.seed)
     if cfg.train_n is not None:
         train_ds = train_ds.subset(torch.arange(min(cfg.train_n, len(train_ds))))
+    # with N processes every one walks the same global batches and trains on its slice of each
+    tail = len(train_ds) % cfg.batch_size
     loader = BatchLoader.from_dataset(train_ds, cfg.batch_size, shuffle=True, augment=cfg.augment,
-                                      drop_last=False, device=device, seed=cfg.seed)
+                                      drop_last=group.enabled and 0 < tail < 2 * group.world,
+                                      device=device, seed=cfg.seed)
     val_n = min(cfg.val_n, len(val_ds))
 
     torch.manual_seed(cfg.seed)  # model init; everything after is checkpointed
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
                         mean=info.mean, std=info.std).to(device)
+    fast = resolve_precision(cfg.precision, device)
+    if fast.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # the layout the fastest convolutions use
     si = SIConfig(cfg.si_scale, cfg.si_margin, cfg.si_weight) if cfg.si else None
     if cfg.defense == "he":
         # HE's classifier is s · cos θ (Pang et al. 2020): train, validate and save it that way
@@ -352,8 +394,15 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                                                             norm=cfg.norm, model_mode=cfg.attack_mode,
                                                             random_start=cfg.attack_random_start),
                             si=si, **cfg.defense_params)
+    # the training forward passes may run compiled; state and checkpoints always come from `model` itself
+    runner = torch.compile(model) if cfg.compile else model
+    if group.enabled:  # DDP averages the gradients; HE's cosine head leaves its bias without one
+        from torch.nn.parallel import DistributedDataParallel
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=cfg.defense == "he")
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    # each process's attacks draw their own random starts (rank 0's stream is the single-process one)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + _RANK_SEED_STRIDE * group.rank)
     # catastrophic overfitting (Wong et al. 2020): PGD accuracy on a fixed, unaugmented training subset
     overfit_set = (train_ds.subset(torch.arange(min(cfg.overfit_n, len(train_ds)))) if cfg.overfit_check else None)
 
@@ -363,13 +412,19 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        defense.load_state_dict(state.get("defense") or {})
-        _set_rng_state(state["rng"], gen, device)
+        mine = state["ranks"][group.rank] if state.get("ranks") else state  # this process's streams
+        for name, buf in model.named_buffers():
+            if name in (mine.get("buffers") or {}):
+                buf.copy_(mine["buffers"][name])
+        defense.load_state_dict(mine.get("defense") or {})
+        _set_rng_state(mine["rng"], gen, device)
         start_epoch = int(state["epoch"])
         best = json.loads(state["best"])
         partial = state.get("partial")  # progress inside epoch start_epoch + 1, saved on a stop signal
         if partial is not None:
             loader.load_state_dict(partial["loader"])
+            if not group.main:  # the saved sums are the whole run's, kept by rank 0
+                partial = {**partial, "totals": {}, "n": 0}
         if state.get("stopped_early"):
             log(f"{out} stopped early at epoch {start_epoch} ({state['stopped_early']}); nothing to resume")
             start_epoch = cfg.epochs
@@ -381,27 +436,38 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                                                               if partial else "")
             log(f"resuming {out} at {where}")
     metrics_path = out / METRICS_NAME
-    rows = [r for r in read_jsonl(metrics_path) if r.get("epoch", 0) <= start_epoch] if metrics_path.exists() else []
-    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-    if state is None:  # a fresh start: nothing from a stopped attempt may be mistaken for this run's output
-        for stale in ("summary.json", BEST_NAME, WEIGHTS_NAME):
-            (out / stale).unlink(missing_ok=True)
-    write_json(out / CONFIG_NAME, {"config": dataclasses.asdict(cfg), "defense": defense.describe(),
-                                   "val_indices": val_idx, "environment": environment_info()})
+    if group.main:  # rank 0 writes every file of the run; the others only compute
+        rows = [r for r in read_jsonl(metrics_path) if r.get("epoch", 0) <= start_epoch] if metrics_path.exists() \
+            else []
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        if state is None:  # a fresh start: nothing from a stopped attempt may be mistaken for this run's output
+            for stale in ("summary.json", BEST_NAME, WEIGHTS_NAME):
+                (out / stale).unlink(missing_ok=True)
+        write_json(out / CONFIG_NAME, {"config": dataclasses.asdict(cfg), "defense": defense.describe(),
+                                       "val_indices": val_idx, "environment": environment_info(),
+                                       "processes": group.world})
 
     def save_state_now(epoch_done: int, partial_now: Optional[dict]) -> None:
+        # every process's random streams and defense state (FreeAT's δ is per slice), written by rank 0
+        # and batch-norm statistics: each process updates them from its own slice between DDP's broadcasts
+        ranks = group.gather({"rng": _rng_state(gen, device), "defense": defense.state_dict(),
+                              "buffers": {k: v.cpu() for k, v in model.named_buffers()}} if group.enabled else None)
+        if not group.main:
+            return
         save_state(out / STATE_NAME, {
             # "scheduler": the learning rate is a function of the position (learning_rate); kept for old readers
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": {},
             "defense": defense.state_dict(), "stopped_early": stopped_early,
             "rng": _rng_state(gen, device), "epoch": epoch_done, "best": json.dumps(best), "partial": partial_now,
-            "identity": json.dumps(cfg.identity()), "run_id": folder.record.get("run_id"), "version": __version__})
+            "identity": json.dumps(cfg.identity()), "run_id": folder.record.get("run_id"), "version": __version__,
+            "world_size": group.world, "ranks": ranks if group.enabled else None})
 
-    tb = _tensorboard_writer(out) if cfg.tensorboard else None
+    tb = _tensorboard_writer(out) if cfg.tensorboard and group.main else None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
-            stats, partial = _train_epoch(model, defense, opt, loader, gen, epoch, cfg, partial, stop)
+            stats, partial = _train_epoch(model, defense, opt, loader, gen, epoch, cfg, partial, stop, runner, fast,
+                                          group)
             train_seconds = time.time() - t0  # the defense's own cost, without validation
             if partial is not None:  # stopped by a signal inside the epoch: keep what the finished batches did
                 save_state_now(epoch, partial)
@@ -409,32 +475,36 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                 raise RunInterrupted(f"stopped by {stop.name} in epoch {epoch + 1}, after batch {pos}/{len(loader)}; "
                                      f"progress saved in {out / STATE_NAME}. Continue with: "
                                      f"sirobust train --out {out} --resume", stop.signum)
-            val = _validate(model, val_ds, val_n, cfg, device, epoch)
+            val = _validate(model, val_ds, val_n, cfg, device, epoch, group)
             row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats, **val, "seconds": time.time() - t0,
                    "train_seconds": train_seconds}
             collapsed = False
             if overfit_set is not None:
-                before = [r["overfit_pgd_acc"] for r in read_jsonl(metrics_path) if "overfit_pgd_acc" in r]
-                row.update(_overfit_check(model, overfit_set, cfg, device, epoch, before))
+                before = group.first(lambda: [r["overfit_pgd_acc"] for r in read_jsonl(metrics_path)
+                                              if "overfit_pgd_acc" in r])
+                row.update(_overfit_check(model, overfit_set, cfg, device, epoch, before, group))
                 collapsed = row["overfit_collapse"]
                 if collapsed:
                     log(f"warning: catastrophic overfitting in epoch {epoch + 1}: PGD accuracy on {len(overfit_set)} "
                         f"training images fell to {row['overfit_pgd_acc']:.3f} from a best of {max(before):.3f}"
                         + ("; stopping (--early-stop), best.safetensors is from before the collapse"
                            if cfg.early_stop else "; pass --early-stop to stop at a collapse"))
-            append_jsonl(metrics_path, row)
+            if group.main:
+                append_jsonl(metrics_path, row)
             if tb is not None:
                 for k, v in row.items():
                     if k != "epoch" and isinstance(v, (int, float)):
                         tb.add_scalar(k, v, epoch + 1)
                 tb.flush()
-            save_model(model, out / WEIGHTS_NAME, model_name=cfg.model, dataset=cfg.dataset,
-                       extra={"epoch": epoch + 1, "defense": defense.describe()})
+            if group.main:
+                save_model(model, out / WEIGHTS_NAME, model_name=cfg.model, dataset=cfg.dataset,
+                           extra={"epoch": epoch + 1, "defense": defense.describe()})
             if val[select] > best[select] and not collapsed:
                 best = {"epoch": epoch + 1, "metric": select, "val_robust_acc": val["val_robust_acc"],
                         "val_clean_acc": val["val_clean_acc"]}
-                save_model(model, out / BEST_NAME, model_name=cfg.model, dataset=cfg.dataset,
-                           extra={"epoch": epoch + 1, "defense": defense.describe(), "best": best})
+                if group.main:
+                    save_model(model, out / BEST_NAME, model_name=cfg.model, dataset=cfg.dataset,
+                               extra={"epoch": epoch + 1, "defense": defense.describe(), "best": best})
             if collapsed and cfg.early_stop:
                 stopped_early = f"catastrophic overfitting in epoch {epoch + 1}"
             # the resume state is written last: a kill before it completes redoes the epoch
@@ -444,13 +514,15 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                 f"({row['seconds']:.1f}s)")
             if stopped_early:
                 break
-            if stop.requested and epoch + 1 < cfg.epochs:
+            if group.any(stop.requested) and epoch + 1 < cfg.epochs:
                 raise RunInterrupted(f"stopped by {stop.name} after epoch {epoch + 1}/{cfg.epochs}; its checkpoint is "
                                      f"saved. Continue with: sirobust train --out {out} --resume", stop.signum)
     finally:
         if tb is not None:
             tb.close()
 
+    if not group.main:
+        return {"out": str(out), "epochs": cfg.epochs, "best": best, "rank": group.rank}
     rows = read_jsonl(metrics_path)
     env = environment_info()
     weights = {name: file_sha256(out / name) for name in (WEIGHTS_NAME, BEST_NAME) if (out / name).exists()}
@@ -461,7 +533,9 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                "provenance": {"run_id": folder.record.get("run_id"), "weights_sha256": weights,
                               "command": folder.record.get("command"), "resumed_by": command_line(),
                               "started": folder.record.get("created"), "finished": utc_now(), "device": str(device),
-                              "precision": precision_of(model), "sirobust": env["sirobust"], "torch": env["torch"],
+                              "precision": precision_of(model), "fast_path": fast.describe(),
+                              "processes": group.world,
+                              "sirobust": env["sirobust"], "torch": env["torch"],
                               "python": env["python"], "git_commit": env["git_commit"]}}
     write_json(out / "summary.json", summary)
     return summary
@@ -476,9 +550,16 @@ def _tensorboard_writer(out: Path):
 
 
 def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig, partial: Optional[dict],
-                 stop: StopRequest) -> tuple[dict, Optional[dict]]:
+                 stop: StopRequest, runner=None, fast=None, group: Optional[Group] = None
+                 ) -> tuple[dict, Optional[dict]]:
     """One epoch (or the rest of one, from ``partial``). Returns (mean stats, None), or
-    (stats so far, the partial state to save) when a stop signal arrived between two batches."""
+    (stats so far, the partial state to save) when a stop signal arrived between two batches.
+    ``runner`` is what the defense calls (the model, compiled or wrapped for DDP); ``fast`` the fast path.
+    With a distributed ``group`` each process trains on its slice of every batch, and the stats and the
+    decision to stop are the whole group's."""
+    runner = model if runner is None else runner
+    fast = fast or resolve_precision("fp32", "cpu")
+    group = group or Group()
     from tqdm.auto import tqdm
 
     model.train()
@@ -491,19 +572,26 @@ def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig,
         totals, n = dict(partial["totals"]), int(partial["n"])
     bar = tqdm(loader, total=len(loader), initial=loader.state_dict()["position"],
                desc=f"epoch {epoch + 1}/{cfg.epochs} {defense.name}{'-si' if defense.si else ''}",
-               disable=None if cfg.progress else True, leave=False, dynamic_ncols=True)
+               disable=None if cfg.progress and group.main else True, leave=False, dynamic_ncols=True)
     for x, y in bar:
+        whole = len(y)
+        if group.enabled:  # this process's slice of the global batch
+            x, y = x.tensor_split(group.world)[group.rank], y.tensor_split(group.world)[group.rank]
+        x = fast.inputs(x)
         batch = loader.state_dict()["position"]  # 1-based index of this batch in the epoch
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, epoch, batch - 1, len(loader))
+        for param_group in opt.param_groups:
+            param_group["lr"] = learning_rate(cfg, epoch, batch - 1, len(loader))
         defense.start_batch(batch - 1)
         for _ in range(defense.replays):  # FreeAT: the same minibatch m times, one update each
-            loss, stats = defense(model, x, y, generator=gen)
-            if not torch.isfinite(loss):
+            with fast.autocast_context(x.device):  # the forward passes; losses are fp32 (ModelOutput)
+                loss, stats = defense(runner, x, y, generator=gen)
+            if group.any(not torch.isfinite(loss)):  # every process stops, not only the one that diverged
                 raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, batch {batch}; "
                                        f"the checkpoints of the last complete epoch are kept (lower --lr?)")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages the processes' gradients; weighting each by its slice's share makes that the mean
+            # over the global batch even when the slices differ in size
+            (loss * (len(y) * group.world / whole) if group.enabled else loss).backward()
             defense.after_backward()
             opt.step()
             b = len(y)
@@ -512,31 +600,50 @@ def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig,
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v * b
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
-        if stop.requested and batch < len(loader):
+        if group.any(stop.requested) and batch < len(loader):
             bar.close()
-            return totals, {"loader": loader.state_dict(), "totals": totals, "n": n}
+            everyone = group.sum({**totals, "__n": n})  # rank 0 keeps the whole group's sums
+            n_all = int(everyone.pop("__n"))
+            return everyone, {"loader": loader.state_dict(), "totals": everyone, "n": n_all}
+    totals = group.sum({**totals, "__n": n})
+    n = int(totals.pop("__n"))
     out = {k: v / max(n, 1) for k, v in totals.items()}
     out["train_acc"] = out.get("adv_acc", out.get("clean_acc", math.nan))
     return out, None
 
 
-def _overfit_check(model, subset, cfg: TrainConfig, device, epoch: int, before: list) -> dict:
+def _overfit_check(model, subset, cfg: TrainConfig, device, epoch: int, before: list,
+                   group: Optional[Group] = None) -> dict:
     """PGD-5 accuracy (steps of ε/4) on a fixed training subset, and whether it collapsed: more than 0.2 below
     the best so far (Wong et al. 2020 stop FGSM training there: catastrophic overfitting)."""
-    x, y = subset.images, subset.labels
+    x, y, keys = _slice(subset.images, subset.labels, group)
     with eval_mode(model):
-        atk = PGD(model, eps=cfg.eps, alpha=cfg.eps / 4, steps=5, norm=cfg.norm, seed=cfg.seed + epoch)
-        acc = correct_mask(model, x, y, batch_size=256, attack=atk, device=device).float().mean().item()
+        atk = PGD(model, eps=cfg.eps, alpha=cfg.eps / 4, steps=5, norm=cfg.norm, seed=cfg.seed + epoch,
+                  precision=cfg.precision)
+        hits = correct_mask(model, x, y, batch_size=256, attack=atk, device=device, keys=keys).sum().item()
+    acc = (group or Group()).sum({"hits": hits})["hits"] / len(subset.labels)
     return {"overfit_pgd_acc": acc, "overfit_collapse": bool(before) and acc < max(before) - 0.2}
 
 
-def _validate(model, val_ds, n: int, cfg: TrainConfig, device, epoch: int) -> dict:
-    x, y = val_ds.images[:n], val_ds.labels[:n]
+def _slice(images: torch.Tensor, labels: torch.Tensor, group: Optional[Group]):
+    """This process's contiguous share of a fixed example set, and the examples' indices (which key the
+    attack's random starts, so the result does not depend on how the set is shared)."""
+    keys = torch.arange(len(labels))
+    if group is not None and group.enabled:
+        keys = keys.tensor_split(group.world)[group.rank]
+    return images[keys], labels[keys], keys
+
+
+def _validate(model, val_ds, n: int, cfg: TrainConfig, device, epoch: int, group: Optional[Group] = None) -> dict:
+    """Clean and PGD accuracy on the first ``n`` held-out examples (shared among the processes of a group)."""
+    x, y, keys = _slice(val_ds.images[:n], val_ds.labels[:n], group)
     with eval_mode(model):
         clean = correct_mask(model, x, y, batch_size=256, device=device)
         if cfg.defense == "standard" and not cfg.si and cfg.eps == 0:
             robust = clean
         else:
-            atk = PGD(model, eps=cfg.eps, alpha=cfg.eps / 4, steps=cfg.val_steps, norm=cfg.norm, seed=cfg.seed + epoch)
-            robust = correct_mask(model, x, y, batch_size=256, attack=atk, device=device)
-    return {"val_clean_acc": clean.float().mean().item(), "val_robust_acc": robust.float().mean().item(), "val_n": n}
+            atk = PGD(model, eps=cfg.eps, alpha=cfg.eps / 4, steps=cfg.val_steps, norm=cfg.norm, seed=cfg.seed + epoch,
+                      precision=cfg.precision)
+            robust = correct_mask(model, x, y, batch_size=256, attack=atk, device=device, keys=keys)
+    hits = (group or Group()).sum({"clean": clean.sum().item(), "robust": robust.sum().item()})
+    return {"val_clean_acc": hits["clean"] / n, "val_robust_acc": hits["robust"] / n, "val_n": n}

@@ -142,15 +142,16 @@ class APGD(Attack):
     """
 
     name = "apgd"
+    autocast_ok = True  # the loss, the momentum step and the step-size rule are fp32; the model may run in bf16
     # evaluation-wide settings an APGD preset does not take from the PGD family's defaults
     fixed: tuple = ("steps", "alpha", "restarts", "random_start", "force")
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, steps: int = 100,
                  loss: Union[str, Loss] = "ce", norm: str = "Linf", restarts: int = 1, seed: Optional[int] = 0,
                  rho: float = 0.75, eot_iter: int = 1, head=None, model_mode: str = "eval", early_stop: bool = True,
-                 **loss_params):
+                 precision: str = "auto", **loss_params):
         super().__init__(model, eps, norm=norm, restarts=restarts, seed=seed, model_mode=model_mode,
-                         early_stop=early_stop)
+                         early_stop=early_stop, precision=precision)
         self.steps = check_int("steps", steps, min=1)
         self.rho = check_float("rho", rho, min=0, max=1)
         self.eot_iter = check_int("eot_iter", eot_iter, min=1)

@@ -49,14 +49,16 @@ class AutoAttack(Attack):
     """
 
     name = "aa"
+    uses_fast_model = False  # each stage runs its own fast path
     version = "standard"  # the default; each preset below fixes its own
     fixed: tuple = ("steps", "alpha", "restarts", "random_start", "force")
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, norm: str = "Linf",
                  version: Optional[str] = None, attacks: Optional[Sequence[Union[str, tuple]]] = None,
                  seed: Optional[int] = 0, model_mode: str = "eval", head=None,
-                 stage_params: Optional[dict] = None):
-        super().__init__(model, eps, norm=norm, restarts=1, seed=seed, model_mode=model_mode, early_stop=True)
+                 stage_params: Optional[dict] = None, precision: str = "auto"):
+        super().__init__(model, eps, norm=norm, restarts=1, seed=seed, model_mode=model_mode, early_stop=True,
+                         precision=precision)
         from .registry import build_attack, canonical_attack_name
         version = resolve_name("AutoAttack version", version or self.version, [*VERSIONS, "custom"])
         if version == "custom":
@@ -81,7 +83,8 @@ class AutoAttack(Attack):
             extra = {"head": head} if head is not None and stage == "apgd-si" else {}
             self.stages.append((stage, build_attack(stage, model, overrides={**settings, **extra,
                                                                              **custom.pop(stage, {})},
-                                                    eps=self.eps, norm=self.norm, seed=seed)))
+                                                    eps=self.eps, norm=self.norm, seed=seed,
+                                                    precision=precision)))
         if custom:
             raise ValueError(f"stage_params names {', '.join(custom)}, not stages of this ensemble "
                              f"({', '.join(n for n, _ in self.stages)})")
@@ -100,7 +103,7 @@ class AutoAttack(Attack):
         self.stage_names = [n for n, _ in out]
         return out
 
-    def _perturb_with_restarts(self, x, y, target, keys):
+    def _perturb_with_restarts(self, x, y, target, keys, runner=None, fast=None):
         if target is not None:
             raise ValueError("AutoAttack is untargeted (its targeted stages choose their own targets)")
         logits = self._check_classes(x, y, None)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..checks import (check_eps, check_images, check_int, check_labels, check_same_device, logits_of,
                       model_channels, model_dtype, resolve_name)
+from ..fastpath import FastPath, attack_model, check_precision, resolve_precision
 from ..modes import model_mode
 from ..rng import GeneratorNoise, KeyedNoise, Noise
 from ..threat import ThreatModel, canonical_norm, make_threat
@@ -61,6 +62,10 @@ class Attack:
         early_stop: evaluation mode (default): points the model already gets wrong
             are not attacked, and an example stops at the first iterate that fools
             the model. ``False`` (for training): every example takes every step.
+        precision: ``"auto"`` (default: bf16 autocast on CUDA for the gradient attacks,
+            channels_last and batch-norm folding everywhere), ``"fp32"`` (the model exactly
+            as given), ``"fp32-fast"`` or ``"bf16"``; see :mod:`sirobust.fastpath`. Whatever the
+            precision, each restart's verdict is taken on the model as given, in its own dtype.
 
     ``atk(x, y, keys=idx)`` keys each example's random start on its index ``idx`` (B,), so
     the result for an example does not depend on the batch it came in; without ``keys``
@@ -68,9 +73,12 @@ class Attack:
     """
 
     name = "attack"
+    autocast_ok = False  # may the model run under bf16 autocast? (gradient attacks; not FAB's or RayS' geometry)
+    uses_fast_model = True  # False: the attack runs the model as given (ensembles: their stages choose)
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, norm: str = "Linf", restarts: int = 1,
-                 seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True):
+                 seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True,
+                 precision: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         norm = canonical_norm(norm)
@@ -85,6 +93,9 @@ class Attack:
         self._keyed_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.model_mode = resolve_name("model_mode", model_mode, _MODES)
         self.early_stop = bool(early_stop)
+        self.precision = check_precision(precision)
+        self.compile = False  # torch.compile the private copy of the model (set by evaluate(compile=True))
+        self.ran_as: Optional[dict] = None  # how the last call ran the model (precision, folded copy or not)
         self._generator: Optional[torch.Generator] = None
         self.current_restart = 0  # which restart :meth:`run` is serving (FAB starts later restarts at random)
 
@@ -108,10 +119,17 @@ class Attack:
             return x.detach().clone()
         work_dtype = model_dtype(self.model)
         xw = x.detach().to(work_dtype)  # the model's precision (a float64 batch for a float32 model)
+        fast = resolve_precision(self.precision, x.device, compile=self.compile)
+        if work_dtype != torch.float32:  # autocast and folding are for fp32 models; others run as given
+            fast = resolve_precision("fp32", x.device)
         with model_mode(self.model, None if self.model_mode == "keep" else self.model_mode):
+            runner, how = (attack_model(self.model, fast, probe=xw[:8]) if self.uses_fast_model
+                           else (self.model, "as given"))
+            self.ran_as = {"precision": fast.precision if runner is not self.model or fast.autocast else "fp32",
+                           "autocast": fast.autocast and self.autocast_ok, "model": how}
             x_adv = self._perturb_with_restarts(xw, y.detach().to(x.device).long(),
                                                 None if target is None else target.detach().to(x.device).long(),
-                                                None if keys is None else keys.detach().long())
+                                                None if keys is None else keys.detach().long(), runner, fast)
         if x_adv.dtype != x.dtype:  # back to the caller's dtype, inside the ball in that precision too
             x_adv = self.threat.project(x_adv.to(x.dtype), x.detach())
         return x_adv
@@ -138,7 +156,7 @@ class Attack:
     def params(self) -> dict:
         """What defines this attack, for reports (subclasses add theirs)."""
         return {"name": self.name, "eps": self.eps, "norm": self.norm, "restarts": self.restarts, "seed": self.seed,
-                "model_mode": self.model_mode}
+                "model_mode": self.model_mode, "precision": self.precision, "ran_as": self.ran_as}
 
     # ------------------------------------------------------------ internals
     def _check_classes(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
@@ -149,7 +167,16 @@ class Attack:
             check_labels(target, x.shape[0], logits.shape[1], name="target")
         return logits
 
-    def _perturb_with_restarts(self, x, y, target, keys):
+    def _run_fast(self, runner: nn.Module, fast: FastPath, x, y, target, noise) -> torch.Tensor:
+        """:meth:`run` on the fast model (``self.model`` is ``runner`` meanwhile), under autocast when allowed."""
+        model, self.model = self.model, runner
+        try:
+            with fast.autocast_context(x.device, self.autocast_ok):
+                return self.run(fast.inputs(x) if runner is not model else x, y, target, noise).contiguous()
+        finally:
+            self.model = model
+
+    def _perturb_with_restarts(self, x, y, target, keys, runner=None, fast=None):
         if hasattr(self, "queries_used"):  # a query-based attack: nothing from an earlier call may be reported
             self.queries_used = torch.zeros(x.shape[0], device=x.device)
         logits = self._check_classes(x, y, target)
@@ -169,7 +196,10 @@ class Attack:
             self.current_restart = restart
             if hasattr(self, "queries_used"):
                 self.queries_used = None  # set by run()
-            x_adv = self.run(x[idx], y[idx], t, noise)
+            if runner is None:
+                x_adv = self.run(x[idx], y[idx], t, noise)
+            else:
+                x_adv = self._run_fast(runner, fast, x[idx], y[idx], t, noise)
             used = getattr(self, "queries_used", None)
             if used is not None and len(used) == len(idx):
                 queries[idx] += used.to(queries)

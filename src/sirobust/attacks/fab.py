@@ -153,9 +153,9 @@ class FAB(Attack):
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, steps: int = 100, targeted: bool = False,
                  n_targets: int = 9, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9, norm: str = "Linf",
-                 restarts: int = 1, seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True):
+                 restarts: int = 1, seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True, precision: str = "auto"):
         super().__init__(model, eps, norm=norm, restarts=restarts, seed=seed, model_mode=model_mode,
-                         early_stop=early_stop)
+                         early_stop=early_stop, precision=precision)
         self.steps = check_int("steps", steps, min=1)
         self.targeted = bool(targeted)
         self.n_targets = check_int("n_targets", n_targets, min=1)

@@ -50,6 +50,30 @@ def is_fooled(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tens
     return pred != y if target is None else pred == target
 
 
+# On a GPU every boolean test of a device tensor (``if mask.any()``, ``x[mask]``) waits for the device to
+# finish: the step loop tests only every SYNC_EVERY steps there, and freezes examples with torch.where in
+# between. On a CPU the test is free, and dropping finished examples at once saves their arithmetic.
+SYNC_EVERY = {"cpu": 1}
+DEFAULT_SYNC_EVERY = 4
+
+
+def sync_every(device: torch.device) -> int:
+    """Steps between two host synchronisations of the step loop on ``device``."""
+    return SYNC_EVERY.get(torch.device(device).type, DEFAULT_SYNC_EVERY)
+
+
+def _nonfinite(grad: torch.Tensor, moving: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B,) bool on the device: rows whose gradient has a NaN/inf (only rows that ``moving`` marks)."""
+    bad = ~torch.isfinite(grad.flatten(1)).all(1)
+    return bad if moving is None else bad & moving
+
+
+def _raise_if(bad: torch.Tensor, loss: Loss) -> None:
+    """The deferred form of :func:`_checked`: raise if any row was ever flagged (one host sync)."""
+    if bad.any():
+        _checked(torch.full((int(bad.sum()), 1), float("nan")), loss)
+
+
 def pgd_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, threat: ThreatModel,
              alpha: float, steps: int, random_start: bool = True, target: Optional[torch.Tensor] = None,
              early_stop: bool = False, noise=None, head=None, start: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -59,7 +83,8 @@ def pgd_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
     iterate is returned, as in Madry/TRADES training.
     ``early_stop=True`` (evaluation): an example stops at the first iterate that
     fools the model, that iterate is returned, and no more forward/backward is
-    spent on it. Model gradients are never accumulated (``autograd.grad`` w.r.t.
+    spent on it (on a GPU, from the next host synchronisation on: :func:`sync_every`).
+    Model gradients are never accumulated (``autograd.grad`` w.r.t.
     the input only); ``x`` is never modified. ``noise`` (a torch.Generator or a
     :class:`~sirobust.rng.KeyedNoise`) draws the random start; ``start`` replaces
     it with a given first iterate (inside the ball around ``x``).
@@ -71,26 +96,109 @@ def pgd_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
         x_adv = threat.project(start.detach(), x)
     else:
         x_adv = threat.random_init(x, noise) if random_start else x.clone()
+    every = sync_every(x.device)
+    bad = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # rows with a non-finite gradient
     if not early_stop:
-        for _ in range(steps):
+        for step in range(steps):
             xa = x_adv.requires_grad_(True)
             with torch.enable_grad():
                 value, _ = objective(model, xa, y, loss, target, head)
                 grad, = torch.autograd.grad(value.sum(), xa)
-            x_adv = threat.project(threat.step(xa.detach(), _checked(grad, loss), alpha), x)
+            bad |= _nonfinite(grad)
+            if (step + 1) % every == 0:
+                _raise_if(bad, loss)
+            x_adv = threat.project(threat.step(xa.detach(), grad, alpha), x)
+        _raise_if(bad, loss)
         return x_adv.detach()
-    active = torch.arange(x.shape[0], device=x.device)  # indices still being attacked
+    # the working set: rows of the batch still attacked, with their clean points, labels and targets
+    active = torch.arange(x.shape[0], device=x.device)
+    xw, x0, yw, tw = x_adv, x, y, target
+    frozen = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # fooled: kept at that iterate
+    out = x_adv.clone()
+    # bf16 forward (the fast path): its logits are good to about 1 % of their size, so its "fooled" is
+    # confirmed in fp32, and an iterate it calls "nearly fooled" is kept and checked in fp32 too: an attack
+    # that walked past a fooling point it could not see would end weaker than in fp32
+    reduced = torch.is_autocast_enabled(x.device.type)
+    if reduced:
+        near = x_adv.clone()  # per row: the nearest-to-fooling iterate since the last check
+        near_score = torch.full((x.shape[0],), -float("inf"), device=x.device)
     for step in range(steps + 1):
-        xa = x_adv[active].requires_grad_(True)
-        ya = y[active]
-        ta = None if target is None else target[active]
+        xa = xw.detach().requires_grad_(True)
         with torch.enable_grad():
-            value, logits = objective(model, xa, ya, loss, ta, head)
-            keep = ~is_fooled(logits.detach(), ya, ta)
-            if step == steps or not keep.any():
+            value, logits = objective(model, xa, yw, loss, tw, head)
+            if not reduced:
+                frozen = frozen | is_fooled(logits.detach(), yw, tw)
+            else:  # stop only where bf16 is sure; a near tie keeps climbing and is checked in fp32 later
+                margin = _fooling_margin(logits.detach(), yw, tw)
+                tol = _BF16_MARGIN * logits.detach().abs().amax(1)
+                frozen = frozen | (margin > tol)
+                better = ~frozen & (margin > -tol) & (margin > near_score)
+                near = torch.where(better.view(-1, *([1] * (x.dim() - 1))), xa.detach(), near)
+                near_score = torch.where(better, margin, near_score)
+            if step == steps:
+                if reduced:
+                    frozen, xw = _check_near(model, xw, yw, tw, frozen, near, near_score, head)
                 break  # the last iterate only needed its check
-            grad, = torch.autograd.grad(value[keep].sum(), xa)
-        grad, xa, active = _checked(grad[keep], loss), xa[keep], active[keep]
-        x_new = threat.project(threat.step(xa.detach(), grad, alpha), x[active])
-        x_adv = x_adv.index_copy(0, active, x_new)
-    return x_adv.detach()
+            grad, = torch.autograd.grad(value.sum(), xa)  # per-example losses: a frozen row's gradient is unused
+        moved = threat.project(threat.step(xa.detach(), grad, alpha), x0)
+        sync = (step + 1) % every == 0
+        if sync and reduced:
+            # a point at the decision boundary can look fooled in bf16 and not be (a bf16 tie, say): such a
+            # row is unfrozen and takes its step, or it would stay there for good
+            frozen = _confirm_in_fp32(model, xa.detach(), yw, tw, frozen, head)
+        xw = torch.where(frozen.view(-1, *([1] * (x.dim() - 1))), xa.detach(), moved)
+        bad[active] |= _nonfinite(grad, ~frozen)
+        if sync:  # host sync: drop the fooled rows from the working set
+            _raise_if(bad, loss)
+            if reduced:  # and a nearly-fooling iterate that fools in fp32 is where that row stops
+                frozen, xw = _check_near(model, xw, yw, tw, frozen, near, near_score, head)
+                near_score = torch.full_like(near_score, -float("inf"))
+            keep = ~frozen
+            out.index_copy_(0, active, xw)
+            if not keep.any():
+                return out.detach()
+            if not keep.all():
+                active, xw, x0, yw = active[keep], xw[keep], x0[keep], yw[keep]
+                tw = None if tw is None else tw[keep]
+                frozen = frozen[keep]
+                if reduced:
+                    near, near_score = near[keep], near_score[keep]
+    _raise_if(bad, loss)
+    out.index_copy_(0, active, xw.detach())
+    return out.detach()
+
+
+def _confirm_in_fp32(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
+                     frozen: torch.Tensor, head=None) -> torch.Tensor:
+    """``frozen`` with the rows whose point does not fool the model in fp32 set back to False."""
+    rows = frozen.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return frozen
+    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        logits = forward_with_features(model, x[rows], head=head, need_features=False).logits
+    confirmed = is_fooled(logits, y[rows], None if target is None else target[rows])
+    return frozen.index_put((rows[~confirmed],), torch.zeros((), dtype=torch.bool, device=x.device))
+
+
+_BF16_MARGIN = 0.03  # |bf16 − fp32| logit error, relative to the largest logit, with a margin of 3 (measured ≤ 1 %)
+
+
+def _fooling_margin(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B,) > 0 exactly when the example is fooled: best other logit − true logit (targeted: target logit −
+    best other)."""
+    cls = y if target is None else target
+    own = logits.gather(1, cls.view(-1, 1)).squeeze(1)
+    other = logits.scatter(1, cls.view(-1, 1), -float("inf")).amax(1)
+    return other - own if target is None else own - other
+
+
+def _check_near(model, xw, y, target, frozen, near, near_score, head):
+    """Rows not frozen whose nearly-fooling iterate fools the model in fp32 stop there (xw takes that iterate)."""
+    rows = (~frozen & torch.isfinite(near_score)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return frozen, xw
+    with torch.autocast(xw.device.type, enabled=False), torch.no_grad():
+        logits = forward_with_features(model, near[rows], head=head, need_features=False).logits
+    hit = rows[is_fooled(logits, y[rows], None if target is None else target[rows])]
+    xw = xw.index_copy(0, hit, near[hit])
+    return frozen.index_fill(0, hit, True), xw

@@ -31,14 +31,15 @@ class PGD(Attack):
     """
 
     name = "pgd"
+    autocast_ok = True  # the loss and the step are fp32; only the model runs in bf16 on the fast path
     fixed: tuple = ()  # shared evaluation settings this preset ignores (it fixes them itself)
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 20,
                  loss: Union[str, Loss] = "ce", random_start: bool = True, norm: str = "Linf",
                  restarts: int = 1, seed: Optional[int] = 0, head=None, model_mode: str = "eval",
-                 early_stop: bool = True, force: bool = False, **loss_params):
+                 early_stop: bool = True, force: bool = False, precision: str = "auto", **loss_params):
         super().__init__(model, eps, norm=norm, restarts=restarts, seed=seed, model_mode=model_mode,
-                         early_stop=early_stop)
+                         early_stop=early_stop, precision=precision)
         self.steps = check_int("steps", steps, min=1)
         self.alpha = check_step_size(self.eps / 4 if alpha is None else alpha, self.eps, self.steps, "alpha", force)
         self.loss = get_loss(loss, **loss_params)

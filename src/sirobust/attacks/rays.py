@@ -49,12 +49,13 @@ class RayS(Attack):
     """
 
     name = "rays"
+    uses_fast_model = False  # decisions on the model as given: its distances are reported
     fixed: tuple = ("steps", "alpha", "restarts", "random_start", "force")
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, queries: int = 10000, rtol: float = 1e-4,
                  stop_at_eps: bool = False, norm: str = "Linf", seed: Optional[int] = 0, model_mode: str = "eval",
-                 early_stop: bool = True):
-        super().__init__(model, eps, norm=norm, restarts=1, seed=seed, model_mode=model_mode, early_stop=early_stop)
+                 early_stop: bool = True, precision: str = "auto"):
+        super().__init__(model, eps, norm=norm, restarts=1, seed=seed, model_mode=model_mode, early_stop=early_stop, precision=precision)
         if self.norm != "Linf":
             raise ValueError(f"norm must be 'Linf' for rays (it searches along L∞ sign directions), got {norm!r}")
         self.queries = check_int("queries", queries, min=1)
@@ -76,7 +77,7 @@ class RayS(Attack):
         return self.distances_found.clone(), self.queries_used.clone()
 
     # ------------------------------------------------------------ internals
-    def _perturb_with_restarts(self, x, y, target, keys):
+    def _perturb_with_restarts(self, x, y, target, keys, runner=None, fast=None):
         if target is not None:
             raise ValueError("rays is untargeted: call it without target")
         correct = self._check_classes(x, y, None).argmax(1) == y

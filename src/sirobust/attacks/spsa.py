@@ -54,9 +54,9 @@ class SPSA(Attack):
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, samples: int = 128, iterations: int = 100,
                  delta: float = 0.001, lr: float = 0.01, chunk: int = 1024, norm: str = "Linf", restarts: int = 1,
-                 seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True):
+                 seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True, precision: str = "auto"):
         super().__init__(model, eps, norm=norm, restarts=restarts, seed=seed, model_mode=model_mode,
-                         early_stop=early_stop)
+                         early_stop=early_stop, precision=precision)
         self.samples = check_int("samples", samples, min=1)
         self.iterations = check_int("iterations", iterations, min=1)
         self.delta = check_float("delta", delta, min=0, max=1, min_open=True)

@@ -98,9 +98,9 @@ class Square(Attack):
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, queries: int = 5000, p_init: float = 0.8,
                  norm: str = "Linf", restarts: int = 1, seed: Optional[int] = 0, rescale_schedule: bool = False,
-                 model_mode: str = "eval", early_stop: bool = True):
+                 model_mode: str = "eval", early_stop: bool = True, precision: str = "auto"):
         super().__init__(model, eps, norm=norm, restarts=restarts, seed=seed, model_mode=model_mode,
-                         early_stop=early_stop)
+                         early_stop=early_stop, precision=precision)
         self.queries = check_int("queries", queries, min=1)
         self.p_init = check_float("p_init", p_init, min=0, max=1, min_open=True)
         self.rescale_schedule = bool(rescale_schedule)

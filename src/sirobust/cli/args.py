@@ -13,6 +13,25 @@ from typing import Callable, Sequence
 from .. import checks
 
 
+# Flags given up because torchrun cannot pass them on: its launcher parses the whole command line,
+# `torchrun ... -m sirobust evaluate --n 100` too, with abbreviations allowed, and exits on a string that
+# abbreviates several of its own options (--n: --nnodes, --nproc-per-node, ...; --si: --signals-to-handle).
+# Every flag now is torchrun-safe (tests/test_torchrun_flags.py); the old spellings get an error naming the new.
+RENAMED_FLAGS = {"--n": "-n/--num-examples", "--si": "--with-si"}
+
+
+def renamed_flag_hint(message: str) -> str:
+    """For argparse's 'unrecognized arguments: ...' naming a given-up flag: what to type instead."""
+    head, _, rest = message.partition(":")
+    if head != "unrecognized arguments":
+        return ""
+    old = [t.split("=", 1)[0] for t in rest.split()]
+    hints = [f"{flag} is now {new}" for flag, new in RENAMED_FLAGS.items() if flag in old]
+    if not hints:
+        return ""
+    return f" ({'; '.join(hints)}: torchrun would take the old spelling for an abbreviation of its own options)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the error first, on one line, then the usage (argparse prints it the other way round),
     and no abbreviated flags: a command line means the same thing to every reader and every launcher."""
@@ -22,7 +41,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kw)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n{self.format_usage()}")
+        self.exit(2, f"{self.prog}: error: {message}{renamed_flag_hint(message)}\n{self.format_usage()}")
 
 
 def _typed(fn: Callable, metavar: str = ""):
@@ -132,9 +151,9 @@ def add_common_args(p: argparse.ArgumentParser, device: bool = True) -> None:
                    help="no progress bars (they also switch off when not on a terminal)")
 
 
-def optional_store_true(p: argparse.ArgumentParser, *names: str, help: str) -> None:
+def optional_store_true(p: argparse.ArgumentParser, *names: str, help: str, **kw) -> None:
     """A flag whose absence is recorded as None, so --resume can tell 'not given' from 'off'."""
-    p.add_argument(*names, action="store_const", const=True, default=None, help=help)
+    p.add_argument(*names, action="store_const", const=True, default=None, help=help, **kw)
 
 
 def add_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
@@ -170,3 +189,18 @@ def check_threat(a, eps: float, norm: str) -> None:
     checks.check_eps(eps, norm, "--eps")
     if a.step_size is not None:
         checks.check_step_size(a.step_size, eps, a.steps or 1, "--step-size", bool(a.force_step_size))
+
+
+def add_speed_args(p: argparse.ArgumentParser, train: bool = False) -> None:
+    """--precision and --compile (and, for training, --deterministic): how fast, never what is computed."""
+    from ..fastpath import PRECISIONS, check_precision
+    p.add_argument("--precision", type=name_arg(check_precision), default=None if train else "auto",
+                   help=f"{', '.join(PRECISIONS)}: auto (default) is bf16 autocast on CUDA with the loss, the "
+                        "perturbation and the projection in fp32, and batch-norm folding + channels_last everywhere; "
+                        "fp32 runs the model exactly as given (docs/speed.md)")
+    store = (lambda *names, help: optional_store_true(p, *names, help=help)) if train else \
+        (lambda *names, help: p.add_argument(*names, action="store_true", help=help))
+    store("--compile", help="torch.compile the model (the first batches are slow while it compiles)")
+    if train:
+        store("--deterministic", help="deterministic GPU kernels, so that a GPU run resumes bit-exactly "
+                                      "(slower; CPU runs are always exact)")

@@ -36,14 +36,14 @@ def register(sub) -> None:
                    help=f"comma-separated, from {', '.join(list_defenses())} (default {DEFAULT_DEFENSES})")
     p.add_argument("--defense-param", type=parse_param, action="append", default=[], metavar="DEFENSE.KEY=VALUE",
                    help="a defense's own parameter, repeatable: trades.lam=6 (or lam=6 for every defense that takes it)")
-    p.add_argument("--si", choices=["both", "on", "off"], default="both",
+    p.add_argument("--with-si", dest="si", choices=["both", "on", "off"], default="both",
                    help="train each defense with and without SI (both, default), only with, or only without")
     p.add_argument("--epochs", type=int_arg("--epochs", min=1), default=None, help="default: the schedule preset's")
     p.add_argument("--train-n", type=int_arg("--train-n", min=1), default=None,
                    help="train on the first n training examples only")
     p.add_argument("--eps", type=number_arg("--eps"), default=None, help="ε in pixel units (default: the dataset's)")
     p.add_argument("--steps", type=int_arg("--steps", min=1), default=20, help="attack steps at evaluation (default 20)")
-    p.add_argument("--n", "--num-examples", dest="n", type=int_arg("--n", min=1), default=1000,
+    p.add_argument("-n", "--num-examples", dest="n", type=int_arg("--num-examples", min=1), default=1000,
                    help="test images evaluated (default 1000)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="weights evaluated (default best)")
     p.add_argument("--seed", type=int_arg("--seed", min=0), default=0, help="(default 0)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .args import names_arg, parse_param
+from .args import add_speed_args, names_arg, parse_param
 from .models import add_model_args, load_data, load_model, resolve_source, threat_settings
 
 DEFAULT_REPORT = "report.json"
@@ -88,50 +88,66 @@ def signature(a, source, eps: float, norm: str, model, prov: dict) -> dict:
             "head": a.head, "mean": a.mean, "std": a.std}
     if attack_params(a):  # absent when none, so evaluations started before the flag existed still resume
         sig["attack_params"] = attack_params(a)
+    if getattr(a, "precision", "auto") != "auto":  # likewise: absent for the default
+        sig["precision"] = a.precision
     return sig
 
 
 def cmd_evaluate(a) -> int:
+    import contextlib
     import shutil
 
+    from ..distributed import current
     from ..evaluate import evaluate
     from ..interrupts import RunInterrupted, graceful_stop
     from ..progress import EvaluationProgress
     from ..runfolder import ConfigMismatch, RunFolder, command_line, config_difference
-    from ..train import pick_device
-    out = report_path(a)
+    group = current(a.device)  # torchrun: join the other processes (rank 0 writes, every rank attacks)
+    say = print if group.main else (lambda *_, **__: None)
+    out = group.first(report_path, a)
     source = resolve_source(a)
     eps, norm = threat_settings(a, source)
-    device = pick_device(a.device)
+    device = group.device(a.device)
     model, prov = load_model(a, source, device)
     ds, idx = load_data(a, source)
     sig = signature(a, source, eps, norm, model, prov)
     mode = "resume" if a.resume else "overwrite" if a.overwrite else "new"
     state = progress_folder(out)
-    with RunFolder(state, "evaluate", mode, config=sig, what="evaluation") as folder, graceful_stop() as stop:
+
+    def claim(stack):
+        folder = stack.enter_context(RunFolder(state, "evaluate", mode, config=sig, what="evaluation"))
         if folder.resumed:
             diff = config_difference(folder.record.get("config") or {}, sig)
             if diff:
                 raise ConfigMismatch(f"--resume: the evaluation in {state} was started with other settings "
                                      f"(differs in: {', '.join(diff)}); use the same flags, or --overwrite")
             print(f"resuming the evaluation in {state}")
-        print(f"evaluating {prov.get('model') or source.path} on {ds.name} ({a.split}), {norm} ε = {eps:.6g}: "
-              f"{', '.join(a.attacks)}")
+        return folder
+
+    with contextlib.ExitStack() as stack:
+        folder = group.first(claim, stack, share=False)  # rank 0 owns the folder; a refusal stops every rank
+        stop = stack.enter_context(graceful_stop())
+        say(f"evaluating {prov.get('model') or source.path} on {ds.name} ({a.split}), {norm} ε = {eps:.6g}: "
+            f"{', '.join(a.attacks)}" + (f" ({group.world} processes)" if group.enabled else ""))
         try:
             report = evaluate(model, ds, attacks=a.attacks, device=device, progress=not a.no_progress,
-                              indices=None if idx is None else idx.tolist(), log=print,
+                              indices=None if idx is None else idx.tolist(), log=say,
                               config={"dataset": ds.name, "split": a.split}, provenance={"split": a.split, **prov},
-                              saved=EvaluationProgress(folder.path), stop=stop, **attack_settings(a, eps, norm, model))
+                              saved=EvaluationProgress(folder.path) if folder is not None else None, stop=stop,
+                              precision=a.precision, compile=a.compile, group=group,
+                              **attack_settings(a, eps, norm, model))
         except RunInterrupted as e:
             again = command_line().replace(" --overwrite", "")
             raise RunInterrupted(f"{e}; continue with: {again}{'' if a.resume else ' --resume'}", e.signum) from None
-        print(report.table())
-        for f in report.flags:
-            if f["triggered"]:
-                print(f"warning [{f['name']}]: {f['message']}")
-        report.save(out)
-    shutil.rmtree(state, ignore_errors=True)  # the report now holds every result the folder kept
-    print(f"report: {out} and {out.with_suffix('.md')}")
+        if group.main:
+            print(report.table())
+            for f in report.flags:
+                if f["triggered"]:
+                    print(f"warning [{f['name']}]: {f['message']}")
+            report.save(out)
+    if group.main:
+        shutil.rmtree(state, ignore_errors=True)  # the report now holds every result the folder kept
+        print(f"report: {out} and {out.with_suffix('.md')}")
     return 0
 
 
@@ -148,6 +164,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help=f"report file (default {DEFAULT_REPORT}; when that exists, the first "
                                                "free report-2.json, report-3.json, ...); a .md table goes beside it, "
                                                "and finished batches are kept in REPORT.evaluation/ until it is written")
+    add_speed_args(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace the report --out names if it exists")
     group.add_argument("--resume", action="store_true",

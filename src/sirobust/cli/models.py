@@ -39,7 +39,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_threat_args(p, 20, "attack steps")
     p.add_argument("--restarts", type=int_arg("--restarts", min=1), default=1,
                    help="random restarts; an example is robust only if it survives all (default 1)")
-    p.add_argument("--n", "--num-examples", dest="n", type=int_arg("--n", min=1), default=None,
+    p.add_argument("-n", "--num-examples", dest="n", type=int_arg("--num-examples", min=1), default=None,
                    help="evaluate the first n examples (default all)")
     p.add_argument("--batch-size", type=int_arg("--batch-size", min=1), default=256, help="(default 256)")
     p.add_argument("--seed", type=int_arg("--seed", min=0), default=0, help="(default 0)")

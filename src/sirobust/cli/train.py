@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import (add_common_args, add_data_args, add_output_args, float_arg, int_arg, name_arg, number_arg,
-                   optional_store_true, output_path, parse_list, parse_param)
+from .args import (add_common_args, add_data_args, add_output_args, add_speed_args, float_arg, int_arg, name_arg,
+                   number_arg, optional_store_true, output_path, parse_list, parse_param)
 
 DEFAULT_OUT = "runs/train"
 
@@ -32,7 +32,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defense-param", type=parse_param, action="append", default=None, metavar="KEY=VALUE",
                    help="a defense's own parameter, repeatable: lam=6 (trades, mart, he, alp), alpha=0.5 and "
                         "pairing=mse|l2 (alp), scale=15 and margin=0.2 (he)")
-    optional_store_true(p, "--si", help="add the SI mechanism: SI-PGD inner attack + β·CosFace term (paper Sec. 4.3)")
+    optional_store_true(p, "--with-si", dest="si",
+                        help="add the SI mechanism: SI-PGD inner attack + β·CosFace term (paper Sec. 4.3)")
     p.add_argument("--si-scale", type=float_arg("--si-scale", min=0, min_open=True), default=None,
                    help=f"s (default {C.si_scale:g})")
     p.add_argument("--si-margin", type=float_arg("--si-margin", min=0), default=None, help=f"m (default {C.si_margin:g})")
@@ -87,6 +88,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     add_output_args(p, DEFAULT_OUT, "run folder (metrics.jsonl, model.safetensors, best.safetensors)", resume=True)
     add_common_args(p, device=False)
+    add_speed_args(p, train=True)
     optional_store_true(p, "--tensorboard", help="also log per-epoch metrics to OUT/tensorboard")
 
 
@@ -125,10 +127,14 @@ def train_config_from_args(a, recorded: dict | None = None):
 
 def cmd_train(a) -> int:
     from ..train import fit, recorded_config
-    out = output_path(a, DEFAULT_OUT)
+    from ..distributed import current
+    group = current(a.device or "auto")  # under torchrun: rank 0 chooses the folder and reads its record
+    out = group.first(output_path, a, DEFAULT_OUT)
     a.out = str(out)
-    recorded = recorded_config(out) if a.resume else None
+    recorded = group.first(recorded_config, out) if a.resume else None
     summary = fit(train_config_from_args(a, recorded), resume=a.resume, overwrite=a.overwrite)
+    if summary.get("rank"):  # under torchrun, rank 0 reports for the run
+        return 0
     metric = summary["best"]["metric"].replace("val_", "validation ").replace("_acc", " accuracy").replace("_", " ")
     best = (f"best by {metric}: {summary['best_weights']} (epoch {summary['best']['epoch']})"
             if summary["best"]["epoch"] is not None and Path(summary["best_weights"]).exists() else "")
@@ -137,7 +143,7 @@ def cmd_train(a) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model with a defense (standard, at, ...; --si adds SI)",
+    p = sub.add_parser("train", help="train a model with a defense (standard, at, ...; --with-si adds SI)",
                        description="Train one model with one defense into a run folder. The folder is owned by the "
                                    "run: it is refused when it holds another run unless --resume or --overwrite.")
     add_train_args(p)

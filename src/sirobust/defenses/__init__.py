@@ -1,4 +1,4 @@
-"""Defenses: each a loss over a batch; ``--si`` adds the SI mechanism to any of them."""
+"""Defenses: each a loss over a batch; ``--with-si`` adds the SI mechanism to any of them."""
 from __future__ import annotations
 
 import inspect

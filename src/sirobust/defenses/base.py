@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from ..attacks.loop import pgd_loop
+from ..distributed import unwrap
+from ..fastpath import frozen_parameters
 from ..features import ModelOutput, forward_with_features
 from ..losses import Loss, get_loss
 from ..modes import model_mode
@@ -106,7 +108,8 @@ class Defense:
                          generator: Optional[torch.Generator] = None,
                          clean: Optional[ModelOutput] = None) -> torch.Tensor:
         inner = self.inner_loss(clean)
-        with model_mode(model, self.attack.model_mode):
+        # input gradients only: no weight-gradient work or memory while the examples are made
+        with model_mode(model, self.attack.model_mode), frozen_parameters(model):
             return pgd_loop(model, x, y, loss=inner, threat=self.attack.threat, alpha=self.attack.alpha,
                             steps=self.attack.steps, random_start=self.attack.random_start,
                             early_stop=False, noise=generator)
@@ -115,11 +118,14 @@ class Defense:
                  generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict]:
         """Loss over the batch (a differentiable scalar) and a dict of float stats."""
         clean_for_attack = None
+        # the adversary runs the module itself, never a DDP wrapper: its input-only gradients must not start
+        # DDP's gradient reduction (the training objective below goes through the wrapper)
+        inner = unwrap(model)
         if self.attack_uses_clean and self.si is None:
             # TRADES' inner KL needs f(x) from the model in the attack's mode
-            with model_mode(model, self.attack.model_mode), torch.no_grad():
-                clean_for_attack = ModelOutput(model(x))
-        x_adv = self.make_adversarial(model, x, y, generator, clean_for_attack)
+            with model_mode(inner, self.attack.model_mode), torch.no_grad():
+                clean_for_attack = ModelOutput(inner(x))
+        x_adv = self.make_adversarial(inner, x, y, generator, clean_for_attack)
         need_feat = self.si is not None
         clean = forward_with_features(model, x, need_features=False) if self.needs_clean_output else None
         adv = forward_with_features(model, x_adv, need_features=need_feat)

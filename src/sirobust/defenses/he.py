@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import unwrap
 from ..features import forward_with_features
 from ..losses import cosine_logits
 from .trades import TRADES, kl_clean_adv
@@ -62,9 +63,9 @@ class HE(TRADES):
 
     def __init__(self, attack=None, si=None, lam: float = 6.0, scale: float = 15.0, margin: float = 0.2):
         if si is not None:
-            raise ValueError("he (TRADES with hypersphere embedding) cannot be combined with --si: HE already uses "
-                             "s·cos θ logits and the paper compares TRADES-HE with TRADES-SI (Table 10); "
-                             "use --defense trades --si for the latter")
+            raise ValueError("he (TRADES with hypersphere embedding) cannot be combined with --with-si: HE already "
+                             "uses s·cos θ logits and the paper compares TRADES-HE with TRADES-SI (Table 10); "
+                             "use --defense trades --with-si for the latter")
         super().__init__(attack=attack, si=None, lam=lam)
         if not scale > 0:
             raise ValueError(f"he scale (s) must be > 0, got {scale}")
@@ -79,7 +80,8 @@ class HE(TRADES):
     # The base algorithm, run on the wrapped model: every logit it sees is s · cos θ.
     # ``clean`` (if given) must be an output of the wrapped model.
     def make_adversarial(self, model, x, y, generator=None, clean=None):
-        return super().make_adversarial(self.wrap(model), x, y, generator, clean)
+        inner = model.model if isinstance(model, HypersphereLogits) else model
+        return super().make_adversarial(self.wrap(unwrap(inner)), x, y, generator, clean)  # never through DDP
 
     def __call__(self, model, x, y, generator=None):
         return super().__call__(self.wrap(model), x, y, generator)

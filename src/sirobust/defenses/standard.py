@@ -16,7 +16,7 @@ class Standard(Defense):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None):
         if self.si is not None:
-            raise ValueError("--si needs an adversarial defense (at, trades, alp, mart); standard training has no adversary")
+            raise ValueError("--with-si needs an adversarial defense (at, trades, alp, mart); standard training has no adversary")
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss_defense": loss.item(), "clean_acc": (logits.detach().argmax(1) == y).float().mean().item()}

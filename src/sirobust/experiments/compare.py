@@ -8,7 +8,7 @@ Markdown and JSON, with the command and environment that made it.
 
 Example::
 
-    sirobust compare --dataset fashion-mnist-mini --model cnn-small --defenses at,trades,alp,mart --si both --epochs 3
+    sirobust compare --dataset fashion-mnist-mini --model cnn-small --defenses at,trades,alp,mart --with-si both --epochs 3
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
     defenses = [canonical_defense(d) for d in as_names(defenses, "defense", list_defenses())]
     which = resolve_name("checkpoint", which, ("best", "last"))
     steps = check_int("steps", steps, min=1)
-    eval_n = None if eval_n is None else check_int("eval_n (--n)", eval_n, min=1)
+    eval_n = None if eval_n is None else check_int("eval_n (--num-examples)", eval_n, min=1)
     eps = get_dataset_info(dataset).default_eps if eps is None else eps
     per_defense = _split_defense_params(defenses, defense_params or {})
     config = {"dataset": dataset, "model": model, "defenses": list(defenses), "si_modes": list(si_modes),

@@ -1,0 +1,261 @@
+"""The fast path: the same attack and the same training, with less arithmetic and memory traffic.
+
+Three levers, each a change of how the model is run, never of what is computed:
+
+- **bf16 autocast** of the model's forward and backward (the convolutions and matrix
+  products), with the loss, the perturbation, the projection and every decision kept in
+  fp32: :class:`~sirobust.features.ModelOutput` and :func:`~sirobust.checks.logits_of`
+  hand the losses float32 logits, and the adversarial point itself is never rounded to bf16.
+- **channels_last** memory layout (NHWC), which cuDNN's and oneDNN's fastest convolutions use.
+- **BatchNorm folding** for attacks on a model in eval mode: ``conv → BN`` pairs become one
+  convolution, in a private copy made once per model and weights and checked against the original's
+  logits before use. A zoo model's body is traced with ``torch.fx`` (our code); a user's model is never
+  traced, since its forward may have side effects: only its ``nn.Sequential`` blocks are folded. An
+  eval-mode BN is an affine map, so the folded model is the same function up to float rounding; its
+  gradient is the same too.
+
+``precision`` names the mix:
+
+========== ======================================================================
+``fp32``    the reference path: the model as given, fp32, nothing changed
+``fp32-fast`` channels_last and BN folding, all arithmetic fp32
+``bf16``    ``fp32-fast`` plus bf16 autocast of the model
+``auto``    ``bf16`` on CUDA, ``fp32-fast`` elsewhere (bf16 without AMX is slow on CPUs)
+========== ======================================================================
+
+The attack's verdict is never taken from the fast model alone: :class:`~sirobust.attacks.Attack`
+checks each restart's result on the model as given, and :func:`sirobust.evaluate` counts an
+example as robust only if the model as given classifies its adversarial point correctly.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .checks import resolve_name
+
+PRECISIONS = ("auto", "fp32", "fp32-fast", "bf16")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """A resolved precision: what the fast path does on one device."""
+
+    precision: str        # fp32 | fp32-fast | bf16 (never auto)
+    autocast: bool        # bf16 autocast of the model
+    channels_last: bool   # NHWC layout for 4-D inputs and the models we own or copy
+    fold_bn: bool         # conv→BN folding for attacks on eval-mode models
+    compile: bool = False  # torch.compile the attack's private copy (dynamic shapes: early stop shrinks batches)
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+    def autocast_context(self, device: torch.device, enabled: bool = True):
+        """``torch.autocast`` to bf16 on ``device`` when this path autocasts (and ``enabled``), else nothing."""
+        if not (self.autocast and enabled):
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the layout the fast model wants (a view or copy; the caller's tensor is untouched)."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def resolve_precision(precision: str, device, compile: bool = False) -> FastPath:
+    """``precision`` (auto, fp32, fp32-fast, bf16) as what it means on ``device``; ``compile`` adds
+    ``torch.compile`` of the attack's private copy (not with fp32, the model as given)."""
+    name = resolve_name("precision", precision, PRECISIONS, {"float32": "fp32", "bfloat16": "bf16", "fast": "auto"})
+    if name == "auto":
+        name = "bf16" if torch.device(device).type == "cuda" else "fp32-fast"
+    if name == "fp32":
+        return FastPath("fp32", autocast=False, channels_last=False, fold_bn=False)
+    return FastPath(name, autocast=name == "bf16", channels_last=True, fold_bn=True, compile=bool(compile))
+
+
+def check_precision(precision: str) -> str:
+    """The canonical name of ``precision`` (an error names the allowed values)."""
+    return resolve_name("precision", precision, PRECISIONS, {"float32": "fp32", "bfloat16": "bf16", "fast": "auto"})
+
+
+# ------------------------------------------------------------------ the attack's private model
+
+# model -> (weights signature, fast path, the prepared copy or the model itself, why not folded)
+_PREPARED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _signature(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place (tensor version counters)."""
+    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or getattr(m, "_backward_pre_hooks", None) for m in model.modules())
+
+
+def _fold(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` (eval mode) with every ``Conv2d → BatchNorm2d`` pair folded into one convolution.
+
+    Traced with ``torch.fx``; every ``nn.Linear`` (and subclass, such as HE's cosine head) stays a module
+    of the same name, so the attacks that read the penultimate features find the same head."""
+    from torch import fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, nn.Linear) or super().is_leaf_module(m, qualname)
+
+    module = copy.deepcopy(module)
+    gm = fx.GraphModule(module, Tracer().trace(module))
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        conv_node = node.args[0]
+        if (not isinstance(conv_node, fx.Node) or conv_node.op != "call_module" or len(conv_node.users) != 1
+                or type(modules.get(conv_node.target)) is not nn.Conv2d):
+            continue  # the conv's raw output is used elsewhere too, or it is not a plain convolution
+        bn = modules[node.target]
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue  # a BN without running statistics normalises by the batch even in eval mode
+        parent, _, name = conv_node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, fuse_conv_bn_eval(modules[conv_node.target], bn))
+        node.replace_all_uses_with(conv_node)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _fold_sequential(module: nn.Module) -> tuple[nn.Module, int]:
+    """A copy of ``module`` with each ``Conv2d`` directly followed by a ``BatchNorm2d`` inside an
+    ``nn.Sequential`` folded into one convolution, and how many were folded. No tracing: a user's model is
+    never run with proxies (its forward may have side effects); only its structure is read."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    module = copy.deepcopy(module)
+    folded = 0
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats \
+                    and bn.running_mean is not None:
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
+                seq._modules[b] = nn.Identity()
+                folded += 1
+    return module, folded
+
+
+def attack_model(model: nn.Module, fast: FastPath, probe: Optional[torch.Tensor] = None) -> tuple[nn.Module, str]:
+    """The model an attack should run: a folded channels_last copy of ``model`` when ``fast`` asks for it
+    and it is safe, else ``model`` itself; and a note saying which (for reports).
+
+    Folding needs every module in eval mode (an eval BN is an affine map; a train BN is not), no user
+    hooks (they would be lost on the fused layers), a model ``torch.fx`` can trace, and logits on
+    ``probe`` within float rounding of the original's. The copy is cached per model and rebuilt when
+    any weight or buffer changes."""
+    if not (fast.fold_bn or fast.channels_last):
+        return model, "as given"
+    if any(m.training for m in model.modules()):
+        return model, "as given (train mode: batch norm is not an affine map)"
+    if isinstance(model, torch.jit.ScriptModule):
+        return model, "as given (TorchScript)"
+    if _has_hooks(model):
+        return model, "as given (the model has hooks)"
+    sig = _signature(model)
+    cached = _PREPARED.get(model)
+    if cached is not None and cached[0] == sig and cached[1] == fast:
+        return cached[2], cached[3]
+    prepared, note = _prepare(model, fast, probe)
+    _PREPARED[model] = (sig, fast, prepared, note)
+    return prepared, note
+
+
+def _prepare(model: nn.Module, fast: FastPath, probe: Optional[torch.Tensor]) -> tuple[nn.Module, str]:
+    from .models.base import ImageClassifier
+    folded = fast.fold_bn
+    try:
+        if isinstance(model, ImageClassifier):  # our own code: traced; features() and head stay as they are
+            prepared = copy.deepcopy(model)
+            if fast.fold_bn:
+                prepared.body = _fold(prepared.body)
+        elif fast.fold_bn:  # a user's model is never traced (its forward may have side effects)
+            prepared, count = _fold_sequential(model)
+            folded = count > 0
+        else:
+            prepared = copy.deepcopy(model)
+    except Exception as e:  # a model that cannot be copied or traced is attacked as given
+        return model, f"as given (could not be prepared for folding: {type(e).__name__})"
+    for p in prepared.parameters():
+        p.requires_grad_(False)  # attacks need input gradients only
+    if fast.channels_last:
+        prepared = prepared.to(memory_format=torch.channels_last)
+    prepared.eval()
+    if fast.compile:  # the forward only: module names (and the head attacks look up) stay as they are
+        if isinstance(prepared, ImageClassifier):
+            prepared.body.forward = torch.compile(prepared.body.forward, dynamic=True)
+        else:
+            prepared.forward = torch.compile(prepared.forward, dynamic=True)
+    if [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] != \
+            [n for n, m in prepared.named_modules() if isinstance(m, nn.Linear)]:
+        return model, "as given (its linear layers would not keep their names)"
+    if probe is not None:
+        with torch.no_grad():
+            from .checks import logits_of
+            want = logits_of(model(probe)).float()
+            got = logits_of(prepared(fast.inputs(probe))).float()
+        scale = want.abs().max().clamp_min(1.0)
+        if not torch.isfinite(got).all() or (got - want).abs().max() > 1e-3 * scale:
+            return model, "as given (the folded copy did not reproduce the logits)"
+    what = [w for w, on in (("batch norm folded", folded), ("channels_last", fast.channels_last),
+                            ("compiled", fast.compile)) if on]
+    return prepared, "private copy: " + ", ".join(what)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """Parameters with ``requires_grad=False`` inside (input gradients only: no weight-gradient work or
+    memory), each one's own flag restored after."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def set_deterministic(on: bool) -> dict:
+    """Deterministic GPU kernels (cuDNN and cuBLAS) for exactly repeatable runs; returns the previous settings
+    for :func:`restore_deterministic`. Costs speed: cuDNN's autotuner is off and some kernels are slower."""
+    import os
+    prev = {"benchmark": torch.backends.cudnn.benchmark, "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' condition for determinism
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return prev
+
+
+def restore_deterministic(prev: dict) -> None:
+    import os
+    torch.backends.cudnn.benchmark = prev["benchmark"]
+    torch.backends.cudnn.deterministic = prev["cudnn_deterministic"]
+    torch.use_deterministic_algorithms(prev["algorithms"])
+    if prev["cublas"] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = prev["cublas"]

@@ -1,0 +1,207 @@
+"""The fast path (sirobust.fastpath): faster, never weaker, never touching the user's model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sirobust
+import sirobust.attacks.loop as loop
+from sirobust import PGD
+from sirobust.fastpath import attack_model, frozen_parameters, resolve_precision, restore_deterministic, \
+    set_deterministic
+from sirobust.features import ModelOutput
+
+
+@pytest.fixture(scope="module")
+def data(fmnist_test):
+    x, y = fmnist_test
+    return x[:200], y[:200], torch.arange(200)
+
+
+def robust(model, x_adv, y):
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
+
+
+@pytest.mark.parametrize("loss", ["ce", "si"])
+def test_fast_path_agrees_with_fp32_and_never_leaves_the_ball(trained_cnn, data, loss):
+    x, y, keys = data
+    x0 = x.clone()
+    results = {}
+    for precision in ("fp32", "fp32-fast", "bf16"):
+        atk = PGD(trained_cnn, eps=0.05, steps=10, loss=loss, precision=precision)
+        x_adv = atk(x, y, keys=keys)
+        assert (x_adv - x).abs().max() <= 0.05 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+        assert x_adv.is_contiguous() and x_adv.dtype == x.dtype
+        results[precision] = robust(trained_cnn, x_adv, y)
+        assert atk.ran_as["precision"] == precision
+    assert torch.equal(x, x0)
+    ref = results["fp32"]
+    assert 0 < ref.sum() < len(y) - 20  # the attack breaks a good share, not everything
+    # folding and channels_last change only the rounding: the same examples survive
+    assert (results["fp32-fast"] != ref).sum() <= 1
+    # bf16 autocast: robust accuracy within 0.5 points of fp32 (1 of 200), or lower
+    assert results["bf16"].sum() <= ref.sum() + 1
+
+
+def test_sync_free_loop_gives_the_same_points_as_checking_every_step(trained_cnn, data, monkeypatch):
+    """The GPU form of the early-stop loop (frozen rows, host sync every few steps) returns exactly what
+    the per-step form returns: a fooled example is kept at its first fooling iterate either way."""
+    x, y, keys = data
+    out = {}
+    for every in (1, 3):
+        monkeypatch.setitem(loop.SYNC_EVERY, "cpu", every)
+        for precision in ("fp32", "bf16"):
+            out[every, precision] = PGD(trained_cnn, eps=0.05, steps=7, precision=precision)(x, y, keys=keys)
+    assert torch.equal(out[1, "fp32"], out[3, "fp32"])
+    assert (robust(trained_cnn, out[3, "bf16"], y).sum() <= robust(trained_cnn, out[1, "fp32"], y).sum() + 1)
+
+
+def test_a_nan_gradient_is_still_caught_when_checks_are_deferred(monkeypatch):
+    monkeypatch.setitem(loop.SYNC_EVERY, "cpu", 4)
+
+    class Sqrt(nn.Module):  # d/dx sqrt(x) at 0 is inf
+        def forward(self, x):
+            return torch.stack([x.flatten(1).sqrt().sum(1), -x.flatten(1).sum(1)], 1)
+
+    x = torch.zeros(3, 1, 2, 2)
+    with pytest.raises(loop.NonFiniteGradientError):
+        PGD(Sqrt(), eps=0.1, steps=2, random_start=False, precision="fp32")(x, torch.zeros(3, dtype=torch.long))
+
+
+def test_folded_copy_computes_the_same_function_and_leaves_the_model_alone(trained_cnn, data):
+    x = data[0][:32]
+    model = trained_cnn.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    fast = resolve_precision("fp32-fast", "cpu")
+    copy, note = attack_model(model, fast, probe=x)
+    assert copy is not model and "batch norm folded" in note
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in copy.modules())  # every BN was folded away
+    assert not any(p.requires_grad for p in copy.parameters())  # input gradients only
+    with torch.no_grad():
+        assert torch.allclose(copy(fast.inputs(x)), model(x), atol=1e-4)
+    assert attack_model(model, fast, probe=x)[0] is copy  # cached while the weights do not change
+    assert [p.requires_grad for p in model.parameters()] == flags and not model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.is_contiguous() for p in model.parameters())  # the user's model keeps its memory format
+    with torch.no_grad():  # an in-place change of the weights makes a new copy
+        model.head.bias.add_(1.0)
+    try:
+        again, _ = attack_model(model, fast, probe=x)
+        assert again is not copy
+        with torch.no_grad():
+            assert torch.allclose(again(fast.inputs(x)), model(x), atol=1e-4)
+    finally:
+        with torch.no_grad():
+            model.head.bias.sub_(1.0)
+
+
+def test_models_that_cannot_be_folded_safely_are_attacked_as_given(trained_cnn, data):
+    x = data[0][:8]
+    fast = resolve_precision("fp32-fast", "cpu")
+    trained_cnn.train()
+    try:
+        assert attack_model(trained_cnn, fast, probe=x) == (trained_cnn, "as given (train mode: batch norm is not "
+                                                                          "an affine map)")
+    finally:
+        trained_cnn.eval()
+
+    seen = []
+
+    class Users(nn.Module):  # a user's model: folded where its structure shows it, never run with proxies
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.conv, self.bn, self.fc = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 24 * 24, 10)
+
+        def forward(self, x):
+            seen.append(type(x))
+            h = self.bn(self.conv(self.block(x)))
+            if h.mean() > 0:  # data-dependent control flow: torch.fx could not trace it anyway
+                h = h.relu()
+            return self.fc(h.flatten(1))
+
+    model = Users().eval()
+    with torch.no_grad():
+        model.block[1].running_mean.uniform_(-1, 1)  # statistics a fold must carry over
+    got, note = attack_model(model, fast, probe=x)
+    assert got is not model and note == "private copy: batch norm folded, channels_last"
+    assert set(seen) == {torch.Tensor}
+    assert isinstance(got.block[1], nn.Identity) and isinstance(got.bn, nn.BatchNorm2d)  # attribute pairs stay
+    with torch.no_grad():
+        assert torch.allclose(got(fast.inputs(x)), model(x), atol=1e-4)
+    handle = trained_cnn.head.register_forward_hook(lambda *_: None)
+    try:
+        assert attack_model(trained_cnn, fast, probe=x)[0] is trained_cnn  # hooks would be lost on a copy
+    finally:
+        handle.remove()
+
+
+def test_losses_see_fp32_logits_under_autocast(trained_cnn, data):
+    x = data[0][:4]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sirobust.forward_with_features(trained_cnn, x)
+        raw = trained_cnn(x)
+    assert raw.dtype == torch.bfloat16  # the model did run in bf16
+    assert out.logits.dtype == torch.float32 and out.features.dtype == torch.float32
+    assert ModelOutput(raw).logits.dtype == torch.float32
+
+
+def test_frozen_parameters_restores_each_flag():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].weight.requires_grad_(False)
+    with frozen_parameters(model):
+        assert not any(p.requires_grad for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == [True, True, False, True]
+
+
+def test_trades_computes_the_clean_output_for_its_attack_once_per_batch(trained_cnn, data):
+    """Not once per attack step (as the reference code does): 10 steps, 1 clean pass for the attack,
+    then the training objective's clean and adversarial passes."""
+    from sirobust.defenses import InnerAttack, build_defense
+    calls = []
+    handle = trained_cnn.body.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        defense = build_defense("trades", attack=InnerAttack(eps=0.1, steps=10))
+        defense(trained_cnn, data[0][:8], data[1][:8])
+    finally:
+        handle.remove()
+    assert len(calls) == 10 + 1 + 2
+
+
+def test_precision_names_are_checked_and_recorded(trained_cnn, fmnist_test):
+    with pytest.raises(ValueError, match="precision"):
+        PGD(trained_cnn, eps=0.1, precision="fp8")
+    assert resolve_precision("auto", "cpu").precision == "fp32-fast"
+    assert resolve_precision("auto", "cuda").precision == "bf16"
+    assert resolve_precision("fp32", "cuda") == resolve_precision("fp32", "cpu")
+    report = sirobust.evaluate(trained_cnn, fmnist_test, attacks=["pgd"], steps=2, n=16, progress=False,
+                               precision="fp32")
+    assert report.config["precision"] == "fp32"
+    assert report.provenance["fast_path"]["precision"] == "fp32"
+    assert report.attacks["pgd"].params["ran_as"]["model"] == "as given"
+
+
+def test_deterministic_switches_and_restores_the_global_settings():
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+              torch.are_deterministic_algorithms_enabled())
+    prev = set_deterministic(True)
+    try:
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        restore_deterministic(prev)
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+            torch.are_deterministic_algorithms_enabled()) == before
+
+
+def test_training_records_its_precision_and_old_runs_resume_as_fp32(tmp_path):
+    from helpers import small_config
+    from sirobust.train import _NEWER_FIELDS, fit, recorded_config
+    summary = fit(small_config(tmp_path / "run", epochs=1, precision="bf16"), log=lambda *_: None)
+    assert summary["identity"]["precision"] == "bf16"
+    assert summary["provenance"]["fast_path"]["autocast"] is True
+    assert _NEWER_FIELDS["precision"] == "fp32"  # a run recorded before the field existed ran plain fp32
+    assert recorded_config(tmp_path / "run")["precision"] == "bf16"
