@@ -57,6 +57,35 @@ def timed(fn, device, repeats):
     return best, out
 
 
+def bf16_check(model, x_all, y_all, eps, alpha, a):
+    """The fast path never weakens an attack: robust accuracy with bf16 autocast against fp32, per example."""
+    keys = torch.arange(len(y_all), device=x_all.device)
+    lines = [f"### bf16 autocast against fp32: PGD-{a.steps}, {len(y_all)} examples, L∞ ε = {eps:.4g}, "
+             f"device {a.device}", "",
+             "| attack | fp32 robust (%) | bf16 robust (%) | bf16 − fp32 (points) | examples that differ |",
+             "|---|---:|---:|---:|---:|"]
+    for name, cls in (("PGD", sirobust.PGD), ("SI-PGD", sirobust.SIPGD)):
+        robust = {}
+        for precision in ("fp32", "bf16"):
+            ok = []
+            for s in range(0, len(y_all), a.batch_size):
+                atk = cls(model, eps=eps, alpha=alpha, steps=a.steps, precision=precision)
+                x_adv = atk(x_all[s:s + a.batch_size], y_all[s:s + a.batch_size], keys=keys[s:s + a.batch_size])
+                with torch.no_grad():
+                    ok.append(model(x_adv).argmax(1) == y_all[s:s + a.batch_size])
+            robust[precision] = torch.cat(ok)
+        f, b = robust["fp32"].float().mean().item(), robust["bf16"].float().mean().item()
+        lines.append(f"| {name} | {100 * f:.2f} | {100 * b:.2f} | {100 * (b - f):+.2f} | "
+                     f"{int((robust['fp32'] != robust['bf16']).sum())} |")
+    lines += ["", f"command: `python benchmarks/bench_pgd.py --model {a.model} --device {a.device} -n {a.n} "
+                  f"--batch-size {a.batch_size} --steps {a.steps} --bf16-check`", ""]
+    text = "\n".join(lines)
+    print(text)
+    if a.write:
+        path = Path(__file__).with_name("results.md")
+        path.write_text(path.read_text() + "\n" + text)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="cnn-small", help="cnn-small (trained, fashion-mnist-mini) or a zoo name (random weights, CIFAR-shaped data)")
@@ -69,6 +98,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write", action="store_true", help="append the result table to benchmarks/results.md")
     p.add_argument("--fast-only", action="store_true", help="skip the fp32 rows")
+    p.add_argument("--bf16-check", action="store_true",
+                   help="only compare robust accuracy of fp32 and bf16 (the CUDA default) on this device")
     p.add_argument("--autoattack", type=int, default=0, metavar="N",
                    help="also run standard AutoAttack, torchattacks' and ours, on the first N examples")
     a = p.parse_args()
@@ -120,6 +151,9 @@ def main():
         contenders = {k: v for k, v in contenders.items() if "fp32," not in k or "torchattacks" in k}
     with torch.no_grad():
         clean = (model(x_all).argmax(1) == y_all).float().mean().item()
+    if a.bf16_check:
+        bf16_check(model, x_all, y_all, eps, alpha, a)
+        return
     rows = []
     # the first sirobust call on a model builds its private folded copy (once per model and weights);
     # timed() keeps the best of --repeats, so that one-off cost shows only with --repeats 1

@@ -66,7 +66,7 @@ def test_two_processes_evaluate_exactly_like_one(at_weights, tmp_path):
 
 
 def test_two_processes_train_checkpoint_and_resume_bit_exactly_and_one_process_cannot_resume(tmp_path):
-    common = ["--defense", "trades", "--with-si", "--train-n", "300", "--val-n", "40", "--steps", "2",
+    common = ["--defense", "trades", "--with-si", "--train-n", "200", "--val-n", "16", "--steps", "1",
               "--batch-size", "64", "--milestones", "5", "--no-progress"]
     torchrun("train", *common, "--epochs", "2", "--out", str(tmp_path / "straight"), cwd=tmp_path)
     torchrun("train", *common, "--epochs", "1", "--out", str(tmp_path / "split"), cwd=tmp_path)

@@ -19,6 +19,14 @@ def data(fmnist_test):
     return x[:200], y[:200], torch.arange(200)
 
 
+def assert_a_new_copy_follows(model, fast, x, old) -> None:
+    """After the model's weights changed, the attack's copy is a new one that computes the new function."""
+    again, _ = attack_model(model, fast, probe=x)
+    assert again is not old
+    with torch.no_grad():
+        assert torch.allclose(again(fast.inputs(x)), model(x), atol=1e-4)
+
+
 def robust(model, x_adv, y):
     with torch.no_grad():
         return model(x_adv).argmax(1) == y
@@ -89,10 +97,7 @@ def test_folded_copy_computes_the_same_function_and_leaves_the_model_alone(train
     with torch.no_grad():  # an in-place change of the weights makes a new copy
         model.head.bias.add_(1.0)
     try:
-        again, _ = attack_model(model, fast, probe=x)
-        assert again is not copy
-        with torch.no_grad():
-            assert torch.allclose(again(fast.inputs(x)), model(x), atol=1e-4)
+        assert_a_new_copy_follows(model, fast, x, copy)
     finally:
         with torch.no_grad():
             model.head.bias.sub_(1.0)
@@ -205,3 +210,49 @@ def test_training_records_its_precision_and_old_runs_resume_as_fp32(tmp_path):
     assert summary["provenance"]["fast_path"]["autocast"] is True
     assert _NEWER_FIELDS["precision"] == "fp32"  # a run recorded before the field existed ran plain fp32
     assert recorded_config(tmp_path / "run")["precision"] == "bf16"
+
+
+def test_weights_changed_behind_autograds_back_make_a_new_copy(trained_cnn, data):
+    x = data[0][:16]
+    fast = resolve_precision("fp32-fast", "cpu")
+    first, _ = attack_model(trained_cnn, fast, probe=x)
+    trained_cnn.head.weight.data.mul_(-1)  # no version bump, same storage: the probe check sees it
+    try:
+        assert_a_new_copy_follows(trained_cnn, fast, x, first)
+    finally:
+        trained_cnn.head.weight.data.mul_(-1)
+
+
+def test_a_head_given_as_a_module_is_found_in_the_private_copy(trained_cnn, data):
+    x, y, keys = data[0][:32], data[1][:32], data[2][:32]
+    fast = PGD(trained_cnn, eps=0.05, steps=3, loss="si", head=trained_cnn.head)(x, y, keys=keys)
+    plain = PGD(trained_cnn, eps=0.05, steps=3, loss="si", head=trained_cnn.head, precision="fp32")(x, y, keys=keys)
+    assert (robust(trained_cnn, fast, y) != robust(trained_cnn, plain, y)).sum() <= 1
+
+
+def test_the_si_cosine_is_fp32_under_autocast(trained_cnn, data):
+    from sirobust.losses import cosine_logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos = cosine_logits(sirobust.forward_with_features(trained_cnn, data[0][:4]))
+    assert cos.dtype == torch.float32
+
+
+def test_compile_is_applied_to_the_private_copy_and_to_the_training_model(trained_cnn, fmnist_test, tmp_path,
+                                                                          monkeypatch):
+    """--compile's plumbing (compiling for real takes minutes on a CPU): what torch.compile is given."""
+    compiled = []
+
+    def fake_compile(fn, **kw):
+        compiled.append((getattr(fn, "__self__", fn), kw))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    sirobust.evaluate(trained_cnn, fmnist_test, attacks=["pgd"], steps=2, n=8, progress=False, compile=True)
+    (target, kw), = compiled
+    assert kw == {"dynamic": True} and target is not trained_cnn.body  # the copy's body, not the user's
+    assert isinstance(target, nn.Module)
+    compiled.clear()
+    from helpers import small_config
+    from sirobust.train import fit
+    fit(small_config(tmp_path / "run", epochs=1, compile=True), log=lambda *_: None)
+    assert len(compiled) == 1 and isinstance(compiled[0][0], nn.Module)

@@ -65,6 +65,7 @@ def test_cli_report_provenance_names_what_was_measured(tmp_path, weights):
     assert expected in md and "upper bound" in md and "95% CI" in md and "first to break" in md
 
 
+@pytest.mark.slow  # 20 s; test_batch_independence_holds_in_the_api_with_restarts checks the same in the API
 def test_the_command_gives_the_same_examples_for_any_batch_size(tmp_path, weights):
     """Random starts are keyed per example: batch size and restarts change no per-example result."""
     base = ["evaluate", "--weights", str(weights), "--attacks", "pgd,si-pgd,rfgsm", "-n", "60", "--steps", "3",

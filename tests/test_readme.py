@@ -35,6 +35,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, trained_cn
     assert report.eps == pytest.approx(0.1) and report.worst_case_acc <= report.clean_acc
 
 
+@pytest.mark.slow  # 40 s of subprocesses (the suite's budget); the Python example and the demo numbers stay in it
 def test_readme_quick_start_commands_run_as_written(tmp_path):
     lines = [ln for ln in block_after("## Command line", "bash").splitlines() if ln.strip()]
     assert lines and all(ln.startswith("sirobust ") for ln in lines)

@@ -186,6 +186,7 @@ def test_claim_removes_the_debris_of_killed_writes(tmp_path):
 
 # ----------------------------------------------------------------------------------- locks
 
+@pytest.mark.slow  # 18 s of subprocesses; the lock's holder, message and takeover are tested in-process below
 def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
     run = tmp_path / "run"
     first = start("train", *ARGS, "--epochs", "4", "--train-n", "1024", "--out", str(run))
@@ -246,6 +247,7 @@ lock.release()
 """
 
 
+@pytest.mark.slow  # 14 s of six processes; the takeover of a stale lock by one process is in the default run
 def test_contenders_for_a_stale_lock_never_share_the_folder(tmp_path):
     """Six processes start together on a folder whose lock a killed run left behind; whoever gets in
     holds it alone (the intervals in which winners held it never overlap), and at least one gets in."""
@@ -263,6 +265,7 @@ def test_contenders_for_a_stale_lock_never_share_the_folder(tmp_path):
 
 # ----------------------------------------------------------------------------------- resume from any kill
 
+@pytest.mark.slow  # 30 s of killed subprocesses; in-process stops and resumes are in the default run
 def test_kills_at_every_kind_of_moment_then_resume_match_a_straight_run(tmp_path, straight):
     """SIGKILL before the first checkpoint, SIGTERM inside an epoch, SIGKILL inside a checkpoint write,
     SIGINT inside an epoch: after `--resume` (with only --out), the weights equal the straight run's."""

@@ -61,10 +61,32 @@ class Group:
         return box[0]
 
     def any(self, flag: bool) -> bool:
-        """True on every process if ``flag`` is true on any (a stop signal seen by one of them)."""
+        """True on every process if ``flag`` is true on any (a stop signal seen by one of them): one small
+        all-reduce, on the GPU with NCCL."""
         if not self.enabled:
             return bool(flag)
-        return any(self.gather(bool(flag)))
+        t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _comm_device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def broadcast_buffers(self, model: torch.nn.Module) -> None:
+        """Rank 0's buffers (batch-norm statistics) on every process, as DDP does before each forward."""
+        if self.enabled:
+            for buf in model.buffers():
+                dist.broadcast(buf, src=0)
+
+    def local_first(self, fn, *args, **kw):
+        """``fn`` on each node's first process, then on the others: a download or extraction happens once
+        per node, and the others find the files ready."""
+        if self.enabled and self.local_rank != 0:
+            dist.barrier()
+        result = fn(*args, **kw)
+        if self.enabled and self.local_rank == 0:
+            dist.barrier()
+        return result
 
     def sum(self, values: dict) -> dict:
         """Each number of ``values`` summed over the processes (same keys on every process)."""

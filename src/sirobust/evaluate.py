@@ -273,7 +273,8 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                 raise ValueError(f"the model gives no input gradient, so {', '.join(white)} cannot run on it; use "
                                  f"the black-box attacks ({', '.join(BLACK_BOX)}). "
                                  + next(f["message"] for f in flags if f["name"] == "zero_gradients"))
-        clean = _clean_pass(model, x_all, y_all, batch_size, device, saved)
+        # rank 0's (it may read it from the saved progress): every process must attack the same examples
+        clean = group.first(_clean_pass, model, x_all, y_all, batch_size, device, saved)
         results: dict[str, AttackResult] = {}
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust
         for atk in runners:
@@ -357,6 +358,9 @@ def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size,
     def record(s: int, done: dict) -> None:
         nonlocal max_delta, outside, broken
         idx = todo[s:s + batch_size]
+        if len(done["robust"]) != len(idx):
+            raise RuntimeError(f"{atk.name}: the results of batch {s // batch_size} are for {len(done['robust'])} "
+                               f"examples, not {len(idx)}; the saved progress does not belong to this evaluation")
         robust[idx] = torch.tensor(done["robust"], dtype=torch.bool)
         if done.get("stages") is not None:
             stage_of[idx] = torch.tensor(done["stages"], dtype=torch.long)

@@ -92,8 +92,11 @@ _PREPARED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictio
 
 
 def _signature(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place (tensor version counters)."""
-    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+    """Changes whenever a parameter or buffer is replaced or modified in place through autograd-visible ops
+    (tensor version counters, storage pointers). Writes through ``.data`` escape it: the probe check on
+    every use catches those."""
+    return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device)
+                 for t in (*model.parameters(), *model.buffers()))
 
 
 def _has_hooks(model: nn.Module) -> bool:
@@ -174,10 +177,24 @@ def attack_model(model: nn.Module, fast: FastPath, probe: Optional[torch.Tensor]
     sig = _signature(model)
     cached = _PREPARED.get(model)
     if cached is not None and cached[0] == sig and cached[1] == fast:
-        return cached[2], cached[3]
+        prepared = cached[2] if cached[2] is not None else model
+        # one small forward per call: weights changed behind autograd's back (p.data.mul_) make a new copy
+        if prepared is model or _reproduces(model, prepared, fast, probe):
+            return prepared, cached[3]
     prepared, note = _prepare(model, fast, probe)
-    _PREPARED[model] = (sig, fast, prepared, note)
+    _PREPARED[model] = (sig, fast, None if prepared is model else prepared, note)  # never the key itself
     return prepared, note
+
+
+def _reproduces(model: nn.Module, prepared: nn.Module, fast: FastPath, probe: Optional[torch.Tensor]) -> bool:
+    """Do ``prepared``'s logits on ``probe`` match ``model``'s (within float rounding)?"""
+    if probe is None:
+        return True
+    from .checks import logits_of
+    with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
+        want = logits_of(model(probe)).float()
+        got = logits_of(prepared(fast.inputs(probe))).float()
+    return bool(torch.isfinite(got).all()) and bool((got - want).abs().max() <= 1e-3 * want.abs().max().clamp_min(1.0))
 
 
 def _prepare(model: nn.Module, fast: FastPath, probe: Optional[torch.Tensor]) -> tuple[nn.Module, str]:
@@ -208,14 +225,8 @@ def _prepare(model: nn.Module, fast: FastPath, probe: Optional[torch.Tensor]) ->
     if [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] != \
             [n for n, m in prepared.named_modules() if isinstance(m, nn.Linear)]:
         return model, "as given (its linear layers would not keep their names)"
-    if probe is not None:
-        with torch.no_grad():
-            from .checks import logits_of
-            want = logits_of(model(probe)).float()
-            got = logits_of(prepared(fast.inputs(probe))).float()
-        scale = want.abs().max().clamp_min(1.0)
-        if not torch.isfinite(got).all() or (got - want).abs().max() > 1e-3 * scale:
-            return model, "as given (the folded copy did not reproduce the logits)"
+    if not _reproduces(model, prepared, fast, probe):
+        return model, "as given (the folded copy did not reproduce the logits)"
     what = [w for w, on in (("batch norm folded", folded), ("channels_last", fast.channels_last),
                             ("compiled", fast.compile)) if on]
     return prepared, "private copy: " + ", ".join(what)

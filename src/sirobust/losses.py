@@ -84,9 +84,11 @@ def cosine_logits(out: ModelOutput) -> torch.Tensor:
     """cos θ_k = W_k·z / (‖W_k‖‖z‖), (B, K); the bias is ignored (paper Sec. 4.2)."""
     if out.features is None or out.weight is None:
         raise ValueError("cosine_logits needs the penultimate features and head weight (run with need_features=True)")
-    z = F.normalize(out.features, dim=1, eps=_EPS_NORM)
-    w = F.normalize(out.weight, dim=1, eps=_EPS_NORM)
-    return z @ w.t()
+    # fp32 even under bf16 autocast (the fast path): cos θ rounded to bf16 is off by ~2e-3, s·2e-3 in the logit
+    with torch.autocast(out.features.device.type, enabled=False):
+        z = F.normalize(out.features.float(), dim=1, eps=_EPS_NORM)
+        w = F.normalize(out.weight.float(), dim=1, eps=_EPS_NORM)
+        return z @ w.t()
 
 
 def _other_max(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -233,6 +233,15 @@ def learning_rate(cfg: TrainConfig, epoch: int, batch: int, batches: int) -> flo
     return cfg.lr * min(1.0, frac)
 
 
+def _cpu(tree):
+    """Every tensor of a (nested) dict on the CPU: what is sent between processes or saved."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _cpu(v) for k, v in tree.items()}
+    return tree
+
+
 def _rng_state(gen: torch.Generator, device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "attack": gen.get_state()}
     if device.type == "cuda":
@@ -263,6 +272,9 @@ def fit(config: TrainConfig, resume: bool = False, overwrite: bool = False, log=
     cfg = config.resolved()
     group = current_group(cfg.device)  # under torchrun: this process's rank among the others
     device = group.device(cfg.device)
+    if group.enabled and cfg.batch_size < 2 * group.world:
+        raise ValueError(f"batch_size (--batch-size) {cfg.batch_size} is the global batch of {group.world} processes: "
+                         f"it must be at least {2 * group.world}, so that each process trains on 2 or more examples")
     mode = "resume" if resume else "overwrite" if overwrite else "new"
     benchmark = torch.backends.cudnn.benchmark
     if not group.main:
@@ -343,7 +355,9 @@ def _load_resume_state(cfg: TrainConfig, folder: RunFolder, device, log) -> Opti
             if diff:
                 raise _mismatch(path, diff)
 
-    found = load_state(folder.path / STATE_NAME, device=device, log=log, check=check)
+    # read on the CPU: RNG states must stay CPU byte tensors, and under torchrun the state is sent to the other
+    # processes, each of which moves what it needs to its own device
+    found = load_state(folder.path / STATE_NAME, device="cpu", log=log, check=check)
     return None if found is None else found[0]
 
 
@@ -368,8 +382,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
         state = None
     info = get_dataset_info(cfg.dataset)
 
-    full = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir,
-                        accept_checksum_mismatch=cfg.accept_checksum_mismatch)
+    full = group.local_first(load_dataset, cfg.dataset, "train", data_dir=cfg.data_dir,
+                             accept_checksum_mismatch=cfg.accept_checksum_mismatch)
     train_ds, val_ds, val_idx = train_val_split(full, cfg.val_size, seed=cfg.seed)
     if cfg.train_n is not None:
         train_ds = train_ds.subset(torch.arange(min(cfg.train_n, len(train_ds))))
@@ -450,7 +464,7 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     def save_state_now(epoch_done: int, partial_now: Optional[dict]) -> None:
         # every process's random streams and defense state (FreeAT's δ is per slice), written by rank 0
         # and batch-norm statistics: each process updates them from its own slice between DDP's broadcasts
-        ranks = group.gather({"rng": _rng_state(gen, device), "defense": defense.state_dict(),
+        ranks = group.gather({"rng": _cpu(_rng_state(gen, device)), "defense": _cpu(defense.state_dict()),
                               "buffers": {k: v.cpu() for k, v in model.named_buffers()}} if group.enabled else None)
         if not group.main:
             return
@@ -475,6 +489,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                 raise RunInterrupted(f"stopped by {stop.name} in epoch {epoch + 1}, after batch {pos}/{len(loader)}; "
                                      f"progress saved in {out / STATE_NAME}. Continue with: "
                                      f"sirobust train --out {out} --resume", stop.signum)
+            # every process validates rank 0's model (each updated its own batch-norm statistics from its slice)
+            group.broadcast_buffers(model)
             val = _validate(model, val_ds, val_n, cfg, device, epoch, group)
             row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats, **val, "seconds": time.time() - t0,
                    "train_seconds": train_seconds}

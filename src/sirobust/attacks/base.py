@@ -170,11 +170,16 @@ class Attack:
     def _run_fast(self, runner: nn.Module, fast: FastPath, x, y, target, noise) -> torch.Tensor:
         """:meth:`run` on the fast model (``self.model`` is ``runner`` meanwhile), under autocast when allowed."""
         model, self.model = self.model, runner
+        head = getattr(self, "head", None)
+        if isinstance(head, nn.Module) and runner is not model:  # the copy's head is found by its name
+            self.head = next((name for name, m in model.named_modules() if m is head), head)
         try:
             with fast.autocast_context(x.device, self.autocast_ok):
                 return self.run(fast.inputs(x) if runner is not model else x, y, target, noise).contiguous()
         finally:
             self.model = model
+            if isinstance(head, nn.Module):
+                self.head = head
 
     def _perturb_with_restarts(self, x, y, target, keys, runner=None, fast=None):
         if hasattr(self, "queries_used"):  # a query-based attack: nothing from an earlier call may be reported

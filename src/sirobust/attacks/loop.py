@@ -21,12 +21,13 @@ def objective(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: Loss
               target: Optional[torch.Tensor] = None, head=None):
     """The per-example quantity the attacker maximises, and the logits it came with."""
     out = forward_with_features(model, x_adv, head=head, need_features=loss.needs_features)
-    if target is None:
-        value = loss(out, y)
-    elif loss.takes_target:
-        value = loss(out, y, target=target)
-    else:
-        value = -loss(out, target)  # move towards the target: minimise its loss
+    with torch.autocast(x_adv.device.type, enabled=False):  # the loss in fp32, whatever the model ran in
+        if target is None:
+            value = loss(out, y)
+        elif loss.takes_target:
+            value = loss(out, y, target=target)
+        else:
+            value = -loss(out, target)  # move towards the target: minimise its loss
     return value, out.logits
 
 
@@ -137,6 +138,7 @@ def pgd_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
                 near_score = torch.where(better, margin, near_score)
             if step == steps:
                 if reduced:
+                    frozen = _confirm_in_fp32(model, xw, yw, tw, frozen, head)
                     frozen, xw = _check_near(model, xw, yw, tw, frozen, near, near_score, head)
                 break  # the last iterate only needed its check
             grad, = torch.autograd.grad(value.sum(), xa)  # per-example losses: a frozen row's gradient is unused

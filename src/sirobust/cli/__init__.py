@@ -57,3 +57,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "compare": " (finished runs are kept; continue with --resume)"}.get(args.command, "")
         print(f"sirobust {args.command}: interrupted; every file written so far is complete{kept}", file=sys.stderr)
         return 130
+    finally:
+        from ..distributed import shutdown
+        shutdown()  # leave a torchrun process group cleanly (nothing to do alone)

@@ -78,7 +78,7 @@ def progress_folder(report: Path) -> Path:
     return report.with_suffix(".evaluation")
 
 
-def signature(a, source, eps: float, norm: str, model, prov: dict) -> dict:
+def signature(a, source, eps: float, norm: str, model, prov: dict, device=None) -> dict:
     """Everything that decides an evaluation's results: --resume continues only the same evaluation."""
     from ..provenance import weights_identity
     weights = prov.get("weights_sha256") or weights_identity(model)["weights_sha256"]
@@ -88,8 +88,10 @@ def signature(a, source, eps: float, norm: str, model, prov: dict) -> dict:
             "head": a.head, "mean": a.mean, "std": a.std}
     if attack_params(a):  # absent when none, so evaluations started before the flag existed still resume
         sig["attack_params"] = attack_params(a)
-    if getattr(a, "precision", "auto") != "auto":  # likewise: absent for the default
-        sig["precision"] = a.precision
+    from ..fastpath import resolve_precision
+    precision = resolve_precision(getattr(a, "precision", "fp32"), device or "cpu").precision
+    if precision != "fp32":  # as resolved on this device; absent for fp32, what evaluations before it ran
+        sig["precision"] = precision
     return sig
 
 
@@ -109,8 +111,8 @@ def cmd_evaluate(a) -> int:
     eps, norm = threat_settings(a, source)
     device = group.device(a.device)
     model, prov = load_model(a, source, device)
-    ds, idx = load_data(a, source)
-    sig = signature(a, source, eps, norm, model, prov)
+    ds, idx = group.local_first(load_data, a, source)  # a download happens once per node
+    sig = signature(a, source, eps, norm, model, prov, device)
     mode = "resume" if a.resume else "overwrite" if a.overwrite else "new"
     state = progress_folder(out)
 

@@ -129,10 +129,11 @@ class Defense:
         need_feat = self.si is not None
         clean = forward_with_features(model, x, need_features=False) if self.needs_clean_output else None
         adv = forward_with_features(model, x_adv, need_features=need_feat)
-        loss = self.training_loss(model, x, x_adv, y, clean, adv)
+        with torch.autocast(x.device.type, enabled=False):  # losses in fp32 whatever the model ran in
+            loss = self.training_loss(model, x, x_adv, y, clean, adv)
+            reg = si_regulariser(adv, y, self.si) if self.si is not None else None
         stats = {"loss_defense": loss.item()}
         if self.si is not None:
-            reg = si_regulariser(adv, y, self.si)
             stats["loss_si"] = reg.item()
             loss = loss + reg
         logits = adv.logits.detach()

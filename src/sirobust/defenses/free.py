@@ -39,6 +39,8 @@ class FreeAT(Defense):
 
     def __call__(self, model, x, y, generator=None):
         b = x.shape[0]
+        if self.delta is not None and self.delta.device != x.device:
+            self.delta = self.delta.to(x.device)  # restored from a checkpoint, which is read on the CPU
         if self.delta is None or self.delta.shape[1:] != x.shape[1:] or self.delta.shape[0] < b:
             # first batch (or a larger one): δ starts at 0, as in Shafahi et al.'s code
             grown = torch.zeros_like(x)
