@@ -256,3 +256,15 @@ def test_compile_is_applied_to_the_private_copy_and_to_the_training_model(traine
     from sirobust.train import fit
     fit(small_config(tmp_path / "run", epochs=1, compile=True), log=lambda *_: None)
     assert len(compiled) == 1 and isinstance(compiled[0][0], nn.Module)
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t"])
+def test_apgd_under_bf16_decides_near_the_boundary_in_fp32(trained_cnn, data, name):
+    x, y, keys = data
+    out = {}
+    for precision in ("fp32", "bf16"):
+        atk = sirobust.build_attack(name, trained_cnn, eps=0.05, steps=10, precision=precision,
+                                    **({"n_targets": 2} if name == "apgd-t" else {}))
+        out[precision] = robust(trained_cnn, atk(x, y, keys=keys), y)
+        assert atk.ran_as["autocast"] is (precision == "bf16")
+    assert out["bf16"].sum() <= out["fp32"].sum() + 1  # within 0.5 points of fp32 (1 of 200), or lower

@@ -22,7 +22,7 @@ from ..features import find_head
 from ..losses import Loss, get_loss
 from ..threat import ThreatModel, _flat_norm
 from .base import Attack
-from .loop import _checked, is_fooled, objective
+from .loop import _checked, fooled_checked, is_fooled, objective
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -84,7 +84,7 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
     x_adv = _start(x, threat, noise)
     value, grad, logits = _value_and_grad(model, x_adv, y, loss, target, head, eot_iter)
     out = x_adv.clone()                      # the answer per example (first fooling point, or best point)
-    fooled = is_fooled(logits, y, goal)
+    fooled = fooled_checked(model, x_adv, logits, y, goal, head)  # fp32 where bf16 is unsure
     best, best_x, best_grad = value.clone(), x_adv.clone(), grad.clone()
     step = torch.full((n,) + (1,) * (x.dim() - 1), 2.0 * threat.eps, dtype=x.dtype, device=x.device)
     checks = set(apgd_checkpoints(steps))
@@ -110,7 +110,7 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
         t = None if target is None else target[act]
         v, g, lg = _value_and_grad(model, x_new, y[act], loss, t, head, eot_iter)
         grad[act] = g
-        hit = is_fooled(lg, y[act], None if goal is None else goal[act]) & ~fooled[act]
+        hit = fooled_checked(model, x_new, lg, y[act], None if goal is None else goal[act], head) & ~fooled[act]
         out[act[hit]] = x_new[hit]
         fooled[act[hit]] = True
         increases[act] += (v > prev_value[act]).float()
@@ -142,9 +142,8 @@ class APGD(Attack):
     """
 
     name = "apgd"
-    # not under bf16 autocast: APGD drops an example at the first iterate that looks fooled, and bf16 logits
-    # near a tie would stop it on points that do not fool in fp32 (pgd_loop confirms in fp32; APGD does not yet)
-    autocast_ok = False
+    # bf16 autocast for the model; every "fooled" near the boundary is decided in fp32 (fooled_checked)
+    autocast_ok = True
     # evaluation-wide settings an APGD preset does not take from the PGD family's defaults
     fixed: tuple = ("steps", "alpha", "restarts", "random_start", "force")
 
@@ -192,7 +191,7 @@ class APGDT(APGD):
         if target is not None:
             raise ValueError("apgd-t chooses its own targets (the top-k classes); for one target use APGD "
                              "with loss='dlr-targeted'")
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the targets from fp32 logits
             order = logits_of(self.model(x)).argsort(1, descending=True)  # (B, K), the true class usually first
         k = min(self.n_targets, order.shape[1] - 1)
         out, robust = x.clone(), torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
@@ -205,7 +204,7 @@ class APGDT(APGD):
                            noise=noise.subset(idx).derive(f"target-{j + 1}"), rho=self.rho, target=targets,
                            targeted_success=False, head=self.head, eot_iter=self.eot_iter,
                            early_stop=self.early_stop)
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # decided in fp32
                 hit = is_fooled(logits_of(self.model(adv)), y[idx])
             out[idx[hit]] = adv[hit]
             robust[idx[hit]] = False

@@ -194,6 +194,23 @@ def _fooling_margin(logits: torch.Tensor, y: torch.Tensor, target: Optional[torc
     return other - own if target is None else own - other
 
 
+def fooled_checked(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                   target: Optional[torch.Tensor] = None, head=None) -> torch.Tensor:
+    """:func:`is_fooled` from ``logits`` of ``x``; under bf16 autocast, every example within the bf16 margin
+    of the boundary (or past it) is decided by an fp32 forward instead (one host sync; for loops that
+    sync anyway, as APGD's)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return is_fooled(logits, y, target)
+    margin = _fooling_margin(logits.float(), y, target)
+    unsure = (margin > -_BF16_MARGIN * logits.float().abs().amax(1)).nonzero().squeeze(1)
+    out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if unsure.numel():
+        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+            exact = forward_with_features(model, x[unsure], head=head, need_features=False).logits
+        out[unsure] = is_fooled(exact, y[unsure], None if target is None else target[unsure])
+    return out
+
+
 def _check_near(model, xw, y, target, frozen, near, near_score, head):
     """Rows not frozen whose nearly-fooling iterate fools the model in fp32 stop there (xw takes that iterate)."""
     rows = (~frozen & torch.isfinite(near_score)).nonzero().squeeze(1)
