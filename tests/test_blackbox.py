@@ -250,3 +250,15 @@ def test_white_box_attacks_on_a_model_without_gradients_are_refused_before_any_w
     with pytest.raises(ValueError, match="gives no input gradient, so pgd cannot run on it"):
         evaluate(NoGradients(trained_cnn), (x, y), attacks=["rays", "pgd"], eps=0.1, progress=False,
                  attack_params={"rays": {"queries": 5}})
+
+
+def test_spsa_starts_from_the_clean_image_when_asked():
+    """random_start=False is torchattacks' start: after one tiny Adam step the points are still at x (up to
+    the step), while the default uniform start lies anywhere in the ball."""
+    model = TinyNet().eval()
+    x, y = torch.rand(6, 1, 12, 12), torch.randint(0, 10, (6,))
+    clean_start = SPSA(model, eps=0.1, samples=4, iterations=1, lr=1e-6, random_start=False, early_stop=False)
+    assert (clean_start(x, y, keys=torch.arange(6)) - x).abs().max() <= 1e-5
+    random_start = SPSA(model, eps=0.1, samples=4, iterations=1, lr=1e-6, early_stop=False)
+    assert (random_start(x, y, keys=torch.arange(6)) - x).abs().max() > 0.05
+    assert clean_start.params()["random_start"] is False

@@ -47,6 +47,8 @@ class SPSA(Attack):
         lr: Adam's learning rate.
         chunk: the most probe images sent to the model in one call (bounds memory for any ``samples``;
             the check of the current points is one call on the batch itself).
+        random_start: start from a uniform point of the ε-ball (cleverhans' SPSA; default) or, with
+            False, from the clean image (torchattacks' SPSA).
     """
 
     name = "spsa"
@@ -54,7 +56,8 @@ class SPSA(Attack):
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, samples: int = 128, iterations: int = 100,
                  delta: float = 0.001, lr: float = 0.01, chunk: int = 1024, norm: str = "Linf", restarts: int = 1,
-                 seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True, precision: str = "auto"):
+                 seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True, precision: str = "auto",
+                 random_start: bool = True):
         super().__init__(model, eps, norm=norm, restarts=restarts, seed=seed, model_mode=model_mode,
                          early_stop=early_stop, precision=precision)
         self.samples = check_int("samples", samples, min=1)
@@ -62,12 +65,13 @@ class SPSA(Attack):
         self.delta = check_float("delta", delta, min=0, max=1, min_open=True)
         self.lr = check_float("lr", lr, min=0, min_open=True)
         self.chunk = check_int("chunk", chunk, min=2)
+        self.random_start = bool(random_start)
         self.queries_used: Optional[torch.Tensor] = None  # per example of the last run, for reports
 
     @torch.no_grad()
     def run(self, x, y, target, noise):
         b = x.shape[0]
-        x_adv = self.threat.random_init(x, noise.derive("init"))
+        x_adv = self.threat.random_init(x, noise.derive("init")) if self.random_start else x.clone()
         # Adam's moments (β = 0.9, 0.999, as torch.optim.Adam), kept per example so that finished
         # examples can leave the batch without disturbing the others
         m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
@@ -119,7 +123,7 @@ class SPSA(Attack):
 
     def params(self) -> dict:
         return {**super().params(), "samples": self.samples, "iterations": self.iterations, "delta": self.delta,
-                "lr": self.lr, "chunk": self.chunk}
+                "lr": self.lr, "chunk": self.chunk, "random_start": self.random_start}
 
     def __repr__(self) -> str:
         return (f"SPSA(eps={self.eps:.6g}, norm={self.norm}, samples={self.samples}, iterations={self.iterations}, "
