@@ -20,7 +20,8 @@ class RunInterrupted(KeyboardInterrupt):
 
     def __init__(self, message: str, signum: int = signal.SIGINT):
         super().__init__(message)
-        self.signum = signum
+        # None: stopped because another process of a torchrun group received the signal
+        self.signum = signal.SIGTERM if signum is None else signum
 
     @property
     def exit_code(self) -> int:

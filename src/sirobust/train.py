@@ -486,7 +486,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
             if partial is not None:  # stopped by a signal inside the epoch: keep what the finished batches did
                 save_state_now(epoch, partial)
                 pos = partial["loader"]["position"]
-                raise RunInterrupted(f"stopped by {stop.name} in epoch {epoch + 1}, after batch {pos}/{len(loader)}; "
+                who = stop.name or "a signal to another process"
+                raise RunInterrupted(f"stopped by {who} in epoch {epoch + 1}, after batch {pos}/{len(loader)}; "
                                      f"progress saved in {out / STATE_NAME}. Continue with: "
                                      f"sirobust train --out {out} --resume", stop.signum)
             # every process validates rank 0's model (each updated its own batch-norm statistics from its slice)
@@ -531,7 +532,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
             if stopped_early:
                 break
             if group.any(stop.requested) and epoch + 1 < cfg.epochs:
-                raise RunInterrupted(f"stopped by {stop.name} after epoch {epoch + 1}/{cfg.epochs}; its checkpoint is "
+                who = stop.name or "a signal to another process"
+                raise RunInterrupted(f"stopped by {who} after epoch {epoch + 1}/{cfg.epochs}; its checkpoint is "
                                      f"saved. Continue with: sirobust train --out {out} --resume", stop.signum)
     finally:
         if tb is not None:
