@@ -268,3 +268,10 @@ def test_apgd_under_bf16_decides_near_the_boundary_in_fp32(trained_cnn, data, na
         out[precision] = robust(trained_cnn, atk(x, y, keys=keys), y)
         assert atk.ran_as["autocast"] is (precision == "bf16")
     assert out["bf16"].sum() <= out["fp32"].sum() + 1  # within 0.5 points of fp32 (1 of 200), or lower
+
+
+def test_an_attack_that_never_autocasts_reports_fp32_arithmetic(trained_cnn, data):
+    atk = sirobust.build_attack("square", trained_cnn, eps=0.05, queries=5, precision="bf16")
+    atk(data[0][:8], data[1][:8], keys=data[2][:8])
+    assert atk.ran_as == {"precision": "fp32-fast", "autocast": False,
+                          "model": "private copy: batch norm folded, channels_last"}

@@ -125,8 +125,9 @@ class Attack:
         with model_mode(self.model, None if self.model_mode == "keep" else self.model_mode):
             runner, how = (attack_model(self.model, fast, probe=xw[:8]) if self.uses_fast_model
                            else (self.model, "as given"))
-            self.ran_as = {"precision": fast.precision if runner is not self.model or fast.autocast else "fp32",
-                           "autocast": fast.autocast and self.autocast_ok, "model": how}
+            autocast = fast.autocast and self.autocast_ok  # FAB, Square, SPSA, RayS: never bf16
+            self.ran_as = {"precision": "bf16" if autocast else "fp32-fast" if runner is not self.model else "fp32",
+                           "autocast": autocast, "model": how}
             x_adv = self._perturb_with_restarts(xw, y.detach().to(x.device).long(),
                                                 None if target is None else target.detach().to(x.device).long(),
                                                 None if keys is None else keys.detach().long(), runner, fast)

@@ -192,7 +192,7 @@ def check_threat(a, eps: float, norm: str) -> None:
 
 
 def add_speed_args(p: argparse.ArgumentParser, train: bool = False) -> None:
-    """--precision and --compile (and, for training, --deterministic): how fast, never what is computed."""
+    """--precision and --compile (and, for training, --deterministic): how the model is run (docs/speed.md)."""
     from ..fastpath import PRECISIONS, check_precision
     p.add_argument("--precision", type=name_arg(check_precision), default=None if train else "auto",
                    help=f"{', '.join(PRECISIONS)}: auto (default) is bf16 autocast on CUDA with the loss, the "
