@@ -1,7 +1,8 @@
 """The one training loop: every defense plugs in as a loss over a batch.
 
 SGD with the paper's schedules as presets (Sec. 5.1), per-epoch validation of
-clean and PGD accuracy on a held-out split of the *training* set, ``last`` and
+clean and PGD accuracy on a held-out split of the *training* set (``val_size=0``:
+none, as TRADES' and MART's code: train on all of it, no ``best``), ``last`` and
 ``best`` checkpoints written atomically, and exact resume (weights, optimiser,
 scheduler, epoch and every RNG state), so that N epochs straight and k epochs +
 ``--resume`` give the same weights.
@@ -35,6 +36,7 @@ from .distributed import Group
 from .distributed import current as current_group
 from .fastpath import check_precision, resolve_precision, restore_deterministic, set_deterministic
 from .defenses import InnerAttack, SIConfig, build_defense
+from .defenses.base import START_KINDS
 from .interrupts import RunInterrupted, StopRequest, graceful_stop
 from .io import append_jsonl, atomic_write_text, read_json, read_jsonl, write_json
 from .metrics import correct_mask, eval_mode
@@ -48,11 +50,15 @@ STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 
-# Paper Sec. 5.1 (and SPEC.md): SGD, momentum 0.9. Milestones are epochs for the
-# preset's own length and are rescaled when --epochs differs.
+# Paper Sec. 5.1 (and SPEC.md): SGD, momentum 0.9. A milestone m means "after m epochs": the rate is
+# divided by 10 from the (m+1)-th epoch on, 1-based (torch's MultiStepLR stepped once per epoch).
+# The paper's "divided at epochs 75, 90 and 100" is TRADES' and MART's code, `for epoch in range(1,
+# epochs + 1)` with `if epoch >= 75: lr = 0.1 · lr` (and 90, 100): the 75th epoch already runs at the
+# lower rate, so the presets are 74, 89, 99 (ResNet) and 74 (WRN). Preset milestones are for the
+# preset's own length and are rescaled when --epochs differs (an explicit --milestones never is).
 SCHEDULES = {
-    "resnet": dict(lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=(75, 90, 100), epochs=120),
-    "wideresnet": dict(lr=0.1, momentum=0.9, weight_decay=7e-4, milestones=(75,), epochs=90),
+    "resnet": dict(lr=0.01, momentum=0.9, weight_decay=5e-4, milestones=(74, 89, 99), epochs=120),
+    "wideresnet": dict(lr=0.1, momentum=0.9, weight_decay=7e-4, milestones=(74,), epochs=90),
     # not in the paper: the small CNN for 28×28 data, tuned to learn in a few epochs on CPU
     "small": dict(lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=(23, 27), epochs=30),
 }
@@ -79,7 +85,8 @@ class TrainConfig:
     lr: Optional[float] = None            # None: preset
     momentum: Optional[float] = None
     weight_decay: Optional[float] = None
-    milestones: Optional[tuple] = None    # epochs at which lr ÷= 10; None: preset (rescaled)
+    milestones: Optional[tuple] = None    # m: lr ×= lr_gamma after m epochs, i.e. from epoch m+1 on (1-based);
+    #                                       None: the preset's (TRADES' `epoch >= 75` is m = 74), rescaled
     lr_gamma: float = 0.1
     schedule: Optional[str] = None        # resnet | wideresnet | small (lr, momentum, decay, epochs); None: by model
     lr_schedule: Optional[str] = None     # piecewise | cyclic | onecycle; None: the defense's preset, else piecewise
@@ -88,13 +95,17 @@ class TrainConfig:
     attack_steps: Optional[int] = None    # None: the defense's preset, else 10
     attack_mode: Optional[str] = None     # model mode while making training examples; None: preset, else eval
     attack_random_start: Optional[bool] = None  # None: the defense's preset, else True
+    attack_start: Optional[str] = None    # the random start's kind: uniform (in the ε-ball; None) or normal
+    #                                       (x + 0.001·N(0, I), clipped: TRADES' and MART's code); needs the
+    #                                       random start on
     norm: str = "Linf"
     si: bool = False
     si_scale: float = 15.0
     si_margin: float = 0.2
     si_weight: float = 0.2
     augment: Optional[str] = None         # None: the dataset's default
-    val_size: float = 0.1                 # fraction (or count) of the training set held out
+    val_size: float = 0.1                 # fraction in (0, 1) or count >= 1 of the training set held out; 0: none
+    #                                       (train on all of it, no per-epoch validation, no best checkpoint)
     train_n: Optional[int] = None         # use only the first n training examples (quick runs)
     val_n: int = 1000                     # validation examples evaluated per epoch
     val_steps: int = 10                   # PGD steps for validation robust accuracy
@@ -149,11 +160,17 @@ class TrainConfig:
                                     force="alpha" in inner)
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ValueError(f"data_dir (--data-dir) {self.data_dir} does not exist or is not a folder")
-        val_size = self.val_size
-        if isinstance(val_size, float) and not val_size.is_integer():
-            check_float("val_size", val_size, min=0, max=1, min_open=True, max_open=True)
-        else:
-            val_size = check_int("val_size", val_size, min=1)
+        val_size = _check_val_size(self.val_size)
+        random_start = bool(inner.get("random_start", True) if self.attack_random_start is None
+                            else self.attack_random_start)
+        attack_start = resolve_name("attack_start (--attack-start)", self.attack_start or "uniform", START_KINDS)
+        if attack_start != "uniform":
+            if not random_start:
+                raise ValueError(f"attack_start (--attack-start) {attack_start!r} needs the attack's random start, "
+                                 f"which is off for {defense} (attack_random_start False): use 'uniform'")
+            if defense in _OWN_START:
+                raise ValueError(f"attack_start (--attack-start) {attack_start!r} does not apply to {defense}: "
+                                 f"{_OWN_START[defense]}; use 'uniform'")
         return dataclasses.replace(
             self, dataset=dataset, model=model, defense=defense, norm=norm, schedule=sched_name, epochs=epochs,
             batch_size=check_int("batch_size", self.batch_size, min=1),
@@ -166,8 +183,7 @@ class TrainConfig:
             milestones=milestones, eps=eps, attack_alpha=alpha, attack_steps=steps,
             attack_mode=resolve_name("attack_mode", self.attack_mode or inner.get("model_mode", "eval"),
                                      ("eval", "train")),
-            attack_random_start=bool(inner.get("random_start", True) if self.attack_random_start is None
-                                     else self.attack_random_start),
+            attack_random_start=random_start, attack_start=attack_start,
             lr_schedule=lr_schedule,
             overfit_check=bool(kind.guard_overfitting if self.overfit_check is None else self.overfit_check),
             overfit_n=check_int("overfit_n", self.overfit_n, min=1),
@@ -209,17 +225,39 @@ def pick_device(name: str) -> torch.device:
 
 
 LR_SCHEDULES = ("piecewise", "cyclic", "onecycle")
+# defenses whose adversary does not start from InnerAttack's random start, so attack_start cannot apply
+_OWN_START = {"free": "its δ carries over from replay to replay (zero at the first batch)",
+              "gat": "its attack starts at its own random-sign point"}
+NO_VALIDATION = "val_size 0: no validation split; report the last epoch's weights"
+
+
+def _check_val_size(value):
+    """0 (no split), a fraction in (0, 1) or a whole count >= 1 (a whole float counts as a count)."""
+    allowed = "0 (no validation split), a fraction in (0, 1) or a count >= 1"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"val_size (--val-size) must be {allowed}, got {value!r}")
+    if value == 0:
+        return 0
+    if isinstance(value, float) and not value.is_integer():
+        if not 0 < value < 1:
+            raise ValueError(f"val_size (--val-size) must be {allowed}, got {value}")
+        return check_float("val_size", value)
+    if value < 1:
+        raise ValueError(f"val_size (--val-size) must be {allowed}, got {value}")
+    return check_int("val_size", value, min=1)
 _RANK_SEED_STRIDE = 1_000_003  # process k of a distributed run seeds its attack generator with seed + k·stride
 # fields added after runs were first recorded: a recorded config without them had their (then only) behaviour
 _NEWER_FIELDS = {"lr_schedule": "piecewise", "attack_random_start": True, "overfit_check": False, "overfit_n": 256,
-                 "early_stop": False, "precision": "fp32", "compile": False, "deterministic": False}
+                 "early_stop": False, "precision": "fp32", "compile": False, "deterministic": False,
+                 "attack_start": "uniform"}
 
 
 def learning_rate(cfg: TrainConfig, epoch: int, batch: int, batches: int) -> float:
     """The learning rate of batch ``batch`` (0-based) of epoch ``epoch`` (0-based), a pure function of the
     position in the run (so resume is exact with no scheduler state).
 
-    - piecewise: ``lr``, divided by 1/lr_gamma at each milestone epoch (the paper's schedules);
+    - piecewise: ``lr`` times lr_gamma per milestone m with m <= epoch (0-based): a milestone m lowers the
+      rate from the (m+1)-th epoch on, 1-based (the paper's schedules; see SCHEDULES);
     - cyclic: triangular, 0 → ``lr`` at half the run → 0 (Wong et al. 2020's CyclicLR for FGSM-RS);
     - onecycle: piecewise linear, 0 → ``lr`` at 2/5 of the run → 0 (Andriushchenko & Flammarion 2020's
       schedule for GradAlign).
@@ -384,7 +422,10 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
 
     full = group.local_first(load_dataset, cfg.dataset, "train", data_dir=cfg.data_dir,
                              accept_checksum_mismatch=cfg.accept_checksum_mismatch)
-    train_ds, val_ds, val_idx = train_val_split(full, cfg.val_size, seed=cfg.seed)
+    if cfg.val_size == 0:  # the whole training set is trained on (TRADES' and MART's protocol): nothing held out
+        train_ds, val_ds, val_idx = full, None, torch.zeros(0, dtype=torch.int64)
+    else:
+        train_ds, val_ds, val_idx = train_val_split(full, cfg.val_size, seed=cfg.seed)
     if cfg.train_n is not None:
         train_ds = train_ds.subset(torch.arange(min(cfg.train_n, len(train_ds))))
     # with N processes every one walks the same global batches and trains on its slice of each
@@ -392,7 +433,7 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     loader = BatchLoader.from_dataset(train_ds, cfg.batch_size, shuffle=True, augment=cfg.augment,
                                       drop_last=group.enabled and 0 < tail < 2 * group.world,
                                       device=device, seed=cfg.seed)
-    val_n = min(cfg.val_n, len(val_ds))
+    val_n = 0 if val_ds is None else min(cfg.val_n, len(val_ds))
 
     torch.manual_seed(cfg.seed)  # model init; everything after is checkpointed
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
@@ -406,7 +447,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
         model.use_cosine_head(cfg.defense_params.get("scale", 15.0))
     defense = build_defense(cfg.defense, attack=InnerAttack(eps=cfg.eps, alpha=cfg.attack_alpha, steps=cfg.attack_steps,
                                                             norm=cfg.norm, model_mode=cfg.attack_mode,
-                                                            random_start=cfg.attack_random_start),
+                                                            random_start=cfg.attack_random_start,
+                                                            start=cfg.attack_start),
                             si=si, **cfg.defense_params)
     # the training forward passes may run compiled; state and checkpoints always come from `model` itself
     runner = torch.compile(model) if cfg.compile else model
@@ -420,9 +462,12 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     # catastrophic overfitting (Wong et al. 2020): PGD accuracy on a fixed, unaugmented training subset
     overfit_set = (train_ds.subset(torch.arange(min(cfg.overfit_n, len(train_ds)))) if cfg.overfit_check else None)
 
-    # model selection on the held-out split: robust accuracy for defenses, clean accuracy for standard training
+    # model selection on the held-out split: robust accuracy for defenses, clean accuracy for standard training;
+    # without one (val_size 0) there is none: "best" says so, and the last epoch's weights are the result
     select = "val_clean_acc" if cfg.defense == "standard" else "val_robust_acc"
-    start_epoch, best, partial, stopped_early = 0, {"epoch": None, "metric": select, select: -1.0}, None, None
+    best = ({"epoch": None, "metric": select, select: -1.0} if val_ds is not None
+            else {"epoch": None, "metric": None, "reason": NO_VALIDATION})
+    start_epoch, partial, stopped_early = 0, None, None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -457,6 +502,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
         if state is None:  # a fresh start: nothing from a stopped attempt may be mistaken for this run's output
             for stale in ("summary.json", BEST_NAME, WEIGHTS_NAME):
                 (out / stale).unlink(missing_ok=True)
+        if val_ds is None:  # no model selection: a best.safetensors here could only mislead
+            (out / BEST_NAME).unlink(missing_ok=True)
         write_json(out / CONFIG_NAME, {"config": dataclasses.asdict(cfg), "defense": defense.describe(),
                                        "val_indices": val_idx, "environment": environment_info(),
                                        "processes": group.world})
@@ -492,7 +539,7 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                                      f"sirobust train --out {out} --resume", stop.signum)
             # every process validates rank 0's model (each updated its own batch-norm statistics from its slice)
             group.broadcast_buffers(model)
-            val = _validate(model, val_ds, val_n, cfg, device, epoch, group)
+            val = {} if val_ds is None else _validate(model, val_ds, val_n, cfg, device, epoch, group)
             row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats, **val, "seconds": time.time() - t0,
                    "train_seconds": train_seconds}
             collapsed = False
@@ -504,7 +551,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                 if collapsed:
                     log(f"warning: catastrophic overfitting in epoch {epoch + 1}: PGD accuracy on {len(overfit_set)} "
                         f"training images fell to {row['overfit_pgd_acc']:.3f} from a best of {max(before):.3f}"
-                        + ("; stopping (--early-stop), best.safetensors is from before the collapse"
+                        + (("; stopping (--early-stop)" + (", best.safetensors is from before the collapse"
+                                                            if val else ""))
                            if cfg.early_stop else "; pass --early-stop to stop at a collapse"))
             if group.main:
                 append_jsonl(metrics_path, row)
@@ -516,7 +564,7 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
             if group.main:
                 save_model(model, out / WEIGHTS_NAME, model_name=cfg.model, dataset=cfg.dataset,
                            extra={"epoch": epoch + 1, "defense": defense.describe()})
-            if val[select] > best[select] and not collapsed:
+            if val and val[select] > best[select] and not collapsed:
                 best = {"epoch": epoch + 1, "metric": select, "val_robust_acc": val["val_robust_acc"],
                         "val_clean_acc": val["val_clean_acc"]}
                 if group.main:
@@ -527,8 +575,9 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
             # the resume state is written last: a kill before it completes redoes the epoch
             save_state_now(epoch + 1, None)
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  train-acc {stats['train_acc']:.3f}  "
-                f"val clean {val['val_clean_acc']:.3f}  val PGD-{cfg.val_steps} {val['val_robust_acc']:.3f}  "
-                f"({row['seconds']:.1f}s)")
+                + (f"val clean {val['val_clean_acc']:.3f}  val PGD-{cfg.val_steps} {val['val_robust_acc']:.3f}  "
+                   if val else "no validation  ")
+                + f"({row['seconds']:.1f}s)")
             if stopped_early:
                 break
             if group.any(stop.requested) and epoch + 1 < cfg.epochs:
@@ -547,7 +596,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     summary = {"out": str(out), "epochs": cfg.epochs, "identity": cfg.identity(), "best": best,
                "stopped_early": stopped_early or (state or {}).get("stopped_early"),
                "last": rows[-1] if rows else None,
-               "weights": str(out / WEIGHTS_NAME), "best_weights": str(out / BEST_NAME),
+               "weights": str(out / WEIGHTS_NAME),
+               "best_weights": None if val_ds is None else str(out / BEST_NAME),
                "provenance": {"run_id": folder.record.get("run_id"), "weights_sha256": weights,
                               "command": folder.record.get("command"), "resumed_by": command_line(),
                               "started": folder.record.get("created"), "finished": utc_now(), "device": str(device),

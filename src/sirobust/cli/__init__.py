@@ -1,4 +1,4 @@
-"""Command line: ``sirobust {demo,train,evaluate,rescale,compare,list}``.
+"""Command line: ``sirobust {demo,train,evaluate,rescale,compare,reproduce,list}``.
 
 Names become objects here and nowhere deeper; one module per command.
 """
@@ -17,12 +17,12 @@ __all__ = ["main", "build_parser", "parse_number", "parse_list", "parse_numbers"
 
 def build_parser() -> Parser:
     from .. import __version__
-    from . import compare, demo, evaluate, listing, rescale, train
+    from . import compare, demo, evaluate, listing, reproduce, rescale, train
     parser = Parser(prog="sirobust", description="Scale-invariant adversarial attacks and defenses.",
                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"sirobust {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, train, evaluate, rescale, compare, listing):
+    for module in (demo, train, evaluate, rescale, compare, reproduce, listing):
         module.register(sub)
     return parser
 

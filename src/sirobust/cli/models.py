@@ -13,8 +13,9 @@ from .args import add_common_args, add_data_args, add_threat_args, int_arg, name
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model, the data and the threat model, shared by evaluate and rescale."""
     from ..data.registry import canonical_dataset
-    src = p.add_argument_group("the model (exactly one of --model-dir, --weights, --model-def, --model)")
-    src.add_argument("--model-dir", help="a run folder from `sirobust train`")
+    src = p.add_argument_group("the model (exactly one of --model-dir, --weights, --model-def, --model, --robustbench)")
+    src.add_argument("--model-dir", help="a run folder from `sirobust train`; with --robustbench, the folder of "
+                                         "RobustBench's files (default ./models)")
     src.add_argument("--weights", help="a sirobust .safetensors file; with --model-def, your weights (.safetensors or "
                                        "a torch.save state dict, loaded weights-only)")
     src.add_argument("--model-def", metavar="FILE.py:FACTORY",
@@ -26,6 +27,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                      help="per-channel mean your model expects its inputs normalised with (with --std); neither: "
                           "the model is given [0, 1] pixels")
     src.add_argument("--std", type=parse_numbers, default=None, help="per-channel std (with --mean)")
+    src.add_argument("--robustbench", metavar="NAME",
+                     help="a published model by its RobustBench name (e.g. Carmon2019Unlabeled): the file "
+                          "MODEL_DIR/DATASET/THREAT_MODEL/NAME.pt in RobustBench's layout, downloaded through the "
+                          "robustbench package when missing, read weights-only into RobustBench's architecture")
+    src.add_argument("--robustbench-dataset", default=None, metavar="DATASET",
+                     help="with --robustbench: RobustBench's dataset (cifar10, cifar100, imagenet; default --dataset, "
+                          "else cifar10)")
+    src.add_argument("--threat-model", default=None, metavar="THREAT",
+                     help="with --robustbench: RobustBench's threat model (Linf (default), L2, corruptions)")
     src.add_argument("--head", default=None,
                      help="name of the final linear layer for SI attacks (default: the last nn.Linear)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
@@ -50,14 +60,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 class Source:
     """Which model, from where, with what it records (cheap to build: no weights are read)."""
 
-    kind: str                   # run, weights, definition, torchscript
+    kind: str                   # run, weights, definition, torchscript, robustbench
     path: Optional[Path]
     dataset: Optional[str]      # what the weights record, or --dataset
+    published: Optional[object] = None  # with --robustbench: its sirobust.experiments.published.PublishedModel
 
 
 def resolve_source(a) -> Source:
     """Check the model flags together and find the dataset, before anything heavy is loaded."""
     from ..checkpoint import BEST_NAME_ALIASES, read_metadata
+    if getattr(a, "robustbench", None):
+        return _robustbench_source(a)
+    if getattr(a, "robustbench_dataset", None) or getattr(a, "threat_model", None):
+        raise ValueError("--robustbench-dataset and --threat-model go with --robustbench NAME")
     given = [f for f, v in (("--model-dir", a.model_dir), ("--model-def", a.model_def), ("--model", a.torchscript))
              if v]
     if a.weights and not a.model_def:
@@ -87,6 +102,32 @@ def resolve_source(a) -> Source:
     return Source(kind, path, dataset)
 
 
+def _robustbench_source(a) -> Source:
+    """--robustbench NAME: a published model in RobustBench's layout under --model-dir (default ./models)."""
+    from ..data.registry import canonical_dataset
+    from ..experiments.published import DEFAULT_MODEL_DIR, PublishedModel, weights_path
+    others = [f for f, v in (("--model-def", a.model_def), ("--weights", a.weights), ("--model", a.torchscript)) if v]
+    if others:
+        raise ValueError(f"give exactly one model: --robustbench NAME cannot go with {', '.join(others)} "
+                         "(--model-dir, with --robustbench, is the folder of RobustBench's files)")
+    if a.mean is not None or a.std is not None:
+        raise ValueError("--mean/--std apply to your own model (--model-def, --model); RobustBench's models "
+                         "normalise their inputs themselves")
+    if a.model_arg:
+        raise ValueError("--model-arg goes with --model-def")
+    try:
+        spec = PublishedModel(name=a.robustbench, robustbench=a.robustbench, threat_model=a.threat_model or "Linf",
+                              dataset=a.robustbench_dataset or a.dataset or "cifar10")
+    except ValueError as e:  # a name that cannot be part of a path: say it with the flag's name
+        detail = getattr(e, "detail", str(e))
+        for key, flag in (("'name'", "--robustbench"), ("'dataset'", "--robustbench-dataset"),
+                          ("'threat_model'", "--threat-model")):
+            detail = detail.replace(f"key {key}", flag)
+        raise ValueError(detail) from None
+    dataset = a.dataset or canonical_dataset(spec.dataset)
+    return Source("robustbench", weights_path(spec, a.model_dir or DEFAULT_MODEL_DIR), dataset, spec)
+
+
 def load_model(a, source: Source, device):
     """(model on ``device`` in eval mode, provenance fields)."""
     from ..checkpoint import load
@@ -94,6 +135,9 @@ def load_model(a, source: Source, device):
     if source.kind in ("run", "weights"):
         model = load(source.path, device=device)
         return model, {}
+    if source.kind == "robustbench":
+        from ..experiments.published import DEFAULT_MODEL_DIR, load_published
+        return load_published(source.published, a.model_dir or DEFAULT_MODEL_DIR, device=device)
     if source.kind == "definition":
         model, prov = build_user_model(a.model_def, a.weights, dict(a.model_arg), a.mean, a.std)
         return model.to(device), prov

@@ -48,7 +48,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float_arg("--weight-decay", min=0), default=None,
                    help="default: preset (5e-4 ResNet, 7e-4 WRN)")
     p.add_argument("--milestones", type=lambda s: tuple(int(v) for v in parse_list(s)), default=None,
-                   help="comma-separated epochs where lr is divided by 10 (default: preset, rescaled to --epochs)")
+                   help="comma-separated epochs m after which lr is divided by 10: m lowers it from epoch m+1 on "
+                        "(1-based), as torch's MultiStepLR stepped per epoch (default: the preset, rescaled to "
+                        "--epochs: 74,89,99 of 120 for ResNet and 74 of 90 for WRN, i.e. TRADES' and MART's "
+                        "`epoch >= 75` (90, 100) with 1-based epochs)")
     p.add_argument("--schedule", choices=["resnet", "wideresnet", "small"], default=None,
                    help="optimiser preset (default: by model)")
     p.add_argument("--eps", type=number_arg("--eps"), default=None,
@@ -64,6 +67,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-mode", choices=["eval", "train"], default=None,
                    help="model mode while making training examples (default: the defense's reference code's: eval "
                         "as TRADES, train for fgsm-rs, free and gradalign)")
+    p.add_argument("--attack-start", choices=["uniform", "normal"], default=None,
+                   help="random start of the training attack: uniform in the ε-ball (default), or normal: "
+                        "x + 0.001·N(0, I) clipped to [0, 1], as TRADES' and MART's reference code (needs a "
+                        "defense whose attack has a random start)")
     p.add_argument("--lr-schedule", choices=["piecewise", "cyclic", "onecycle"], default=None,
                    help="piecewise (milestones; the paper's), cyclic (triangular, peak --lr at half the run; Wong et "
                         "al.), onecycle (linear, peak at 2/5; Andriushchenko & Flammarion); default: the defense's")
@@ -76,7 +83,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", choices=["none", "crop", "flip", "crop-flip"], default=None,
                    help="default: the dataset's")
     p.add_argument("--val-size", type=_val_size, default=None,
-                   help=f"held-out share (0.1) or count (500) of the training set (default {C.val_size})")
+                   help=f"held-out share in (0, 1), e.g. 0.1, or count >= 1, e.g. 500, of the training set, or 0: "
+                        f"none (train on all of it, as TRADES' and MART's code; no per-epoch validation and no "
+                        f"best.safetensors: the last epoch's weights are the result) (default {C.val_size})")
     p.add_argument("--val-n", type=int_arg("--val-n", min=1), default=None,
                    help=f"validation examples evaluated per epoch (default {C.val_n})")
     p.add_argument("--val-steps", type=int_arg("--val-steps", min=1), default=None,
@@ -94,12 +103,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _val_size(text: str):
     from ..checks import check_float, check_int
+    allowed = "0 (no validation split), a share in (0, 1) or a count >= 1"
     try:
-        return check_int("--val-size", int(text), min=1) if text.strip().isdigit() else \
-            check_float("--val-size", float(text), min=0, max=1, min_open=True, max_open=True)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e) if "--val-size" in str(e) else
-                                         f"--val-size must be a share in (0, 1) or a count >= 1, got {text!r}") from None
+        if text.strip().isdigit():
+            value = int(text)
+            return 0 if value == 0 else check_int("--val-size", value, min=1)
+        value = float(text)
+        if value == 0:
+            return 0
+        return check_float("--val-size", value, min=0, max=1, min_open=True, max_open=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--val-size must be {allowed}, got {text!r}") from None
 
 
 def train_config_from_args(a, recorded: dict | None = None):
@@ -134,6 +148,9 @@ def cmd_train(a) -> int:
     recorded = group.first(recorded_config, out) if a.resume else None
     summary = fit(train_config_from_args(a, recorded), resume=a.resume, overwrite=a.overwrite)
     if summary.get("rank"):  # under torchrun, rank 0 reports for the run
+        return 0
+    if summary["best"].get("metric") is None:  # val_size 0: no validation split, no model selection
+        print(f"weights: {summary['weights']} (last epoch; no validation split, so no best checkpoint)")
         return 0
     metric = summary["best"]["metric"].replace("val_", "validation ").replace("_acc", " accuracy").replace("_", " ")
     best = (f"best by {metric}: {summary['best_weights']} (epoch {summary['best']['epoch']})"

@@ -22,17 +22,28 @@ from ..fastpath import frozen_parameters
 from ..features import ModelOutput, forward_with_features
 from ..losses import Loss, get_loss
 from ..modes import model_mode
+from ..rng import as_noise
 from ..threat import ThreatModel, make_threat
 from .si import SIConfig, si_regulariser
 
 _MODES = ("eval", "train")
 
 
+START_KINDS = ("uniform", "normal")
+NORMAL_START_STD = 0.001  # TRADES' and MART's reference code: x + 0.001 · N(0, I), in pixel units
+
+
 @dataclass
 class InnerAttack:
     """The training adversary: PGD with random start, ``steps`` steps of ``alpha``
     (paper: ε = 8/255, 10 steps of ε/4). ``model_mode`` is the mode the model is
-    put in while the examples are made (eval, as TRADES and the paper's code do)."""
+    put in while the examples are made (eval, as TRADES and the paper's code do).
+
+    ``start`` is the kind of random start, when ``random_start`` is on: ``"uniform"`` in the
+    ε-ball (the threat model's ``random_init``), or ``"normal"``: ``x + 0.001 · N(0, I)``
+    projected onto the ball and [0, 1], as TRADES' and MART's reference code start
+    (:data:`NORMAL_START_STD`, pixel units, whatever ε). Both draw from the generator the
+    training loop passes, never from the global RNG."""
 
     eps: float = 8 / 255
     alpha: Optional[float] = None
@@ -40,10 +51,13 @@ class InnerAttack:
     norm: str = "Linf"
     random_start: bool = True
     model_mode: str = "eval"
+    start: str = "uniform"
 
     def __post_init__(self):
         if self.model_mode not in _MODES:
             raise ValueError(f"attack model_mode must be one of {_MODES}, got {self.model_mode!r}")
+        if self.start not in START_KINDS:
+            raise ValueError(f"attack start must be one of {START_KINDS}, got {self.start!r}")
         if int(self.steps) != self.steps or self.steps < 0:
             raise ValueError(f"attack steps must be an integer >= 0, got {self.steps}")
         self.threat: ThreatModel = make_threat(self.norm, self.eps)
@@ -51,6 +65,14 @@ class InnerAttack:
             self.alpha = self.eps / 4
         if not self.alpha >= 0:
             raise ValueError(f"attack alpha must be >= 0, got {self.alpha}")
+
+    def start_point(self, x: torch.Tensor, generator=None) -> Optional[torch.Tensor]:
+        """The first iterate for :func:`~sirobust.attacks.loop.pgd_loop`'s ``start``, or None where the loop
+        makes it itself (no random start, or the uniform one: the threat model's ``random_init``)."""
+        if not self.random_start or self.start == "uniform" or self.steps == 0 or self.threat.eps == 0:
+            return None  # (no steps or no ball: the loop returns x and draws nothing, nor does this)
+        x = x.detach()
+        return self.threat.project(x + NORMAL_START_STD * as_noise(generator).normal(x), x)
 
 
 class Defense:
@@ -112,7 +134,7 @@ class Defense:
         with model_mode(model, self.attack.model_mode), frozen_parameters(model):
             return pgd_loop(model, x, y, loss=inner, threat=self.attack.threat, alpha=self.attack.alpha,
                             steps=self.attack.steps, random_start=self.attack.random_start,
-                            early_stop=False, noise=generator)
+                            early_stop=False, noise=generator, start=self.attack.start_point(x, generator))
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict]:
@@ -165,4 +187,4 @@ class Defense:
         a = self.attack
         return {"defense": self.name, "si": None if self.si is None else vars(self.si),
                 "attack": {"eps": a.eps, "alpha": a.alpha, "steps": a.steps, "norm": a.threat.norm,
-                           "random_start": a.random_start, "model_mode": a.model_mode}}
+                           "random_start": a.random_start, "start": a.start, "model_mode": a.model_mode}}

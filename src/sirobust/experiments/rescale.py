@@ -81,13 +81,12 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: PathLike, title: Optional[str] = None) -> Path:
-    """Accuracy vs α (log axis), one line per attack, written atomically as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from ..io import atomic_write
+    """Accuracy vs α (log axis), one line per attack, written atomically as PNG at ``path`` and as PDF
+    beside it (same stem, ``.pdf``; see :func:`~sirobust.experiments.plotting.save_figure`). Returns ``path``."""
+    from .plotting import new_figure, save_figure
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure((6, 4))
+    ax = fig.add_subplot()
     for name in result["attacks"]:
         ax.plot(result["alphas"], [100 * v for v in result["accuracy"][name]], marker="o", label=name)
     ax.plot(result["alphas"], [100 * v for v in result["clean"]], linestyle="--", color="gray", label="clean")
@@ -98,9 +97,8 @@ def plot(result: dict, path: PathLike, title: Optional[str] = None) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
-    plt.close(fig)
-    return out
+    saved = save_figure(fig, path)
+    return saved.pdf if Path(path).suffix.lower() == ".pdf" else saved.png
 
 
 def save(result: dict, json_path: PathLike, png_path: Optional[PathLike] = None) -> None:

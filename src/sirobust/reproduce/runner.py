@@ -1,0 +1,245 @@
+"""Running a plan: train (or reuse) each run, evaluate (or reuse) each cell, then write the table or figure.
+
+Everything is kept under one output root (``--out``, a run folder of kind "reproduce"):
+
+    OUT/runs/<dataset>/<model>/<defense>-e<epochs>-<hash>/   a training run (sirobust train's folder)
+        reproduce/eval-<hash>.json                           one evaluation of it (report + what was asked)
+    OUT/published/<name>/eval-<hash>.json                    evaluations of a published model
+    OUT/<experiment>-<preset>/                               the table (md, csv, tex, json) or figure (png, pdf, json)
+
+A finished run is reused when its summary matches the resolved config; a stopped one is resumed.
+An evaluation is reused when its file exists for the same weights (sha256), view and attack settings.
+So a grid that was interrupted continues where it stopped, and tables that share runs share them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..io import read_json, write_json
+from ..provenance import environment_info, file_sha256
+from ..runfolder import RUN_FILE, RunFolder, command_line
+from .plan import Cell, EvalJob, Plan, digest, resolved_dict, runs_root
+
+KIND = "reproduce"
+
+
+def open_root(out, overwrite: bool = False, log: Callable = print) -> RunFolder:
+    """The output root, claimed for this process: reused when it holds earlier results (that is the point:
+    they are skipped), moved aside with ``overwrite``."""
+    out = Path(out)
+    holds = (out / RUN_FILE).is_file()
+    mode = "overwrite" if overwrite else ("resume" if holds else "new")
+    return RunFolder(out, KIND, mode, config={"root": "sirobust reproduce results"}, log=log,
+                     what="reproduction folder")
+
+
+def train_or_reuse(cfg, log: Callable = print, protocol: Optional[dict] = None) -> None:
+    """Reuse a finished run with the same configuration, resume a stopped one, or train a new one."""
+    from ..train import STATE_NAME, fit, recorded_config
+    out = Path(cfg.out)
+    want = json.loads(json.dumps(cfg.identity()))
+    summary = out / "summary.json"  # written only when a run completes
+    if summary.exists():
+        done = read_json(summary)
+        if done.get("identity") == want and done.get("epochs") == cfg.epochs:
+            log(f"[reuse] {out} (finished with the same configuration)")
+            return
+    holds_run = recorded_config(out) is not None or (out / STATE_NAME).exists()
+    if protocol is not None and not holds_run:
+        out.mkdir(parents=True, exist_ok=True)
+    fit(cfg, resume=holds_run, log=log)  # a run with another configuration is refused by name, never replaced
+    if protocol is not None:
+        write_json(out / "protocol.json", protocol)
+
+
+def weights_of(cfg, which: str) -> Path:
+    from ..checkpoint import BEST_NAME, WEIGHTS_NAME
+    path = Path(cfg.out) / (BEST_NAME if which == "best" else WEIGHTS_NAME)
+    if which == "best" and not path.exists():
+        raise FileNotFoundError(f"{cfg.out} has no best checkpoint (trained without a validation split?); "
+                                "evaluate the last epoch's weights (eval.which = \"last\")")
+    return path
+
+
+class Runner:
+    """Computes a plan's cells into ``out``; see the module docstring."""
+
+    def __init__(self, plan: Plan, out, device: str = "auto", progress: bool = True, log: Callable = print):
+        self.plan, self.out, self.device, self.progress, self.log = plan, Path(out), device, progress, log
+        self._test_sets: dict = {}
+        self.trained = 0
+        self.reused_runs = 0
+        self.evaluated = 0
+        self.reused_evals = 0
+
+    # ---------------------------------------------------------------- training
+    def train_all(self) -> None:
+        """Every training run of the plan, in order (each once, whatever number of cells share it)."""
+        root = runs_root(self.out)
+        protocol = {"experiment": self.plan.experiment.name, "preset": self.plan.preset,
+                    "protocol": self.plan.experiment.presets[self.plan.preset].description}
+        for i, (name, cfg) in enumerate(self.plan.runs.items(), 1):
+            cfg = dataclasses.replace(cfg, out=str(root / name), device=self.device, progress=self.progress)
+            self.plan.runs[name] = cfg
+            self.log(f"\n[{i}/{len(self.plan.runs)}] {name}")
+            before = (Path(cfg.out) / "summary.json").exists()
+            train_or_reuse(cfg, self.log, protocol)
+            if before:
+                self.reused_runs += 1
+            else:
+                self.trained += 1
+        for cell in self.plan.cells:
+            if cell.train is not None:
+                from .plan import run_name
+                cell.train = self.plan.runs[run_name(cell.train)]
+
+    # ---------------------------------------------------------------- models and data
+    def model_of(self, cell: Cell):
+        """(model, weights file, sha256, provenance) of a cell, in the view its row asks for."""
+        from ..checkpoint import load
+        from ..train import pick_device
+        dev = pick_device(self.device)
+        if cell.published is not None:
+            from ..experiments.published import load_published
+            model, prov = load_published(cell.published, self.model_dir, device=dev)
+            sha = prov.get("weights_sha256") or prov.get("sha256")
+            weights = prov.get("weights_file", cell.published.name)
+        else:
+            weights = weights_of(cell.train, self.plan.eval["which"])
+            sha = file_sha256(weights)
+            model, prov = load(weights, device=dev), {"weights_file": str(weights), "weights_sha256": sha}
+        if cell.row.view == "cosine":
+            model, prov = cosine_view(model), {**prov, "view": "cos θ: the logits divided by the HE scale s"}
+        return model, weights, sha, prov
+
+    model_dir: Optional[Path] = None
+
+    def test_set(self, dataset: str):
+        if dataset not in self._test_sets:
+            from ..data import load_dataset
+            cfg = next((c for c in self.plan.runs.values() if c.dataset == dataset), None)
+            self._test_sets[dataset] = load_dataset(dataset, "test", data_dir=cfg.data_dir if cfg else None)
+        return self._test_sets[dataset]
+
+    # ---------------------------------------------------------------- evaluation
+    def eval_folder(self, cell: Cell) -> Path:
+        if cell.published is not None:
+            return self.out / "published" / cell.published.name
+        return Path(cell.train.out) / "reproduce"
+
+    def evaluate_cell(self, cell: Cell) -> list:
+        """The reports of the cell's evaluation jobs (each reused when already computed)."""
+        model = None
+        reports = []
+        for job in cell.jobs:
+            spec = self.job_spec(cell, job)
+            path = self.eval_folder(cell) / f"eval-{digest(spec, 16)}.json"
+            if path.exists():
+                saved = read_json(path)
+                if saved.get("spec") == json.loads(json.dumps(spec)):
+                    self.log(f"[reuse] {cell.row.label}: {path}")
+                    self.reused_evals += 1
+                    reports.append(saved)
+                    continue
+            if model is None:
+                model, _weights, _sha, prov = self.model_of(cell)
+            reports.append(self.run_job(cell, job, spec, model, prov, path))
+        return reports
+
+    def job_spec(self, cell: Cell, job: EvalJob) -> dict:
+        """What an evaluation depends on; its hash names the result file."""
+        if cell.published is not None:
+            from ..experiments.published import weights_path
+            weights = {"published": cell.published.name,
+                       "sha256": file_sha256(weights_path(cell.published, self.model_dir))}
+        else:
+            weights = {"sha256": file_sha256(weights_of(cell.train, self.plan.eval["which"])),
+                       "which": self.plan.eval["which"]}
+        e = self.plan.eval
+        return {"weights": weights, "view": cell.row.view, "dataset": cell.dataset, "n": job.n,
+                "restarts": job.restarts, "steps": e["steps"], "eps": e.get("eps"), "seed": e["seed"],
+                "attacks": [list(a) for a in job.attacks], "precision": e["precision"]}
+
+    def run_job(self, cell: Cell, job: EvalJob, spec: dict, model, prov: dict, path: Path) -> dict:
+        from ..attacks import build_attack
+        from ..evaluate import evaluate
+        from ..train import pick_device
+        e = self.plan.eval
+        test = self.test_set(cell.dataset)
+        eps = e.get("eps")
+        if eps is None:
+            from ..data import get_dataset_info
+            eps = get_dataset_info(cell.dataset).default_eps
+        eps = _number(eps)
+        attacks = [(name, build_attack(attack, model, overrides=params, eps=eps, alpha=eps / 4, steps=e["steps"],
+                                       restarts=job.restarts, seed=e["seed"], precision=e["precision"]))
+                   for name, attack, params in job.attacks] or ["pgd"]
+        self.log(f"[evaluate] {cell.row.label}"
+                 + (f" ({', '.join(f'{k}={v}' for k, v in cell.combo.items())})" if cell.combo else "")
+                 + f": {', '.join(a[0] for a in job.attacks) or 'clean'} on {job.n} images, "
+                 + f"{job.restarts} restart{'s' if job.restarts > 1 else ''}")
+        t0 = time.time()
+        rep = evaluate(model, test, attacks=attacks, eps=eps, steps=e["steps"], restarts=job.restarts, n=job.n,
+                       batch_size=e["batch_size"], seed=e["seed"], device=pick_device(self.device),
+                       progress=self.progress, precision=e["precision"], provenance=prov,
+                       config={"dataset": cell.dataset, "split": "test", "model_description": cell.row.label})
+        result = {"spec": spec, "row": cell.row.label, "combo": cell.combo, "seconds": time.time() - t0,
+                  "report": rep.to_dict()}
+        write_json(path, result)
+        self.evaluated += 1
+        return result
+
+    # ---------------------------------------------------------------- the whole plan
+    def run(self) -> dict:
+        """Train, evaluate, and return the table's data (see :mod:`.tables`)."""
+        from .tables import cell_values
+        t0 = time.time()
+        self.train_all()
+        rows = []
+        for cell in self.plan.cells:
+            reports = self.evaluate_cell(cell)
+            rows.append({"row": cell.row.label, "row_group": cell.row_group, "column_group": cell.column_group,
+                         "combo": cell.combo, "architecture": _architecture(cell),
+                         "values": cell_values(self.plan.experiment.columns, reports),
+                         "run": cell.train.out if cell.train is not None else None,
+                         "evaluations": [r["spec"] for r in reports]})
+        return self.summary(rows, time.time() - t0)
+
+    def summary(self, rows: list, seconds: float) -> dict:
+        exp = self.plan.experiment
+        return {"experiment": exp.name, "title": exp.title, "paper": exp.paper, "notes": exp.notes,
+                "preset": self.plan.preset, "protocol": exp.presets[self.plan.preset].description,
+                "columns": [dataclasses.asdict(c) for c in exp.columns], "rows": rows,
+                "column_groups": self.plan.column_groups, "row_groups": self.plan.row_groups,
+                "column_group_by": exp.column_group_by, "row_group_by": exp.row_group_by,
+                "eval": self.plan.eval, "overrides": self.plan.overrides,
+                "runs": {k: resolved_dict(v) for k, v in self.plan.runs.items()},
+                "counts": {"trained": self.trained, "reused_runs": self.reused_runs, "evaluated": self.evaluated,
+                           "reused_evaluations": self.reused_evals},
+                "seconds": seconds, "command": command_line(), "environment": environment_info()}
+
+
+def _architecture(cell: Cell) -> str:
+    if cell.published is not None:
+        return cell.published.architecture
+    from .plan import MODEL_NAMES
+    return MODEL_NAMES.get(cell.train.model, cell.train.model)
+
+
+def _number(value) -> float:
+    from ..checks import parse_number
+    return parse_number(value, "eval.eps") if isinstance(value, str) else float(value)
+
+
+def cosine_view(model):
+    """An HE model as Pang et al.'s code returns it: ``cos θ``, its ``s · cos θ`` logits divided by s."""
+    from ..experiments.rescale import ScaledLogits
+    head = getattr(model, "head", None)
+    scale = getattr(head, "scale", None)
+    if scale is None:
+        raise ValueError("view = \"cosine\" needs a model with a cosine head (an HE model); this one has none")
+    return ScaledLogits(model, 1.0 / float(scale))

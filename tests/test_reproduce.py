@@ -1,0 +1,435 @@
+"""`sirobust reproduce`: configs read safely and checked key by key, plans resolved before anything runs,
+tables built from the per-run evaluations, every run and evaluation reused on a second call, published
+models checked by sha256 before any attack."""
+import hashlib
+import json
+import re
+import textwrap
+
+import pytest
+import torch
+
+from sirobust.reproduce import ConfigError, list_experiments, load_experiment, reproduce
+from sirobust.reproduce.plan import make_plan
+from sirobust.reproduce.schema import parse_experiment, read_config_file
+
+PAPER = ["fig1", "fig3", "fig4", "fig5"] + [f"table{i}" for i in range(2, 11)]
+
+# a table small enough to train and evaluate in seconds: two rows, one axis value, two attacks
+TINY = textwrap.dedent('''
+    name = "tiny"
+    kind = "table"
+    title = "A tiny table"
+    row_group_by = "dataset"
+
+    [train]
+    dataset = "fashion-mnist-mini"
+    model = "cnn-small"
+    epochs = 1
+    train_n = 128
+    batch_size = 64
+    attack_steps = 1
+    val_size = 0
+
+    [[columns]]
+    label = "Natural"
+    value = "natural"
+    [[columns]]
+    label = "PGD"
+    attack = "pgd"
+    [[columns]]
+    label = "SI-PGD"
+    attack = "si-pgd"
+    [[columns]]
+    label = "worst"
+    value = "worst_case"
+
+    [[rows]]
+    label = "AT"
+    train = { defense = "at" }
+    [[rows]]
+    label = "AT-SI"
+    train = { defense = "at", si = true }
+
+    [presets.smoke]
+    description = "seconds"
+    eval = { n = 24, steps = 2 }
+''')
+
+
+def _write(tmp_path, text, name="tiny.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+# ---------------------------------------------------------------- the packaged configs
+
+def test_every_table_and_figure_of_the_paper_is_packaged_and_plans_under_every_preset():
+    assert list_experiments() == PAPER
+    for name in PAPER:
+        exp = load_experiment(name)
+        assert set(exp.presets) == {"smoke", "mini", "paper"}, name
+        for preset in exp.presets:
+            plan = make_plan(exp, preset)
+            assert plan.cells, (name, preset)
+            if preset in ("smoke", "mini") and not exp.models:  # the small presets run on the bundled data
+                assert {c.train.dataset for c in plan.cells} == {"fashion-mnist-mini"}, (name, preset)
+                assert {c.train.model for c in plan.cells} == {"cnn-small"}, (name, preset)
+
+
+def test_the_paper_preset_follows_the_reference_protocol():
+    plan = make_plan(load_experiment("table6"), "paper")
+    assert plan.eval["n"] == 10000 and plan.eval["steps"] == 20 and plan.eval["which"] == "last"
+    assert {c.train.dataset for c in plan.cells} == {"cifar10", "cifar100"}
+    assert {c.train.model for c in plan.cells} == {"resnet18", "wrn-34-10"}
+    for c in plan.cells:
+        cfg = c.train
+        assert cfg.val_size == 0 and cfg.attack_steps == 10
+        assert cfg.attack_start == ("normal" if cfg.defense in ("trades", "mart") else "uniform")
+        if cfg.model == "resnet18":  # ÷10 for the 75th, 90th and 100th of 120 epochs, as TRADES' code does
+            assert (cfg.epochs, cfg.lr, cfg.milestones) == (120, 0.01, (74, 89, 99))
+        else:
+            assert (cfg.epochs, cfg.lr, cfg.milestones) == (90, 0.1, (74,))
+    assert len(plan.runs) == 32  # 2 datasets × 2 networks × 8 rows, each trained once
+
+
+def test_plan_precedence_and_shared_runs():
+    exp = load_experiment("table10")
+    plan = make_plan(exp, "mini")
+    # the two HE rows (two views of one model) share one training run
+    he = [c for c in plan.cells if c.train.defense == "he"]
+    assert len(he) == 2 and he[0].train == he[1].train and len(plan.runs) == 3
+    # the command line beats the preset's force, and replaces an axis rather than repeating it
+    plan = make_plan(load_experiment("table6"), "paper", {"train": {"dataset": "svhn", "epochs": 2}})
+    assert {c.train.dataset for c in plan.cells} == {"svhn"} and {c.train.epochs for c in plan.cells} == {2}
+    assert len(plan.cells) == 16  # one dataset now, two networks
+
+
+# ---------------------------------------------------------------- bad configs are refused by key
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t: t.replace('title = "A tiny table"', 'title = "A tiny table"\ncolour = "red"'),
+     r"tiny\.toml\.colour: unknown key"),
+    (lambda t: t.replace("epochs = 1", "epoch = 1"), r"tiny\.toml\.train\.epoch: unknown key"),
+    (lambda t: t.replace("epochs = 1", 'epochs = "one"'), r"tiny\.toml\.train\.epochs: expected an integer"),
+    (lambda t: t.replace("epochs = 1", "epochs = true"), r"tiny\.toml\.train\.epochs: expected an integer"),
+    (lambda t: t.replace('si = true }', 'si = "yes" }'), r"rows\[1\]\.train\.si: expected true or false"),
+    (lambda t: t.replace('attack = "pgd"', 'attack = "pgdd"'), r"columns\[1\]\.attack: .*pgdd"),
+    (lambda t: t.replace('eval = { n = 24', 'eval = { images = 24'), r"presets\.smoke\.eval\.images: unknown key"),
+    (lambda t: t.replace("[presets.smoke]", "[presets.huge]"), r"presets\.huge: unknown preset"),
+    (lambda t: t.replace('label = "AT-SI"', 'label = "AT"'), r"the label 'AT' is used twice"),
+    (lambda t: t.replace('kind = "table"', 'kind = "chart"'), r"tiny\.toml\.kind: expected one of table, figure"),
+    (lambda t: t.replace('value = "worst_case"', 'value = "worst_case"\nattack = "pgd"'), r"takes no attack"),
+    (lambda t: t.replace("attack_steps = 1", "attack_steps = 0"), r"row 'AT'.*attack_steps"),
+])
+def test_bad_configs_are_refused_naming_the_key(tmp_path, edit, words):
+    path = _write(tmp_path, edit(TINY))
+    with pytest.raises(ConfigError, match=words):
+        make_plan(load_experiment(str(path)), "smoke")
+
+
+def test_yaml_config_reads_as_the_toml_one_and_object_tags_are_refused(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    toml_exp = load_experiment(str(_write(tmp_path, TINY)))
+    data = read_config_file(tmp_path / "tiny.toml")
+    ypath = tmp_path / "tiny.yaml"
+    ypath.write_text(yaml.safe_dump(data, allow_unicode=True))
+    yaml_exp = load_experiment(str(ypath))
+    assert make_plan(yaml_exp, "smoke").runs.keys() == make_plan(toml_exp, "smoke").runs.keys()
+    marker = tmp_path / "ran"
+    evil = ypath.read_text().replace("epochs: 1", f"epochs: !!python/object/apply:os.system ['touch {marker}']")
+    assert evil != ypath.read_text()
+    ypath.write_text(evil)
+    with pytest.raises(ConfigError, match=r'line \d+ \(key "epochs"\).*tag.*constructs an object'):
+        load_experiment(str(ypath))
+    assert not marker.exists()
+    ypath.write_text("name: !!set {a, b}\n")
+    with pytest.raises(ConfigError, match=r'key "name"'):
+        read_config_file(ypath)
+
+
+def test_command_line_settings_are_checked_like_the_config():
+    exp = load_experiment("table7")
+    with pytest.raises(ConfigError, match=r"command line \(train\)\.epoch: unknown key"):
+        make_plan(exp, "smoke", {"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match=r"command line \(eval\)\.n: expected an integer"):
+        make_plan(exp, "smoke", {"eval": {"n": "many"}})
+    with pytest.raises(ConfigError, match="has no preset"):
+        make_plan(parse_experiment({"name": "x", "kind": "table", "title": "x",
+                                    "columns": [{"label": "N", "value": "natural"}]}, "x"), "paper")
+
+
+# ---------------------------------------------------------------- a run, and a second run that reuses it
+
+def test_tiny_table_end_to_end_then_everything_is_reused(tmp_path, monkeypatch):
+    cfg = _write(tmp_path, TINY)
+    out = tmp_path / "out"
+    summary = reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet)
+    assert summary["counts"] == {"trained": 2, "reused_runs": 0, "evaluated": 2, "reused_evaluations": 0}
+    target = out / "tiny-smoke"
+    saved = json.loads((target / "table.json").read_text())
+    # each value is the one its evaluation report holds
+    for row in saved["rows"]:
+        (spec,) = row["evaluations"]
+        evals = list((out / "runs").rglob("eval-*.json"))
+        match = [json.loads(p.read_text()) for p in evals if json.loads(p.read_text())["spec"] == spec]
+        rep = match[0]["report"]
+        assert row["values"]["Natural"] == rep["clean_acc"]
+        assert row["values"]["PGD"] == rep["attacks"]["pgd"]["robust_acc"]
+        assert row["values"]["SI-PGD"] == rep["attacks"]["si-pgd"]["robust_acc"]
+        assert row["values"]["worst"] == rep["worst_case_acc"] <= min(row["values"]["PGD"], row["values"]["SI-PGD"])
+        assert rep["n"] == 24
+    md = (target / "table.md").read_text()
+    for row in saved["rows"]:
+        cells = f"| {row['row']} | " + " | ".join(f"{100 * row['values'][c]:.2f}"
+                                                  for c in ("Natural", "PGD", "SI-PGD", "worst"))
+        assert cells in md
+    csv_lines = (target / "table.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 2 * 4
+    tex = (target / "table.tex").read_text()
+    assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == 1
+    body = [ln for ln in tex.splitlines() if ln.endswith(r"\\") and ("AT" in ln)]
+    assert len(body) == 2 and all(ln.count("&") == 5 for ln in body)  # dataset, method, 4 values
+
+    # the second call trains nothing and attacks nothing
+    import sys
+
+    def must_not_run(*a, **k):
+        raise AssertionError("work was redone")
+
+    monkeypatch.setattr(sys.modules["sirobust.train"], "fit", must_not_run)
+    monkeypatch.setattr(sys.modules["sirobust.evaluate"], "evaluate", must_not_run)
+    again = reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet)
+    assert again["counts"] == {"trained": 0, "reused_runs": 2, "evaluated": 0, "reused_evaluations": 2}
+    assert [r["values"] for r in again["rows"]] == [r["values"] for r in saved["rows"]]
+    monkeypatch.undo()
+
+    # an evaluation that is missing (a grid stopped during it) is the only thing computed again
+    victim = sorted((out / "runs").rglob("eval-*.json"))[0]
+    victim.unlink()
+    third = reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet)
+    assert third["counts"] == {"trained": 0, "reused_runs": 2, "evaluated": 1, "reused_evaluations": 1}
+    assert [r["values"] for r in third["rows"]] == [r["values"] for r in saved["rows"]]  # seeded: the same numbers
+
+    # another setting is another evaluation, never a stale reuse
+    fourth = reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet,
+                       overrides={"eval": {"steps": 3}})
+    assert fourth["counts"]["evaluated"] == 2 and fourth["counts"]["trained"] == 0
+
+
+def test_latex_escapes_and_spanning_headers():
+    from sirobust.reproduce.tables import tex_escape, to_latex
+    assert tex_escape("RST [27] † 50% a_b & c") == r"RST [27] $^\dagger$ 50\% a\_b \& c"
+    summary = {"title": "T", "preset": "smoke", "row_group_by": None, "column_groups": ["CIFAR-10", "SVHN"],
+               "columns": [{"label": "PGD", "value": "robust", "group": "Single"},
+                           {"label": "PGD", "value": "robust", "group": "5 restarts"}],
+               "rows": [{"row": "AT", "row_group": "", "column_group": g, "architecture": "RN-18", "run": "x",
+                         "values": {"PGD": 0.5}} for g in ("CIFAR-10", "SVHN")]}
+    tex = to_latex(summary)
+    assert r"\multicolumn{2}{c}{CIFAR-10} & \multicolumn{2}{c}{SVHN}" in tex
+    assert r"\cmidrule(lr){2-3}\cmidrule(lr){4-5}" in tex
+    assert r"\multicolumn{1}{c}{Single} & \multicolumn{1}{c}{5 restarts}" in tex
+    assert "AT & 50.00 & 50.00 & 50.00 & 50.00" in tex
+
+
+def test_cosine_view_is_the_logits_divided_by_the_he_scale():
+    from sirobust.models import build_model
+    from sirobust.reproduce.runner import cosine_view
+    model = build_model("cnn-small", num_classes=10, in_channels=1).eval().use_cosine_head(15.0)
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(cosine_view(model)(x), model(x) / 15.0)
+        assert cosine_view(model)(x).abs().max() <= 1 + 1e-5  # a cosine
+    with pytest.raises(ValueError, match="cosine head"):
+        cosine_view(build_model("cnn-small", num_classes=10, in_channels=1))
+
+
+# ---------------------------------------------------------------- published models (Table 5's machinery)
+
+DEFINITION = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self, width=4):
+            super().__init__()
+            self.conv = nn.Conv2d(1, width, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(2)
+            self.fc = nn.Linear(width * 4, 10)
+
+        def forward(self, x):
+            return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+    def make_net(width=4):
+        return Net(int(width))
+''')
+
+
+def _Net(width):
+    namespace = {}
+    exec(DEFINITION, namespace)  # the same class the definition file holds
+    return namespace["make_net"](width)
+
+
+def _published_table(tmp_path, wrong_sha=False):
+    """Two small models in RobustBench's layout (model_dir/DATASET/Linf/NAME.pt) and a config listing them."""
+    model_dir = tmp_path / "models"
+    folder = model_dir / "fashion-mnist-mini" / "Linf"
+    folder.mkdir(parents=True)
+    (model_dir / "net.py").write_text(DEFINITION)
+    entries, rows = [], []
+    for i, (name, width) in enumerate((("Alpha2020Small", 4), ("Beta2021Wrapped", 6))):
+        torch.manual_seed(i)
+        state = _Net(width).state_dict()
+        if i == 1:  # as published checkpoints often are: wrapped, with DataParallel's prefix
+            state = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
+        torch.save(state, folder / f"{name}.pt")
+        sha = hashlib.sha256((folder / f"{name}.pt").read_bytes()).hexdigest()
+        if wrong_sha and i == 1:
+            sha = "0" * 64
+        entries.append(f'[[models]]\nname = "{name}"\ndefinition = "net.py:make_net"\nargs = {{ width = {width} }}\n'
+                       f'sha256 = "{sha}"\ndataset = "fashion-mnist-mini"\nlabel = "{name[:5]}"\n'
+                       f'architecture = "CNN-{width}"\n')
+        rows.append(f'[[rows]]\nlabel = "{name[:5]}"\nmodel = "{name}"\n')
+    text = textwrap.dedent('''
+        name = "pub"
+        kind = "table"
+        title = "Published models"
+        [[columns]]
+        label = "Natural"
+        value = "natural"
+        [[columns]]
+        label = "PGD"
+        group = "Single run"
+        attack = "pgd"
+        [[columns]]
+        label = "PGD"
+        group = "2 restarts"
+        attack = "pgd"
+        restarts = 2
+    ''') + "\n".join(entries) + "\n".join(rows) + textwrap.dedent('''
+        [presets.smoke]
+        description = "seconds"
+        eval = { n = 16, steps = 2, eps = 0.1 }
+    ''')
+    return _write(tmp_path, text, "pub.toml"), model_dir
+
+
+def test_published_models_run_end_to_end(tmp_path):
+    cfg, model_dir = _published_table(tmp_path)
+    summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), model_dir=str(model_dir),
+                        progress=False, log=_quiet)
+    assert [r["row"] for r in summary["rows"]] == ["Alpha", "Beta2"]
+    assert [r["architecture"] for r in summary["rows"]] == ["CNN-4", "CNN-6"]
+    for r in summary["rows"]:  # the worst of 2 restarts can only be lower than a single run
+        assert r["values"]["PGD"] is not None
+    md = (tmp_path / "out" / "pub-smoke" / "table.md").read_text()
+    assert "Single run / PGD" in md and "2 restarts / PGD" in md and "| Model |" not in md.replace("Method | Model", "")
+    again = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), model_dir=str(model_dir),
+                      progress=False, log=_quiet)
+    assert again["counts"]["evaluated"] == 0 and again["counts"]["reused_evaluations"] == 4
+
+
+def test_a_wrong_sha256_stops_the_grid_before_any_attack(tmp_path, monkeypatch):
+    cfg, model_dir = _published_table(tmp_path, wrong_sha=True)
+    import sys
+
+    def must_not_run(*a, **k):
+        raise AssertionError("an attack ran")
+
+    monkeypatch.setattr(sys.modules["sirobust.evaluate"], "evaluate", must_not_run)
+    from sirobust.experiments.published import PublishedModelError
+    with pytest.raises(PublishedModelError, match=r"Beta2021Wrapped.*sha256 [0-9a-f]{64}, expected 0{64}"):
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), model_dir=str(model_dir), progress=False,
+                  log=_quiet)
+    assert not (tmp_path / "out" / "pub-smoke").exists()
+
+
+def test_an_unpinned_published_model_needs_consent():
+    exp = load_experiment("table5")
+    plan = make_plan(exp, "smoke")
+    from sirobust.reproduce import check_published
+    with pytest.raises(ConfigError, match=r"no sha256 is given for Engstrom2019Robustness.*--accept-unpinned"):
+        check_published(plan, __import__("pathlib").Path("nowhere"), accept_unpinned=False)
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_cli_list_and_dry_run(capsys):
+    from sirobust.cli import main
+    assert main(["reproduce", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in PAPER:
+        assert re.search(rf"^\| {name} \|", out, re.M), name
+    assert main(["reproduce", "table6", "--preset", "paper", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "32 cells, 32 training runs" in out and "cifar100/wrn-34-10/trades-si-e90-" in out
+    assert main(["reproduce", "table6", "--set", "train.epoch=3", "--dry-run"]) == 2
+    assert "train).epoch: unknown key" in capsys.readouterr().err
+    assert main(["reproduce", "table11"]) == 2
+    assert "no experiment named 'table11'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- figures
+
+TINY_FIGURE = TINY.split("[[columns]]")[0].replace('kind = "table"', 'kind = "figure"\nfigure_kind = "fig5"') \
+    .replace('name = "tiny"', 'name = "tinyfig"') + textwrap.dedent('''
+    [[rows]]
+    label = "AT"
+    train = { defense = "at" }
+    [[rows]]
+    label = "AT-SI"
+    train = { defense = "at", si = true }
+
+    [figure]
+    n = 20
+    bins = 10
+    steps = 2
+
+    [presets.smoke]
+    description = "seconds"
+''')
+
+
+def test_figure_from_a_config_then_replotted_from_its_data(tmp_path, monkeypatch):
+    cfg = _write(tmp_path, TINY_FIGURE, "tinyfig.toml")
+    summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), progress=False, log=_quiet)
+    target = tmp_path / "out" / "tinyfig-smoke"
+    assert (target / "fig5.png").read_bytes()[:4] == b"\x89PNG" and (target / "fig5.pdf").read_bytes()[:4] == b"%PDF"
+    data = summary["data"]
+    assert data["labels"] == ["AT", "AT-SI"]
+    for label in data["labels"]:
+        m = data["models"][label]
+        assert sum(m["counts"]) == m["n"] == 20 and len(m["counts"]) == 10
+        assert all(-1 <= v <= 1 for v in m["values"])
+    import sirobust.experiments.figures as computations
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the figure's data was computed again")
+
+    monkeypatch.setattr(computations, "cos_theta_histograms", must_not_run)
+    (target / "fig5.png").unlink()
+    again = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), progress=False, log=_quiet)
+    assert again["data"] == json.loads(json.dumps(data)) and (target / "fig5.png").exists()
+    with pytest.raises(AssertionError, match="computed again"):  # another setting is computed afresh
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), progress=False, log=_quiet,
+                  overrides={"figure": {"bins": 12}})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fig1", "fig3", "fig4", "fig5", "table6"])
+def test_packaged_smoke_presets_run_and_a_second_run_reuses(tmp_path, name):
+    first = reproduce(name, preset="smoke", out=str(tmp_path), progress=False, log=_quiet)
+    again = reproduce(name, preset="smoke", out=str(tmp_path), progress=False, log=_quiet)
+    if "counts" in again:
+        assert again["counts"]["trained"] == again["counts"]["evaluated"] == 0
+        assert [r["values"] for r in again["rows"]] == [r["values"] for r in first["rows"]]
+    else:
+        assert again["data"] == json.loads(json.dumps(first["data"]))
