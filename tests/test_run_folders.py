@@ -1,4 +1,5 @@
 """Nothing lost: run folders owned by one run, locks, resume from any kill, outputs checked first."""
+import importlib
 import json
 import os
 import signal
@@ -389,9 +390,9 @@ def test_a_state_from_another_run_is_refused_by_name(tmp_path):
 def _no_work(monkeypatch):
     """Make loading data or a model an immediate test failure, wherever a module bound them."""
     import sirobust.checkpoint as ck
-    import sirobust.demo  # noqa: F401  (imported now, so that their bindings are patched below)
-    import sirobust.experiments.compare  # noqa: F401
-    import sirobust.experiments.rescale  # noqa: F401,F811
+    for name in ("sirobust.demo", "sirobust.experiments.compare", "sirobust.experiments.rescale",
+                 "sirobust.reproduce.runner"):
+        importlib.import_module(name)  # imported now, so that their bindings are patched below
     from sirobust.data import registry
 
     def boom(*a, **k):
@@ -413,7 +414,7 @@ def read_only_folder(tmp_path) -> Path:
     return ro
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "rescale", "compare", "demo"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "rescale", "compare", "demo", "reproduce"])
 def test_unwritable_outputs_fail_before_any_work_in_one_line(tmp_path, monkeypatch, capsys, command):
     _no_work(monkeypatch)
     (tmp_path / "file").write_text("x")
@@ -422,7 +423,8 @@ def test_unwritable_outputs_fail_before_any_work_in_one_line(tmp_path, monkeypat
     for out in (tmp_path / "file" / "sub", ro / "sub", ro):
         target = str(out / "report.json") if command == "evaluate" and out != ro else str(out)
         args = {"train": ["train", *ARGS], "evaluate": ["evaluate", *model], "rescale": ["rescale", *model],
-                "compare": ["compare"], "demo": ["demo"]}[command] + ["--out", target]
+                "compare": ["compare"], "demo": ["demo"], "reproduce": ["reproduce", "table6", "--preset", "smoke"],
+                }[command] + ["--out", target]
         assert main(args) == 2, (command, out)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"sirobust {command}: error: cannot"), err

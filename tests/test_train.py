@@ -142,8 +142,13 @@ def test_compare_reuses_finished_runs_and_tabulates_every_defense(tmp_path):
     logs.clear()
     with pytest.raises(RunFolderError, match="already holds a compare run"):
         compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, **kw)
-    compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, mode="resume", **kw)
-    assert sum("[reuse]" in str(m) for m in logs) == 3
+    again = compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append,
+                             mode="resume", **kw)
+    # 3 runs and their 3 evaluations reused, nothing recomputed
+    assert sum("[reuse]" in str(m) and "finished with the same configuration" in str(m) for m in logs) == 3
+    assert sum("[reuse]" in str(m) and "eval-" in str(m) for m in logs) == 3
+    assert [{k: r[k] for k in ("natural", "pgd", "worst_case")} for r in again["rows"]] == \
+        [{k: r[k] for k in ("natural", "pgd", "worst_case")} for r in res["rows"]]
     with pytest.raises(RunFolderError, match=r"differs in: epochs"):
         compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, mode="resume",
                          **{**kw, "epochs": 2})

@@ -22,11 +22,14 @@ from typing import Optional
 
 from .checkpoint import load
 from .data import get_dataset_info, load_dataset
-from .evaluate import evaluate
 from .experiments import rescale
 from .io import atomic_write_text, write_json
+from .report import Report
+from .reproduce.plan import make_plan, run_name
+from .reproduce.runner import Runner
+from .reproduce.schema import Column, Experiment, Preset, Row
 from .runfolder import RunFolder, command_line
-from .train import TrainConfig, fit, pick_device
+from .train import pick_device
 
 DATASET = "fashion-mnist-mini"
 ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
@@ -118,6 +121,17 @@ def run_demo(out: str = "runs/demo", quick: bool = False, device: str = "auto", 
         return _run_demo(folder.path, quick, device, progress, log)
 
 
+def demo_experiment(epochs: int, train_n, val_n: int, n_eval: int, steps: int) -> Experiment:
+    """The demo's two runs and their evaluation, as a :mod:`sirobust.reproduce` experiment."""
+    columns = [Column("natural", "natural"), *(Column(a, attack=a) for a in ATTACKS),
+               Column("worst_case", "worst_case")]
+    rows = [Row(label, train={"defense": defense, "si": si}) for label, defense, si in RUNS]
+    train = {"dataset": DATASET, "model": "cnn-small", "epochs": epochs, "train_n": train_n, "val_n": val_n}
+    return Experiment(name="demo", kind="table", title="Demo comparison (Table 6 style)", source="sirobust demo",
+                      train=train, columns=columns, rows=rows, eval={"n": n_eval, "steps": steps, "which": "last"},
+                      presets={"demo": Preset(description=f"{epochs} epochs of cnn-small on {DATASET}")})
+
+
 def _run_demo(out_dir: Path, quick: bool, device: str, progress: bool, log) -> dict:
     t_start = time.time()
     info = get_dataset_info(DATASET)
@@ -126,20 +140,21 @@ def _run_demo(out_dir: Path, quick: bool, device: str, progress: bool, log) -> d
     epochs, train_n, n_eval, n_rescale, steps = (1, 640, 60, 40, 3) if quick else (DEMO_EPOCHS, None, 500, 300, 20)
     log(f"sirobust demo: {DATASET}, cnn-small, L∞ ε = {info.default_eps}; results in {out_dir}/")
     test = load_dataset(DATASET, "test")
-    reports, dirs = [], {}
+    plan = make_plan(demo_experiment(epochs, train_n, 100 if quick else 500, n_eval, steps), "demo", device=device)
+    dirs = {c.row.label: out_dir / c.row.label.lower() for c in plan.cells}
+    runner = Runner(plan, out_dir, device=device, progress=progress, log=log,
+                    run_dirs={run_name(c.train): dirs[c.row.label] for c in plan.cells})
     for label, defense, si in RUNS:
-        run_dir = out_dir / label.lower()
-        log(f"\n[train] {label}: {epochs} epochs of {defense.upper()}{' + SI' if si else ''} "
+        log(f"[train] {label}: {epochs} epochs of {defense.upper()}{' + SI' if si else ''} "
             f"(10-step PGD inside{', SI-PGD examples and the β·CosFace term' if si else ''})")
-        fit(TrainConfig(dataset=DATASET, model="cnn-small", defense=defense, si=si, epochs=epochs, out=str(run_dir),
-                        train_n=train_n, val_n=100 if quick else 500, device=device, progress=progress), log=log)
-        dirs[label] = run_dir
-        model = load(run_dir / "model.safetensors", device=dev)
-        log(f"[evaluate] {label}: {', '.join(ATTACKS)} on {n_eval} test images, {steps} steps of ε/4")
-        rep = evaluate(model, test, attacks=ATTACKS, steps=steps, n=n_eval, progress=progress, log=log,
-                       config={"dataset": DATASET, "split": "test", "model_description": f"cnn-small {label}"})
-        rep.save(run_dir / "report.json")
-        reports.append((label, rep))
+    runner.train_all()
+    reports = []
+    for cell in plan.cells:
+        log(f"[evaluate] {cell.row.label}: {', '.join(ATTACKS)} on {n_eval} test images, {steps} steps of ε/4")
+        (result,) = runner.evaluate_cell(cell)
+        rep = Report.from_dict(result["report"])
+        rep.save(dirs[cell.row.label] / "report.json")
+        reports.append((cell.row.label, rep))
     rows = comparison_rows(reports)
     table = comparison_table(rows)
     verdict = si_verdict(rows, epochs)

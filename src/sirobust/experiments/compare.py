@@ -12,41 +12,28 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..checkpoint import load
 from ..checks import as_names
+from ..data import get_dataset_info
 from ..defenses import list_defenses
-from ..data import get_dataset_info, load_dataset
-from ..evaluate import evaluate
 from ..interrupts import RunInterrupted
 from ..io import atomic_write_text, read_json, write_json
-from ..provenance import environment_info
-from ..runfolder import ConfigMismatch, RunFolder, command_line, config_difference
-from ..train import STATE_NAME, TrainConfig, fit, pick_device, recorded_config
+from ..reproduce import tables
+from ..reproduce.plan import make_plan, run_name
+from ..reproduce.runner import Runner
+from ..reproduce.schema import Column, Experiment, Preset, Row
+from ..runfolder import ConfigMismatch, RunFolder, config_difference
 
 ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
+COLUMNS = [Column("Natural", "natural"), Column("PGD", attack="pgd"), Column("PGD-CW", attack="pgd-cw"),
+           Column("PGD-DLR", attack="pgd-dlr"), Column("SI-PGD", attack="si-pgd"), Column("worst case", "worst_case")]
 
 
 def run_label(defense: str, si: bool) -> str:
     return defense.upper() + ("-SI" if si else "")
-
-
-def _train_or_reuse(cfg: TrainConfig, log) -> None:
-    """Reuse a finished run with the same configuration, resume a stopped one, or train a new one."""
-    out = Path(cfg.out)
-    want = json.loads(json.dumps(cfg.resolved().identity()))
-    summary = out / "summary.json"  # written only when a run completes
-    if summary.exists():
-        done = read_json(summary)
-        if done.get("identity") == want and done.get("epochs") == cfg.resolved().epochs:
-            log(f"[reuse] {out} (finished with the same configuration)")
-            return
-    holds_run = recorded_config(out) is not None or (out / STATE_NAME).exists()
-    fit(cfg, resume=holds_run, log=log)  # a run with another configuration is refused by name, never replaced
 
 
 def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes: Sequence[bool] = (False, True),
@@ -57,11 +44,13 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
     """Train and evaluate every (defense, si) pair; returns the table as a dict and writes it to ``out``.
 
     ``out`` is a :class:`~sirobust.runfolder.RunFolder` of kind "compare": ``mode="resume"`` reuses the
-    finished runs and resumes a stopped one (the comparison's config must match), ``"overwrite"`` moves
-    an earlier comparison aside, ``"new"`` (default) refuses a folder that holds one. ``defense_params``
-    maps ``"lam"`` (every defense that takes it) or ``"trades.lam"`` (one defense) to a value.
+    finished runs and evaluations and resumes a stopped run (the comparison's config must match),
+    ``"overwrite"`` moves an earlier comparison aside, ``"new"`` (default) refuses a folder that holds one.
+    ``defense_params`` maps ``"lam"`` (every defense that takes it) or ``"trades.lam"`` (one defense) to a value.
 
-    Every name and setting is checked, and every run's config resolved, before the first run trains.
+    The comparison is an experiment of :mod:`sirobust.reproduce` built from the flags (rows: the defenses,
+    columns: Natural, each attack, the worst case) and run by its runner; every name and setting is checked,
+    and every run's config resolved, before the first run trains.
     """
     from ..checks import check_int, resolve_name
     from ..defenses import canonical_defense
@@ -74,22 +63,57 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
     config = {"dataset": dataset, "model": model, "defenses": list(defenses), "si_modes": list(si_modes),
               "epochs": epochs, "eval_n": eval_n, "steps": steps, "eps": eps, "seed": seed, "which": which,
               "train_kw": train_kw or {}, "defense_params": defense_params or {}}
-    runs = _plan(dataset, model, defenses, si_modes, epochs, eps, seed, device, progress, train_kw, per_defense)
-    for _label, cfg in runs:
-        cfg.resolved()  # a bad setting fails here, before any training
+    exp = comparison_experiment(dataset, model, defenses, si_modes, epochs, eps, seed, train_kw or {}, per_defense,
+                                {"n": eval_n, "steps": steps, "eps": eps, "seed": seed, "which": which})
+    plan = make_plan(exp, "custom", device=device)  # a bad setting fails here, before any training
     with RunFolder(out, "compare", mode, config=config, log=log) as folder:
         if folder.resumed and folder.record.get("config") is not None:
             diff = config_difference(json.loads(json.dumps(folder.record["config"])), json.loads(json.dumps(config)))
             if diff:
                 raise ConfigMismatch(f"--resume: the comparison in {out} was started with a different configuration "
                                      f"(differs in: {', '.join(diff)}); use the same flags, or --overwrite")
+        # each run in its own folder beside the table, named by its row (out/trades-si)
+        run_dirs = {run_name(c.train): folder.path / c.row.label.lower() for c in plan.cells}
+        runner = Runner(plan, folder.path, device=device, progress=progress, log=log, run_dirs=run_dirs)
         try:
-            return _compare(folder.path, runs, dataset, model, epochs, eval_n, steps, eps, device, seed, progress,
-                            train_kw or {}, which, log)
+            summary = runner.run()
         except RunInterrupted as e:  # the run's own message names `sirobust train`; the user ran compare
             raise RunInterrupted(f"stopped by a signal during the comparison in {out}; every finished run and the "
                                  "progress of the one in flight are saved. Continue with the same `sirobust compare` "
                                  "command and --resume", e.signum) from None
+    result = {**summary, "dataset": dataset, "model": model, "eps": eps, "steps": steps, "epochs": epochs,
+              "checkpoint": which, "rows": _rows(summary, plan), "eval_n": summary["rows"][0]["n"]}
+    write_json(folder.path / "compare.json", result)
+    atomic_write_text(folder.path / "compare.md", tables.to_markdown(summary))
+    log("\n" + tables.to_markdown(summary))
+    return result
+
+
+def comparison_experiment(dataset, model, defenses, si_modes, epochs, eps, seed, train_kw, per_defense,
+                          evaluation) -> Experiment:
+    """The comparison as a :mod:`sirobust.reproduce` experiment with one preset, "custom"."""
+    pairs = [("standard", False)] if "standard" in defenses else []
+    pairs += [(d, s) for d in defenses if d != "standard" for s in si_modes if not (d == "he" and s)]
+    rows = [Row(run_label(d, si), train={"defense": d, "si": si, "defense_params": per_defense.get(d, {})})
+            for d, si in pairs]
+    train = {"dataset": dataset, "model": model, "epochs": epochs, "eps": eps, "seed": seed, **train_kw}
+    which = "best checkpoint (by validation PGD accuracy)" if evaluation["which"] == "best" else "last epoch"
+    return Experiment(name="compare", kind="table", title=f"{model} on {dataset}", source="sirobust compare",
+                      train=train, columns=COLUMNS, rows=rows,
+                      presets={"custom": Preset(description=f"the flags of sirobust compare; {which}")},
+                      eval=evaluation)
+
+
+def _rows(summary: dict, plan) -> list:
+    """One dict per defense: its label, accuracies as fractions, the best epoch and its report's path."""
+    out = []
+    for row, cell in zip(summary["rows"], plan.cells):
+        v = row["values"]
+        done = read_json(Path(row["run"]) / "summary.json")
+        out.append({"label": row["row"], "defense": cell.train.defense, "si": cell.train.si, "natural": v["Natural"],
+                    **{a: v[c.label] for a, c in zip(ATTACKS, COLUMNS[1:5])}, "worst_case": v["worst case"],
+                    "best_epoch": done["best"]["epoch"], "report": row["reports"][0]})
+    return out
 
 
 def _split_defense_params(defenses: list, params: dict) -> dict:
@@ -113,60 +137,3 @@ def _split_defense_params(defenses: list, params: dict) -> dict:
         for d in takers:
             out[d][name] = value
     return out
-
-
-def _plan(dataset, model, defenses, si_modes, epochs, eps, seed, device, progress, train_kw, per_defense) -> list:
-    """(label, TrainConfig) of every run of the comparison, in order."""
-    runs = [("standard", False)] if "standard" in defenses else []
-    runs += [(d, s) for d in defenses if d != "standard" for s in si_modes if not (d == "he" and s)]
-    return [(run_label(d, si), TrainConfig(dataset=dataset, model=model, defense=d, si=si, epochs=epochs, eps=eps,
-                                           seed=seed, device=device, progress=progress, out="",
-                                           defense_params=per_defense.get(d, {}), **(train_kw or {})))
-            for d, si in runs]
-
-
-def _compare(out: Path, runs, dataset, model, epochs, eval_n, steps, eps, device, seed, progress, train_kw, which,
-             log) -> dict:
-    test = load_dataset(dataset, "test", data_dir=train_kw.get("data_dir"),
-                        accept_checksum_mismatch=train_kw.get("accept_checksum_mismatch", False))
-    rows = []
-    for label, cfg in runs:
-        run_dir = out / label.lower()
-        cfg = dataclasses.replace(cfg, out=str(run_dir))
-        defense, si = cfg.defense, cfg.si
-        log(f"\n[train] {label} -> {run_dir}")
-        _train_or_reuse(cfg, log)
-        weights = run_dir / ("best.safetensors" if which == "best" else "model.safetensors")
-        net = load(weights, device=pick_device(device))
-        log(f"[evaluate] {label} ({which} checkpoint): {', '.join(ATTACKS)}, ε = {eps:.4g}, {steps} steps")
-        rep = evaluate(net, test, attacks=ATTACKS, eps=eps, steps=steps, n=eval_n, seed=seed, progress=progress,
-                       config={"weights": str(weights), "dataset": dataset, "split": "test",
-                               "model_description": f"{model} {label}"})
-        rep.save(run_dir / "report.json")
-        summary = read_json(run_dir / "summary.json")
-        rows.append({"label": label, "defense": defense, "si": si, "natural": rep.clean_acc,
-                     **{a: rep.attacks[a].robust_acc for a in ATTACKS}, "worst_case": rep.worst_case_acc,
-                     "best_epoch": summary["best"]["epoch"], "report": str(run_dir / "report.json")})
-    result = {"dataset": dataset, "model": model, "eps": eps, "steps": steps, "eval_n": len(rep.clean_correct),
-              "epochs": epochs, "checkpoint": which, "rows": rows, "command": command_line(),
-              "environment": environment_info()}
-    write_json(out / "compare.json", result)
-    atomic_write_text(out / "compare.md", to_markdown(result))
-    log("\n" + to_markdown(result))
-    return result
-
-
-def to_markdown(result: dict) -> str:
-    head = "| defense | Natural | PGD | PGD-CW | PGD-DLR | SI-PGD | worst case | best epoch |"
-    lines = [f"## {result['model']} on {result['dataset']}", "",
-             f"L∞ ε = {result['eps']:.4g}, {result['steps']} steps of ε/4, {result['eval_n']} test images, "
-             f"{result['checkpoint']} checkpoint (by validation PGD accuracy); accuracy in %.", "",
-             head, "|---|" + "---:|" * 7]
-    for r in result["rows"]:
-        cells = [r["natural"]] + [r[a] for a in ATTACKS] + [r["worst_case"]]
-        lines.append(f"| {r['label']} | " + " | ".join(f"{100 * c:.2f}" for c in cells) + f" | {r['best_epoch']} |")
-    env = result["environment"]
-    lines += ["", f"command: `{result['command']}`", "",
-              f"sirobust {env['sirobust']}, torch {env['torch']}, commit {env['git_commit']}, "
-              f"{env['gpu'] or 'CPU'}", ""]
-    return "\n".join(lines)

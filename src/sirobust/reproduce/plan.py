@@ -178,7 +178,7 @@ def eval_jobs(columns: list[Column], eval_cfg: dict) -> list[EvalJob]:
     for col in columns:
         if not col.attack:
             continue
-        n = min(eval_cfg["n"], caps.get(col.attack, eval_cfg["n"]))
+        n = eval_cfg["n"] if col.attack not in caps else min(caps[col.attack], eval_cfg["n"] or caps[col.attack])
         params = {**eval_cfg["attack_params"].get(col.attack, {}), **col.params}
         name = result_name(col)
         job = jobs.setdefault((col.restarts, n), EvalJob(col.restarts, n, []))

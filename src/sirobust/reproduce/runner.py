@@ -68,8 +68,10 @@ def weights_of(cfg, which: str) -> Path:
 class Runner:
     """Computes a plan's cells into ``out``; see the module docstring."""
 
-    def __init__(self, plan: Plan, out, device: str = "auto", progress: bool = True, log: Callable = print):
+    def __init__(self, plan: Plan, out, device: str = "auto", progress: bool = True, log: Callable = print,
+                 run_dirs: Optional[dict] = None):
         self.plan, self.out, self.device, self.progress, self.log = plan, Path(out), device, progress, log
+        self.run_dirs = run_dirs or {}  # run name -> folder, where a caller keeps its own layout (compare, demo)
         self._test_sets: dict = {}
         self.trained = 0
         self.reused_runs = 0
@@ -83,7 +85,8 @@ class Runner:
         protocol = {"experiment": self.plan.experiment.name, "preset": self.plan.preset,
                     "protocol": self.plan.experiment.presets[self.plan.preset].description}
         for i, (name, cfg) in enumerate(self.plan.runs.items(), 1):
-            cfg = dataclasses.replace(cfg, out=str(root / name), device=self.device, progress=self.progress)
+            cfg = dataclasses.replace(cfg, out=str(self.run_dirs.get(name, root / name)), device=self.device,
+                                      progress=self.progress)
             self.plan.runs[name] = cfg
             self.log(f"\n[{i}/{len(self.plan.runs)}] {name}")
             before = (Path(cfg.out) / "summary.json").exists()
@@ -143,7 +146,7 @@ class Runner:
                 if saved.get("spec") == json.loads(json.dumps(spec)):
                     self.log(f"[reuse] {cell.row.label}: {path}")
                     self.reused_evals += 1
-                    reports.append(saved)
+                    reports.append({**saved, "path": str(path)})
                     continue
             if model is None:
                 model, _weights, _sha, prov = self.model_of(cell)
@@ -191,7 +194,7 @@ class Runner:
                   "report": rep.to_dict()}
         write_json(path, result)
         self.evaluated += 1
-        return result
+        return {**result, "path": str(path)}
 
     # ---------------------------------------------------------------- the whole plan
     def run(self) -> dict:
@@ -206,6 +209,7 @@ class Runner:
                          "combo": cell.combo, "architecture": _architecture(cell),
                          "values": cell_values(self.plan.experiment.columns, reports),
                          "run": cell.train.out if cell.train is not None else None,
+                         "n": max(r["report"]["n"] for r in reports), "reports": [r["path"] for r in reports],
                          "evaluations": [r["spec"] for r in reports]})
         return self.summary(rows, time.time() - t0)
 

@@ -107,7 +107,9 @@ def to_markdown(summary: dict) -> str:
     for cells in body_rows(summary):
         lines.append("| " + " | ".join(cells[keep]) + " |")
     e = summary["eval"]
-    lines += ["", f"Accuracy in % on the first {e['n']} test images ({e['which']} epoch's weights), "
+    n = max(r["n"] for r in summary["rows"])
+    weights = "the best checkpoint's" if e["which"] == "best" else "the last epoch's"
+    lines += ["", f"Accuracy in % on the first {n} test images ({weights} weights), "
               f"{e['steps']}-step attacks of step ε/4" + (f", ε = {e['eps']}" if e.get("eps") else
                                                           ", ε = the dataset's (8/255 for CIFAR and SVHN)") + "."]
     caps = e.get("attack_n") or {}
