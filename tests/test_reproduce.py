@@ -433,3 +433,21 @@ def test_packaged_smoke_presets_run_and_a_second_run_reuses(tmp_path, name):
         assert [r["values"] for r in again["rows"]] == [r["values"] for r in first["rows"]]
     else:
         assert again["data"] == json.loads(json.dumps(first["data"]))
+
+
+def test_docs_results_are_generated_from_the_committed_results():
+    """docs/reproduction.md's results block is scripts/collect_reproduction.py's rendering of the committed JSONs."""
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("collect_reproduction", root / "scripts" / "collect_reproduction.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    doc = (root / "docs" / "reproduction.md").read_text()
+    block = re.search(re.escape(collect.MARKERS[0]) + r"\n(.*?)\n" + re.escape(collect.MARKERS[1]), doc, re.S)
+    assert block and block.group(1).strip() == collect.render_block().strip()
+    for path in collect.RESULTS.glob("*-mini.json"):
+        summary = json.loads(path.read_text())
+        assert summary["preset"] == "mini"
+        if "data" in summary:
+            assert (collect.FIGURES / path.name.replace(".json", ".png")).exists()

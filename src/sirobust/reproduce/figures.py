@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from ..io import read_json, write_json
+from ..io import atomic_write_text, read_json, write_json
 from ..provenance import environment_info
 from ..runfolder import command_line
 from .plan import display
@@ -59,18 +59,75 @@ def make_figure(runner, target: Path) -> dict:
         if saved.get("spec") == json.loads(json.dumps(spec)):
             runner.log(f"[reuse] {data_path} (same settings and weights): plotting again")
             runner.reused_evals += 1
-            data = saved["data"]
+            data, computed = saved["data"], saved.get("computed")
     if data is None:
         data = COMPUTE[kind](runner, cells, fig)
         runner.evaluated += 1
+        computed = {"seconds": time.time() - t0, "command": command_line()}
     eps = _eps(runner, cells[0].dataset)
     files = PLOT[kind](data, target / kind, cells, eps)
     summary = {"experiment": plan.experiment.name, "title": plan.experiment.title, "paper": plan.experiment.paper,
                "preset": plan.preset, "protocol": plan.experiment.presets[plan.preset].description, "spec": spec,
                "data": data, "files": [str(f) for f in files], "runs": {c.row.label: c.train.out for c in cells},
-               "seconds": time.time() - t0, "command": command_line(), "environment": environment_info()}
+               "seconds": time.time() - t0, "command": command_line(), "computed": computed,
+               "environment": environment_info()}
     write_json(data_path, summary)
+    atomic_write_text(target / "figure.md", to_markdown(summary))
     return summary
+
+
+def to_markdown(summary: dict) -> str:
+    """The figure's numbers in words and a small table, beside the image (and in docs/reproduction.md)."""
+    data, kind = summary["data"], summary["spec"]["figure"]
+    lines = [f"## {summary['title']}", "", summary["paper"], "", f"Preset **{summary['preset']}**: "
+             f"{summary['protocol']}", "", f"![{kind}]({kind}.png)", ""]
+    lines += SUMMARIES[kind](data)
+    env = summary["environment"]
+    made = summary.get("computed") or summary
+    lines += ["", f"command: `{made['command']}`  ", f"{made['seconds']:.0f} s; sirobust {env['sirobust']}, "
+              f"torch {env['torch']}, commit {env['git_commit']}, {env['gpu'] or 'CPU'}", ""]
+    return "\n".join(lines)
+
+
+def _summary1(data) -> list:
+    names = data["attacks"]
+    lines = ["| α | clean | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+    for i, a in enumerate(data["alphas"]):
+        lines.append(f"| {a:g} | {100 * data['clean'][i]:.1f} | "
+                     + " | ".join(f"{100 * data['accuracy'][n][i]:.1f}" for n in names) + " |")
+    return [f"Accuracy (%) on {data['n']} test images as the logits are multiplied by α:", "", *lines]
+
+
+def _summary3(data) -> list:
+    lines = ["| image | label | clean CE | CE at the PGD-10 point | largest CE on the grid |", "|---:|---:|---:|---:|---:|"]
+    for k, idx in enumerate(data["indices"]):
+        peak = max(max(row) for row in data["loss"][k])
+        lines.append(f"| {idx} | {data['labels'][k]} | {data['clean_loss'][k]:.3f} | {data['pgd_loss'][k]:.3f} | "
+                     f"{peak:.3f} |")
+    return [f"Cross-entropy on a {data['grid']}×{data['grid']} grid of δ1, δ2 ∈ [-ε, ε] (ε = {data['eps']:.4g}) "
+            f"around {len(data['indices'])} test images:", "", *lines]
+
+
+def _summary4(data) -> list:
+    deltas = data["deltas"]
+    lines = ["| δ | " + " | ".join(data["labels"]) + " |", "|---:|" + "---:|" * len(data["labels"])]
+    for i, d in enumerate(deltas):
+        lines.append(f"| {d:g} | " + " | ".join(f"{data['models'][m]['loss_change'][i]:+.3f}" for m in data["labels"])
+                     + " |")
+    return ["Change of the adversarial loss (CE on PGD-10 examples against the perturbed weights) along a random "
+            "filter-normalised direction:", "", *lines]
+
+
+def _summary5(data) -> list:
+    lines = ["| model | mean cos θ_y | median | robust accuracy under PGD-10 |", "|---|---:|---:|---:|"]
+    for m in data["labels"]:
+        r = data["models"][m]
+        lines.append(f"| {m} | {r['mean']:.3f} | {r['median']:.3f} | {100 * r['robust_accuracy']:.1f} % |")
+    n = data["models"][data["labels"][0]]["n"]
+    return [f"cos θ_y on PGD-10 examples of {n} test images:", "", *lines]
+
+
+SUMMARIES = {"fig1": _summary1, "fig3": _summary3, "fig4": _summary4, "fig5": _summary5}
 
 
 # ---------------------------------------------------------------- Fig. 1

@@ -1,0 +1,70 @@
+"""Copy the mini-preset results of `sirobust reproduce` into the repository and docs/reproduction.md.
+
+    python scripts/collect_reproduction.py runs/reproduce
+
+For each OUT/NAME-mini/ found: its table.json or figure.json goes to benchmarks/reproduction/NAME-mini.json,
+a figure's PNG to docs/figures/NAME-mini.png, and the block between the reproduction-results markers of
+docs/reproduction.md is regenerated from the committed JSONs (tests/test_reproduce.py checks it matches), so
+no number there is ever typed by hand.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "reproduction"
+FIGURES = ROOT / "docs" / "figures"
+DOC = ROOT / "docs" / "reproduction.md"
+MARKERS = ("<!-- reproduction-results:begin -->", "<!-- reproduction-results:end -->")
+
+
+def render_block(results: Path = RESULTS) -> str:
+    """The docs block, from the committed result JSONs, in the paper's order."""
+    from sirobust.reproduce import list_experiments, tables
+    from sirobust.reproduce.figures import to_markdown as figure_markdown
+    parts = []
+    for name in list_experiments():
+        path = results / f"{name}-mini.json"
+        if not path.exists():
+            continue
+        summary = json.loads(path.read_text())
+        if "data" in summary:  # a figure: its image is committed beside this file
+            text = figure_markdown(summary).replace(f"]({summary['spec']['figure']}.png)", f"](figures/{name}-mini.png)")
+        else:
+            text = tables.to_markdown(summary)
+        parts.append(text.replace("\n## ", "\n### ").replace("## ", "### ", 1).strip())
+    missing = [n for n in list_experiments() if not (results / f"{n}-mini.json").exists() and n != "table5"]
+    if not (results / "table5-mini.json").exists():
+        parts.append("table5 evaluates published CIFAR-10 models: it needs their files and CIFAR-10, which this "
+                     "machine cannot download. Its machinery runs end to end in the tests on two small models "
+                     "written in RobustBench's layout.")
+    if missing:
+        parts.append("Not run here yet (each is one command, `sirobust reproduce NAME --preset mini`; see `--list` "
+                     "for its cost): " + ", ".join(missing) + ".")
+    return "\n\n".join(parts)
+
+
+def main(out: str) -> None:
+    out = Path(out)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    for folder in sorted(out.glob("*-mini")):
+        name = folder.name[: -len("-mini")]
+        for kind in ("table.json", "figure.json"):
+            if (folder / kind).exists():
+                shutil.copyfile(folder / kind, RESULTS / f"{name}-mini.json")
+        for png in folder.glob("fig*.png"):
+            shutil.copyfile(png, FIGURES / f"{name}-mini.png")
+    doc = DOC.read_text()
+    block = f"{MARKERS[0]}\n{render_block()}\n{MARKERS[1]}"
+    doc = re.sub(re.escape(MARKERS[0]) + r".*?" + re.escape(MARKERS[1]), lambda _m: block, doc, flags=re.S)
+    DOC.write_text(doc)
+    print(f"updated {DOC.relative_to(ROOT)} from {len(list(RESULTS.glob('*-mini.json')))} results")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/reproduce")
