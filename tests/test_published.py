@@ -227,8 +227,10 @@ def test_from_dict_accepts_toml_values():
     s2 = PublishedModel.from_dict({"name": "M", "definition": "m.py:f", "sha256": "0" * 64, "mean": [0, 0, 0],
                                    "std": [1, 1, 1]})
     assert s2.mean == (0, 0, 0)
-    from sirobust.experiments.published import TABLE5_ROBUSTBENCH
-    assert len([PublishedModel.from_dict(d) for d in TABLE5_ROBUSTBENCH]) == 6
+    from sirobust.reproduce import load_experiment  # the packaged Table 5 lists the RobustBench rows
+    assert [m.robustbench for m in load_experiment("table5").models] == [
+        "Engstrom2019Robustness", "Zhang2019Theoretically", "Hendrycks2019Using", "Carmon2019Unlabeled",
+        "Wang2020Improving", "Sehwag2020Hydra"]
 
 
 # --- robustbench ---------------------------------------------------------------------------------------------

@@ -98,6 +98,72 @@ def test_the_paper_preset_follows_the_reference_protocol():
     assert len(plan.runs) == 32  # 2 datasets × 2 networks × 8 rows, each trained once
 
 
+def test_training_settings_stack_in_the_documented_order():
+    """[train] < preset.train < axes < row.train < preset.defense_train < preset.force < command line."""
+    base = parse_experiment({
+        "name": "stack", "kind": "table", "title": "t", "columns": [{"label": "N", "value": "natural"}],
+        "train": {"dataset": "fashion-mnist-mini", "model": "cnn-small", "epochs": 1, "lr": 0.1, "seed": 1,
+                  "batch_size": 32, "train_n": 100, "val_n": 10},
+        "axes": {"seed": [2]},
+        "rows": [{"label": "R", "train": {"defense": "fgsm-rs", "batch_size": 48, "train_n": 200}},
+                 {"label": "Q", "train": {"defense": "at"}}],
+        "presets": {"smoke": {"description": "d", "train": {"lr": 0.2, "seed": 9, "batch_size": 16},
+                              "defense_train": {"RFGSM-AT": {"train_n": 300, "val_n": 20}},
+                              "force": {"val_n": 30}}}}, "stack")
+    (r, q) = [c.train for c in make_plan(base, "smoke").cells]
+    assert r.lr == q.lr == 0.2                  # preset.train over [train]
+    assert r.seed == q.seed == 2                # the axis over preset.train
+    assert r.batch_size == 48 and q.batch_size == 16   # the row over preset.train
+    assert r.train_n == 300 and q.train_n == 100       # defense_train (an alias of fgsm-rs) over the row
+    assert r.val_n == q.val_n == 30             # force over defense_train
+    (r, q) = [c.train for c in make_plan(base, "smoke", {"train": {"val_n": 40, "defense": "at"}}).cells]
+    assert r.val_n == q.val_n == 40 and r.defense == "at"
+    assert r.train_n == 200  # the run is AT now: fgsm-rs's own settings no longer apply
+    with pytest.raises(ConfigError, match=r"defense_train\.trdes: unknown defense"):
+        parse_experiment({**{k: v for k, v in base.__dict__.items() if k in ("name", "kind", "title")},
+                          "columns": [{"label": "N", "value": "natural"}],
+                          "presets": {"smoke": {"defense_train": {"trdes": {"epochs": 2}}}}}, "x")
+
+
+def test_evaluation_settings_are_checked_before_training():
+    exp = load_experiment("table6")
+    for bad, words in (({"attack_n": {"autoatak": 8}}, r"eval\.attack_n\.autoatak: .*autoatak"),
+                       ({"attack_params": {"pgd": {"stepz": 3}}}, r"attack_params\.pgd: pgd with .*stepz"),
+                       ({"attack_params": {"spsa": {"stepz": 3}}}, r"attack_params\.spsa\.stepz: spsa has no such"),
+                       ({"eps": "abc"}, r"eval\.eps"), ({"which": "best"}, r"needs a validation split")):
+        with pytest.raises(ConfigError, match=words):
+            make_plan(exp, "smoke", {"eval": bad})
+    plan = make_plan(exp, "smoke", {"eval": {"attack_n": {"AA": 8}, "eps": "8/255"}})
+    assert plan.eval["attack_n"] == {"aa": 8} and plan.eval["eps"] == pytest.approx(8 / 255)
+    with pytest.raises(ConfigError, match="must be a plain name"):
+        parse_experiment({"name": "../x", "kind": "table", "title": "t",
+                          "columns": [{"label": "N", "value": "natural"}]}, "x")
+    with pytest.raises(ConfigError, match=r"columns\[1\]: a column 'N' already exists"):
+        parse_experiment({"name": "x", "kind": "table", "title": "t",
+                          "columns": [{"label": "N", "value": "natural"}, {"label": "N", "attack": "pgd"}]}, "x")
+    # figures: -n and --steps become the figure's own settings
+    plan = make_plan(load_experiment("fig5"), "smoke", {"eval": {"n": 7, "steps": 2}})
+    assert plan.figure["n"] == 7 and plan.figure["steps"] == 2
+    with pytest.raises(ConfigError, match=r"no row labelled 'TRADES-XX'"):
+        make_plan(load_experiment("fig5"), "smoke", {"figure": {"models": ["TRADES-XX"]}})
+
+
+def test_an_evaluation_key_holds_the_arithmetic_really_used(tmp_path):
+    from sirobust.reproduce.runner import Runner
+    exp = load_experiment(str(_write(tmp_path, TINY)))
+    specs = []
+    for precision in ("auto", "fp32-fast", "fp32"):
+        plan = make_plan(exp, "smoke", {"eval": {"precision": precision}})
+        runner = Runner(plan, tmp_path, device="cpu", log=_quiet)
+        cell = plan.cells[0]
+        cell.train = __import__("dataclasses").replace(cell.train, out=str(tmp_path / "run"))
+        (tmp_path / "run").mkdir(exist_ok=True)
+        (tmp_path / "run" / "model.safetensors").write_bytes(b"weights")
+        specs.append(runner.job_spec(cell, cell.jobs[0]))
+    assert [s["precision"] for s in specs] == ["fp32-fast", "fp32-fast", "fp32"]  # auto is fp32-fast on a CPU
+    assert specs[0] == specs[1] != specs[2] and "sirobust" in specs[0]["version"]
+
+
 def test_plan_precedence_and_shared_runs():
     exp = load_experiment("table10")
     plan = make_plan(exp, "mini")
@@ -223,18 +289,33 @@ def test_tiny_table_end_to_end_then_everything_is_reused(tmp_path, monkeypatch):
 
 
 def test_latex_escapes_and_spanning_headers():
-    from sirobust.reproduce.tables import tex_escape, to_latex
+    from sirobust.reproduce.tables import tex_escape, to_latex, to_markdown
     assert tex_escape("RST [27] † 50% a_b & c") == r"RST [27] $^\dagger$ 50\% a\_b \& c"
-    summary = {"title": "T", "preset": "smoke", "row_group_by": None, "column_groups": ["CIFAR-10", "SVHN"],
-               "columns": [{"label": "PGD", "value": "robust", "group": "Single"},
-                           {"label": "PGD", "value": "robust", "group": "5 restarts"}],
-               "rows": [{"row": "AT", "row_group": "", "column_group": g, "architecture": "RN-18", "run": "x",
-                         "values": {"PGD": 0.5}} for g in ("CIFAR-10", "SVHN")]}
+    for row in load_experiment("table4").rows:  # pdflatex needs ASCII: β becomes $\beta$
+        assert tex_escape(row.label).isascii()
+    assert tex_escape("TRADES-SI β=0.2") == r"TRADES-SI $\beta$=0.2"
+    columns = [{"label": "Natural", "value": "natural", "group": ""}, {"label": "Clean2", "value": "natural", "group": ""},
+               {"label": "128", "value": "robust", "group": "SPSA"}, {"label": "256", "value": "robust", "group": "SPSA"}]
+    values = {"Natural": 0.9, "Clean2": 0.8, "SPSA / 128": 0.5, "SPSA / 256": 0.4}
+    summary = {"title": "T", "preset": "smoke", "protocol": "p", "row_group_by": None, "notes": [],
+               "column_groups": ["CIFAR-10", "SVHN"], "columns": columns,
+               "rows": [{"row": "AT", "row_group": "", "column_group": g, "architecture": "RN-18", "run": "x", "n": 10,
+                         "values": {k: v - (0.1 if g == "SVHN" else 0) for k, v in values.items()}}
+                        for g in ("CIFAR-10", "SVHN")],
+               "eval": {"which": "last", "steps": 20}, "counts": {"trained": 0, "reused_runs": 0, "evaluated": 0,
+                                                                   "reused_evaluations": 0},
+               "seconds": 0, "command": "c", "environment": {"sirobust": "x", "torch": "x", "git_commit": "x",
+                                                              "gpu": None}}
     tex = to_latex(summary)
-    assert r"\multicolumn{2}{c}{CIFAR-10} & \multicolumn{2}{c}{SVHN}" in tex
-    assert r"\cmidrule(lr){2-3}\cmidrule(lr){4-5}" in tex
-    assert r"\multicolumn{1}{c}{Single} & \multicolumn{1}{c}{5 restarts}" in tex
-    assert "AT & 50.00 & 50.00 & 50.00 & 50.00" in tex
+    # dataset groups span their 4 columns; SPSA spans its 2 in each group, after 2 unlabelled cells
+    assert r"& \multicolumn{4}{c}{CIFAR-10} & \multicolumn{4}{c}{SVHN} \\" in tex
+    assert r"\cmidrule(lr){2-5}\cmidrule(lr){6-9}" in tex
+    assert r"&  &  & \multicolumn{2}{c}{SPSA} &  &  & \multicolumn{2}{c}{SPSA} \\" in tex
+    assert r"\cmidrule(lr){4-5}\cmidrule(lr){8-9}" in tex
+    assert "AT & 90.00 & 80.00 & 50.00 & 40.00 & 80.00 & 70.00 & 40.00 & 30.00" in tex
+    md = to_markdown(summary)
+    assert "| Method | CIFAR-10 / Natural | CIFAR-10 / Clean2 | CIFAR-10 / SPSA / 128 |" in md
+    assert "| AT | 90.00 | 80.00 | 50.00 | 40.00 | 80.00 | 70.00 | 40.00 | 30.00 |" in md
 
 
 def test_cosine_view_is_the_logits_divided_by_the_he_scale():
@@ -279,11 +360,13 @@ def _Net(width):
 
 
 def _published_table(tmp_path, wrong_sha=False):
-    """Two small models in RobustBench's layout (model_dir/DATASET/Linf/NAME.pt) and a config listing them."""
+    """Two small models in RobustBench's layout (model_dir/DATASET/Linf/NAME.pt) and a config listing them,
+    each pinned by the sha256 of its weights and of its definition file."""
     model_dir = tmp_path / "models"
     folder = model_dir / "fashion-mnist-mini" / "Linf"
     folder.mkdir(parents=True)
     (model_dir / "net.py").write_text(DEFINITION)
+    definition_sha = hashlib.sha256((model_dir / "net.py").read_bytes()).hexdigest()
     entries, rows = [], []
     for i, (name, width) in enumerate((("Alpha2020Small", 4), ("Beta2021Wrapped", 6))):
         torch.manual_seed(i)
@@ -295,7 +378,8 @@ def _published_table(tmp_path, wrong_sha=False):
         if wrong_sha and i == 1:
             sha = "0" * 64
         entries.append(f'[[models]]\nname = "{name}"\ndefinition = "net.py:make_net"\nargs = {{ width = {width} }}\n'
-                       f'sha256 = "{sha}"\ndataset = "fashion-mnist-mini"\nlabel = "{name[:5]}"\n'
+                       f'sha256 = "{sha}"\ndefinition_sha256 = "{definition_sha}"\n'
+                       f'dataset = "fashion-mnist-mini"\nlabel = "{name[:5]}"\n'
                        f'architecture = "CNN-{width}"\n')
         rows.append(f'[[rows]]\nlabel = "{name[:5]}"\nmodel = "{name}"\n')
     text = textwrap.dedent('''
@@ -328,10 +412,14 @@ def test_published_models_run_end_to_end(tmp_path):
                         progress=False, log=_quiet)
     assert [r["row"] for r in summary["rows"]] == ["Alpha", "Beta2"]
     assert [r["architecture"] for r in summary["rows"]] == ["CNN-4", "CNN-6"]
-    for r in summary["rows"]:  # the worst of 2 restarts can only be lower than a single run
-        assert r["values"]["PGD"] is not None
+    for r in summary["rows"]:  # each column holds its own evaluation: the worst of 2 restarts is never higher
+        single, worst2 = r["values"]["Single run / PGD"], r["values"]["2 restarts / PGD"]
+        reports = [json.loads(open(p).read()) for p in r["reports"]]
+        assert single == next(x["report"]["attacks"]["pgd"]["robust_acc"] for x in reports if x["spec"]["restarts"] == 1)
+        assert worst2 == next(x["report"]["attacks"]["pgd"]["robust_acc"] for x in reports if x["spec"]["restarts"] == 2)
+        assert worst2 <= single <= r["values"]["Natural"]
     md = (tmp_path / "out" / "pub-smoke" / "table.md").read_text()
-    assert "Single run / PGD" in md and "2 restarts / PGD" in md and "| Model |" not in md.replace("Method | Model", "")
+    assert "| Method | Model | Natural | Single run / PGD | 2 restarts / PGD |" in md
     again = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), model_dir=str(model_dir),
                       progress=False, log=_quiet)
     assert again["counts"]["evaluated"] == 0 and again["counts"]["reused_evaluations"] == 4
@@ -350,6 +438,17 @@ def test_a_wrong_sha256_stops_the_grid_before_any_attack(tmp_path, monkeypatch):
         reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), model_dir=str(model_dir), progress=False,
                   log=_quiet)
     assert not (tmp_path / "out" / "pub-smoke").exists()
+
+
+def test_a_changed_definition_file_stops_the_grid_before_its_code_runs(tmp_path, monkeypatch):
+    cfg, model_dir = _published_table(tmp_path)
+    marker = tmp_path / "ran"
+    (model_dir / "net.py").write_text(DEFINITION + f"\nopen({str(marker)!r}, 'w').close()\n")
+    from sirobust.experiments.published import PublishedModelError
+    with pytest.raises(PublishedModelError, match=r"\(definition\).*net\.py has sha256"):
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), model_dir=str(model_dir), progress=False,
+                  log=_quiet)
+    assert not marker.exists()
 
 
 def test_an_unpinned_published_model_needs_consent():

@@ -81,6 +81,19 @@ def listing(device: str) -> str:
     return "\n".join(lines)
 
 
+def setting(text: str) -> tuple:
+    """``KEY=VALUE`` with VALUE a TOML value (numbers, true/false, "text", [lists], {tables}); a bare word or
+    a fraction (8/255) is taken as the command line takes it elsewhere."""
+    from ..reproduce.schema import toml_module
+    tomllib = toml_module()
+    key, value = parse_param(text)
+    raw = text.split("=", 1)[1].strip()
+    try:
+        return key, tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
+
+
 def register(sub) -> None:
     from ..data.registry import canonical_dataset
     from ..models import canonical_model
@@ -112,8 +125,9 @@ def register(sub) -> None:
     p.add_argument("--eps", type=number_arg("--eps"), help="ε in pixel units (8/255 accepted)")
     p.add_argument("--seed", type=int_arg("--seed", min=0), help="seed of every run and evaluation")
     p.add_argument("--precision", choices=["auto", "fp32", "fp32-fast", "bf16"], help="arithmetic (sirobust.fastpath)")
-    p.add_argument("--set", type=parse_param, action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="any other setting, repeatable: train.lr=0.1, eval.batch_size=512, figure.points=7")
+    p.add_argument("--set", type=setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any other setting, repeatable; VALUE as in a TOML config: train.lr=0.1, "
+                        "eval.batch_size=512, 'train.milestones=[10, 20]', 'figure.deltas=[-0.5, 0, 0.5]'")
     p.add_argument("--model-dir", default=None,
                    help="folder of published models' files (table5: DIR/cifar10/Linf/NAME.pt, RobustBench's layout)")
     p.add_argument("--accept-unpinned", action="store_true",

@@ -81,10 +81,10 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
             raise RunInterrupted(f"stopped by a signal during the comparison in {out}; every finished run and the "
                                  "progress of the one in flight are saved. Continue with the same `sirobust compare` "
                                  "command and --resume", e.signum) from None
-    result = {**summary, "dataset": dataset, "model": model, "eps": eps, "steps": steps, "epochs": epochs,
-              "checkpoint": which, "rows": _rows(summary, plan), "eval_n": summary["rows"][0]["n"]}
-    write_json(folder.path / "compare.json", result)
-    atomic_write_text(folder.path / "compare.md", tables.to_markdown(summary))
+        result = {**summary, "dataset": dataset, "model": model, "eps": eps, "steps": steps, "epochs": epochs,
+                  "checkpoint": which, "rows": _rows(summary, plan), "eval_n": summary["rows"][0]["n"]}
+        write_json(folder.path / "compare.json", result)  # inside the folder's lock, as every write of the run
+        atomic_write_text(folder.path / "compare.md", tables.to_markdown(summary))
     log("\n" + tables.to_markdown(summary))
     return result
 
@@ -105,14 +105,17 @@ def comparison_experiment(dataset, model, defenses, si_modes, epochs, eps, seed,
 
 
 def _rows(summary: dict, plan) -> list:
-    """One dict per defense: its label, accuracies as fractions, the best epoch and its report's path."""
+    """One dict per defense: its label, accuracies as fractions, the best epoch and its report (written into
+    the run's folder as report.json, with a Markdown copy)."""
+    from ..report import Report
     out = []
     for row, cell in zip(summary["rows"], plan.cells):
         v = row["values"]
         done = read_json(Path(row["run"]) / "summary.json")
+        Report.from_dict(read_json(row["reports"][0])["report"]).save(Path(row["run"]) / "report.json")
         out.append({"label": row["row"], "defense": cell.train.defense, "si": cell.train.si, "natural": v["Natural"],
                     **{a: v[c.label] for a, c in zip(ATTACKS, COLUMNS[1:5])}, "worst_case": v["worst case"],
-                    "best_epoch": done["best"]["epoch"], "report": row["reports"][0]})
+                    "best_epoch": done["best"]["epoch"], "report": str(Path(row["run"]) / "report.json")})
     return out
 
 

@@ -43,24 +43,6 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 # models with strict=False for this reason); anything else missing or unexpected is refused.
 _CONSTRUCTOR_BUFFERS = frozenset({"mu", "sigma", "normalize.mean", "normalize.std"})
 
-# The RobustBench rows of the paper's Table 5 (CIFAR-10, Linf). MART RN-18 is not in RobustBench: it needs a
-# definition and the authors' weights file, listed in the config like any other file-based model.
-TABLE5_ROBUSTBENCH = (
-    {"name": "Engstrom2019Robustness", "robustbench": "Engstrom2019Robustness", "label": "AT [8]",
-     "architecture": "RN-50"},
-    {"name": "Zhang2019Theoretically", "robustbench": "Zhang2019Theoretically", "label": "TRADES [7]",
-     "architecture": "W-34-10"},
-    {"name": "Hendrycks2019Using", "robustbench": "Hendrycks2019Using", "label": "Pre-training [26] †",
-     "architecture": "W-28-10", "extra_data": True},
-    {"name": "Carmon2019Unlabeled", "robustbench": "Carmon2019Unlabeled", "label": "RST [27] †",
-     "architecture": "W-28-10", "extra_data": True},
-    {"name": "Wang2020Improving", "robustbench": "Wang2020Improving", "label": "MART [16] †",
-     "architecture": "W-28-10", "extra_data": True},
-    {"name": "Sehwag2020Hydra", "robustbench": "Sehwag2020Hydra", "label": "HYDRA [28] †",
-     "architecture": "W-28-10", "extra_data": True},
-)
-
-
 class PublishedModelError(ValueError):
     """A published-model entry, file or download that cannot be used; the message says which and what to do."""
 
@@ -83,6 +65,7 @@ class PublishedModel:
     label: str = ""                    # the paper's row label, e.g. "RST [27] †"
     architecture: str = ""             # e.g. "W-28-10"
     extra_data: bool = False           # † in the paper
+    definition_sha256: Optional[str] = None  # of the definition's .py file: it is code, run when the model loads
 
     def __post_init__(self):
         for key in ("mean", "std"):  # TOML and JSON give lists
@@ -126,8 +109,8 @@ class PublishedModel:
 
 _TYPES = {"name": str, "definition": str, "sha256": str, "dataset": str, "threat_model": str, "weights": str,
           "args": dict, "mean": tuple, "std": tuple, "torchscript": bool, "robustbench": str, "label": str,
-          "architecture": str, "extra_data": bool}
-_OPTIONAL = {"definition", "sha256", "weights", "mean", "std", "robustbench"}
+          "architecture": str, "extra_data": bool, "definition_sha256": str}
+_OPTIONAL = {"definition", "sha256", "weights", "mean", "std", "robustbench", "definition_sha256"}
 
 
 def _check_fields(m: PublishedModel) -> None:
@@ -143,11 +126,15 @@ def _check_fields(m: PublishedModel) -> None:
         if value is not None and (not _SAFE_NAME.fullmatch(value) or ".." in value):
             raise PublishedModelError(f"key {key!r} must be a plain name (letters, digits, _ . + -; it becomes part "
                                       f"of a file path), got {value!r}")
-    if m.sha256 is not None:
-        if not _SHA256.fullmatch(m.sha256):
-            raise PublishedModelError(f"key 'sha256' must be 64 hexadecimal digits (as sha256sum prints it), got "
-                                      f"{m.sha256!r}")
-        object.__setattr__(m, "sha256", m.sha256.lower())
+    for key in ("sha256", "definition_sha256"):
+        value = getattr(m, key)
+        if value is not None:
+            if not _SHA256.fullmatch(value):
+                raise PublishedModelError(f"key {key!r} must be 64 hexadecimal digits (as sha256sum prints it), got "
+                                          f"{value!r}")
+            object.__setattr__(m, key, value.lower())
+    if m.definition_sha256 is not None and m.definition is None:
+        raise PublishedModelError("key 'definition_sha256' pins the file of 'definition'; there is none")
     for key in ("mean", "std"):
         value = getattr(m, key)
         if value is not None and (not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -247,6 +234,8 @@ def verify(specs: Iterable[PublishedModel], model_dir: PathLike, raise_errors: b
             definition = definition_path(spec, model_dir)
             if definition is not None and not Path(definition.rpartition(":")[0]).is_file():
                 raise PublishedModelError(f"{what}: no definition file at {definition.rpartition(':')[0]}")
+            if definition is not None and spec.definition_sha256 is not None:
+                check_sha256(definition.rpartition(":")[0], spec.definition_sha256, f"{what} (definition)")
             path = weights_path(spec, model_dir)
             if not path.is_file() and spec.robustbench is not None:
                 if download:
@@ -279,6 +268,8 @@ def load_published(spec: PublishedModel, model_dir: PathLike = DEFAULT_MODEL_DIR
         fetch_robustbench_file(spec, model_dir)
     digest = check_sha256(path, spec.sha256, what, _missing_hint(spec, path))
     definition = definition_path(spec, model_dir)
+    if definition is not None and spec.definition_sha256 is not None:  # before its code runs
+        check_sha256(definition.rpartition(":")[0], spec.definition_sha256, f"{what} (definition)")
     try:
         if spec.torchscript:
             model, prov = load_torchscript(path, spec.mean, spec.std, device=device)

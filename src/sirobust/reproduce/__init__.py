@@ -18,8 +18,6 @@ from typing import Callable, Optional
 
 from ..io import atomic_write_text, write_json
 from .plan import make_plan
-
-DEFAULT_MODEL_DIR = "models"  # RobustBench's layout: models/cifar10/Linf/NAME.pt
 from .schema import PRESETS, ConfigError, Experiment, parse_experiment, read_config_file
 
 __all__ = ["reproduce", "load_experiment", "list_experiments", "ConfigError", "PRESETS"]
@@ -59,10 +57,11 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     if preset not in PRESETS:
         raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     plan = make_plan(exp, preset, overrides, device=device)  # every setting checked before anything runs
+    from ..experiments.published import DEFAULT_MODEL_DIR
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR).expanduser()
-    if exp.models:
-        check_published(plan, model_dir, accept_unpinned)  # a wrong file stops the grid before any attack
-    with open_root(out, overwrite=overwrite, log=log) as root:
+    with open_root(out, overwrite=overwrite, log=log) as root:  # the output checked first
+        if exp.models:
+            check_published(plan, model_dir, accept_unpinned)  # a wrong file stops the grid before any attack
         target = root.path / f"{exp.name}-{preset}"
         log(f"sirobust reproduce {exp.name} --preset {preset}: {exp.title}\n"
             f"{len(plan.cells)} cells, {len(plan.runs)} training runs; results in {target}/")
@@ -84,12 +83,13 @@ def check_published(plan, model_dir: Path, accept_unpinned: bool) -> None:
     before the first is loaded); a model the config does not pin runs only with ``accept_unpinned``."""
     from ..experiments.published import verify
     used = list({c.published.name: c.published for c in plan.cells if c.published is not None}.values())
-    unpinned = [m.name for m in used if not m.sha256]
+    unpinned = [m.name for m in used if not m.sha256 or (m.definition and not m.definition_sha256)]
     if unpinned and not accept_unpinned:
-        raise ConfigError(f"{plan.experiment.source}: no sha256 is given for {', '.join(unpinned)}, so nothing "
-                          "proves their files are the published ones. Add sha256 = \"...\" to each entry of a copy "
-                          "of the config, or pass --accept-unpinned (accept_unpinned=True): the digest of the file "
-                          "used is then recorded in every result")
+        raise ConfigError(f"{plan.experiment.source}: no sha256 is given for {', '.join(unpinned)} (of the weights "
+                          "file, or of the definition file, which is code that runs), so nothing proves the files are "
+                          "the published ones. Add sha256 = \"...\" (and definition_sha256) to each entry of a copy "
+                          "of the config, or pass --accept-unpinned (accept_unpinned=True): the digests of the files "
+                          "used are then recorded in every result")
     verify(used, model_dir, download=True)
 
 

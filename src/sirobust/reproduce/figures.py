@@ -14,6 +14,7 @@ from ..io import atomic_write_text, read_json, write_json
 from ..provenance import environment_info
 from ..runfolder import command_line
 from .plan import display
+from .runner import EVAL_VERSION
 
 
 def _rows(runner, wanted) -> list:
@@ -49,8 +50,9 @@ def make_figure(runner, target: Path) -> dict:
     fig = plan.figure
     cells = _rows(runner, fig.get("models") or ([fig["model"]] if fig.get("model") else None))
     weights = {c.row.label: runner.job_spec(c, c.jobs[0])["weights"] for c in cells}
-    spec = {"figure": kind, "settings": fig, "eval": {k: plan.eval[k] for k in ("n", "steps", "seed", "eps", "which")
-                                                      if k in plan.eval}, "weights": weights}
+    used = ("n", "steps", "seed", "eps", "which", "precision") if kind == "fig1" else ("eps", "which")
+    spec = {"figure": kind, "settings": fig, "eval": {k: plan.eval[k] for k in used if k in plan.eval},
+            "precision": runner.resolved_precision(), "version": EVAL_VERSION, "weights": weights}
     target.mkdir(parents=True, exist_ok=True)
     data_path = target / "figure.json"
     data = None
@@ -192,7 +194,7 @@ def _fig5(runner, cells, fig) -> dict:
     dataset = cells[0].dataset
     return figures.cos_theta_histograms(_models(runner, cells), runner.test_set(dataset), eps=_eps(runner, dataset),
                                         n=fig.get("n", 1000), bins=fig.get("bins", 40), steps=fig.get("steps", 10),
-                                        log=runner.log)
+                                        seed=fig.get("seed", 0), log=runner.log)
 
 
 def _plot5(data, stem: Path, cells, eps) -> list:

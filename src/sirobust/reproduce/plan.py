@@ -77,6 +77,7 @@ class Plan:
     cells: list
     runs: dict                     # run folder name -> resolved TrainConfig (each trained once)
     overrides: dict
+    data: dict = field(default_factory=dict)  # data_dir, accept_checksum_mismatch: for the test set too
 
     @property
     def column_groups(self) -> list:
@@ -97,11 +98,19 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
     """Every cell of ``exp`` under ``preset`` with the command line's ``overrides`` ({"train": {...},
     "eval": {...}, "figure": {...}}); any bad setting fails here, before anything trains."""
     from ..train import TrainConfig
-    overrides = check_overrides(exp, overrides or {})
+    overrides = figure_flags(exp, check_overrides(exp, overrides or {}))
     p = preset_of(exp, preset)
     eval_cfg = {**EVAL_DEFAULTS, **exp.eval, **p.eval, **overrides.get("eval", {})}
-    eval_cfg["attack_params"] = {**exp.eval.get("attack_params", {}), **p.eval.get("attack_params", {}),
-                                 **overrides.get("eval", {}).get("attack_params", {})}
+    for key in ("attack_params", "attack_n"):
+        eval_cfg[key] = attack_table({**exp.eval.get(key, {}), **p.eval.get(key, {}),
+                                      **overrides.get("eval", {}).get(key, {})}, f"{exp.source}: eval.{key}")
+    if eval_cfg.get("eps") is not None:
+        from ..checks import parse_number
+        try:
+            eval_cfg["eps"] = parse_number(eval_cfg["eps"], "eval.eps") if isinstance(eval_cfg["eps"], str) \
+                else float(eval_cfg["eps"])
+        except ValueError as e:
+            raise ConfigError(f"{exp.source}: {e}") from None
     figure = {**exp.figure, **p.figure, **overrides.get("figure", {})}
     axes = {**exp.axes, **p.axes}
     for key, value in overrides.get("train", {}).items():
@@ -118,9 +127,11 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
                 cell = Cell(row, combo, None, models[row.model])
             else:
                 settings = {**exp.train, **p.train, **combo, **row.train}
-                settings.update(p.defense_train.get(settings.get("defense", "standard"), {}))
-                settings.update({**p.force, **overrides.get("train", {})})
-                try:
+                top = {**p.force, **overrides.get("train", {})}
+                try:  # the defense's own settings go to the defense the run ends up with (after force and flags)
+                    from ..defenses import canonical_defense
+                    defense = canonical_defense({**settings, **top}.get("defense", "standard"))
+                    settings = {**settings, **p.defense_train.get(defense, {}), **top}
                     cfg = TrainConfig(**settings, device=device).resolved()
                 except (TypeError, ValueError) as e:
                     raise ConfigError(f"{where}: {e}") from None
@@ -141,7 +152,93 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
         seen.add(key)
     if not cells:
         raise ConfigError(f"{exp.source}: the preset {preset!r} leaves no cell to compute")
-    return Plan(exp, preset, eval_cfg, figure, cells, runs, overrides)
+    if eval_cfg["which"] == "best":
+        blind = [name for name, cfg in runs.items() if cfg.val_size == 0]
+        if blind:
+            raise ConfigError(f"{exp.source}: eval.which = \"best\" needs a validation split, but {blind[0]} trains "
+                              "with val_size 0 (no best checkpoint); evaluate the last epoch's weights (\"last\")")
+    _check_attacks(exp, eval_cfg)
+    _check_figure(exp, figure, [c.row.label for c in cells])
+    data = {k: {**exp.train, **p.train, **p.force, **overrides.get("train", {})}.get(k)
+            for k in ("data_dir", "accept_checksum_mismatch")}
+    return Plan(exp, preset, eval_cfg, figure, cells, runs, overrides, data)
+
+
+def attack_table(d: dict, where: str) -> dict:
+    """{attack: value} with every attack name known (canonical names), so a typo is an error, not a no-op."""
+    from ..attacks.registry import canonical_attack_name
+    out = {}
+    for key, value in d.items():
+        try:
+            out[canonical_attack_name(key)] = value
+        except ValueError as e:
+            raise ConfigError(f"{where}.{key}: {e}") from None
+    return out
+
+
+def _check_attacks(exp: Experiment, eval_cfg: dict) -> None:
+    """Every attack built once with its parameters, on a stand-in model, before anything trains."""
+    for name, params in eval_cfg["attack_params"].items():
+        _try_attack(name, params, eval_cfg, f"{exp.source}: eval.attack_params.{name}")
+    for i, col in enumerate(exp.columns):
+        if col.attack:
+            _try_attack(col.attack, {**eval_cfg["attack_params"].get(col.attack, {}), **col.params}, eval_cfg,
+                        f"{exp.source}: columns[{i}]", restarts=col.restarts)
+    for name, n in eval_cfg["attack_n"].items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"{exp.source}: eval.attack_n.{name}: expected a positive integer, got {n!r}")
+
+
+def _try_attack(name: str, params, eval_cfg: dict, where: str, restarts: int = 1) -> None:
+    import torch
+
+    from ..attacks import build_attack
+    from ..attacks.registry import attack_parameters
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: expected a table of {name}'s parameters, got {params!r}")
+    allowed = attack_parameters(name)
+    unknown = sorted(set(params) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: {name} has no such parameter (its parameters: {', '.join(allowed)})")
+    stand_in = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    eps = eval_cfg.get("eps") or 0.03
+    try:
+        build_attack(name, stand_in, overrides=params, eps=eps, alpha=eps / 4, steps=eval_cfg["steps"],
+                     restarts=restarts, seed=eval_cfg["seed"], precision=eval_cfg["precision"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {name} with {params}: {e}") from None
+
+
+def _check_figure(exp: Experiment, figure: dict, labels: list) -> None:
+    if exp.kind != "figure":
+        return
+    wanted = figure.get("models") or ([figure["model"]] if figure.get("model") else [])
+    missing = [w for w in wanted if w not in labels]
+    if missing:
+        raise ConfigError(f"{exp.source}: figure.model(s): no row labelled {', '.join(map(repr, missing))} "
+                          f"(rows: {', '.join(labels)})")
+    if figure.get("attacks"):
+        figure["attacks"] = list(attack_table({a: None for a in figure["attacks"]}, f"{exp.source}: figure.attacks"))
+    grid = figure.get("grid")
+    if grid is not None and (grid < 3 or grid % 2 == 0):
+        raise ConfigError(f"{exp.source}: figure.grid must be odd and at least 3 (0 on the grid), got {grid}")
+
+
+# what -n, --steps and --seed mean for a figure that has its own settings for them
+_FIGURE_FLAGS = {"fig3": {"n": "images", "steps": "steps", "seed": "seed"}, "fig4": {"n": "n", "steps": "steps",
+                 "seed": "seed"}, "fig5": {"n": "n", "steps": "steps"}}
+
+
+def figure_flags(exp: Experiment, overrides: dict) -> dict:
+    """For figures 3-5, the evaluation flags become the figure's own settings (never silently ignored)."""
+    mapping = _FIGURE_FLAGS.get(exp.figure_kind)
+    if not mapping:
+        return overrides
+    evaluation, figure = dict(overrides["eval"]), dict(overrides["figure"])
+    for flag, key in mapping.items():
+        if flag in evaluation:
+            figure.setdefault(key, evaluation.pop(flag))
+    return {**overrides, "eval": evaluation, "figure": figure}
 
 
 def check_overrides(exp: Experiment, overrides: dict) -> dict:

@@ -19,12 +19,15 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .. import __version__
 from ..io import read_json, write_json
 from ..provenance import environment_info, file_sha256
 from ..runfolder import RUN_FILE, RunFolder, command_line
 from .plan import Cell, EvalJob, Plan, digest, resolved_dict, runs_root
 
 KIND = "reproduce"
+# part of every evaluation's key: results computed by another version of sirobust's attacks are not reused
+EVAL_VERSION = f"sirobust {__version__}, reproduce 1"
 
 
 def open_root(out, overwrite: bool = False, log: Callable = print) -> RunFolder:
@@ -73,6 +76,7 @@ class Runner:
         self.plan, self.out, self.device, self.progress, self.log = plan, Path(out), device, progress, log
         self.run_dirs = run_dirs or {}  # run name -> folder, where a caller keeps its own layout (compare, demo)
         self._test_sets: dict = {}
+        self._hashes: dict = {}
         self.trained = 0
         self.reused_runs = 0
         self.evaluated = 0
@@ -113,7 +117,7 @@ class Runner:
             weights = prov.get("weights_file", cell.published.name)
         else:
             weights = weights_of(cell.train, self.plan.eval["which"])
-            sha = file_sha256(weights)
+            sha = self.sha256(weights)
             model, prov = load(weights, device=dev), {"weights_file": str(weights), "weights_sha256": sha}
         if cell.row.view == "cosine":
             model, prov = cosine_view(model), {**prov, "view": "cos θ: the logits divided by the HE scale s"}
@@ -124,9 +128,25 @@ class Runner:
     def test_set(self, dataset: str):
         if dataset not in self._test_sets:
             from ..data import load_dataset
-            cfg = next((c for c in self.plan.runs.values() if c.dataset == dataset), None)
-            self._test_sets[dataset] = load_dataset(dataset, "test", data_dir=cfg.data_dir if cfg else None)
+            self._test_sets[dataset] = load_dataset(
+                dataset, "test", data_dir=self.plan.data.get("data_dir"),
+                accept_checksum_mismatch=bool(self.plan.data.get("accept_checksum_mismatch")))
         return self._test_sets[dataset]
+
+    def sha256(self, path) -> str:
+        """A file's sha256, computed once per (path, size, modification time)."""
+        path = Path(path)
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = file_sha256(path)
+        return self._hashes[key]
+
+    def resolved_precision(self) -> str:
+        """The arithmetic the attacks really use here ("auto" is bf16 on CUDA, fp32-fast on a CPU)."""
+        from ..fastpath import check_precision, resolve_precision
+        from ..train import pick_device
+        return resolve_precision(check_precision(self.plan.eval["precision"]), pick_device(self.device)).precision
 
     # ---------------------------------------------------------------- evaluation
     def eval_folder(self, cell: Cell) -> Path:
@@ -155,17 +175,23 @@ class Runner:
 
     def job_spec(self, cell: Cell, job: EvalJob) -> dict:
         """What an evaluation depends on; its hash names the result file."""
-        if cell.published is not None:
-            from ..experiments.published import weights_path
-            weights = {"published": cell.published.name,
-                       "sha256": file_sha256(weights_path(cell.published, self.model_dir))}
+        if cell.published is not None:  # the entry (definition, arguments, normalisation) and both files
+            from ..experiments.published import definition_path, weights_path
+            spec = cell.published
+            weights = {"published": {k: v for k, v in dataclasses.asdict(spec).items()
+                                     if k not in ("label", "architecture", "extra_data")},
+                       "sha256": self.sha256(weights_path(spec, self.model_dir))}
+            definition = definition_path(spec, self.model_dir)
+            if definition is not None:
+                weights["definition_sha256"] = self.sha256(definition.rpartition(":")[0])
         else:
-            weights = {"sha256": file_sha256(weights_of(cell.train, self.plan.eval["which"])),
+            weights = {"sha256": self.sha256(weights_of(cell.train, self.plan.eval["which"])),
                        "which": self.plan.eval["which"]}
         e = self.plan.eval
         return {"weights": weights, "view": cell.row.view, "dataset": cell.dataset, "n": job.n,
                 "restarts": job.restarts, "steps": e["steps"], "eps": e.get("eps"), "seed": e["seed"],
-                "attacks": [list(a) for a in job.attacks], "precision": e["precision"]}
+                "attacks": [list(a) for a in job.attacks], "precision": self.resolved_precision(),
+                "version": EVAL_VERSION}
 
     def run_job(self, cell: Cell, job: EvalJob, spec: dict, model, prov: dict, path: Path) -> dict:
         from ..attacks import build_attack

@@ -6,13 +6,16 @@ A config describes one table or figure of the paper: the training runs (a base `
 (``[[models]]``, Table 5) and the presets (``[presets.smoke|mini|paper]``). The full reference is
 docs/reproduction.md; the packaged configs in ``sirobust/reproduce/configs/`` are the examples.
 
-Nothing in a config is executed: TOML has no tags, and YAML is read with a loader that knows
+Reading a config executes nothing: TOML has no tags, and YAML is read with a loader that knows
 only plain scalars, lists and mappings (a ``!!python/object`` tag is an error naming its key).
+A published model's ``definition`` file is code, run when that model is loaded: its sha256
+(``definition_sha256``) is checked first, as the weights' is.
 An unknown key, or a value of the wrong type, is an error that names the key's full path.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +53,16 @@ def read_config_file(path: Path) -> dict:
     raise ConfigError(f"config {path}: the file must end in .toml, .yaml or .yml")
 
 
-def _read_toml(text: str, path: Path) -> dict:
+def toml_module():
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
+    return tomllib
+
+
+def _read_toml(text: str, path: Path) -> dict:
+    tomllib = toml_module()
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -75,9 +83,14 @@ def _read_yaml(text: str, path: Path) -> dict:
         raise ConfigError(f"config {path}, line {node.start_mark.line + 1}{_yaml_key(text, node.start_mark.line)}: "
                           f"the YAML tag {node.tag!r} constructs an object; configs hold plain values only")
 
+    def unquoted(loader, node):  # a date or a timestamp written bare: YAML would make it an object
+        raise ConfigError(f"config {path}, line {node.start_mark.line + 1}{_yaml_key(text, node.start_mark.line)}: "
+                          f"{node.value!r} reads as a date; quote it (\"{node.value}\") if it is text")
+
     PlainLoader.add_multi_constructor("", refuse)  # every tag that is not a standard one
-    for tag in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:binary", "tag:yaml.org,2002:set",
-                "tag:yaml.org,2002:omap", "tag:yaml.org,2002:pairs"):
+    PlainLoader.add_constructor("tag:yaml.org,2002:timestamp", unquoted)
+    for tag in ("tag:yaml.org,2002:binary", "tag:yaml.org,2002:set", "tag:yaml.org,2002:omap",
+                "tag:yaml.org,2002:pairs"):
         PlainLoader.add_constructor(tag, lambda loader, node: refuse(loader, "", node))
     try:
         data = yaml.load(text, Loader=PlainLoader)  # noqa: S506 (PlainLoader builds plain data only)
@@ -138,7 +151,7 @@ def check_table(d, schema: dict, where: str) -> dict:
     """Every key of ``d`` known to ``schema`` and of its type; returns the checked values."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: expected a table, got {_show(d)}")
-    unknown = sorted(set(d) - set(schema))
+    unknown = sorted(map(str, set(d) - set(schema)))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(schema))})")
     out = {}
@@ -197,6 +210,19 @@ def axes_table(d, where: str) -> dict:
     return out
 
 
+def _defense_tables(d, where: str) -> dict:
+    """{defense (canonical name): training settings}: a misspelt defense is an error, never a silent miss."""
+    from ..defenses import canonical_defense
+    out = {}
+    for key, value in check_value(d, dict, where).items():
+        try:
+            name = canonical_defense(key)
+        except ValueError as e:
+            raise ConfigError(f"{where}.{key}: {e}") from None
+        out[name] = train_table(value, f"{where}.{key}")
+    return out
+
+
 EVAL_SCHEMA = {
     "n": int,                 # test images (the first n)
     "steps": int,             # attack steps (the paper: 20)
@@ -221,15 +247,13 @@ ROW_SCHEMA = {
     "train": train_table,
     "model": str,                  # a published model's name (from [[models]]): evaluated, not trained
     "view": ("choice", VIEWS),     # cosine: the model's logits divided by its HE scale s (Pang et al.'s code)
-    "note": str,
 }
 PRESET_SCHEMA = {
     "description": str,
     "axes": axes_table,
     "train": train_table,          # under the rows' own settings
     "force": train_table,          # over everything (a preset's dataset and model)
-    "defense_train": lambda d, where: {k: train_table(v, f"{where}.{k}")
-                                       for k, v in check_value(d, dict, where).items()},  # per defense, over the row
+    "defense_train": lambda d, where: _defense_tables(d, where),  # per defense, over the row
     "eval": EVAL_SCHEMA,
     "figure": dict,                # checked against the figure's own schema
     "rows": ("list", str),         # only these rows (labels)
@@ -238,7 +262,7 @@ FIGURE_SCHEMAS = {
     "fig1": {"alpha_min": float, "alpha_max": float, "points": int, "attacks": ("list", str), "model": str},
     "fig3": {"images": int, "grid": int, "steps": int, "seed": int, "model": str},
     "fig4": {"n": int, "deltas": ("list", float), "steps": int, "seed": int, "models": ("list", str)},
-    "fig5": {"n": int, "bins": int, "steps": int, "models": ("list", str)},
+    "fig5": {"n": int, "bins": int, "steps": int, "seed": int, "models": ("list", str)},
 }
 TOP_SCHEMA = {
     "name": str, "kind": ("choice", KINDS), "title": str, "paper": str, "notes": ("list", str),
@@ -265,7 +289,6 @@ class Row:
     train: dict = field(default_factory=dict)
     model: Optional[str] = None
     view: str = "logits"
-    note: str = ""
 
 
 @dataclass
@@ -308,6 +331,9 @@ def parse_experiment(data: Any, source: str) -> Experiment:
         if key not in d:
             raise ConfigError(f"{source}.{key}: missing (every config has name, kind and title)")
     kind = d["kind"]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", d["name"]) or ".." in d["name"]:
+        raise ConfigError(f"{source}.name: {d['name']!r} must be a plain name (letters, digits, _ . -): it names "
+                          "the results folder")
     if kind == "figure" and "figure_kind" not in d:
         raise ConfigError(f"{source}.figure_kind: missing (a figure config names one of {', '.join(FIGURES)})")
     fig_schema = FIGURE_SCHEMAS.get(d.get("figure_kind"), {})
@@ -320,6 +346,11 @@ def parse_experiment(data: Any, source: str) -> Experiment:
     columns = [_column(c, f"{source}.columns[{i}]") for i, c in enumerate(d.get("columns", []))]
     if kind == "table" and not columns:
         raise ConfigError(f"{source}.columns: a table needs at least one column")
+    keys = [f"{c.group} / {c.label}" if c.group else c.label for c in columns]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            raise ConfigError(f"{source}.columns[{i}]: a column {key!r} already exists; give it another label or "
+                              "group")
     models = [_published(m, f"{source}.models[{i}]") for i, m in enumerate(d.get("models", []))]
     names = [m.name for m in models]
     rows = [_row(r, f"{source}.rows[{i}]", names) for i, r in enumerate(d.get("rows", []))]

@@ -15,25 +15,37 @@ from .plan import result_name
 from .schema import Column
 
 
+def column_key(col) -> str:
+    """The name of a column's value in a cell: its label, under its group when it has one ("5 restarts / PGD")."""
+    label, group = (col["label"], col["group"]) if isinstance(col, dict) else (col.label, col.group)
+    return f"{group} / {label}" if group else label
+
+
 def cell_values(columns: list[Column], reports: list[dict]) -> dict:
-    """{column label: value} of one cell from its evaluation results (fractions; ADBD as a distance)."""
+    """{column key: value} of one cell from its evaluation results (fractions; ADBD as a distance).
+
+    The worst case is the per-example AND over every evaluation of the cell, on the images they share
+    (the first n of the smallest one, when an attack ran on fewer)."""
     main = max(reports, key=lambda r: r["report"]["n"])["report"]
     out: dict = {}
     for col in columns:
+        key = column_key(col)
         if col.value == "natural":
-            out[col.label] = main["clean_acc"]
+            out[key] = main["clean_acc"]
         elif col.value == "worst_case":
-            out[col.label] = main["worst_case_acc"]
+            shared = min(r["report"]["n"] for r in reports)
+            robust = [all(r["report"]["worst_case_robust"][i] for r in reports) for i in range(shared)]
+            out[key] = sum(robust) / shared
         else:
             name = result_name(col)
             found = next((r["report"]["attacks"][name] for r in reports
                           if name in r["report"]["attacks"] and r["spec"]["restarts"] == col.restarts), None)
             if found is None:
-                out[col.label] = None
+                out[key] = None
             elif col.value == "adbd":
-                out[col.label] = ((found.get("stats") or {}).get("adbd") or {}).get("mean")
+                out[key] = ((found.get("stats") or {}).get("adbd") or {}).get("mean")
             else:
-                out[col.label] = found["robust_acc"]
+                out[key] = found["robust_acc"]
     return out
 
 
@@ -77,7 +89,7 @@ def body_rows(summary: dict) -> list[list[str]]:
             cells = [row_group if i == 0 else "", label] + ([data["arch"]] if show_model else [])
             for g in groups:
                 values = data["values"].get(g, {})
-                cells += [_fmt(c, values.get(c["label"])) for c in cols]
+                cells += [_fmt(c, values.get(column_key(c))) for c in cols]
             out.append(cells)
     return out
 
@@ -131,7 +143,7 @@ def to_csv(summary: dict) -> str:
     w.writerow(["row_group", "method", "model", "column_group", "column_group2", "column", "value", "unit"])
     for r in summary["rows"]:
         for c in summary["columns"]:
-            v = r["values"].get(c["label"])
+            v = r["values"].get(column_key(c))
             unit = "linf_distance" if c["value"] == "adbd" else "percent"
             shown = "" if v is None else (f"{v:.6f}" if c["value"] == "adbd" else f"{100 * v:.4f}")
             w.writerow([r["row_group"], r["row"], r["architecture"], r["column_group"], c["group"], c["label"],
@@ -141,11 +153,28 @@ def to_csv(summary: dict) -> str:
 
 _TEX = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
         "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "†": r"$^\dagger$",
-        "θ": r"$\theta$", "ε": r"$\epsilon$", "·": r"$\cdot$", "–": "--"}
+        "·": r"$\cdot$", "–": "--", "—": "---", "∞": r"$\infty$", "≤": r"$\leq$", "≥": r"$\geq$",
+        "×": r"$\times$", "÷": r"$\div$", "±": r"$\pm$", "‖": r"$\|$", "→": r"$\to$", "’": "'"}
+# Greek letters as pdflatex knows them (ε is \epsilon in the paper)
+_GREEK = {chr(0x3B1 + i): name for i, name in enumerate(
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho varsigma sigma tau "
+    "upsilon phi chi psi omega".split())}
 
 
 def tex_escape(text: str) -> str:
-    return "".join(_TEX.get(ch, ch) for ch in str(text))
+    """Text for a LaTeX table that pdflatex compiles without extra packages: specials escaped, Greek and
+    mathematical symbols as math, any other non-ASCII character as a question mark (never an error)."""
+    out = []
+    for ch in str(text):
+        if ch in _TEX:
+            out.append(_TEX[ch])
+        elif ch in _GREEK and _GREEK[ch] != "omicron":
+            out.append(f"$\\{_GREEK[ch]}$")
+        elif ord(ch) < 128:
+            out.append(ch)
+        else:
+            out.append("?")
+    return "".join(out)
 
 
 def to_latex(summary: dict, caption: Optional[str] = None) -> str:
@@ -158,20 +187,23 @@ def to_latex(summary: dict, caption: Optional[str] = None) -> str:
     lines = [r"\begin{table}[t]", r"\centering",
              rf"\caption{{{tex_escape(caption or summary['title'])} (sirobust, preset {tex_escape(summary['preset'])})}}",
              rf"\begin{{tabular}}{{{'l' * len(lead)}{'r' * width}}}", r"\toprule"]
-    for head in heads[:-1]:  # spanning headers: runs of equal labels
+    per_group = len(summary["columns"])
+    for head in heads[:-1]:  # spanning headers: runs of equal labels, never across a column group's edge
         cells, rules, col = [""] * len(lead), [], len(lead) + 1
         i = 0
         while i < len(head):
-            j = i
-            while j < len(head) and head[j] == head[i]:
+            j = i + 1
+            while j < len(head) and head[j] == head[i] and j % per_group:
                 j += 1
             span = j - i
-            cells.append(rf"\multicolumn{{{span}}}{{c}}{{{tex_escape(head[i])}}}" if head[i] else "")
             if head[i]:
+                cells.append(rf"\multicolumn{{{span}}}{{c}}{{{tex_escape(head[i])}}}")
                 rules.append(rf"\cmidrule(lr){{{col}-{col + span - 1}}}")
+            else:
+                cells += [""] * span  # unlabelled columns: one empty cell each
             col += span
             i = j
-        lines.append(" & ".join(c for c in cells) + r" \\")
+        lines.append(" & ".join(cells) + r" \\")
         if rules:
             lines.append("".join(rules))
     lines.append(" & ".join(tex_escape(x) for x in lead + heads[-1]) + r" \\")
