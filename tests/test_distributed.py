@@ -86,3 +86,21 @@ def test_two_processes_train_checkpoint_and_resume_bit_exactly_and_one_process_c
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     # each process drew its own random starts: their attack generators differ
     assert not torch.equal(state["ranks"][0]["rng"]["attack"], state["ranks"][1]["rng"]["attack"])
+
+
+def test_reproduce_under_torchrun_writes_once_and_a_single_process_reuses_it(tmp_path):
+    """Two processes train and evaluate a small table (rank 0 decides and writes); one process run
+    afterwards finds every run and evaluation done, with the same numbers."""
+    from test_reproduce import TINY
+    from sirobust.reproduce import reproduce
+    (tmp_path / "tiny.toml").write_text(TINY)
+    done = torchrun("reproduce", str(tmp_path / "tiny.toml"), "--preset", "smoke", "--out", str(tmp_path / "out"),
+                    "--no-progress", cwd=tmp_path)
+    assert "(2 processes)" in done.stdout and done.stdout.count("written to") == 1  # rank 0 speaks
+    two = json.loads((tmp_path / "out" / "tiny-smoke" / "table.json").read_text())
+    assert two["counts"] == {"trained": 2, "reused_runs": 0, "evaluated": 2, "reused_evaluations": 0}
+    assert len(list((tmp_path / "out" / "runs").rglob("eval-*.json"))) == 2
+    again = reproduce(str(tmp_path / "tiny.toml"), preset="smoke", out=str(tmp_path / "out"), progress=False,
+                      log=lambda *_: None)
+    assert again["counts"] == {"trained": 0, "reused_runs": 2, "evaluated": 0, "reused_evaluations": 2}
+    assert [r["values"] for r in again["rows"]] == [r["values"] for r in two["rows"]]

@@ -52,30 +52,48 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     """Compute experiment ``name`` (a packaged name or a config path) under ``preset`` into ``out``;
     returns the summary written beside the table or figure (``OUT/NAME-PRESET/``). ``model_dir`` holds
     published models' files (Table 5); ``accept_unpinned`` lets one whose config gives no sha256 run."""
+    import contextlib
+
+    from ..distributed import current as current_group
+    from ..experiments.published import DEFAULT_MODEL_DIR
     from .runner import Runner, open_root
     exp = load_experiment(name)
     if preset not in PRESETS:
         raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     plan = make_plan(exp, preset, overrides, device=device)  # every setting checked before anything runs
-    from ..experiments.published import DEFAULT_MODEL_DIR
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR).expanduser()
-    with open_root(out, overwrite=overwrite, log=log) as root:  # the output checked first
+    group = current_group(device)  # under torchrun: rank 0 writes, every process trains and attacks its share
+    if not group.main:
+        log = _silent
+
+    def claim(stack):  # the output checked first, then every published file, before any work
+        root = stack.enter_context(open_root(out, overwrite=overwrite, log=log))
         if exp.models:
             check_published(plan, model_dir, accept_unpinned)  # a wrong file stops the grid before any attack
-        target = root.path / f"{exp.name}-{preset}"
+        return root.path
+
+    with contextlib.ExitStack() as stack:
+        path = group.broadcast(group.first(claim, stack, share=False))
+        target = Path(path) / f"{exp.name}-{preset}"
         log(f"sirobust reproduce {exp.name} --preset {preset}: {exp.title}\n"
-            f"{len(plan.cells)} cells, {len(plan.runs)} training runs; results in {target}/")
-        runner = Runner(plan, root.path, device=device, progress=progress, log=log)
+            f"{len(plan.cells)} cells, {len(plan.runs)} training runs; results in {target}/"
+            + (f" ({group.world} processes)" if group.enabled else ""))
+        runner = Runner(plan, path, device=device, progress=progress, log=log, group=group)
         runner.model_dir = model_dir
         if exp.kind == "figure":
             from .figures import make_figure
             summary = make_figure(runner, target)
         else:
             summary = runner.run()
-            write_outputs(summary, target)
+            if group.main:
+                write_outputs(summary, target)
         log(f"\n{exp.name} ({preset}) written to {target}/: {runner.trained} runs trained, {runner.reused_runs} "
             f"reused; {runner.evaluated} evaluations computed, {runner.reused_evals} reused")
         return summary
+
+
+def _silent(*_a, **_k) -> None:
+    pass
 
 
 def check_published(plan, model_dir: Path, accept_unpinned: bool) -> None:

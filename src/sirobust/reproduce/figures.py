@@ -49,30 +49,32 @@ def make_figure(runner, target: Path) -> dict:
     kind = plan.experiment.figure_kind
     fig = plan.figure
     cells = _rows(runner, fig.get("models") or ([fig["model"]] if fig.get("model") else None))
-    weights = {c.row.label: runner.job_spec(c, c.jobs[0])["weights"] for c in cells}
+    group = runner.group
+    weights = group.first(lambda: {c.row.label: runner.job_spec(c, c.jobs[0])["weights"] for c in cells})
     used = ("n", "steps", "seed", "eps", "which", "precision") if kind == "fig1" else ("eps", "which")
     spec = {"figure": kind, "settings": fig, "eval": {k: plan.eval[k] for k in used if k in plan.eval},
             "precision": runner.resolved_precision(), "version": EVAL_VERSION, "weights": weights}
-    target.mkdir(parents=True, exist_ok=True)
     data_path = target / "figure.json"
     data = None
-    if data_path.exists():
-        saved = read_json(data_path)
-        if saved.get("spec") == json.loads(json.dumps(spec)):
-            runner.log(f"[reuse] {data_path} (same settings and weights): plotting again")
-            runner.reused_evals += 1
-            data, computed = saved["data"], saved.get("computed")
+    saved = group.first(lambda: read_json(data_path) if data_path.exists() else None)
+    if saved is not None and saved.get("spec") == json.loads(json.dumps(spec)):
+        runner.log(f"[reuse] {data_path} (same settings and weights): plotting again")
+        runner.reused_evals += 1
+        data, computed = saved["data"], saved.get("computed")
     if data is None:
         data = COMPUTE[kind](runner, cells, fig)
         runner.evaluated += 1
         computed = {"seconds": time.time() - t0, "command": command_line()}
-    eps = _eps(runner, cells[0].dataset)
-    files = PLOT[kind](data, target / kind, cells, eps)
     summary = {"experiment": plan.experiment.name, "title": plan.experiment.title, "paper": plan.experiment.paper,
                "preset": plan.preset, "protocol": plan.experiment.presets[plan.preset].description, "spec": spec,
-               "data": data, "files": [str(f) for f in files], "runs": {c.row.label: c.train.out for c in cells},
-               "seconds": time.time() - t0, "command": command_line(), "computed": computed,
-               "environment": environment_info()}
+               "data": data, "runs": {c.row.label: c.train.out for c in cells}}
+    if not group.main:  # every process computed the data (figures are not sharded); rank 0 writes it
+        return summary
+    target.mkdir(parents=True, exist_ok=True)
+    eps = _eps(runner, cells[0].dataset)
+    files = PLOT[kind](data, target / kind, cells, eps)
+    summary.update(files=[str(f) for f in files], seconds=time.time() - t0, command=command_line(),
+                   computed=computed, environment=environment_info())
     write_json(data_path, summary)
     atomic_write_text(target / "figure.md", to_markdown(summary))
     return summary

@@ -40,23 +40,40 @@ def open_root(out, overwrite: bool = False, log: Callable = print) -> RunFolder:
                      what="reproduction folder")
 
 
-def train_or_reuse(cfg, log: Callable = print, protocol: Optional[dict] = None) -> None:
-    """Reuse a finished run with the same configuration, resume a stopped one, or train a new one."""
-    from ..train import STATE_NAME, fit, recorded_config
+def run_state(cfg) -> str:
+    """"finished" (with this configuration), "started" (a run to resume) or "none"."""
+    from ..train import STATE_NAME, recorded_config
     out = Path(cfg.out)
-    want = json.loads(json.dumps(cfg.identity()))
     summary = out / "summary.json"  # written only when a run completes
     if summary.exists():
         done = read_json(summary)
-        if done.get("identity") == want and done.get("epochs") == cfg.epochs:
-            log(f"[reuse] {out} (finished with the same configuration)")
-            return
-    holds_run = recorded_config(out) is not None or (out / STATE_NAME).exists()
-    if protocol is not None and not holds_run:
-        out.mkdir(parents=True, exist_ok=True)
-    fit(cfg, resume=holds_run, log=log)  # a run with another configuration is refused by name, never replaced
-    if protocol is not None:
-        write_json(out / "protocol.json", protocol)
+        if done.get("identity") == json.loads(json.dumps(cfg.identity())) and done.get("epochs") == cfg.epochs:
+            return "finished"
+    return "started" if recorded_config(out) is not None or (out / STATE_NAME).exists() else "none"
+
+
+def train_or_reuse(cfg, log: Callable = print, protocol: Optional[dict] = None, group=None) -> bool:
+    """Reuse a finished run with the same configuration, resume a stopped one, or train a new one; True when
+    it was reused. Under torchrun, rank 0 decides and every process trains."""
+    from ..distributed import current
+    from ..train import fit
+    group = group or current(cfg.device)
+    state = group.first(run_state, cfg)
+    if state == "finished":
+        log(f"[reuse] {cfg.out} (finished with the same configuration)")
+        return True
+    fit(cfg, resume=state == "started", log=log)  # a run with another configuration is refused by name
+    if protocol is not None and group.main:
+        write_json(Path(cfg.out) / "protocol.json", protocol)
+    return False
+
+
+def saved_result(path: Path, spec: dict) -> Optional[dict]:
+    """The evaluation stored at ``path`` if it was computed for ``spec``, else None."""
+    if not path.exists():
+        return None
+    saved = read_json(path)
+    return saved if saved.get("spec") == json.loads(json.dumps(spec)) else None
 
 
 def weights_of(cfg, which: str) -> Path:
@@ -72,9 +89,11 @@ class Runner:
     """Computes a plan's cells into ``out``; see the module docstring."""
 
     def __init__(self, plan: Plan, out, device: str = "auto", progress: bool = True, log: Callable = print,
-                 run_dirs: Optional[dict] = None):
+                 run_dirs: Optional[dict] = None, group=None):
+        from ..distributed import current
         self.plan, self.out, self.device, self.progress, self.log = plan, Path(out), device, progress, log
         self.run_dirs = run_dirs or {}  # run name -> folder, where a caller keeps its own layout (compare, demo)
+        self.group = group or current(device)  # under torchrun: rank 0 decides what is reused and writes
         self._test_sets: dict = {}
         self._hashes: dict = {}
         self.trained = 0
@@ -93,9 +112,7 @@ class Runner:
                                       progress=self.progress)
             self.plan.runs[name] = cfg
             self.log(f"\n[{i}/{len(self.plan.runs)}] {name}")
-            before = (Path(cfg.out) / "summary.json").exists()
-            train_or_reuse(cfg, self.log, protocol)
-            if before:
+            if train_or_reuse(cfg, self.log, protocol, self.group):
                 self.reused_runs += 1
             else:
                 self.trained += 1
@@ -159,15 +176,14 @@ class Runner:
         model = None
         reports = []
         for job in cell.jobs:
-            spec = self.job_spec(cell, job)
+            spec = self.group.first(self.job_spec, cell, job)  # rank 0 hashes the files
             path = self.eval_folder(cell) / f"eval-{digest(spec, 16)}.json"
-            if path.exists():
-                saved = read_json(path)
-                if saved.get("spec") == json.loads(json.dumps(spec)):
-                    self.log(f"[reuse] {cell.row.label}: {path}")
-                    self.reused_evals += 1
-                    reports.append({**saved, "path": str(path)})
-                    continue
+            saved = self.group.first(saved_result, path, spec)
+            if saved is not None:
+                self.log(f"[reuse] {cell.row.label}: {path}")
+                self.reused_evals += 1
+                reports.append({**saved, "path": str(path)})
+                continue
             if model is None:
                 model, _weights, _sha, prov = self.model_of(cell)
             reports.append(self.run_job(cell, job, spec, model, prov, path))
@@ -214,11 +230,12 @@ class Runner:
         t0 = time.time()
         rep = evaluate(model, test, attacks=attacks, eps=eps, steps=e["steps"], restarts=job.restarts, n=job.n,
                        batch_size=e["batch_size"], seed=e["seed"], device=pick_device(self.device),
-                       progress=self.progress, precision=e["precision"], provenance=prov,
+                       progress=self.progress, precision=e["precision"], provenance=prov, group=self.group,
                        config={"dataset": cell.dataset, "split": "test", "model_description": cell.row.label})
         result = {"spec": spec, "row": cell.row.label, "combo": cell.combo, "seconds": time.time() - t0,
                   "report": rep.to_dict()}
-        write_json(path, result)
+        if self.group.main:
+            write_json(path, result)
         self.evaluated += 1
         return {**result, "path": str(path)}
 
