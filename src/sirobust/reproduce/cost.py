@@ -51,8 +51,14 @@ def attack_passes(attack: str, params: dict, steps: int) -> float:
     return 3 * params.get("steps", steps)
 
 
+# a published model's architecture, as configs write it, to the zoo model of the same cost
+_ARCHITECTURES = {"RN-18": "resnet18", "PARN-18": "preact-resnet18", "RN-50": "resnet50", "W-28-10": "wrn-28-10",
+                  "W-34-10": "wrn-34-10"}
+
+
 def eval_flops(plan, cell) -> float:
-    model = cell.train.model if cell.train is not None else "wrn-28-10"
+    model = cell.train.model if cell.train is not None else _ARCHITECTURES.get(cell.published.architecture,
+                                                                               "wrn-28-10")
     per_forward = FORWARD_FLOPS.get(model, 1e9)
     total = 0.0
     for job in cell.jobs:
