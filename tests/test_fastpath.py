@@ -258,6 +258,7 @@ def test_compile_is_applied_to_the_private_copy_and_to_the_training_model(traine
     assert len(compiled) == 1 and isinstance(compiled[0][0], nn.Module)
 
 
+@pytest.mark.slow  # 30 s; bf16 is the GPU path (the PGD loop's bf16 test stays in the default run)
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-t"])
 def test_apgd_under_bf16_decides_near_the_boundary_in_fp32(trained_cnn, data, name):
     x, y, keys = data

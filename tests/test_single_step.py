@@ -172,7 +172,7 @@ class Sabotage(AT):
         return F.cross_entropy(adv.logits, (y + 1) % 10 if self.wrong else y)
 
 
-@pytest.mark.parametrize("early_stop", [True, False])
+@pytest.mark.parametrize("early_stop", [True, pytest.param(False, marks=pytest.mark.slow)])  # False: 14 s
 def test_the_guard_fires_on_a_collapse_and_early_stop_keeps_the_checkpoint_before_it(tmp_path, monkeypatch,
                                                                                     early_stop):
     monkeypatch.setitem(DEFENSES, "sabotage", Sabotage)

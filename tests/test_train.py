@@ -37,7 +37,8 @@ def test_run_folder_has_metrics_weights_and_config(tmp_path):
     assert sirobust.load(tmp_path / "best.safetensors").sirobust_metadata["extra"].count(f'"epoch": {first_best}')
 
 
-@pytest.mark.parametrize("defense,si", [("at", False), ("trades", True), ("he", False)])
+@pytest.mark.parametrize("defense,si", [("at", False), ("trades", True),
+                                        pytest.param("he", False, marks=pytest.mark.slow)])  # he: 11 s
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, defense, si):
     # lr ÷10 after epoch 2 of 3: the resume must carry the scheduler too
     kw = dict(milestones=(2,), defense=defense, si=si)

@@ -245,6 +245,8 @@ def _check_val_size(value):
     if value < 1:
         raise ValueError(f"val_size (--val-size) must be {allowed}, got {value}")
     return check_int("val_size", value, min=1)
+
+
 _RANK_SEED_STRIDE = 1_000_003  # process k of a distributed run seeds its attack generator with seed + k·stride
 # fields added after runs were first recorded: a recorded config without them had their (then only) behaviour
 _NEWER_FIELDS = {"lr_schedule": "piecewise", "attack_random_start": True, "overfit_check": False, "overfit_n": 256,
