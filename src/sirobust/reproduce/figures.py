@@ -38,7 +38,7 @@ def _eps(runner, dataset: str) -> float:
 
 def _title(cell, eps: float, what: str) -> str:
     t = cell.train
-    return f"{what}: {display('dataset', t.dataset)}, {display('model', t.model)}, L∞ ε = {eps:.4g}"
+    return f"{what}\n{display('dataset', t.dataset)}, {display('model', t.model)}, L∞ ε = {eps:.4g}"
 
 
 def make_figure(runner, target: Path) -> dict:
