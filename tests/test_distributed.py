@@ -65,6 +65,7 @@ def test_two_processes_evaluate_exactly_like_one(at_weights, tmp_path):
     assert 0 < sum(one["worst_case_robust"]) < sum(one["clean_correct"])  # the attacks broke some, not all
 
 
+@pytest.mark.slow  # 45 s of four torchrun launches; the evaluation and reproduce tests stay in the default run
 def test_two_processes_train_checkpoint_and_resume_bit_exactly_and_one_process_cannot_resume(tmp_path):
     common = ["--defense", "trades", "--with-si", "--train-n", "200", "--val-n", "16", "--steps", "1",
               "--batch-size", "64", "--milestones", "5", "--no-progress"]

@@ -199,8 +199,9 @@ def test_another_attack_start_is_another_run_and_old_records_resume_as_uniform(t
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
 
-@pytest.mark.parametrize("kw", [dict(val_size=0), dict(defense="trades", attack_start="normal"),
-                                dict(defense="mart", attack_start="normal", val_size=0)])
+@pytest.mark.parametrize("kw", [dict(defense="mart", attack_start="normal", val_size=0),  # both options at once
+                                pytest.param(dict(val_size=0), marks=pytest.mark.slow),
+                                pytest.param(dict(defense="trades", attack_start="normal"), marks=pytest.mark.slow)])
 def test_paper_protocol_runs_resume_exactly(tmp_path, kw):
     kw = dict(milestones=(1,), **kw)  # the rate drops after epoch 1: the resumed epoch has the lower one
     fit(small_config(tmp_path / "straight", epochs=2, **kw), **QUIET)
