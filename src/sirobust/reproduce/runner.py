@@ -111,7 +111,7 @@ class Runner:
             cfg = dataclasses.replace(cfg, out=str(self.run_dirs.get(name, root / name)), device=self.device,
                                       progress=self.progress)
             self.plan.runs[name] = cfg
-            self.log(f"\n[{i}/{len(self.plan.runs)}] {name}")
+            self.log(f"\n[{i}/{len(self.plan.runs)}] {cfg.out}")
             if train_or_reuse(cfg, self.log, protocol, self.group):
                 self.reused_runs += 1
             else:
