@@ -24,7 +24,7 @@ MARKERS = ("<!-- reproduction-results:begin -->", "<!-- reproduction-results:end
 
 def render_block(results: Path = RESULTS) -> str:
     """The docs block, from the committed result JSONs, in the paper's order."""
-    from sirobust.reproduce import list_experiments, tables
+    from sirobust.reproduce import list_experiments, load_experiment, tables
     from sirobust.reproduce.figures import to_markdown as figure_markdown
     parts = []
     for name in list_experiments():
@@ -34,7 +34,8 @@ def render_block(results: Path = RESULTS) -> str:
         summary = json.loads(path.read_text())
         if "data" in summary:  # a figure: its image is committed beside this file
             text = figure_markdown(summary).replace(f"]({summary['spec']['figure']}.png)", f"](figures/{name}-mini.png)")
-        else:
+        else:  # a result written before configs carried the paper's numbers gets them from the config
+            summary.setdefault("paper_tables", load_experiment(name).paper_tables)
             text = tables.to_markdown(summary)
         parts.append(text.replace("\n## ", "\n### ").replace("## ", "### ", 1).strip())
     missing = [n for n in list_experiments() if not (results / f"{n}-mini.json").exists() and n != "table5"]

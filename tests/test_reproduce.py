@@ -54,6 +54,12 @@ TINY = textwrap.dedent('''
     [presets.smoke]
     description = "seconds"
     eval = { n = 24, steps = 2 }
+
+    [[paper_tables]]
+    setting = "CIFAR-10, ResNet18"
+    [paper_tables.rows]
+    AT = { Natural = 85.57, PGD = 54.12 }
+    AT-SI = { "SI-PGD" = 52.89 }
 ''')
 
 
@@ -192,6 +198,10 @@ def test_plan_precedence_and_shared_runs():
     (lambda t: t.replace('kind = "table"', 'kind = "chart"'), r"tiny\.toml\.kind: expected one of table, figure"),
     (lambda t: t.replace('value = "worst_case"', 'value = "worst_case"\nattack = "pgd"'), r"takes no attack"),
     (lambda t: t.replace("attack_steps = 1", "attack_steps = 0"), r"row 'AT'.*attack_steps"),
+    (lambda t: t.replace("AT = { Natural", "ATT = { Natural"), r"paper_tables\[0\]\.rows\.ATT: no row is labelled"),
+    (lambda t: t.replace("PGD = 54.12", "PGDCW = 54.12"), r"paper_tables\[0\]\.rows\.AT\.PGDCW: no column"),
+    (lambda t: t.replace("PGD = 54.12", 'PGD = "54.12"'), r"paper_tables\[0\]\.rows\.AT\.PGD: expected a number"),
+    (lambda t: t.replace('setting = "CIFAR-10, ResNet18"', ""), r"paper_tables\[0\]\.setting: missing"),
 ])
 def test_bad_configs_are_refused_naming_the_key(tmp_path, edit, words):
     path = _write(tmp_path, edit(TINY))
@@ -255,6 +265,11 @@ def test_tiny_table_end_to_end_then_everything_is_reused(tmp_path, monkeypatch):
         cells = f"| {row['row']} | " + " | ".join(f"{100 * row['values'][c]:.2f}"
                                                   for c in ("Natural", "PGD", "SI-PGD", "worst"))
         assert cells in md
+    # the paper's numbers are printed under the table, as the paper prints them, for the rows shown
+    assert "The paper's numbers (CIFAR-10, ResNet18):" in md
+    assert "| Method | Natural | PGD | SI-PGD |" in md
+    assert "| AT | 85.57 | 54.12 | – |" in md and "| AT-SI | – | – | 52.89 |" in md
+    assert "Best checkpoint" not in md  # the last epoch's weights were evaluated
     csv_lines = (target / "table.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 2 * 4
     tex = (target / "table.tex").read_text()
@@ -316,6 +331,36 @@ def test_latex_escapes_and_spanning_headers():
     md = to_markdown(summary)
     assert "| Method | CIFAR-10 / Natural | CIFAR-10 / Clean2 | CIFAR-10 / SPSA / 128 |" in md
     assert "| AT | 90.00 | 80.00 | 50.00 | 40.00 | 80.00 | 70.00 | 40.00 | 30.00 |" in md
+
+
+def test_the_best_checkpoints_epochs_are_said_and_the_paper_values_of_every_packaged_table_are_shown():
+    from sirobust.reproduce.tables import paper_markdown, to_markdown
+    columns = [{"label": "Natural", "value": "natural", "group": ""}, {"label": "PGD", "value": "robust", "group": ""}]
+    summary = {"title": "T", "preset": "mini", "protocol": "p", "row_group_by": None, "notes": [], "column_groups": [""],
+               "columns": columns, "paper_tables": [],
+               "rows": [{"row": lab, "row_group": "", "column_group": "", "architecture": "", "run": "x", "n": 10,
+                         "epoch": ep, "values": {"Natural": 0.9, "PGD": 0.5}} for lab, ep in (("AT", 28), ("AT-SI", 30))],
+               "eval": {"which": "best", "steps": 20}, "counts": {"trained": 0, "reused_runs": 0, "evaluated": 0,
+                                                                   "reused_evaluations": 0},
+               "seconds": 0, "command": "c", "environment": {"sirobust": "x", "torch": "x", "git_commit": "x",
+                                                              "gpu": None}}
+    assert "Best checkpoint (by validation PGD accuracy): AT epoch 28, AT-SI epoch 30." in to_markdown(summary)
+    # every packaged paper value reaches the Markdown of a table that shows all the config's rows
+    for name in [n for n in PAPER if n.startswith("table")]:
+        exp = load_experiment(name)
+        assert exp.paper_tables, name
+        cols = [{"label": c.label, "value": c.value, "group": c.group} for c in exp.columns]
+        fake = {"columns": cols, "rows": [{"row": r.label} for r in exp.rows]}
+        for block in exp.paper_tables:
+            text = "\n".join(paper_markdown(fake, block))
+            for values in block["rows"].values():
+                for key, v in values.items():
+                    shown = f"{v:.4f}" if key.endswith("ADBD") else f"{v:.2f}"
+                    assert f" {shown} |" in text, (name, key, v)
+    # Table 2's s = 15 row is Table 6's TRADES-SI (the same run in the paper)
+    t2 = load_experiment("table2").paper_tables[0]["rows"]["TRADES-SI s=15"]
+    t6 = load_experiment("table6").paper_tables[0]["rows"]["TRADES-SI"]
+    assert t2 == t6
 
 
 def test_cosine_view_is_the_logits_divided_by_the_he_scale():

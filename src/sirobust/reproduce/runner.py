@@ -239,6 +239,14 @@ class Runner:
         self.evaluated += 1
         return {**result, "path": str(path)}
 
+    def weights_epoch(self, cell: Cell) -> Optional[int]:
+        """The epoch whose weights the cell's evaluations attacked (the best one's, or the last); None for a
+        published model."""
+        if cell.train is None:
+            return None
+        done = read_json(Path(cell.train.out) / "summary.json")
+        return done["best"]["epoch"] if self.plan.eval["which"] == "best" else done["last"]["epoch"]
+
     # ---------------------------------------------------------------- the whole plan
     def run(self) -> dict:
         """Train, evaluate, and return the table's data (see :mod:`.tables`)."""
@@ -252,6 +260,7 @@ class Runner:
                          "combo": cell.combo, "architecture": _architecture(cell),
                          "values": cell_values(self.plan.experiment.columns, reports),
                          "run": cell.train.out if cell.train is not None else None,
+                         "epoch": self.weights_epoch(cell),
                          "n": max(r["report"]["n"] for r in reports), "reports": [r["path"] for r in reports],
                          "evaluations": [r["spec"] for r in reports]})
         return self.summary(rows, time.time() - t0)
@@ -263,7 +272,7 @@ class Runner:
                 "columns": [dataclasses.asdict(c) for c in exp.columns], "rows": rows,
                 "column_groups": self.plan.column_groups, "row_groups": self.plan.row_groups,
                 "column_group_by": exp.column_group_by, "row_group_by": exp.row_group_by,
-                "eval": self.plan.eval, "overrides": self.plan.overrides,
+                "paper_tables": exp.paper_tables, "eval": self.plan.eval, "overrides": self.plan.overrides,
                 "runs": {k: resolved_dict(v) for k, v in self.plan.runs.items()},
                 "counts": {"trained": self.trained, "reused_runs": self.reused_runs, "evaluated": self.evaluated,
                            "reused_evaluations": self.reused_evals},

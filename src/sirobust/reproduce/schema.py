@@ -3,7 +3,8 @@
 A config describes one table or figure of the paper: the training runs (a base ``[train]`` table,
 ``[axes]`` whose product makes the column and row groups, and ``[[rows]]``), the evaluation
 (``[eval]`` and ``[[columns]]``), a figure's own settings (``[figure]``), published models
-(``[[models]]``, Table 5) and the presets (``[presets.smoke|mini|paper]``). The full reference is
+(``[[models]]``, Table 5), the presets (``[presets.smoke|mini|paper]``) and the paper's own numbers
+(``[[paper_tables]]``, printed under the computed table). The full reference is
 docs/reproduction.md; the packaged configs in ``sirobust/reproduce/configs/`` are the examples.
 
 Reading a config executes nothing: TOML has no tags, and YAML is read with a loader that knows
@@ -270,6 +271,12 @@ TOP_SCHEMA = {
     "column_group_by": str, "row_group_by": str,
     "axes": axes_table, "train": train_table, "eval": EVAL_SCHEMA, "figure": dict,
     "columns": ("list", dict), "rows": ("list", dict), "models": ("list", dict), "presets": dict,
+    "paper_tables": ("list", dict),
+}
+# The paper's own numbers, printed under the computed table so that the two are read side by side.
+PAPER_TABLE_SCHEMA = {
+    "setting": str,   # what the paper ran: "CIFAR-10, ResNet18, 120 epochs, ε = 8/255"
+    "rows": dict,     # {row label: {column key: the value as printed (accuracy in %, ADBD as a distance)}}
 }
 
 
@@ -322,6 +329,7 @@ class Experiment:
     rows: list = field(default_factory=list)
     models: list = field(default_factory=list)   # PublishedModel
     presets: dict = field(default_factory=dict)  # name -> Preset
+    paper_tables: list = field(default_factory=list)  # [{"setting": str, "rows": {label: {column: value}}}]
 
 
 def parse_experiment(data: Any, source: str) -> Experiment:
@@ -370,11 +378,35 @@ def parse_experiment(data: Any, source: str) -> Experiment:
                 raise ConfigError(f"{source}.presets.{name}.rows: no row is labelled {label!r} "
                                   f"(rows: {', '.join(labels)})")
         presets[name] = Preset(**p)
+    paper_tables = [_paper_table(t, f"{source}.paper_tables[{i}]", labels, keys)
+                    for i, t in enumerate(d.get("paper_tables", []))]
     return Experiment(name=d["name"], kind=kind, title=d["title"], source=source, paper=d.get("paper", ""),
                       notes=d.get("notes", []), figure_kind=d.get("figure_kind"),
                       column_group_by=d.get("column_group_by"), row_group_by=d.get("row_group_by"),
                       axes=d.get("axes", {}), train=d.get("train", {}), eval=d.get("eval", {}), figure=figure,
-                      columns=columns, rows=rows, models=models, presets=presets)
+                      columns=columns, rows=rows, models=models, presets=presets, paper_tables=paper_tables)
+
+
+def _paper_table(t, where: str, labels: list, keys: list) -> dict:
+    """One block of the paper's numbers: every row and column it names must exist in the config, so a
+    renamed row never leaves a paper value silently unprinted."""
+    t = check_table(t, PAPER_TABLE_SCHEMA, where)
+    if "setting" not in t:
+        raise ConfigError(f"{where}.setting: missing (say what the paper ran: dataset, model, epochs)")
+    rows = {}
+    for label, values in t.get("rows", {}).items():
+        if label not in labels:
+            raise ConfigError(f"{where}.rows.{label}: no row is labelled {label!r} (rows: {', '.join(labels)})")
+        values = check_value(values, dict, f"{where}.rows.{label}")
+        for key, value in values.items():
+            if key not in keys:
+                raise ConfigError(f"{where}.rows.{label}.{key}: no column {key!r} (columns: {', '.join(keys)})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}.rows.{label}.{key}: expected a number, got {_show(value)}")
+        rows[label] = {k: float(v) for k, v in values.items()}
+    if not rows:
+        raise ConfigError(f"{where}.rows: empty (list the paper's numbers by row label and column)")
+    return {"setting": t["setting"], "rows": rows}
 
 
 def _column(c, where: str) -> Column:

@@ -127,13 +127,48 @@ def to_markdown(summary: dict) -> str:
     caps = e.get("attack_n") or {}
     if caps:
         lines.append("Fewer images for: " + ", ".join(f"{k} (first {v})" for k, v in caps.items()) + ".")
+    epochs = _best_epochs(summary)
+    if epochs:
+        lines.append(f"Best checkpoint (by validation PGD accuracy): {epochs}.")
     lines += [f"- {note}" for note in summary.get("notes", [])]
+    for block in summary.get("paper_tables") or []:
+        lines += paper_markdown(summary, block)
     env = summary["environment"]
     c = summary["counts"]
     lines += ["", f"command: `{summary['command']}`  ", f"{c['trained']} runs trained, {c['reused_runs']} reused; "
               f"{c['evaluated']} evaluations computed, {c['reused_evaluations']} reused; {summary['seconds']:.0f} s.  ",
               f"sirobust {env['sirobust']}, torch {env['torch']}, commit {env['git_commit']}, {env['gpu'] or 'CPU'}", ""]
     return "\n".join(lines)
+
+
+def _best_epochs(summary: dict) -> str:
+    """"TRADES epoch 28, TRADES-SI epoch 30" when the best checkpoints were evaluated (the last epoch needs
+    no saying)."""
+    if summary["eval"].get("which") != "best":
+        return ""
+    seen: dict = {}
+    for r in summary["rows"]:
+        if r.get("epoch") is not None:
+            name = " ".join(str(x) for x in (r["row_group"], r["row"], r["column_group"]) if x)
+            seen.setdefault(name, r["epoch"])
+    return ", ".join(f"{k} epoch {v}" for k, v in seen.items())
+
+
+def paper_markdown(summary: dict, block: dict) -> list[str]:
+    """The paper's numbers for the rows this table shows, in its columns (values as the paper prints them)."""
+    labels = list(dict.fromkeys(r["row"] for r in summary["rows"] if r["row"] in block["rows"]))
+    cols = [c for c in summary["columns"] if any(column_key(c) in block["rows"][lab] for lab in labels)]
+    if not labels or not cols:
+        return []
+    lines = ["", f"The paper's numbers ({block['setting']}):", "",
+             "| Method | " + " | ".join(column_key(c) for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for label in labels:
+        values = block["rows"][label]
+        cells = ["–" if column_key(c) not in values else
+                 (f"{values[column_key(c)]:.4f}" if c["value"] == "adbd" else f"{values[column_key(c)]:.2f}")
+                 for c in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def to_csv(summary: dict) -> str:
