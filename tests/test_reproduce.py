@@ -131,7 +131,7 @@ def test_training_settings_stack_in_the_documented_order():
                           "presets": {"smoke": {"defense_train": {"trdes": {"epochs": 2}}}}}, "x")
 
 
-def test_evaluation_settings_are_checked_before_training():
+def test_evaluation_settings_are_checked_before_training(tmp_path):
     exp = load_experiment("table6")
     for bad, words in (({"attack_n": {"autoatak": 8}}, r"eval\.attack_n\.autoatak: .*autoatak"),
                        ({"attack_params": {"pgd": {"stepz": 3}}}, r"attack_params\.pgd: pgd with .*stepz"),
@@ -147,9 +147,37 @@ def test_evaluation_settings_are_checked_before_training():
     with pytest.raises(ConfigError, match=r"columns\[1\]: a column 'N' already exists"):
         parse_experiment({"name": "x", "kind": "table", "title": "t",
                           "columns": [{"label": "N", "value": "natural"}, {"label": "N", "attack": "pgd"}]}, "x")
-    # figures: -n and --steps become the figure's own settings
-    plan = make_plan(load_experiment("fig5"), "smoke", {"eval": {"n": 7, "steps": 2}})
-    assert plan.figure["n"] == 7 and plan.figure["steps"] == 2
+    # numbers out of range fail here, naming the key and where the value came from, not hours later
+    for bad, words in (({"n": 0}, r"command line \(-n or --set eval\.n\): expected an integer >= 1, got 0"),
+                       ({"seed": -1}, r"command line \(--seed .*eval\.seed\): expected an integer >= 0"),
+                       ({"batch_size": 0}, r"eval\.batch_size\): expected an integer >= 1"),
+                       ({"eps": 2.0}, r"--eps .*expected 0 < ε <= 1, got 2\.0")):
+        with pytest.raises(ConfigError, match=words):
+            make_plan(exp, "smoke", {"eval": bad})
+    broken = parse_experiment({"name": "x", "kind": "table", "title": "t", "columns": [{"label": "N", "value": "natural"}],
+                               "presets": {"smoke": {"eval": {"steps": 0}}}}, "x.toml")
+    with pytest.raises(ConfigError, match=r"x\.toml: presets\.smoke\.eval\.steps: expected an integer >= 1"):
+        make_plan(broken, "smoke")
+    # a column headed "5 restarts" must really restart: an attack with a fixed schedule is refused
+    for attack in ("aa", "rays", "apgd-ce", "square"):
+        text = TINY.replace('attack = "si-pgd"', f'attack = "{attack}"\nrestarts = 5')
+        with pytest.raises(ConfigError, match=rf"columns\[2\]\.restarts: {attack} runs its own fixed schedule"):
+            make_plan(load_experiment(str(_write(tmp_path, text))), "smoke")
+    make_plan(load_experiment(str(_write(tmp_path, TINY.replace('attack = "si-pgd"', 'attack = "si-pgd"\nrestarts = 5')))),
+              "smoke")  # PGD-style attacks do restart
+    with pytest.raises(ConfigError, match=r"columns\[0\]\.attack: an \"adbd\" column .* got 'spsa'"):
+        parse_experiment({"name": "x", "kind": "table", "title": "t",
+                          "columns": [{"label": "A", "value": "adbd", "attack": "spsa"}]}, "x")
+    # figures: -n, --steps and --seed become the figure's own settings; a setting it does not read is refused
+    plan = make_plan(load_experiment("fig5"), "smoke", {"eval": {"n": 7, "steps": 2, "seed": 3}})
+    assert plan.figure["n"] == 7 and plan.figure["steps"] == 2 and plan.figure["seed"] == 3
+    with pytest.raises(ConfigError, match=r"fig5 does not use eval\.batch_size"):
+        make_plan(load_experiment("fig5"), "smoke", {"eval": {"batch_size": 64}})
+    for bad, words in (({"n": -3}, r"figure\.n: expected an integer >= 1"), ({"deltas": []}, r"figure\.deltas"),):
+        with pytest.raises(ConfigError, match=words):
+            make_plan(load_experiment("fig4"), "smoke", {"figure": bad})
+    with pytest.raises(ConfigError, match=r"0 < alpha_min < alpha_max"):
+        make_plan(load_experiment("fig1"), "smoke", {"figure": {"alpha_min": 10.0, "alpha_max": 1.0}})
     with pytest.raises(ConfigError, match=r"no row labelled 'TRADES-XX'"):
         make_plan(load_experiment("fig5"), "smoke", {"figure": {"models": ["TRADES-XX"]}})
 
@@ -168,6 +196,10 @@ def test_an_evaluation_key_holds_the_arithmetic_really_used(tmp_path):
         specs.append(runner.job_spec(cell, cell.jobs[0]))
     assert [s["precision"] for s in specs] == ["fp32-fast", "fp32-fast", "fp32"]  # auto is fp32-fast on a CPU
     assert specs[0] == specs[1] != specs[2] and "sirobust" in specs[0]["version"]
+    # the key holds ε resolved (the dataset's default) and every attack parameter, defaults included
+    assert specs[0]["eps"] == pytest.approx(0.1)
+    pgd = next(r for r in specs[0]["resolved"] if r["name"] == "pgd")
+    assert pgd["steps"] == 2 and pgd["random_start"] is True and pgd["loss"] == {"name": "ce"}
 
 
 def test_plan_precedence_and_shared_runs():
@@ -297,10 +329,15 @@ def test_tiny_table_end_to_end_then_everything_is_reused(tmp_path, monkeypatch):
     assert third["counts"] == {"trained": 0, "reused_runs": 2, "evaluated": 1, "reused_evaluations": 1}
     assert [r["values"] for r in third["rows"]] == [r["values"] for r in saved["rows"]]  # seeded: the same numbers
 
-    # another setting is another evaluation, never a stale reuse
+    assert not list(out.rglob("*.partial"))  # an evaluation's saved batches go once its result is written
+
+    # another setting is another evaluation, never a stale reuse; its table goes beside the preset's, saying so
     fourth = reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet,
                        overrides={"eval": {"steps": 3}})
     assert fourth["counts"]["evaluated"] == 2 and fourth["counts"]["trained"] == 0
+    (other,) = [p for p in out.glob("tiny-smoke+*") if p.is_dir()]
+    assert "**Changed from the preset on the command line**: eval.steps = 3." in (other / "table.md").read_text()
+    assert json.loads((target / "table.json").read_text())["rows"] == saved["rows"]  # the preset's table is intact
 
 
 def test_latex_escapes_and_spanning_headers():
@@ -361,6 +398,59 @@ def test_the_best_checkpoints_epochs_are_said_and_the_paper_values_of_every_pack
     t2 = load_experiment("table2").paper_tables[0]["rows"]["TRADES-SI s=15"]
     t6 = load_experiment("table6").paper_tables[0]["rows"]["TRADES-SI"]
     assert t2 == t6
+
+
+def test_a_stopped_evaluation_continues_from_its_saved_batches(tmp_path, monkeypatch):
+    import math
+    import sys
+    cfg = _write(tmp_path, TINY.replace("eval = { n = 24, steps = 2 }", "eval = { n = 48, steps = 2, batch_size = 4 }"))
+    out = tmp_path / "out"
+    ev = sys.modules["sirobust.evaluate"]
+    real = ev.evaluate
+
+    def stop_after_two_batches(*a, saved=None, **k):  # the grid is killed inside its first evaluation
+        batch = saved.save_batch
+
+        def save_then_die(attack, start, result):
+            batch(attack, start, result)
+            if start >= 4:
+                raise KeyboardInterrupt
+        saved.save_batch = save_then_die
+        return real(*a, saved=saved, **k)
+
+    monkeypatch.setattr(ev, "evaluate", stop_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet)
+    (partial,) = list(out.rglob("eval-*-b4.partial"))
+    assert sorted(p.name for p in partial.rglob("batch-*.json")) == ["batch-000000000.json", "batch-000000004.json"]
+    # the next call reads those two batches instead of attacking them again
+    monkeypatch.setattr(ev, "evaluate", real)
+    attacked = []
+    run_batch = ev._run_batch
+    monkeypatch.setattr(ev, "_run_batch", lambda model, atk, *a, **k: attacked.append(atk.name) or
+                        run_batch(model, atk, *a, **k))
+    summary = reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet)
+    assert summary["counts"]["evaluated"] == 2 and not list(out.rglob("*.partial"))
+    first = summary["rows"][0]
+    batches = math.ceil(round(first["values"]["Natural"] * 48) / 4)  # the clean-correct examples, 4 a batch
+    assert attacked[:batches - 2] == ["pgd"] * (batches - 2) and attacked[batches - 2] != "pgd"
+
+
+def test_fired_sanity_checks_are_listed_under_the_table():
+    from sirobust.reproduce.tables import to_markdown
+    columns = [{"label": "PGD", "value": "robust", "group": ""}]
+    flag = {"name": "scale_sensitivity", "message": "PGD-CE breaks 5.9 points more examples once ..."}
+    summary = {"title": "T", "preset": "mini", "protocol": "p", "row_group_by": None, "notes": [], "column_groups": [""],
+               "columns": columns, "overrides": {"train": {}, "eval": {}, "figure": {}},
+               "rows": [{"row": "HE", "row_group": "", "column_group": "", "architecture": "", "run": "x", "n": 10,
+                         "flags": [flag], "values": {"PGD": 0.5}}],
+               "eval": {"which": "last", "steps": 20}, "counts": {"trained": 0, "reused_runs": 0, "evaluated": 0,
+                                                                   "reused_evaluations": 0},
+               "seconds": 0, "command": "c", "environment": {"sirobust": "x", "torch": "x", "git_commit": "x",
+                                                              "gpu": None}}
+    md = to_markdown(summary)
+    assert "**Sanity checks that fired**" in md and "- HE: `scale_sensitivity`: PGD-CE breaks 5.9" in md
+    assert "Changed from the preset" not in md
 
 
 def test_cosine_view_is_the_logits_divided_by_the_he_scale():

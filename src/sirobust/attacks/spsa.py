@@ -7,7 +7,9 @@ random Rademacher directions v (entries ±1), two queries each::
 
 and takes an Adam step (learning rate ``lr``) on the perturbation, projected back into the ε-ball and
 [0, 1]. An example stops as soon as it is misclassified. The paper's Table 9 settings are the
-defaults: δ = 0.001, lr = 0.01, 100 iterations, 128 samples (also 256 and 512).
+defaults: δ = 0.001, lr = 0.01, 100 iterations. ``samples`` counts directions (advertorch's
+``nb_sample``); the "batch size" of Uesato et al. and cleverhans counts evaluations, two per
+direction: the paper's batches 128 / 256 / 512 are ``samples`` 64 / 128 / 256 (``reproduce table9``).
 
 The model is only ever asked for outputs, under ``torch.no_grad()``: SPSA sees through gradient
 masking, which is why the paper runs it on the SI defenses. The ±δ probes are evaluated in chunks

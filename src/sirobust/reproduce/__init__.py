@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..io import atomic_write_text, write_json
-from .plan import make_plan
+from .plan import make_plan, result_folder
 from .schema import PRESETS, ConfigError, Experiment, parse_experiment, read_config_file
 
 __all__ = ["reproduce", "load_experiment", "list_experiments", "ConfigError", "PRESETS"]
@@ -50,7 +50,8 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
               device: str = "auto", progress: bool = True, overwrite: bool = False,
               model_dir: Optional[str] = None, accept_unpinned: bool = False, log: Callable = print) -> dict:
     """Compute experiment ``name`` (a packaged name or a config path) under ``preset`` into ``out``;
-    returns the summary written beside the table or figure (``OUT/NAME-PRESET/``). ``model_dir`` holds
+    returns the summary written beside the table or figure (``OUT/NAME-PRESET/``, or ``OUT/NAME-PRESET+HASH/``
+    when ``overrides`` change what is computed: the preset's own result is never replaced). ``model_dir`` holds
     published models' files (Table 5); ``accept_unpinned`` lets one whose config gives no sha256 run."""
     import contextlib
 
@@ -74,7 +75,7 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
 
     with contextlib.ExitStack() as stack:
         path = group.broadcast(group.first(claim, stack, share=False))
-        target = Path(path) / f"{exp.name}-{preset}"
+        target = Path(path) / result_folder(exp.name, preset, plan.overrides)
         log(f"sirobust reproduce {exp.name} --preset {preset}: {exp.title}\n"
             f"{len(plan.cells)} cells, {len(plan.runs)} training runs; results in {target}/"
             + (f" ({group.world} processes)" if group.enabled else ""))

@@ -13,7 +13,8 @@ from pathlib import Path
 from ..io import atomic_write_text, read_json, write_json
 from ..provenance import environment_info
 from ..runfolder import command_line
-from .plan import display
+from .plan import FIGURE_EVAL_KEYS, display
+from .tables import overrides_lines
 from .runner import EVAL_VERSION
 
 
@@ -50,8 +51,11 @@ def make_figure(runner, target: Path) -> dict:
     fig = plan.figure
     cells = _rows(runner, fig.get("models") or ([fig["model"]] if fig.get("model") else None))
     group = runner.group
-    weights = group.first(lambda: {c.row.label: runner.job_spec(c, c.jobs[0])["weights"] for c in cells})
-    used = ("n", "steps", "seed", "eps", "which", "precision") if kind == "fig1" else ("eps", "which")
+    # an HE row's cosine view is another model than its logits (a logits row keeps the key it always had)
+    weights = group.first(lambda: {c.row.label: {**runner.job_spec(c, c.jobs[0])["weights"],
+                                                 **({"view": c.row.view} if c.row.view != "logits" else {})}
+                                   for c in cells})
+    used = FIGURE_EVAL_KEYS[kind]
     spec = {"figure": kind, "settings": fig, "eval": {k: plan.eval[k] for k in used if k in plan.eval},
             "precision": runner.resolved_precision(), "version": EVAL_VERSION, "weights": weights}
     data_path = target / "figure.json"
@@ -66,7 +70,8 @@ def make_figure(runner, target: Path) -> dict:
         runner.evaluated += 1
         computed = {"seconds": time.time() - t0, "command": command_line()}
     summary = {"experiment": plan.experiment.name, "title": plan.experiment.title, "paper": plan.experiment.paper,
-               "preset": plan.preset, "protocol": plan.experiment.presets[plan.preset].description, "spec": spec,
+               "preset": plan.preset, "protocol": plan.experiment.presets[plan.preset].description,
+               "overrides": plan.overrides, "spec": spec,
                "data": data, "runs": {c.row.label: c.train.out for c in cells}}
     if not group.main:  # every process computed the data (figures are not sharded); rank 0 writes it
         return summary
@@ -84,7 +89,7 @@ def to_markdown(summary: dict) -> str:
     """The figure's numbers in words and a small table, beside the image (and in docs/reproduction.md)."""
     data, kind = summary["data"], summary["spec"]["figure"]
     lines = [f"## {summary['title']}", "", summary["paper"], "", f"Preset **{summary['preset']}**: "
-             f"{summary['protocol']}", "", f"![{kind}]({kind}.png)", ""]
+             f"{summary['protocol']}", ""] + overrides_lines(summary) + [f"![{kind}]({kind}.png)", ""]
     lines += SUMMARIES[kind](data)
     env = summary["environment"]
     made = summary.get("computed") or summary

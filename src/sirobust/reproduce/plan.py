@@ -104,13 +104,7 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
     for key in ("attack_params", "attack_n"):
         eval_cfg[key] = attack_table({**exp.eval.get(key, {}), **p.eval.get(key, {}),
                                       **overrides.get("eval", {}).get(key, {})}, f"{exp.source}: eval.{key}")
-    if eval_cfg.get("eps") is not None:
-        from ..checks import parse_number
-        try:
-            eval_cfg["eps"] = parse_number(eval_cfg["eps"], "eval.eps") if isinstance(eval_cfg["eps"], str) \
-                else float(eval_cfg["eps"])
-        except ValueError as e:
-            raise ConfigError(f"{exp.source}: {e}") from None
+    _check_eval(exp, preset, eval_cfg, overrides.get("eval", {}))
     figure = {**exp.figure, **p.figure, **overrides.get("figure", {})}
     axes = {**exp.axes, **p.axes}
     for key, value in overrides.get("train", {}).items():
@@ -164,6 +158,54 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
     return Plan(exp, preset, eval_cfg, figure, cells, runs, overrides, data)
 
 
+def _check_eval(exp: Experiment, preset: str, eval_cfg: dict, cli: dict) -> None:
+    """The evaluation's numbers, in range, each error naming the key and where its value came from
+    (hours of training must not end in a rejected ``n``)."""
+    from ..checks import parse_number
+
+    def where(key):
+        if key in cli:
+            flag = {"n": "-n", "steps": "--steps", "eps": "--eps", "seed": "--seed"}.get(key)
+            return f"command line ({flag + ' or ' if flag else ''}--set eval.{key})"
+        if key in exp.presets[preset].eval:
+            return f"{exp.source}: presets.{preset}.eval.{key}"
+        return f"{exp.source}: eval.{key}"
+
+    for key, low in (("n", 1), ("steps", 1), ("batch_size", 1), ("seed", 0)):
+        value = eval_cfg[key]
+        if value is None and key == "n":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{where(key)}: expected an integer >= {low}, got {value!r}")
+    if eval_cfg.get("eps") is not None:
+        try:
+            eps = parse_number(eval_cfg["eps"], "eval.eps") if isinstance(eval_cfg["eps"], str) \
+                else float(eval_cfg["eps"])
+        except ValueError as e:
+            raise ConfigError(f"{where('eps')}: {e}") from None
+        if not 0 < eps <= 1:
+            raise ConfigError(f"{where('eps')}: ε is in pixel units of images in [0, 1]: expected 0 < ε <= 1, "
+                              f"got {eps} (8/255 is written \"8/255\" or 0.031372...)")
+        eval_cfg["eps"] = eps
+
+
+# settings that say where things are, not what is computed: they neither rename nor re-label a result
+_LOCATION_KEYS = ("data_dir",)
+
+
+def changed_settings(overrides: dict) -> list[str]:
+    """The command line's settings that change what a table or figure computes ("train.epochs = 3")."""
+    return [f"{section}.{key} = {json.dumps(value, default=str)}" for section in ("train", "eval", "figure")
+            for key, value in sorted((overrides or {}).get(section, {}).items()) if key not in _LOCATION_KEYS]
+
+
+def result_folder(name: str, preset: str, overrides: dict) -> str:
+    """``NAME-PRESET``; with overrides, ``NAME-PRESET+HASH``, so a quick ``--epochs 3`` never replaces the
+    preset's own table (nor is it collected as the preset's result)."""
+    changed = changed_settings(overrides)
+    return f"{name}-{preset}" + (f"+{digest(changed, 8)}" if changed else "")
+
+
 def attack_table(d: dict, where: str) -> dict:
     """{attack: value} with every attack name known (canonical names), so a typo is an error, not a no-op."""
     from ..attacks.registry import canonical_attack_name
@@ -203,10 +245,15 @@ def _try_attack(name: str, params, eval_cfg: dict, where: str, restarts: int = 1
     stand_in = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     eps = eval_cfg.get("eps") or 0.03
     try:
-        build_attack(name, stand_in, overrides=params, eps=eps, alpha=eps / 4, steps=eval_cfg["steps"],
-                     restarts=restarts, seed=eval_cfg["seed"], precision=eval_cfg["precision"])
+        atk = build_attack(name, stand_in, overrides=params, eps=eps, alpha=eps / 4, steps=eval_cfg["steps"],
+                           restarts=restarts, seed=eval_cfg["seed"], precision=eval_cfg["precision"])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {name} with {params}: {e}") from None
+    if getattr(atk, "restarts", 1) != restarts:  # a column headed "5 restarts" must not run once
+        raise ConfigError(f"{where}.restarts: {name} runs its own fixed schedule and ignores restarts = {restarts} "
+                          f"(it would run {getattr(atk, 'restarts', 1)} time(s) under a column that says "
+                          f"{restarts}); remove restarts, or use an attack that takes it (pgd, pgd-cw, pgd-dlr, "
+                          "si-pgd, spsa, ...)")
 
 
 def _check_figure(exp: Experiment, figure: dict, labels: list) -> None:
@@ -222,22 +269,47 @@ def _check_figure(exp: Experiment, figure: dict, labels: list) -> None:
     grid = figure.get("grid")
     if grid is not None and (grid < 3 or grid % 2 == 0):
         raise ConfigError(f"{exp.source}: figure.grid must be odd and at least 3 (0 on the grid), got {grid}")
+    lows = {"images": 1, "n": 1, "steps": 1, "seed": 0, "points": 2, "bins": 2}
+    for key, low in lows.items():
+        if key in figure and figure[key] < low:
+            raise ConfigError(f"{exp.source}: figure.{key}: expected an integer >= {low}, got {figure[key]}")
+    if "deltas" in figure and not figure["deltas"]:
+        raise ConfigError(f"{exp.source}: figure.deltas: give at least one step along the direction")
+    lo, hi = figure.get("alpha_min"), figure.get("alpha_max")
+    if (lo is not None and lo <= 0) or (hi is not None and hi <= 0) or (lo and hi and lo >= hi):
+        raise ConfigError(f"{exp.source}: figure.alpha_min and alpha_max: expected 0 < alpha_min < alpha_max "
+                          f"(the logits are multiplied by α, on a log scale), got {lo} and {hi}")
 
 
 # what -n, --steps and --seed mean for a figure that has its own settings for them
 _FIGURE_FLAGS = {"fig3": {"n": "images", "steps": "steps", "seed": "seed"}, "fig4": {"n": "n", "steps": "steps",
-                 "seed": "seed"}, "fig5": {"n": "n", "steps": "steps"}}
+                 "seed": "seed"}, "fig5": {"n": "n", "steps": "steps", "seed": "seed"}}
+
+
+# the evaluation settings each figure's result depends on (its reuse key) ...
+FIGURE_EVAL_KEYS = {"fig1": ("n", "steps", "seed", "eps", "which", "precision"),
+                    "fig3": ("eps", "which"), "fig4": ("eps", "which"), "fig5": ("eps", "which")}
+# ... and those the command line may set for it (batch size changes no number; --precision also trains the
+# runs); any other is refused, never silently ignored
+_FIGURE_CLI_EVAL = {"fig1": FIGURE_EVAL_KEYS["fig1"] + ("batch_size",), "fig3": ("eps", "which", "precision"),
+                    "fig4": ("eps", "which", "precision"), "fig5": ("eps", "which", "precision")}
 
 
 def figure_flags(exp: Experiment, overrides: dict) -> dict:
     """For figures 3-5, the evaluation flags become the figure's own settings (never silently ignored)."""
-    mapping = _FIGURE_FLAGS.get(exp.figure_kind)
-    if not mapping:
+    if exp.kind != "figure":
         return overrides
+    mapping = _FIGURE_FLAGS.get(exp.figure_kind, {})
     evaluation, figure = dict(overrides["eval"]), dict(overrides["figure"])
     for flag, key in mapping.items():
         if flag in evaluation:
             figure.setdefault(key, evaluation.pop(flag))
+    unused = sorted(set(evaluation) - set(_FIGURE_CLI_EVAL[exp.figure_kind]))
+    if unused:
+        raise ConfigError(f"command line: {exp.figure_kind} does not use eval.{unused[0]} (it reads "
+                          f"{', '.join(_FIGURE_CLI_EVAL[exp.figure_kind])}"
+                          + (f", and -n/--steps/--seed as figure.{', figure.'.join(mapping.values())}" if mapping else "")
+                          + ")")
     return {**overrides, "eval": evaluation, "figure": figure}
 
 
@@ -263,9 +335,11 @@ def _group(by: Optional[str], cell: Cell) -> str:
 
 def run_name(cfg) -> str:
     """The folder of a training run under OUT/runs: readable, and unique to its resolved config."""
-    ident = cfg.identity()
+    key = {"identity": cfg.identity(), "epochs": cfg.epochs}
+    if cfg.accept_checksum_mismatch:  # trained on files that failed their checksum: never the genuine run's folder
+        key["data"] = "checksum mismatch accepted"
     tag = cfg.defense + ("-si" if cfg.si else "")
-    return f"{cfg.dataset}/{cfg.model}/{tag}-e{cfg.epochs}-{digest({'identity': ident, 'epochs': cfg.epochs})}"
+    return f"{cfg.dataset}/{cfg.model}/{tag}-e{cfg.epochs}-{digest(key)}"
 
 
 def eval_jobs(columns: list[Column], eval_cfg: dict) -> list[EvalJob]:

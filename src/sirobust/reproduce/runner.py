@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,7 +27,9 @@ from ..runfolder import RUN_FILE, RunFolder, command_line
 from .plan import Cell, EvalJob, Plan, digest, resolved_dict, runs_root
 
 KIND = "reproduce"
-# part of every evaluation's key: results computed by another version of sirobust's attacks are not reused
+# Part of every evaluation's and figure's key, beside each attack's full parameters: results computed by
+# another version of sirobust's attacks are not reused. Raise the number with any change that moves a number
+# without changing a parameter (an attack's algorithm, the evaluator's verdicts, a figure's computation).
 EVAL_VERSION = f"sirobust {__version__}, reproduce 1"
 
 
@@ -204,22 +207,30 @@ class Runner:
             weights = {"sha256": self.sha256(weights_of(cell.train, self.plan.eval["which"])),
                        "which": self.plan.eval["which"]}
         e = self.plan.eval
+        eps = self.eps_of(cell.dataset)
         return {"weights": weights, "view": cell.row.view, "dataset": cell.dataset, "n": job.n,
-                "restarts": job.restarts, "steps": e["steps"], "eps": e.get("eps"), "seed": e["seed"],
+                "restarts": job.restarts, "steps": e["steps"], "eps": eps, "seed": e["seed"],
                 "attacks": [list(a) for a in job.attacks], "precision": self.resolved_precision(),
-                "version": EVAL_VERSION}
+                "resolved": resolved_attacks(job, e, eps), "version": EVAL_VERSION,
+                **({"data": "checksum mismatch accepted"} if self.plan.data.get("accept_checksum_mismatch") else {})}
+
+    def eps_of(self, dataset: str) -> float:
+        """The evaluation's ε: the config's, or the dataset's default (resolved, so a changed default is
+        another evaluation)."""
+        eps = self.plan.eval.get("eps")
+        if eps is None:
+            from ..data import get_dataset_info
+            eps = get_dataset_info(dataset).default_eps
+        return _number(eps)
 
     def run_job(self, cell: Cell, job: EvalJob, spec: dict, model, prov: dict, path: Path) -> dict:
         from ..attacks import build_attack
         from ..evaluate import evaluate
+        from ..progress import EvaluationProgress
         from ..train import pick_device
         e = self.plan.eval
         test = self.test_set(cell.dataset)
-        eps = e.get("eps")
-        if eps is None:
-            from ..data import get_dataset_info
-            eps = get_dataset_info(cell.dataset).default_eps
-        eps = _number(eps)
+        eps = self.eps_of(cell.dataset)
         attacks = [(name, build_attack(attack, model, overrides=params, eps=eps, alpha=eps / 4, steps=e["steps"],
                                        restarts=job.restarts, seed=e["seed"], precision=e["precision"]))
                    for name, attack, params in job.attacks] or ["pgd"]
@@ -228,14 +239,19 @@ class Runner:
                  + f": {', '.join(a[0] for a in job.attacks) or 'clean'} on {job.n} images, "
                  + f"{job.restarts} restart{'s' if job.restarts > 1 else ''}")
         t0 = time.time()
+        # every finished batch is kept beside the result-to-be, so a grid stopped inside a long evaluation (AA on
+        # 10,000 CIFAR images) continues from its last batch; the batches are cut by batch_size, hence the name
+        partial = path.with_name(f"{path.stem}-b{e['batch_size']}.partial")
+        saved = EvaluationProgress(partial) if self.group.main else None
         rep = evaluate(model, test, attacks=attacks, eps=eps, steps=e["steps"], restarts=job.restarts, n=job.n,
                        batch_size=e["batch_size"], seed=e["seed"], device=pick_device(self.device),
                        progress=self.progress, precision=e["precision"], provenance=prov, group=self.group,
-                       config={"dataset": cell.dataset, "split": "test", "model_description": cell.row.label})
+                       saved=saved, config={"dataset": cell.dataset, "split": "test", "model_description": cell.row.label})
         result = {"spec": spec, "row": cell.row.label, "combo": cell.combo, "seconds": time.time() - t0,
                   "report": rep.to_dict()}
         if self.group.main:
             write_json(path, result)
+            shutil.rmtree(partial, ignore_errors=True)  # all of it is in the result now
         self.evaluated += 1
         return {**result, "path": str(path)}
 
@@ -261,6 +277,7 @@ class Runner:
                          "values": cell_values(self.plan.experiment.columns, reports),
                          "run": cell.train.out if cell.train is not None else None,
                          "epoch": self.weights_epoch(cell),
+                         "flags": _fired(reports) + _unfound(self.plan.experiment.columns, reports),
                          "n": max(r["report"]["n"] for r in reports), "reports": [r["path"] for r in reports],
                          "evaluations": [r["spec"] for r in reports]})
         return self.summary(rows, time.time() - t0)
@@ -277,6 +294,53 @@ class Runner:
                 "counts": {"trained": self.trained, "reused_runs": self.reused_runs, "evaluated": self.evaluated,
                            "reused_evaluations": self.reused_evals},
                 "seconds": seconds, "command": command_line(), "environment": environment_info()}
+
+
+def resolved_attacks(job: EvalJob, e: dict, eps: float) -> list:
+    """Every attack of the job with all its parameters, defaults included (built on a stand-in model): an
+    evaluation computed before a default changed is not reused for the new one."""
+    import torch
+
+    from ..attacks import build_attack
+    def plain(d):  # the arithmetic is in the key already, resolved ("auto" and its outcome are one setting)
+        if isinstance(d, dict):
+            return {k: plain(v) for k, v in d.items() if k not in ("precision", "ran_as")}
+        return d
+
+    stand_in = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    return [plain(json.loads(json.dumps(build_attack(attack, stand_in, overrides=params, eps=eps, alpha=eps / 4,
+                                                     steps=e["steps"], restarts=job.restarts, seed=e["seed"],
+                                                     precision=e["precision"]).params(), default=str)))
+            for _name, attack, params in job.attacks]
+
+
+def _fired(reports: list) -> list:
+    """The evaluator's sanity checks that fired on this cell (gradient masking, a saturated softmax, an attack
+    that left the threat model, ...), once each: a table must not hide what its reports warn about."""
+    out: dict = {}
+    for r in reports:
+        for f in r["report"].get("flags", []):
+            if f.get("triggered") and f["name"] not in out:
+                out[f["name"]] = {"name": f["name"], "message": f.get("message", "")}
+    return list(out.values())
+
+
+def _unfound(columns: list, reports: list) -> list:
+    """RayS's ADBD is a mean over the examples whose boundary it found: say how many it did not find."""
+    from .plan import result_name
+    out = []
+    for col in columns:
+        if col.value != "adbd":
+            continue
+        for r in reports:
+            stats = (r["report"]["attacks"].get(result_name(col)) or {}).get("stats") or {}
+            missed = (stats.get("adbd") or {}).get("not_found")
+            if missed:
+                out.append({"name": "adbd_boundary_not_found",
+                            "message": f"{col.label}: {result_name(col)} found no decision boundary within its query "
+                                       f"budget for {missed} of the {missed + stats['adbd']['found']} clean-correct "
+                                       "examples; the mean leaves them out"})
+    return out
 
 
 def _architecture(cell: Cell) -> str:

@@ -424,6 +424,9 @@ def _column(c, where: str) -> Column:
             col.attack = canonical_attack_name(col.attack)
         except ValueError as e:
             raise ConfigError(f"{where}.attack: {e}") from None
+    if col.value == "adbd" and col.attack != "rays":
+        raise ConfigError(f"{where}.attack: an \"adbd\" column reports RayS's decision-boundary distance; its attack "
+                          f"is \"rays\", got {col.attack!r}")
     if col.restarts < 1:
         raise ConfigError(f"{where}.restarts: must be at least 1, got {col.restarts}")
     return col

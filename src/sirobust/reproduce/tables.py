@@ -11,7 +11,7 @@ import csv
 import io
 from typing import Optional
 
-from .plan import result_name
+from .plan import changed_settings, result_name
 from .schema import Column
 
 
@@ -112,6 +112,7 @@ def to_markdown(summary: dict) -> str:
         lines += [summary["paper"], ""]
     lines.append(f"Preset **{summary['preset']}**: {summary['protocol']}")
     lines.append("")
+    lines += overrides_lines(summary)
     label_row = lead[keep] + [
         " / ".join(p for p in parts if p) for parts in zip(*heads)]
     lines.append("| " + " | ".join(label_row) + " |")
@@ -124,13 +125,17 @@ def to_markdown(summary: dict) -> str:
     lines += ["", f"Accuracy in % on the first {n} test images ({weights} weights), "
               f"{e['steps']}-step attacks of step ε/4" + (f", ε = {e['eps']}" if e.get("eps") else
                                                           ", ε = the dataset's (8/255 for CIFAR and SVHN)") + "."]
-    caps = e.get("attack_n") or {}
+    caps = {k: v for k, v in (e.get("attack_n") or {}).items() if v < n}
     if caps:
-        lines.append("Fewer images for: " + ", ".join(f"{k} (first {v})" for k, v in caps.items()) + ".")
+        worst = any(c["value"] == "worst_case" for c in summary["columns"])
+        lines.append("Fewer images for: " + ", ".join(f"{k} (first {v})" for k, v in caps.items()) + "."
+                     + (f" The worst case is taken on the first {min(caps.values())}, where every attack ran."
+                        if worst else ""))
     epochs = _best_epochs(summary)
     if epochs:
         lines.append(f"Best checkpoint (by validation PGD accuracy): {epochs}.")
     lines += [f"- {note}" for note in summary.get("notes", [])]
+    lines += flag_lines(summary)
     for block in summary.get("paper_tables") or []:
         lines += paper_markdown(summary, block)
     env = summary["environment"]
@@ -139,6 +144,24 @@ def to_markdown(summary: dict) -> str:
               f"{c['evaluated']} evaluations computed, {c['reused_evaluations']} reused; {summary['seconds']:.0f} s.  ",
               f"sirobust {env['sirobust']}, torch {env['torch']}, commit {env['git_commit']}, {env['gpu'] or 'CPU'}", ""]
     return "\n".join(lines)
+
+
+def overrides_lines(summary: dict) -> list[str]:
+    """What the command line changed from the preset's description (which then is not the whole story)."""
+    changed = changed_settings(summary.get("overrides") or {})
+    if not changed:
+        return []
+    return [f"**Changed from the preset on the command line**: {', '.join(changed)}.", ""]
+
+
+def flag_lines(summary: dict) -> list[str]:
+    """The sanity checks that fired, by row (each evaluation's report holds the details)."""
+    fired = [(" ".join(str(x) for x in (r["row_group"], r["row"], r["column_group"]) if x), f)
+             for r in summary["rows"] for f in r.get("flags") or []]
+    if not fired:
+        return []
+    return ["", "**Sanity checks that fired** (read these numbers with them; the evaluation reports hold the "
+            "details):"] + [f"- {where}: `{f['name']}`: {f['message']}" for where, f in fired]
 
 
 def _best_epochs(summary: dict) -> str:
