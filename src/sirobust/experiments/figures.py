@@ -243,6 +243,7 @@ def plot_input_loss_surface(result: dict, path: PathLike, title: Optional[str] =
                             max_images: Optional[int] = None) -> SavedFigure:
     """Fig. 3: one 3-D surface per image (``cols`` per row), δ1 and δ2 in units of 1/255. ``title`` (the
     suptitle) should name the dataset, the model and ε; written as PNG and PDF."""
+    from matplotlib.ticker import FormatStrFormatter
     surfaces = result["loss"][:max_images] if max_images else result["loss"]
     k = len(surfaces)
     cols = max(1, min(cols, k))
@@ -257,6 +258,8 @@ def plot_input_loss_surface(result: dict, path: PathLike, title: Optional[str] =
         ax.set_xlabel(DELTA1_LABEL + ", in 1/255", fontsize=7, labelpad=2)
         ax.set_ylabel(DELTA2_LABEL + ", in 1/255", fontsize=7, labelpad=2)
         ax.set_zlabel(LOSS_LABEL, fontsize=7, labelpad=2)
+        # the numbers themselves on the ticks: a "1e-6" multiplier at the top of the axis lands on its label
+        ax.zaxis.set_major_formatter(FormatStrFormatter("%.3g"))
         ax.tick_params(labelsize=6, pad=0)
         ax.set_title(f"x'_{n + 1} (index {result['indices'][n]}, label {result['labels'][n]})", fontsize=8)
     fig.suptitle(title or f"Input loss surfaces, ε = {result['eps'] * 255:.3g}/255 (paper Fig. 3)")
