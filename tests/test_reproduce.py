@@ -436,6 +436,18 @@ def test_a_stopped_evaluation_continues_from_its_saved_batches(tmp_path, monkeyp
     assert attacked[:batches - 2] == ["pgd"] * (batches - 2) and attacked[batches - 2] != "pgd"
 
 
+def test_a_shared_run_records_who_trained_it_and_who_used_it(tmp_path):
+    from sirobust.reproduce.runner import record_use
+    path = tmp_path / "protocol.json"
+    path.write_text(json.dumps({"experiment": "fig1", "preset": "mini", "protocol": "30 epochs"}))  # older format
+    record_use(path, {"experiment": "table10", "preset": "mini", "protocol": "p"}, trained=False)
+    record_use(path, {"experiment": "fig5", "preset": "mini", "protocol": "p"}, trained=False)
+    record_use(path, {"experiment": "table10", "preset": "mini", "protocol": "p"}, trained=False)
+    saved = json.loads(path.read_text())
+    assert saved["trained_by"] == {"experiment": "fig1", "preset": "mini", "protocol": "30 epochs"}
+    assert saved["used_by"] == [{"experiment": "fig5", "preset": "mini"}, {"experiment": "table10", "preset": "mini"}]
+
+
 def test_fired_sanity_checks_are_listed_under_the_table():
     from sirobust.reproduce.tables import to_markdown
     columns = [{"label": "PGD", "value": "robust", "group": ""}]

@@ -64,11 +64,26 @@ def train_or_reuse(cfg, log: Callable = print, protocol: Optional[dict] = None, 
     state = group.first(run_state, cfg)
     if state == "finished":
         log(f"[reuse] {cfg.out} (finished with the same configuration)")
-        return True
-    fit(cfg, resume=state == "started", log=log)  # a run with another configuration is refused by name
+    else:
+        fit(cfg, resume=state == "started", log=log)  # a run with another configuration is refused by name
     if protocol is not None and group.main:
-        write_json(Path(cfg.out) / "protocol.json", protocol)
-    return False
+        record_use(Path(cfg.out) / "protocol.json", protocol, trained=state != "finished")
+    return state == "finished"
+
+
+def record_use(path: Path, protocol: dict, trained: bool) -> None:
+    """protocol.json of a run: the experiment and preset that trained it (with its protocol), and every one
+    that has used it since (a run is shared between tables)."""
+    record = read_json(path) if path.exists() else {}
+    if "experiment" in record:  # written before runs were shared on record: it names the one that trained it
+        record = {"trained_by": {k: record.pop(k) for k in ("experiment", "preset", "protocol") if k in record},
+                  **record}
+    if trained or "trained_by" not in record:
+        record["trained_by"] = protocol
+    user = {"experiment": protocol["experiment"], "preset": protocol["preset"]}
+    used = [u for u in record.get("used_by", []) if u != user]
+    record["used_by"] = used + [user]
+    write_json(path, record)
 
 
 def saved_result(path: Path, spec: dict) -> Optional[dict]:
