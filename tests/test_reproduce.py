@@ -665,7 +665,7 @@ def test_figure_from_a_config_then_replotted_from_its_data(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fig1", "fig3", "fig4", "fig5", "table6"])
+@pytest.mark.parametrize("name", ["fig1", "fig3", "fig4", "fig5", "table6", "table8"])
 def test_packaged_smoke_presets_run_and_a_second_run_reuses(tmp_path, name):
     first = reproduce(name, preset="smoke", out=str(tmp_path), progress=False, log=_quiet)
     again = reproduce(name, preset="smoke", out=str(tmp_path), progress=False, log=_quiet)

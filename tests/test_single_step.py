@@ -51,6 +51,17 @@ def test_presets_resolve_to_each_methods_reference_settings():
     assert DEFENSES["fgsm-rs"] is type(build_defense("rfgsm-at"))
 
 
+@pytest.mark.parametrize("defense", sorted(DEFENSES))
+def test_a_resolved_config_resolves_to_itself(defense):
+    """The runner resolves a config to name its run, then training resolves it again: FGSM-RS's own 1.25ε step
+    once stopped that second pass ("step size larger than eps")."""
+    for si in ((False, True) if defense != "he" else (False,)):
+        once = TrainConfig(defense=defense, si=si, dataset="fashion-mnist-mini", model="cnn-small").resolved()
+        assert once.resolved() == once
+    with pytest.raises(ValueError, match="attack_alpha .* larger than eps"):  # a user's own big step still needs force
+        TrainConfig(defense="fgsm-rs", attack_alpha=0.2, dataset="fashion-mnist-mini").resolved()
+
+
 def test_fgsm_rs_is_one_step_of_1_25_eps_from_a_uniform_start():
     model = TinyNet().train()
     x, y = batch()

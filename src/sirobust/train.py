@@ -153,8 +153,10 @@ class TrainConfig:
         eps = check_eps(info.eps_for(norm) if self.eps is None else self.eps, norm, "eps")
         steps = check_int("attack_steps (--steps)", inner.get("steps", 10) if self.attack_steps is None
                           else self.attack_steps, min=0 if defense == "standard" else 1)
-        if self.attack_alpha is not None:
-            alpha = check_step_size(self.attack_alpha, eps, steps, "attack_alpha (--step-size)", self.force_step_size)
+        if self.attack_alpha is not None:  # the preset's own step again (a resolved config resolved once more) is fine
+            own = "alpha" in inner and math.isclose(self.attack_alpha, inner["alpha"] * eps, rel_tol=1e-9)
+            alpha = check_step_size(self.attack_alpha, eps, steps, "attack_alpha (--step-size)",
+                                    self.force_step_size or own)
         else:  # a preset's step (FGSM-RS: 1.25ε) is the method's own: no --force-step-size needed
             alpha = check_step_size(inner.get("alpha", 0.25) * eps, eps, steps, "attack_alpha (--step-size)",
                                     force="alpha" in inner)
