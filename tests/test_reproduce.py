@@ -159,12 +159,16 @@ def test_evaluation_settings_are_checked_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"x\.toml: presets\.smoke\.eval\.steps: expected an integer >= 1"):
         make_plan(broken, "smoke")
     # a column headed "5 restarts" must really restart: an attack with a fixed schedule is refused
-    for attack in ("aa", "rays", "apgd-ce", "square"):
+    for attack, hint in (("aa", "remove restarts"), ("rays", "remove restarts"),
+                         ("square", r"params = \{ restarts = 5 \}"), ("apgd-ce", r"params = \{ restarts = 5 \}")):
         text = TINY.replace('attack = "si-pgd"', f'attack = "{attack}"\nrestarts = 5')
-        with pytest.raises(ConfigError, match=rf"columns\[2\]\.restarts: {attack} runs its own fixed schedule"):
+        with pytest.raises(ConfigError, match=rf"columns\[2\]\.restarts: {attack} does not take .*{hint}"):
             make_plan(load_experiment(str(_write(tmp_path, text))), "smoke")
-    make_plan(load_experiment(str(_write(tmp_path, TINY.replace('attack = "si-pgd"', 'attack = "si-pgd"\nrestarts = 5')))),
-              "smoke")  # PGD-style attacks do restart
+    tiny = load_experiment(str(_write(tmp_path, TINY.replace('attack = "si-pgd"', 'attack = "si-pgd"\nrestarts = 5'))))
+    make_plan(tiny, "smoke")  # PGD-style attacks do restart
+    make_plan(exp, "smoke", {"eval": {"attack_params": {"apgd-ce": {"restarts": 3}}}})  # an attack's own restarts
+    text = TINY.replace('attack = "si-pgd"', 'attack = "apgd-ce"\nrestarts = 5\nparams = { restarts = 5 }')
+    make_plan(load_experiment(str(_write(tmp_path, text))), "smoke")
     with pytest.raises(ConfigError, match=r"columns\[0\]\.attack: an \"adbd\" column .* got 'spsa'"):
         parse_experiment({"name": "x", "kind": "table", "title": "t",
                           "columns": [{"label": "A", "value": "adbd", "attack": "spsa"}]}, "x")
@@ -173,11 +177,24 @@ def test_evaluation_settings_are_checked_before_training(tmp_path):
     assert plan.figure["n"] == 7 and plan.figure["steps"] == 2 and plan.figure["seed"] == 3
     with pytest.raises(ConfigError, match=r"fig5 does not use eval\.batch_size"):
         make_plan(load_experiment("fig5"), "smoke", {"eval": {"batch_size": 64}})
-    for bad, words in (({"n": -3}, r"figure\.n: expected an integer >= 1"), ({"deltas": []}, r"figure\.deltas"),):
+    for bad, words in (({"figure": {"n": -3}}, r"command line \(-n or --set figure\.n\): expected an integer >= 1"),
+                       ({"eval": {"n": 0}}, r"command line \(-n or --set figure\.n\)"),
+                       ({"figure": {"deltas": []}}, r"command line \(--set figure\.deltas\)")):
         with pytest.raises(ConfigError, match=words):
-            make_plan(load_experiment("fig4"), "smoke", {"figure": bad})
+            make_plan(load_experiment("fig4"), "smoke", bad)
     with pytest.raises(ConfigError, match=r"0 < alpha_min < alpha_max"):
         make_plan(load_experiment("fig1"), "smoke", {"figure": {"alpha_min": 10.0, "alpha_max": 1.0}})
+    # --precision trains the runs in it; fig3-5 compute in fp32 anyway, so it is not an evaluation setting there
+    plan = make_plan(load_experiment("fig5"), "smoke", {"train": {"precision": "fp32"}, "eval": {"precision": "fp32"}})
+    assert "precision" not in plan.overrides["eval"] and plan.overrides["train"]["precision"] == "fp32"
+    with pytest.raises(ConfigError, match=r"fig5 does not use eval\.precision"):
+        make_plan(load_experiment("fig5"), "smoke", {"eval": {"precision": "bf16"}})
+    # a flag that repeats the preset's value is not an override
+    from sirobust.reproduce.plan import result_folder
+    plan = make_plan(exp, "mini", {"eval": {"n": 1000, "steps": 20}})
+    assert plan.overrides["eval"] == {} and result_folder("table6", "mini", plan.overrides) == "table6-mini"
+    plan = make_plan(exp, "mini", {"eval": {"n": 100}})
+    assert result_folder("table6", "mini", plan.overrides).startswith("table6-mini+")
     with pytest.raises(ConfigError, match=r"no row labelled 'TRADES-XX'"):
         make_plan(load_experiment("fig5"), "smoke", {"figure": {"models": ["TRADES-XX"]}})
 
@@ -401,9 +418,8 @@ def test_the_best_checkpoints_epochs_are_said_and_the_paper_values_of_every_pack
 
 
 def test_a_stopped_evaluation_continues_from_its_saved_batches(tmp_path, monkeypatch):
-    import math
     import sys
-    cfg = _write(tmp_path, TINY.replace("eval = { n = 24, steps = 2 }", "eval = { n = 48, steps = 2, batch_size = 4 }"))
+    cfg = _write(tmp_path, TINY.replace("eval = { n = 24, steps = 2 }", "eval = { n = 48, steps = 2, batch_size = 1 }"))
     out = tmp_path / "out"
     ev = sys.modules["sirobust.evaluate"]
     real = ev.evaluate
@@ -413,7 +429,7 @@ def test_a_stopped_evaluation_continues_from_its_saved_batches(tmp_path, monkeyp
 
         def save_then_die(attack, start, result):
             batch(attack, start, result)
-            if start >= 4:
+            if start >= 1:  # the second clean-correct example of the first attack
                 raise KeyboardInterrupt
         saved.save_batch = save_then_die
         return real(*a, saved=saved, **k)
@@ -421,8 +437,8 @@ def test_a_stopped_evaluation_continues_from_its_saved_batches(tmp_path, monkeyp
     monkeypatch.setattr(ev, "evaluate", stop_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
         reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet)
-    (partial,) = list(out.rglob("eval-*-b4.partial"))
-    assert sorted(p.name for p in partial.rglob("batch-*.json")) == ["batch-000000000.json", "batch-000000004.json"]
+    (partial,) = list(out.rglob("eval-*-b1.partial"))
+    assert sorted(p.name for p in partial.rglob("batch-*.json")) == ["batch-000000000.json", "batch-000000001.json"]
     # the next call reads those two batches instead of attacking them again
     monkeypatch.setattr(ev, "evaluate", real)
     attacked = []
@@ -432,7 +448,7 @@ def test_a_stopped_evaluation_continues_from_its_saved_batches(tmp_path, monkeyp
     summary = reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet)
     assert summary["counts"]["evaluated"] == 2 and not list(out.rglob("*.partial"))
     first = summary["rows"][0]
-    batches = math.ceil(round(first["values"]["Natural"] * 48) / 4)  # the clean-correct examples, 4 a batch
+    batches = round(first["values"]["Natural"] * 48)  # one clean-correct example a batch
     assert attacked[:batches - 2] == ["pgd"] * (batches - 2) and attacked[batches - 2] != "pgd"
 
 

@@ -100,6 +100,11 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
     from ..train import TrainConfig
     overrides = figure_flags(exp, check_overrides(exp, overrides or {}))
     p = preset_of(exp, preset)
+    # a flag that repeats the preset's own value changes nothing (and does not make a "+HASH" result)
+    unset = object()
+    base = {"eval": {**EVAL_DEFAULTS, **exp.eval, **p.eval}, "figure": {**exp.figure, **p.figure}}
+    overrides = {**overrides, **{section: {k: v for k, v in overrides[section].items()
+                                           if base[section].get(k, unset) != v} for section in base}}
     eval_cfg = {**EVAL_DEFAULTS, **exp.eval, **p.eval, **overrides.get("eval", {})}
     for key in ("attack_params", "attack_n"):
         eval_cfg[key] = attack_table({**exp.eval.get(key, {}), **p.eval.get(key, {}),
@@ -152,7 +157,7 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
             raise ConfigError(f"{exp.source}: eval.which = \"best\" needs a validation split, but {blind[0]} trains "
                               "with val_size 0 (no best checkpoint); evaluate the last epoch's weights (\"last\")")
     _check_attacks(exp, eval_cfg)
-    _check_figure(exp, figure, [c.row.label for c in cells])
+    _check_figure(exp, figure, [c.row.label for c in cells], overrides.get("figure", {}), preset)
     data = {k: {**exp.train, **p.train, **p.force, **overrides.get("train", {})}.get(k)
             for k in ("data_dir", "accept_checksum_mismatch")}
     return Plan(exp, preset, eval_cfg, figure, cells, runs, overrides, data)
@@ -249,16 +254,33 @@ def _try_attack(name: str, params, eval_cfg: dict, where: str, restarts: int = 1
                            restarts=restarts, seed=eval_cfg["seed"], precision=eval_cfg["precision"])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {name} with {params}: {e}") from None
-    if getattr(atk, "restarts", 1) != restarts:  # a column headed "5 restarts" must not run once
-        raise ConfigError(f"{where}.restarts: {name} runs its own fixed schedule and ignores restarts = {restarts} "
-                          f"(it would run {getattr(atk, 'restarts', 1)} time(s) under a column that says "
-                          f"{restarts}); remove restarts, or use an attack that takes it (pgd, pgd-cw, pgd-dlr, "
-                          "si-pgd, spsa, ...)")
+    ran = getattr(atk, "restarts", 1)
+    if restarts > 1 and ran != restarts:  # a column headed "5 restarts" must not run once
+        try:  # does it take restarts as a parameter of its own?
+            own = getattr(build_attack(name, stand_in, overrides={**params, "restarts": restarts}, eps=eps,
+                                       alpha=eps / 4, steps=eval_cfg["steps"], seed=eval_cfg["seed"],
+                                       precision=eval_cfg["precision"]), "restarts", 1) == restarts
+        except (TypeError, ValueError):
+            own = False
+        raise ConfigError(f"{where}.restarts: {name} does not take the evaluation's restarts (it would run {ran} "
+                          f"time(s) under a column that says {restarts}); "
+                          + (f"give them as its own parameter, params = {{ restarts = {restarts} }}" if own else
+                             "it has no restarts of its own: remove restarts, or use pgd, pgd-cw, pgd-dlr, si-pgd"))
 
 
-def _check_figure(exp: Experiment, figure: dict, labels: list) -> None:
+def _check_figure(exp: Experiment, figure: dict, labels: list, cli: dict, preset: str) -> None:
     if exp.kind != "figure":
         return
+
+    def where(key):
+        if key in cli:
+            flags = {v: k for k, v in _FIGURE_FLAGS.get(exp.figure_kind, {}).items()}
+            flag = {"n": "-n", "steps": "--steps", "seed": "--seed"}.get(flags.get(key, ""))
+            return f"command line ({flag + ' or ' if flag else ''}--set figure.{key})"
+        if key in exp.presets[preset].figure:
+            return f"{exp.source}: presets.{preset}.figure.{key}"
+        return f"{exp.source}: figure.{key}"
+
     wanted = figure.get("models") or ([figure["model"]] if figure.get("model") else [])
     missing = [w for w in wanted if w not in labels]
     if missing:
@@ -268,17 +290,17 @@ def _check_figure(exp: Experiment, figure: dict, labels: list) -> None:
         figure["attacks"] = list(attack_table({a: None for a in figure["attacks"]}, f"{exp.source}: figure.attacks"))
     grid = figure.get("grid")
     if grid is not None and (grid < 3 or grid % 2 == 0):
-        raise ConfigError(f"{exp.source}: figure.grid must be odd and at least 3 (0 on the grid), got {grid}")
+        raise ConfigError(f"{where('grid')}: must be odd and at least 3 (0 on the grid), got {grid}")
     lows = {"images": 1, "n": 1, "steps": 1, "seed": 0, "points": 2, "bins": 2}
     for key, low in lows.items():
         if key in figure and figure[key] < low:
-            raise ConfigError(f"{exp.source}: figure.{key}: expected an integer >= {low}, got {figure[key]}")
+            raise ConfigError(f"{where(key)}: expected an integer >= {low}, got {figure[key]}")
     if "deltas" in figure and not figure["deltas"]:
-        raise ConfigError(f"{exp.source}: figure.deltas: give at least one step along the direction")
+        raise ConfigError(f"{where('deltas')}: give at least one step along the direction")
     lo, hi = figure.get("alpha_min"), figure.get("alpha_max")
     if (lo is not None and lo <= 0) or (hi is not None and hi <= 0) or (lo and hi and lo >= hi):
-        raise ConfigError(f"{exp.source}: figure.alpha_min and alpha_max: expected 0 < alpha_min < alpha_max "
-                          f"(the logits are multiplied by α, on a log scale), got {lo} and {hi}")
+        raise ConfigError(f"{where('alpha_min' if 'alpha_min' in cli else 'alpha_max')}: expected 0 < alpha_min < "
+                          f"alpha_max (the logits are multiplied by α, on a log scale), got {lo} and {hi}")
 
 
 # what -n, --steps and --seed mean for a figure that has its own settings for them
@@ -291,8 +313,8 @@ FIGURE_EVAL_KEYS = {"fig1": ("n", "steps", "seed", "eps", "which", "precision"),
                     "fig3": ("eps", "which"), "fig4": ("eps", "which"), "fig5": ("eps", "which")}
 # ... and those the command line may set for it (batch size changes no number; --precision also trains the
 # runs); any other is refused, never silently ignored
-_FIGURE_CLI_EVAL = {"fig1": FIGURE_EVAL_KEYS["fig1"] + ("batch_size",), "fig3": ("eps", "which", "precision"),
-                    "fig4": ("eps", "which", "precision"), "fig5": ("eps", "which", "precision")}
+_FIGURE_CLI_EVAL = {"fig1": FIGURE_EVAL_KEYS["fig1"] + ("batch_size",), "fig3": ("eps", "which"),
+                    "fig4": ("eps", "which"), "fig5": ("eps", "which")}
 
 
 def figure_flags(exp: Experiment, overrides: dict) -> dict:
@@ -304,6 +326,9 @@ def figure_flags(exp: Experiment, overrides: dict) -> dict:
     for flag, key in mapping.items():
         if flag in evaluation:
             figure.setdefault(key, evaluation.pop(flag))
+    if "precision" not in _FIGURE_CLI_EVAL[exp.figure_kind] and evaluation.get("precision") is not None \
+            and evaluation["precision"] == overrides["train"].get("precision"):
+        evaluation.pop("precision")  # --precision: it trains the runs; this figure's own computation is fp32
     unused = sorted(set(evaluation) - set(_FIGURE_CLI_EVAL[exp.figure_kind]))
     if unused:
         raise ConfigError(f"command line: {exp.figure_kind} does not use eval.{unused[0]} (it reads "

@@ -4,11 +4,14 @@ Everything is kept under one output root (``--out``, a run folder of kind "repro
 
     OUT/runs/<dataset>/<model>/<defense>-e<epochs>-<hash>/   a training run (sirobust train's folder)
         reproduce/eval-<hash>.json                           one evaluation of it (report + what was asked)
+        reproduce/eval-<hash>-b<batch>.partial/              its finished batches while it runs (then removed)
     OUT/published/<name>/eval-<hash>.json                    evaluations of a published model
     OUT/<experiment>-<preset>/                               the table (md, csv, tex, json) or figure (png, pdf, json)
+    OUT/<experiment>-<preset>+<hash>/                        the same, made with command-line overrides
 
 A finished run is reused when its summary matches the resolved config; a stopped one is resumed.
-An evaluation is reused when its file exists for the same weights (sha256), view and attack settings.
+An evaluation is reused when its file exists for the same weights (sha256), view, ε, attacks with all
+their parameters, arithmetic and EVAL_VERSION; a stopped one continues from its saved batches.
 So a grid that was interrupted continues where it stopped, and tables that share runs share them.
 """
 from __future__ import annotations
@@ -78,8 +81,10 @@ def record_use(path: Path, protocol: dict, trained: bool) -> None:
     if "experiment" in record:  # written before runs were shared on record: it names the one that trained it
         record = {"trained_by": {k: record.pop(k) for k in ("experiment", "preset", "protocol") if k in record},
                   **record}
-    if trained or "trained_by" not in record:
+    if trained:
         record["trained_by"] = protocol
+    elif "trained_by" not in record:  # trained before runs kept this record, or by `sirobust train`
+        record["trained_by"] = {"experiment": "unknown"}
     user = {"experiment": protocol["experiment"], "preset": protocol["preset"]}
     used = [u for u in record.get("used_by", []) if u != user]
     record["used_by"] = used + [user]
@@ -291,7 +296,7 @@ class Runner:
                          "combo": cell.combo, "architecture": _architecture(cell),
                          "values": cell_values(self.plan.experiment.columns, reports),
                          "run": cell.train.out if cell.train is not None else None,
-                         "epoch": self.weights_epoch(cell),
+                         "epoch": self.group.first(self.weights_epoch, cell),
                          "flags": _fired(reports) + _unfound(self.plan.experiment.columns, reports),
                          "n": max(r["report"]["n"] for r in reports), "reports": [r["path"] for r in reports],
                          "evaluations": [r["spec"] for r in reports]})

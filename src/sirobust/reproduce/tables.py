@@ -125,7 +125,8 @@ def to_markdown(summary: dict) -> str:
     lines += ["", f"Accuracy in % on the first {n} test images ({weights} weights), "
               f"{e['steps']}-step attacks of step ε/4" + (f", ε = {e['eps']}" if e.get("eps") else
                                                           ", ε = the dataset's (8/255 for CIFAR and SVHN)") + "."]
-    caps = {k: v for k, v in (e.get("attack_n") or {}).items() if v < n}
+    attacked = {c.get("attack") for c in summary["columns"]}
+    caps = {k: v for k, v in (e.get("attack_n") or {}).items() if v < n and k in attacked}
     if caps:
         worst = any(c["value"] == "worst_case" for c in summary["columns"])
         lines.append("Fewer images for: " + ", ".join(f"{k} (first {v})" for k, v in caps.items()) + "."
