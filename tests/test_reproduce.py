@@ -350,10 +350,22 @@ def test_tiny_table_end_to_end_then_everything_is_reused(tmp_path, monkeypatch):
 
     # another setting is another evaluation, never a stale reuse; its table goes beside the preset's, saying so
     fourth = reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet,
-                       overrides={"eval": {"steps": 3}})
-    assert fourth["counts"]["evaluated"] == 2 and fourth["counts"]["trained"] == 0
+                       overrides={"eval": {"steps": 3, "attack_n": {"si-pgd": 12}}})
+    assert fourth["counts"]["evaluated"] == 4 and fourth["counts"]["trained"] == 0  # 2 jobs a cell: 24 and 12 images
     (other,) = [p for p in out.glob("tiny-smoke+*") if p.is_dir()]
-    assert "**Changed from the preset on the command line**: eval.steps = 3." in (other / "table.md").read_text()
+    md = (other / "table.md").read_text()
+    assert "**Changed from the preset on the command line**: eval.attack_n = {\"si-pgd\": 12}, eval.steps = 3." in md
+    assert "L∞ ε = 0.1." in md and "Fewer images for: si-pgd (first 12). The worst case is taken on the first 12" in md
+    # with an attack on fewer images, every column again on those, computed from the per-example results
+    assert "The same cells on the first 12 images, where every attack ran" in md
+    for row in fourth["rows"]:
+        reps = [json.loads(open(p).read())["report"] for p in row["reports"]]
+        big = max(reps, key=lambda r: r["n"])
+        shared = row["shared"]
+        assert shared["n"] == 12 and shared["values"]["Natural"] == sum(big["clean_correct"][:12]) / 12
+        assert shared["values"]["PGD"] == sum(big["attacks"]["pgd"]["robust"][:12]) / 12
+        assert shared["values"]["SI-PGD"] == row["values"]["SI-PGD"]  # it ran on those 12 only
+        assert shared["values"]["worst"] == row["values"]["worst"] <= shared["values"]["PGD"]
     assert json.loads((target / "table.json").read_text())["rows"] == saved["rows"]  # the preset's table is intact
 
 

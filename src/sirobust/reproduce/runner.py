@@ -286,7 +286,7 @@ class Runner:
     # ---------------------------------------------------------------- the whole plan
     def run(self) -> dict:
         """Train, evaluate, and return the table's data (see :mod:`.tables`)."""
-        from .tables import cell_values
+        from .tables import cell_values, shared_values
         t0 = time.time()
         self.train_all()
         rows = []
@@ -295,6 +295,7 @@ class Runner:
             rows.append({"row": cell.row.label, "row_group": cell.row_group, "column_group": cell.column_group,
                          "combo": cell.combo, "architecture": _architecture(cell),
                          "values": cell_values(self.plan.experiment.columns, reports),
+                         "shared": shared_values(self.plan.experiment.columns, reports),
                          "run": cell.train.out if cell.train is not None else None,
                          "epoch": self.group.first(self.weights_epoch, cell),
                          "flags": _fired(reports) + _unfound(self.plan.experiment.columns, reports),

@@ -49,6 +49,30 @@ def cell_values(columns: list[Column], reports: list[dict]) -> dict:
     return out
 
 
+def shared_values(columns: list[Column], reports: list[dict]) -> Optional[dict]:
+    """When an attack ran on fewer images (AutoAttack on the first 200 of 1000), every column again on those
+    first k images, so that the columns can be compared with each other; None when all ran on the same."""
+    k = min(r["report"]["n"] for r in reports)
+    if k == max(r["report"]["n"] for r in reports):
+        return None
+    main = max(reports, key=lambda r: r["report"]["n"])["report"]
+    out: dict = {}
+    for col in columns:
+        key = column_key(col)
+        if col.value == "natural":
+            out[key] = sum(main["clean_correct"][:k]) / k
+        elif col.value == "worst_case":
+            out[key] = sum(all(r["report"]["worst_case_robust"][i] for r in reports) for i in range(k)) / k
+        elif col.value == "adbd":
+            out[key] = None  # a mean distance over other examples: not recomputed here
+        else:
+            name = result_name(col)
+            found = next((r["report"]["attacks"][name] for r in reports
+                          if name in r["report"]["attacks"] and r["spec"]["restarts"] == col.restarts), None)
+            out[key] = None if found is None else sum(found["robust"][:k]) / k
+    return {"n": k, "values": out}
+
+
 def _fmt(col: dict, value) -> str:
     if value is None:
         return "–"
@@ -102,29 +126,44 @@ def _lead(summary: dict) -> list[str]:
     return lead
 
 
-def to_markdown(summary: dict) -> str:
+def _eps_text(summary: dict) -> str:
+    """The ε the evaluations used (each records it, resolved), as 8/255 when it is one."""
+    found = sorted({ev["eps"] for r in summary["rows"] for ev in r.get("evaluations") or []
+                    if isinstance(ev.get("eps"), (int, float))})
+    if not found:
+        eps = summary["eval"].get("eps")
+        return str(eps) if eps else "the dataset's (8/255 for CIFAR and SVHN)"
+
+    def one(eps: float) -> str:
+        k = round(eps * 255)
+        return f"{k}/255" if k and abs(eps * 255 - k) < 1e-6 else f"{eps:.4g}"
+    return " and ".join(one(x) for x in found)
+
+
+def _markdown_grid(summary: dict) -> list[str]:
+    """The table itself: a header line (groups joined with " / ") and one line per row."""
     heads = header_rows(summary)
     lead = _lead(summary)
-    show_group = bool(summary.get("row_group_by"))
-    keep = slice(0 if show_group else 1, None)
+    keep = slice(0 if summary.get("row_group_by") else 1, None)
+    label_row = lead[keep] + [" / ".join(p for p in parts if p) for parts in zip(*heads)]
+    lines = ["| " + " | ".join(label_row) + " |",
+             "|" + "---|" * len(lead[keep]) + "---:|" * (len(label_row) - len(lead[keep]))]
+    return lines + ["| " + " | ".join(cells[keep]) + " |" for cells in body_rows(summary)]
+
+
+def to_markdown(summary: dict) -> str:
     lines = [f"## {summary['title']}", ""]
     if summary.get("paper"):
         lines += [summary["paper"], ""]
     lines.append(f"Preset **{summary['preset']}**: {summary['protocol']}")
     lines.append("")
     lines += overrides_lines(summary)
-    label_row = lead[keep] + [
-        " / ".join(p for p in parts if p) for parts in zip(*heads)]
-    lines.append("| " + " | ".join(label_row) + " |")
-    lines.append("|" + "---|" * len(lead[keep]) + "---:|" * (len(label_row) - len(lead[keep])))
-    for cells in body_rows(summary):
-        lines.append("| " + " | ".join(cells[keep]) + " |")
+    lines += _markdown_grid(summary)
     e = summary["eval"]
     n = max(r["n"] for r in summary["rows"])
     weights = "the best checkpoint's" if e["which"] == "best" else "the last epoch's"
     lines += ["", f"Accuracy in % on the first {n} test images ({weights} weights), "
-              f"{e['steps']}-step attacks of step ε/4" + (f", ε = {e['eps']}" if e.get("eps") else
-                                                          ", ε = the dataset's (8/255 for CIFAR and SVHN)") + "."]
+              f"{e['steps']}-step attacks of step ε/4, L∞ ε = {_eps_text(summary)}."]
     attacked = {c.get("attack") for c in summary["columns"]}
     caps = {k: v for k, v in (e.get("attack_n") or {}).items() if v < n and k in attacked}
     if caps:
@@ -132,6 +171,12 @@ def to_markdown(summary: dict) -> str:
         lines.append("Fewer images for: " + ", ".join(f"{k} (first {v})" for k, v in caps.items()) + "."
                      + (f" The worst case is taken on the first {min(caps.values())}, where every attack ran."
                         if worst else ""))
+    shared = [r for r in summary["rows"] if r.get("shared")]
+    if shared:
+        k = min(r["shared"]["n"] for r in shared)
+        lines += ["", f"The same cells on the first {k} images, where every attack ran (compare the columns here):",
+                  ""] + _markdown_grid({**summary, "rows": [{**r, "values": r["shared"]["values"]} for r in shared]})
+        lines.append("")
     epochs = _best_epochs(summary)
     if epochs:
         lines.append(f"Best checkpoint (by validation PGD accuracy): {epochs}.")
