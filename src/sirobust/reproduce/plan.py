@@ -169,12 +169,7 @@ def _check_eval(exp: Experiment, preset: str, eval_cfg: dict, cli: dict) -> None
     from ..checks import parse_number
 
     def where(key):
-        if key in cli:
-            flag = {"n": "-n", "steps": "--steps", "eps": "--eps", "seed": "--seed"}.get(key)
-            return f"command line ({flag + ' or ' if flag else ''}--set eval.{key})"
-        if key in exp.presets[preset].eval:
-            return f"{exp.source}: presets.{preset}.eval.{key}"
-        return f"{exp.source}: eval.{key}"
+        return _origin(exp, preset, "eval", key, cli, {"n": "-n", "steps": "--steps", "eps": "--eps", "seed": "--seed"})
 
     for key, low in (("n", 1), ("steps", 1), ("batch_size", 1), ("seed", 0)):
         value = eval_cfg[key]
@@ -192,6 +187,17 @@ def _check_eval(exp: Experiment, preset: str, eval_cfg: dict, cli: dict) -> None
             raise ConfigError(f"{where('eps')}: ε is in pixel units of images in [0, 1]: expected 0 < ε <= 1, "
                               f"got {eps} (8/255 is written \"8/255\" or 0.031372...)")
         eval_cfg["eps"] = eps
+
+
+def _origin(exp: Experiment, preset: str, section: str, key: str, cli: dict, flags: dict) -> str:
+    """Where a setting's value came from, for an error message: the command line (its flag), the preset, or
+    the config's own section."""
+    if key in cli:
+        flag = flags.get(key)
+        return f"command line ({flag + ' or ' if flag else ''}--set {section}.{key})"
+    if key in getattr(exp.presets[preset], section):
+        return f"{exp.source}: presets.{preset}.{section}.{key}"
+    return f"{exp.source}: {section}.{key}"
 
 
 # settings that say where things are, not what is computed: they neither rename nor re-label a result
@@ -272,14 +278,10 @@ def _check_figure(exp: Experiment, figure: dict, labels: list, cli: dict, preset
     if exp.kind != "figure":
         return
 
-    def where(key):
-        if key in cli:
-            flags = {v: k for k, v in _FIGURE_FLAGS.get(exp.figure_kind, {}).items()}
-            flag = {"n": "-n", "steps": "--steps", "seed": "--seed"}.get(flags.get(key, ""))
-            return f"command line ({flag + ' or ' if flag else ''}--set figure.{key})"
-        if key in exp.presets[preset].figure:
-            return f"{exp.source}: presets.{preset}.figure.{key}"
-        return f"{exp.source}: figure.{key}"
+    def where(key):  # -n, --steps and --seed reach a figure as its own settings (see figure_flags)
+        flags = {key: f"-{flag}" if flag == "n" else f"--{flag}"
+                 for flag, key in _FIGURE_FLAGS.get(exp.figure_kind, {}).items()}
+        return _origin(exp, preset, "figure", key, cli, flags)
 
     wanted = figure.get("models") or ([figure["model"]] if figure.get("model") else [])
     missing = [w for w in wanted if w not in labels]
