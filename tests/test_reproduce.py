@@ -451,7 +451,10 @@ def test_a_stopped_evaluation_continues_from_its_saved_batches(tmp_path, monkeyp
         reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet)
     (partial,) = list(out.rglob("eval-*-b1.partial"))
     assert sorted(p.name for p in partial.rglob("batch-*.json")) == ["batch-000000000.json", "batch-000000001.json"]
-    # the next call reads those two batches instead of attacking them again
+    # the next call reads those two batches instead of attacking them again (a try with another batch size,
+    # stopped earlier, is cleared with them once the result is written)
+    stale = partial.with_name(partial.name.replace("-b1.partial", "-b64.partial"))
+    (stale / "pgd").mkdir(parents=True)
     monkeypatch.setattr(ev, "evaluate", real)
     attacked = []
     run_batch = ev._run_batch

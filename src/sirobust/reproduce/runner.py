@@ -271,7 +271,8 @@ class Runner:
                   "report": rep.to_dict()}
         if self.group.main:
             write_json(path, result)
-            shutil.rmtree(partial, ignore_errors=True)  # all of it is in the result now
+            for kept in path.parent.glob(f"{path.stem}-b*.partial"):  # all of it is in the result now (also the
+                shutil.rmtree(kept, ignore_errors=True)               # batches of a try with another batch size)
         self.evaluated += 1
         return {**result, "path": str(path)}
 
