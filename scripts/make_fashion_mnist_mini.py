@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build ``src/sirobust/data/assets/fashion_mnist_mini.npz``, the embedded
-``fashion-mnist-mini`` dataset (6000 train / 1000 test Fashion-MNIST images,
-exactly 600 / 100 per class).
+``fashion-mnist-mini`` dataset: 6000 train Fashion-MNIST images (exactly 600
+per class) and the whole official test split (10,000 images, 1000 per class),
+ordered so that its first 1000 are a class-balanced subset (100 per class).
 
 Source: the Fashion-MNIST IDX files (Xiao, Rasul & Vollgraf 2017,
 https://github.com/zalandoresearch/fashion-mnist, MIT licence; the notice
@@ -12,8 +13,12 @@ official files.
 
 Selection: for each split and class, ``numpy.random.default_rng([SEED, split])``
 draws the examples without replacement; the chosen source indices are sorted
-(so the subset keeps the original class interleaving) and stored in the file
-(``train_indices``/``test_indices``) together with the sha256 of each
+(so the subset keeps the original class interleaving). The test split is that
+subset followed by the other 9000 test images in their original order, so the
+first 1000 test images are the same as in earlier versions of the asset (which
+held those 1000 alone) and evaluations on ``n <= 1000`` are unchanged. The
+source indices are stored in the file (``train_indices``/``test_indices``,
+the latter a permutation of 0..9999) together with the sha256 of each
 decompressed source file, so the subset can be audited against the source.
 
 The npz has the layout ``np.savez_compressed`` writes (one deflated ``.npy``
@@ -54,7 +59,7 @@ SOURCE_FILES = {
 SOURCE_SIZES = {"train": 60000, "test": 10000}
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_OUT = REPO / "src" / "sirobust" / "data" / "assets" / "fashion_mnist_mini.npz"
-MAX_BYTES = 5 * 1024 * 1024
+MAX_BYTES = 10 * 1024 * 1024
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # earliest zip date: no build time leaks into the file
 
 
@@ -113,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {img_path} / {lbl_path} do not look like Fashion-MNIST {split} "
                              f"(shapes {images.shape}, {labels.shape})")
         idx = select(labels, PER_CLASS[split], split_id)
+        if split == "test":  # the balanced subset first, then every other test image (the whole split)
+            idx = np.concatenate([idx, np.setdiff1d(np.arange(SOURCE_SIZES[split]), idx)])
         arrays[f"x_{split}"] = images[idx]
         arrays[f"y_{split}"] = labels[idx].astype(np.uint8)
         arrays[f"{split}_indices"] = idx.astype(np.int32)

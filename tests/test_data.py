@@ -663,10 +663,12 @@ def test_safe_extract_refuses_archives_that_unpack_too_large(tmp_path):
 
 
 def test_mini_dataset():
-    for split, (n, per_class) in {"train": (6000, 600), "test": (1000, 100)}.items():
+    for split, (n, per_class) in {"train": (6000, 600), "test": (10000, 1000)}.items():
         ds = load_dataset("fashion-mnist-mini", split, download=False)
         assert ds.images.shape == (n, 1, 28, 28) and ds.images.dtype == torch.uint8
         assert torch.bincount(ds.labels, minlength=10).tolist() == [per_class] * 10
+        if split == "test":  # the whole official test split; its first 1000 are class-balanced (the old subset)
+            assert torch.bincount(ds.labels[:1000], minlength=10).tolist() == [100] * 10
         assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
         assert ds.name == "fashion-mnist-mini" and ds.split == split
         assert ds.images.float().std() > 50  # real images, not zeros
@@ -674,13 +676,15 @@ def test_mini_dataset():
 
 def test_mini_asset_and_licence_ship():
     asset = Path(str(mini.mini_asset()))
-    assert asset.is_file() and asset.stat().st_size <= 5 * 1024 * 1024
+    assert asset.is_file() and asset.stat().st_size <= 10 * 1024 * 1024
     assert hashlib.sha256(asset.read_bytes()).hexdigest() == mini.MINI_SHA256  # rerun script => update constant
     licence = asset.parent / "LICENSE-fashion-mnist.txt"
     text = licence.read_text()
     assert "Zalando SE" in text and "Permission is hereby granted" in text
     with np.load(asset, allow_pickle=False) as z:  # no pickled objects inside
-        assert len(np.unique(z["train_indices"])) == 6000 and z["test_indices"].max() < 10000
+        assert len(np.unique(z["train_indices"])) == 6000
+        assert sorted(z["test_indices"].tolist()) == list(range(10000))  # a permutation: the whole test split
+        assert (np.diff(z["test_indices"][:1000]) > 0).all()  # the balanced subset keeps the source order
 
 
 @pytest.mark.skipif(not FMNIST_SYSTEM.is_dir(), reason="Debian dataset-fashion-mnist not installed")

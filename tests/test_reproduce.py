@@ -191,7 +191,7 @@ def test_evaluation_settings_are_checked_before_training(tmp_path):
         make_plan(load_experiment("fig5"), "smoke", {"eval": {"precision": "bf16"}})
     # a flag that repeats the preset's value is not an override
     from sirobust.reproduce.plan import result_folder
-    plan = make_plan(exp, "mini", {"eval": {"n": 1000, "steps": 20}})
+    plan = make_plan(exp, "mini", {"eval": {"n": 10000, "steps": 20}})
     assert plan.overrides["eval"] == {} and result_folder("table6", "mini", plan.overrides) == "table6-mini"
     plan = make_plan(exp, "mini", {"eval": {"n": 100}})
     assert result_folder("table6", "mini", plan.overrides).startswith("table6-mini+")

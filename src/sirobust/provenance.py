@@ -34,8 +34,20 @@ def environment_info() -> dict:
         "python": sys.version.split()[0], "platform": platform.platform(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "git_commit": git_commit(),
+        "cpu": cpu_name(), "git_commit": git_commit(),
     }
+
+
+def cpu_name() -> str:
+    """The processor's model name (floating-point kernels, so the last digits of a result, depend on it)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def file_sha256(path) -> str:

@@ -120,7 +120,7 @@ class TrainConfig:
     overfit_check: Optional[bool] = None  # PGD accuracy on a fixed training subset each epoch; None: on for
     #                                       single-step defenses (catastrophic overfitting, Wong et al. 2020)
     overfit_n: int = 256                  # examples of that subset
-    early_stop: bool = False              # stop at a catastrophic-overfitting collapse (best stays pre-collapse)
+    early_stop: bool = False              # stop at a catastrophic-overfitting collapse, keeping the weights from before it
     precision: str = "auto"               # auto | fp32 | fp32-fast | bf16 (sirobust.fastpath); auto: bf16 on CUDA
     compile: bool = False                 # torch.compile the model for the training forward passes
     deterministic: bool = False           # deterministic GPU kernels: a GPU run resumes bit-exactly (slower)
@@ -565,7 +565,9 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                     if k != "epoch" and isinstance(v, (int, float)):
                         tb.add_scalar(k, v, epoch + 1)
                 tb.flush()
-            if group.main:
+            # Wong et al.'s early stop keeps the weights from before a collapse as the run's result: the collapsed
+            # epoch's weights are not saved over the previous epoch's (with or without a validation split)
+            if group.main and not (collapsed and cfg.early_stop):
                 save_model(model, out / WEIGHTS_NAME, model_name=cfg.model, dataset=cfg.dataset,
                            extra={"epoch": epoch + 1, "defense": defense.describe()})
             if val and val[select] > best[select] and not collapsed:
@@ -597,9 +599,11 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     rows = read_jsonl(metrics_path)
     env = environment_info()
     weights = {name: file_sha256(out / name) for name in (WEIGHTS_NAME, BEST_NAME) if (out / name).exists()}
+    stopped = stopped_early or (state or {}).get("stopped_early")
     summary = {"out": str(out), "epochs": cfg.epochs, "identity": cfg.identity(), "best": best,
-               "stopped_early": stopped_early or (state or {}).get("stopped_early"),
-               "last": rows[-1] if rows else None,
+               "stopped_early": stopped,
+               # the epoch whose weights weights.safetensors holds (the one before the collapse, after an early stop)
+               "last": (rows[-2] if stopped and len(rows) > 1 else rows[-1]) if rows else None,
                "weights": str(out / WEIGHTS_NAME),
                "best_weights": None if val_ds is None else str(out / BEST_NAME),
                "provenance": {"run_id": folder.record.get("run_id"), "weights_sha256": weights,

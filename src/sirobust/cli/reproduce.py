@@ -1,6 +1,8 @@
 """``sirobust reproduce NAME``: a table or figure of the paper, from its packaged config (or yours)."""
 from __future__ import annotations
 
+from typing import Optional
+
 from .args import add_common_args, add_data_args, int_arg, name_arg, number_arg, parse_param
 
 DEFAULT_OUT = "runs/reproduce"
@@ -17,11 +19,11 @@ def cmd_reproduce(a) -> int:
         raise ValueError(f"name an experiment ({', '.join(list_experiments())}), a config file, or pass --list")
     overrides = overrides_from_args(a)
     if a.dry_run:
-        print(describe(a.name, a.preset, overrides, a.device))
+        print(describe(a.name, a.preset, overrides, a.device, a.shard))
         return 0
     reproduce(a.name, preset=a.preset, out=a.out, overrides=overrides, device=a.device,
-              progress=not a.no_progress, overwrite=a.overwrite, model_dir=a.model_dir,
-              accept_unpinned=a.accept_unpinned)
+              progress=not a.no_progress and a.jobs == 1, overwrite=a.overwrite, model_dir=a.model_dir,
+              accept_unpinned=a.accept_unpinned, shard=a.shard, jobs=a.jobs, collect=a.collect)
     return 0
 
 
@@ -35,6 +37,8 @@ def overrides_from_args(a) -> dict:
     if a.precision is not None:
         train["precision"] = evaluation["precision"] = a.precision
     out = {"train": train, "eval": evaluation, "figure": {}}
+    if a.seeds is not None:
+        out["seeds"] = a.seeds
     for key, value in a.set:
         section, _, name = key.partition(".")
         if section not in out or not name:
@@ -43,7 +47,7 @@ def overrides_from_args(a) -> dict:
     return out
 
 
-def describe(name: str, preset: str, overrides: dict, device: str) -> str:
+def describe(name: str, preset: str, overrides: dict, device: str, shard: Optional[tuple] = None) -> str:
     """The plan of one experiment: its runs and what it would cost."""
     from ..reproduce import load_experiment
     from ..reproduce.cost import estimate, human
@@ -52,8 +56,17 @@ def describe(name: str, preset: str, overrides: dict, device: str) -> str:
     plan = make_plan(exp, preset, overrides, device=device)
     est = estimate(plan)
     lines = [f"{exp.name} --preset {preset}: {exp.title}", f"  {exp.presets[preset].description}",
-             f"  {est['cells']} cells, {est['runs']} training runs:"]
-    lines += [f"    {k}" for k in plan.runs]
+             f"  {est['cells']} cells, {est['runs']} training runs"
+             + (f", seeds {', '.join(map(str, plan.seeds))}" if len(plan.seeds) > 1 else "") + ":"]
+    if shard is not None:
+        from ..reproduce.plan import shard_runs
+        mine = shard_runs(plan, *shard)
+        lines.append(f"  shard {shard[0]}/{shard[1]} trains {len([k for k in plan.runs if k in mine])} of them "
+                     "and evaluates their cells:")
+        lines += [f"    {k}" for k in plan.runs if k in mine]
+        lines += [f"    {u} (evaluated)" for u in sorted(mine - set(plan.runs))]
+    else:
+        lines += [f"    {k}" for k in plan.runs]
     lines.append(f"  estimated cost: {est['flops']:.2g} FLOP, about {human(est['cpu_hours'])} on this CPU, "
                  f"{human(est['gpu_hours'])} on one H200-class GPU (see sirobust.reproduce.cost)")
     return "\n".join(lines)
@@ -79,6 +92,28 @@ def listing(device: str) -> str:
               "and 100 TFLOP/s for an H200-class GPU (assumed); an order of magnitude, not a promise.",
               "Run one: sirobust reproduce NAME --preset smoke|mini|paper [--out DIR]; --dry-run shows its runs."]
     return "\n".join(lines)
+
+
+def seeds_arg(text: str) -> list:
+    """``--seeds 0,1,2``: distinct integers >= 0."""
+    import argparse
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if not parts or not all(x.isdigit() for x in parts):
+        raise argparse.ArgumentTypeError(f"--seeds takes integers >= 0 separated by commas (0,1,2), got {text!r}")
+    seeds = [int(x) for x in parts]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds: a seed is given twice in {text!r}")
+    return seeds
+
+
+def shard_arg(text: str) -> tuple:
+    """``--shard K/N``: the K-th of N parts, 1 <= K <= N."""
+    import argparse
+    k, sep, n = text.partition("/")
+    if not sep or not k.strip().isdigit() or not n.strip().isdigit() or not 1 <= int(k) <= int(n):
+        raise argparse.ArgumentTypeError(f"--shard takes K/N with 1 <= K <= N (2/4: the second of four parts), "
+                                         f"got {text!r}")
+    return int(k), int(n)
 
 
 def setting(text: str) -> tuple:
@@ -124,6 +159,18 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int_arg("--steps", min=1), help="attack steps at evaluation")
     p.add_argument("--eps", type=number_arg("--eps"), help="ε in pixel units (8/255 accepted)")
     p.add_argument("--seed", type=int_arg("--seed", min=0), help="seed of every run and evaluation")
+    p.add_argument("--seeds", type=seeds_arg, metavar="S,S,...",
+                   help="training seeds, a grid axis (0,1,2): each cell is the mean ± sd over them, with paired "
+                        "tests under the table; finished seeds are reused")
+    p.add_argument("--jobs", type=int_arg("--jobs", min=1), default=1, metavar="N",
+                   help="run N parts of the grid at once, each on its own GPU or its share of the CPU threads, "
+                        "then write the table (default 1)")
+    p.add_argument("--shard", type=shard_arg, metavar="K/N",
+                   help="compute the K-th of N deterministic parts of the grid (1 <= K <= N; a SLURM array: "
+                        "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=1-N); the shard that "
+                        "finds every part done writes the table")
+    p.add_argument("--collect", action="store_true",
+                   help="compute nothing: write the table (or figure) from what --out holds, naming what is missing")
     p.add_argument("--precision", choices=["auto", "fp32", "fp32-fast", "bf16"], help="arithmetic (sirobust.fastpath)")
     p.add_argument("--set", type=setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any other setting, repeatable; VALUE as in a TOML config: train.lr=0.1, "

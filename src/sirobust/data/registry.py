@@ -57,8 +57,9 @@ _REGISTRY: dict[str, _Entry] = {
     "fashion-mnist-mini": _entry(
         load_mini_dataset, MINI_SIZES, name="fashion-mnist-mini", num_classes=10, in_channels=1, image_size=28,
         mean=_FMNIST_MEAN, std=_FMNIST_STD, default_eps=0.1, default_eps_l2=1.5, augment="flip",
-        description="Fashion-MNIST subset shipped with sirobust: 6,000 train / 1,000 test images, "
-                    "class-balanced (600/100 per class); needs no download."),
+        description="Fashion-MNIST shipped with sirobust: 6,000 train images (600 per class) and the whole "
+                    "10,000-image test split, whose first 1,000 are class-balanced (100 per class); needs "
+                    "no download."),
     "mnist": _entry(
         load_idx_dataset, SPLIT_FILES, name="mnist", num_classes=10, in_channels=1, image_size=28,
         mean=(0.1307,), std=(0.3081,), default_eps=0.3, default_eps_l2=2.0, augment="crop",

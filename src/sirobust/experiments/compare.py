@@ -74,7 +74,8 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
                                      f"(differs in: {', '.join(diff)}); use the same flags, or --overwrite")
         # each run in its own folder beside the table, named by its row (out/trades-si)
         run_dirs = {run_name(c.train): folder.path / c.row.label.lower() for c in plan.cells}
-        runner = Runner(plan, folder.path, device=device, progress=progress, log=log, run_dirs=run_dirs)
+        runner = Runner(plan, folder.path, device=device, progress=progress, log=log, run_dirs=run_dirs,
+                        claims=False)  # compare's folder is its own (held for the whole call)
         try:
             summary = runner.run()
         except RunInterrupted as e:  # the run's own message names `sirobust train`; the user ran compare

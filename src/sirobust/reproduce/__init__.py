@@ -20,7 +20,7 @@ from ..io import atomic_write_text, write_json
 from .plan import make_plan, result_folder
 from .schema import PRESETS, ConfigError, Experiment, parse_experiment, read_config_file
 
-__all__ = ["reproduce", "load_experiment", "list_experiments", "ConfigError", "PRESETS"]
+__all__ = ["reproduce", "load_experiment", "list_experiments", "ConfigError", "IncompleteGrid", "PRESETS"]
 
 
 def _configs_dir() -> Path:
@@ -46,51 +46,117 @@ def load_experiment(name_or_path: str) -> Experiment:
     return parse_experiment(read_config_file(path), path.name)
 
 
+class IncompleteGrid(RuntimeError):
+    """``--collect`` (or a shard) found runs or evaluations that are not done yet; the message names them."""
+
+
 def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", overrides: Optional[dict] = None,
               device: str = "auto", progress: bool = True, overwrite: bool = False,
-              model_dir: Optional[str] = None, accept_unpinned: bool = False, log: Callable = print) -> dict:
+              model_dir: Optional[str] = None, accept_unpinned: bool = False, log: Callable = print,
+              shard: Optional[tuple] = None, jobs: int = 1, collect: bool = False) -> Optional[dict]:
     """Compute experiment ``name`` (a packaged name or a config path) under ``preset`` into ``out``;
     returns the summary written beside the table or figure (``OUT/NAME-PRESET/``, or ``OUT/NAME-PRESET+HASH/``
     when ``overrides`` change what is computed: the preset's own result is never replaced). ``model_dir`` holds
-    published models' files (Table 5); ``accept_unpinned`` lets one whose config gives no sha256 run."""
+    published models' files (Table 5); ``accept_unpinned`` lets one whose config gives no sha256 run.
+
+    In parallel: ``shard=(K, N)`` computes the K-th of N deterministic parts of the grid (:func:`.plan.shard_runs`)
+    and writes the table only if it finds every part done (else returns None); ``jobs=N`` runs N such shards
+    at once on this machine (:mod:`.jobs`: one GPU each, or a share of the CPU threads) and then the table;
+    ``collect`` computes nothing and writes the table from what ``out`` holds (:class:`IncompleteGrid` names
+    what is missing)."""
     import contextlib
 
     from ..distributed import current as current_group
     from ..experiments.published import DEFAULT_MODEL_DIR
-    from .runner import Runner, open_root
+    from .plan import shard_runs
+    from .runner import Runner, open_root, prepare_root
     exp = load_experiment(name)
     if preset not in PRESETS:
         raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     plan = make_plan(exp, preset, overrides, device=device)  # every setting checked before anything runs
+    _check_parallel(shard, jobs, collect, overwrite)
+    units = shard_runs(plan, *shard) if shard is not None else None
+    if jobs > 1:
+        from .jobs import run_jobs
+        run_jobs(name, preset=preset, out=out, overrides=overrides, device=device, jobs=jobs, overwrite=overwrite,
+                 model_dir=model_dir, accept_unpinned=accept_unpinned, log=log)
+        return reproduce(name, preset=preset, out=out, overrides=overrides, device=device, progress=progress,
+                         model_dir=model_dir, accept_unpinned=accept_unpinned, log=log, collect=True)
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR).expanduser()
     group = current_group(device)  # under torchrun: rank 0 writes, every process trains and attacks its share
     if not group.main:
         log = _silent
+    beside_others = shard is not None or collect  # other processes may share `out`: no lifelong claim
 
     def claim(stack):  # the output checked first, then every published file, before any work
-        root = stack.enter_context(open_root(out, overwrite=overwrite, log=log))
-        if exp.models:
+        if beside_others:
+            path = prepare_root(out, log=log)
+        else:
+            path = stack.enter_context(open_root(out, overwrite=overwrite, log=log)).path
+        if exp.models and not collect:
             check_published(plan, model_dir, accept_unpinned)  # a wrong file stops the grid before any attack
-        return root.path
+        return path
 
     with contextlib.ExitStack() as stack:
         path = group.broadcast(group.first(claim, stack, share=False))
         target = Path(path) / result_folder(exp.name, preset, plan.overrides)
+        part = f" (shard {shard[0]}/{shard[1]}: {len(units)} of the grid's units)" if shard else ""
         log(f"sirobust reproduce {exp.name} --preset {preset}: {exp.title}\n"
             f"{len(plan.cells)} cells, {len(plan.runs)} training runs; results in {target}/"
-            + (f" ({group.world} processes)" if group.enabled else ""))
-        runner = Runner(plan, path, device=device, progress=progress, log=log, group=group)
+            + (f" ({group.world} processes)" if group.enabled else "") + part
+            + (" (collecting: nothing is computed)" if collect else ""))
+        runner = Runner(plan, path, device=device, progress=progress, log=log, group=group,
+                        units=set() if collect else units)
         runner.model_dir = model_dir
         if exp.kind == "figure":
             from .figures import make_figure
+            if beside_others:
+                runner.train_all()
+                waiting = [cfg.out for cfg in plan.runs.values() if group.first(_state, cfg) != "finished"]
+                if waiting:
+                    return _incomplete(exp, preset, collect, log, "\n".join(f"  {w}" for w in waiting), shard)
             summary = make_figure(runner, target)
         else:
-            summary = runner.run()
+            summary = runner.run(compute=not collect)
+            if summary is None:
+                return _incomplete(exp, preset, collect, log, runner.missing_text(), shard)
             if group.main:
                 write_outputs(summary, target)
         log(f"\n{exp.name} ({preset}) written to {target}/: {runner.trained} runs trained, {runner.reused_runs} "
             f"reused; {runner.evaluated} evaluations computed, {runner.reused_evals} reused")
         return summary
+
+
+def _state(cfg) -> str:
+    from .runner import run_state
+    return run_state(cfg)
+
+
+def _check_parallel(shard, jobs: int, collect: bool, overwrite: bool) -> None:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if shard is not None:
+        if (not isinstance(shard, tuple) or len(shard) != 2 or not all(isinstance(x, int) for x in shard)
+                or not 1 <= shard[0] <= shard[1]):
+            raise ConfigError(f"shard must be (K, N) with 1 <= K <= N, got {shard!r} (--shard 2/4: the second of four)")
+    given = [flag for flag, on in (("--shard", shard is not None), ("--jobs", jobs > 1), ("--collect", collect))
+             if on]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} together: give one (--jobs N runs N shards and then collects)")
+    if overwrite and (shard is not None or collect):
+        raise ConfigError(f"--overwrite with {given[0]}: other processes may be using the folder; move it aside "
+                          "once, before the shards start (or use --jobs N --overwrite)")
+
+
+def _incomplete(exp, preset: str, collect: bool, log: Callable, missing: str, shard) -> None:
+    """A shard that finished its part while others still work says what the table waits for; --collect
+    with anything missing is an error naming it."""
+    text = (f"{exp.name} ({preset}): the table waits for\n{missing}\nRun the shards that compute them (or the "
+            "same command again), then `sirobust reproduce ... --collect`")
+    if collect:
+        raise IncompleteGrid(text)
+    log(f"\nshard {shard[0]}/{shard[1]} finished its part; " + text)
+    return None
 
 
 def _silent(*_a, **_k) -> None:

@@ -9,6 +9,14 @@ training settings of a cell stack in this order, each over the previous one:
 so a preset can shrink the runs (``force`` = ``{dataset = "fashion-mnist-mini", model = "cnn-small"}``)
 without touching what the rows vary. Two cells with the same resolved training config are one run:
 it is trained once, under ``OUT/runs/``, and shared by every table that needs it.
+
+``seeds`` (the config's, the preset's, or ``--seeds``) is one more axis, over everything: each cell is
+computed once per training seed, and the table shows the mean ± sd over them. A run's seed is part of its
+resolved config, so the runs of seed 0 are those of a table without seeds, and finished seeds are reused.
+
+A plan's work splits into shards (:func:`shard_runs`): each run with the evaluations of its cells goes to
+one shard, balanced by estimated cost, the same way on every machine, so ``--shard K/N`` processes (a
+SLURM array) together compute the whole grid and each run is trained by one of them.
 """
 from __future__ import annotations
 
@@ -62,6 +70,7 @@ class Cell:
     column_group: str = ""
     row_group: str = ""
     jobs: list = field(default_factory=list)
+    seed: Optional[int] = None     # the training seed (None: a published model)
 
     @property
     def dataset(self) -> str:
@@ -78,6 +87,8 @@ class Plan:
     runs: dict                     # run folder name -> resolved TrainConfig (each trained once)
     overrides: dict
     data: dict = field(default_factory=dict)  # data_dir, accept_checksum_mismatch: for the test set too
+    seeds: list = field(default_factory=list)        # the seed axis ([the runs' seed] without one)
+    comparisons: list = field(default_factory=list)  # (base label, other label) pairs tested under the table
 
     @property
     def column_groups(self) -> list:
@@ -105,6 +116,16 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
     base = {"eval": {**EVAL_DEFAULTS, **exp.eval, **p.eval}, "figure": {**exp.figure, **p.figure}}
     overrides = {**overrides, **{section: {k: v for k, v in overrides[section].items()
                                            if base[section].get(k, unset) != v} for section in base}}
+    configured_seeds = p.seeds if p.seeds is not None else exp.seeds
+    if overrides.get("seeds") is not None and overrides["seeds"] == configured_seeds:
+        overrides = {k: v for k, v in overrides.items() if k != "seeds"}
+    seeds = overrides.get("seeds") or configured_seeds
+    if seeds is not None and "seed" in overrides.get("train", {}):
+        raise ConfigError("command line: --seed and --seeds together; --seeds sets each run's training seed "
+                          "(give one of them)")
+    if seeds is not None and exp.kind == "figure" and len(seeds) > 1:
+        raise ConfigError(f"{exp.source}: seeds = {seeds}: a figure is drawn from one seed's runs (give one seed, "
+                          "or --seed)")
     eval_cfg = {**EVAL_DEFAULTS, **exp.eval, **p.eval, **overrides.get("eval", {})}
     for key in ("attack_params", "attack_n"):
         eval_cfg[key] = attack_table({**exp.eval.get(key, {}), **p.eval.get(key, {}),
@@ -118,15 +139,19 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
     rows = [r for r in exp.rows if p.rows is None or r.label in p.rows]
     models = {m.name: m for m in exp.models}
     cells, runs = [], {}
-    for values in itertools.product(*axes.values()):
+    for seed_index, values in itertools.product(range(len(seeds or [None])), itertools.product(*axes.values())):
+        seed = seeds[seed_index] if seeds else None
         combo = dict(zip(axes, values))
         for row in rows:
-            where = f"{exp.source}: row {row.label!r}" + (f" ({combo})" if combo else "")
+            where = f"{exp.source}: row {row.label!r}" + (f" ({combo})" if combo else "") \
+                + (f" (seed {seed})" if seed is not None else "")
             if row.model is not None:
+                if seed_index:  # a published model is not trained: one cell, whatever the seeds
+                    continue
                 cell = Cell(row, combo, None, models[row.model])
             else:
                 settings = {**exp.train, **p.train, **combo, **row.train}
-                top = {**p.force, **overrides.get("train", {})}
+                top = {**p.force, **overrides.get("train", {}), **({"seed": seed} if seed is not None else {})}
                 try:  # the defense's own settings go to the defense the run ends up with (after force and flags)
                     from ..defenses import canonical_defense
                     defense = canonical_defense({**settings, **top}.get("defense", "standard"))
@@ -136,14 +161,14 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
                     raise ConfigError(f"{where}: {e}") from None
                 name = run_name(cfg)
                 runs.setdefault(name, cfg)
-                cell = Cell(row, combo, cfg, None)
+                cell = Cell(row, combo, cfg, None, seed=cfg.seed)
             cell.column_group = _group(exp.column_group_by, cell)
             cell.row_group = _group(exp.row_group_by, cell)
             cell.jobs = eval_jobs(exp.columns, eval_cfg)
             cells.append(cell)
     seen = set()
     for c in cells:
-        key = (c.row.label, c.column_group, c.row_group)
+        key = (c.row.label, c.column_group, c.row_group, c.seed)
         if key in seen:
             raise ConfigError(f"{exp.source}: preset {preset!r} puts row {c.row.label!r} twice in the same place of "
                               f"the table ({c.column_group or 'no column group'}, {c.row_group or 'no row group'}): "
@@ -160,7 +185,46 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
     _check_figure(exp, figure, [c.row.label for c in cells], overrides.get("figure", {}), preset)
     data = {k: {**exp.train, **p.train, **p.force, **overrides.get("train", {})}.get(k)
             for k in ("data_dir", "accept_checksum_mismatch")}
-    return Plan(exp, preset, eval_cfg, figure, cells, runs, overrides, data)
+    pairs = exp.comparisons if exp.comparisons is not None else default_pairs(rows)
+    labels = {r.label for r in rows}
+    pairs = [pair for pair in pairs if pair[0] in labels and pair[1] in labels]  # a preset may drop rows
+    used_seeds = list(seeds) if seeds else sorted({c.seed for c in cells if c.seed is not None})
+    return Plan(exp, preset, eval_cfg, figure, cells, runs, overrides, data, seeds=used_seeds, comparisons=pairs)
+
+
+def shard_runs(plan: Plan, index: int, count: int) -> set:
+    """The runs (folder names) and published models (``published:NAME``) of shard ``index`` of ``count``
+    (1-based): the units sorted by estimated cost (training plus the evaluations of their cells), largest
+    first, each given to the least loaded shard (ties: the lower shard). The same plan gives the same split
+    on every machine."""
+    if not 1 <= index <= count:
+        raise ConfigError(f"--shard K/N: K must be between 1 and N, got {index}/{count}")
+    from .cost import eval_flops, train_flops
+    cost: dict = {}
+    for name, cfg in plan.runs.items():
+        cost[name] = train_flops(cfg)
+    for cell in plan.cells:
+        unit = unit_of(cell)
+        cost[unit] = cost.get(unit, 0.0) + eval_flops(plan, cell)
+    load = [0.0] * count
+    mine = set()
+    for unit in sorted(cost, key=lambda u: (-cost[u], u)):
+        k = min(range(count), key=lambda i: (load[i], i))
+        load[k] += cost[unit]
+        if k == index - 1:
+            mine.add(unit)
+    return mine
+
+
+def unit_of(cell: Cell) -> str:
+    """The unit of work a cell belongs to: its run (trained, then evaluated, by one process) or its
+    published model."""
+    return run_name(cell.train) if cell.train is not None else f"published:{cell.published.name}"
+
+
+def default_pairs(rows: list) -> list:
+    from .stats import default_pairs as pairs
+    return pairs(rows)
 
 
 def _check_eval(exp: Experiment, preset: str, eval_cfg: dict, cli: dict) -> None:
@@ -206,8 +270,10 @@ _LOCATION_KEYS = ("data_dir",)
 
 def changed_settings(overrides: dict) -> list[str]:
     """The command line's settings that change what a table or figure computes ("train.epochs = 3")."""
-    return [f"{section}.{key} = {json.dumps(value, default=str)}" for section in ("train", "eval", "figure")
-            for key, value in sorted((overrides or {}).get(section, {}).items()) if key not in _LOCATION_KEYS]
+    seeds = (overrides or {}).get("seeds")
+    return ([f"seeds = {json.dumps(seeds)}"] if seeds is not None else []) + [
+        f"{section}.{key} = {json.dumps(value, default=str)}" for section in ("train", "eval", "figure")
+        for key, value in sorted((overrides or {}).get(section, {}).items()) if key not in _LOCATION_KEYS]
 
 
 def result_folder(name: str, preset: str, overrides: dict) -> str:
@@ -343,10 +409,13 @@ def figure_flags(exp: Experiment, overrides: dict) -> dict:
 def check_overrides(exp: Experiment, overrides: dict) -> dict:
     """The command line's settings, checked like the config's (an error names the section and key)."""
     from .schema import EVAL_SCHEMA, FIGURE_SCHEMAS, check_table, train_table
-    unknown = sorted(set(overrides) - {"train", "eval", "figure"})
+    from .schema import check_seeds
+    unknown = sorted(set(overrides) - {"train", "eval", "figure", "seeds"})
     if unknown:
-        raise ConfigError(f"overrides: unknown section {unknown[0]!r} (allowed: train, eval, figure)")
-    return {"train": train_table(overrides.get("train", {}), "command line (train)"),
+        raise ConfigError(f"overrides: unknown section {unknown[0]!r} (allowed: train, eval, figure, seeds)")
+    seeds = overrides.get("seeds")
+    return {**({"seeds": check_seeds(seeds, "command line (--seeds)")} if seeds is not None else {}),
+            "train": train_table(overrides.get("train", {}), "command line (train)"),
             "eval": check_table(overrides.get("eval", {}), EVAL_SCHEMA, "command line (eval)"),
             "figure": check_table(overrides.get("figure", {}), FIGURE_SCHEMAS.get(exp.figure_kind, {}),
                                   "command line (figure)")}

@@ -13,6 +13,11 @@ A finished run is reused when its summary matches the resolved config; a stopped
 An evaluation is reused when its file exists for the same weights (sha256), view, ε, attacks with all
 their parameters, arithmetic and EVAL_VERSION; a stopped one continues from its saved batches.
 So a grid that was interrupted continues where it stopped, and tables that share runs share them.
+
+Several processes may work on one ``OUT`` at once (``--shard K/N``, ``--jobs N``): each run and each
+evaluation is claimed by a lock of its own (``OUT/.locks/``) before it is computed, and looked at again once
+claimed, so none is computed twice; a process that finds one claimed by another goes on with the rest,
+and the table is written by the process that finds every evaluation done (or by ``--collect``).
 """
 from __future__ import annotations
 
@@ -44,6 +49,52 @@ def open_root(out, overwrite: bool = False, log: Callable = print) -> RunFolder:
     mode = "overwrite" if overwrite else ("resume" if holds else "new")
     return RunFolder(out, KIND, mode, config={"root": "sirobust reproduce results"}, log=log,
                      what="reproduction folder")
+
+
+def prepare_root(out, log: Callable = print, wait: float = 60.0) -> Path:
+    """The output root made ready (created, or checked to be a reproduction folder) for a process that works
+    beside others (a shard, a job): claimed only while it is checked, since every run and evaluation has a
+    lock of its own. A process that holds the root for its whole life (a plain ``sirobust reproduce``) is
+    waited for ``wait`` seconds, then named."""
+    from ..runfolder import FolderBusy
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with open_root(out, log=log) as root:
+                return root.path
+        except FolderBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+class UnitLock:
+    """A claim on one unit of work under ``OUT/.locks/`` (a run to train, an evaluation to compute), so that
+    processes sharing ``OUT`` never compute the same one twice; ``held`` is False when another has it."""
+
+    def __init__(self, root: Path, key: str):
+        from ..runfolder import FolderLock
+        folder = Path(root) / ".locks" / digest(key, 16)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.lock = FolderLock(folder)
+        self.held = False
+
+    def __enter__(self) -> "UnitLock":
+        from ..runfolder import FolderBusy
+        try:
+            self.lock.acquire(log=_no_log, what="work unit")
+            self.held = True
+        except FolderBusy:
+            self.held = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.lock.release()
+
+
+def _no_log(*_a, **_k) -> None:
+    pass
 
 
 def run_state(cfg) -> str:
@@ -112,11 +163,14 @@ class Runner:
     """Computes a plan's cells into ``out``; see the module docstring."""
 
     def __init__(self, plan: Plan, out, device: str = "auto", progress: bool = True, log: Callable = print,
-                 run_dirs: Optional[dict] = None, group=None):
+                 run_dirs: Optional[dict] = None, group=None, units: Optional[set] = None, claims: bool = True):
         from ..distributed import current
         self.plan, self.out, self.device, self.progress, self.log = plan, Path(out), device, progress, log
         self.run_dirs = run_dirs or {}  # run name -> folder, where a caller keeps its own layout (compare, demo)
         self.group = group or current(device)  # under torchrun: rank 0 decides what is reused and writes
+        self.units = units  # the runs and published models this process computes (a shard's); None: all
+        self.busy: list = []  # what another process held when this one came to it
+        self.claims = claims  # lock each run and evaluation (False: a folder no other process shares)
         self._test_sets: dict = {}
         self._hashes: dict = {}
         self.trained = 0
@@ -130,15 +184,35 @@ class Runner:
         root = runs_root(self.out)
         protocol = {"experiment": self.plan.experiment.name, "preset": self.plan.preset,
                     "protocol": self.plan.experiment.presets[self.plan.preset].description}
+        self.place_runs()
         for i, (name, cfg) in enumerate(self.plan.runs.items(), 1):
-            cfg = dataclasses.replace(cfg, out=str(self.run_dirs.get(name, root / name)), device=self.device,
-                                      progress=self.progress)
-            self.plan.runs[name] = cfg
+            if self.units is not None and name not in self.units:
+                continue
             self.log(f"\n[{i}/{len(self.plan.runs)}] {cfg.out}")
-            if train_or_reuse(cfg, self.log, protocol, self.group):
-                self.reused_runs += 1
-            else:
-                self.trained += 1
+            with self.claim(f"run {Path(cfg.out).resolve()}") as claim:
+                if not claim.held:  # another process of the grid trains it
+                    self.log(f"[busy] {cfg.out}: another process is training it; going on with the rest")
+                    self.busy.append(cfg.out)
+                    continue
+                if train_or_reuse(cfg, self.log, protocol, self.group):
+                    self.reused_runs += 1
+                else:
+                    self.trained += 1
+
+    def claim(self, key: str):
+        """The lock on one unit of work (see :class:`UnitLock`); always held without ``claims``."""
+        if self.claims:
+            return UnitLock(self.out, key)
+        import contextlib
+        import types
+        return contextlib.nullcontext(types.SimpleNamespace(held=True))
+
+    def place_runs(self) -> None:
+        """Every run of the plan given its folder (and the cells their runs' final configs)."""
+        root = runs_root(self.out)
+        for name, cfg in self.plan.runs.items():
+            self.plan.runs[name] = dataclasses.replace(cfg, out=str(self.run_dirs.get(name, root / name)),
+                                                       device=self.device, progress=self.progress)
         for cell in self.plan.cells:
             if cell.train is not None:
                 from .plan import run_name
@@ -194,8 +268,11 @@ class Runner:
             return self.out / "published" / cell.published.name
         return Path(cell.train.out) / "reproduce"
 
-    def evaluate_cell(self, cell: Cell) -> list:
-        """The reports of the cell's evaluation jobs (each reused when already computed)."""
+    def evaluate_cell(self, cell: Cell, compute: bool = True) -> Optional[list]:
+        """The reports of the cell's evaluation jobs (each reused when already computed); None when one is
+        missing and ``compute`` is False, or another process is computing it."""
+        if cell.train is not None and self.group.first(run_state, cell.train) != "finished":
+            return None  # trained by another process (a shard), not yet finished
         model = None
         reports = []
         for job in cell.jobs:
@@ -207,9 +284,21 @@ class Runner:
                 self.reused_evals += 1
                 reports.append({**saved, "path": str(path)})
                 continue
-            if model is None:
-                model, _weights, _sha, prov = self.model_of(cell)
-            reports.append(self.run_job(cell, job, spec, model, prov, path))
+            if not compute:
+                return None
+            with self.claim(f"evaluation {path.resolve()}") as claim:
+                saved = self.group.first(saved_result, path, spec)  # finished while this process waited?
+                if saved is not None:
+                    self.reused_evals += 1
+                    reports.append({**saved, "path": str(path)})
+                    continue
+                if not claim.held:
+                    self.log(f"[busy] {cell.row.label}: another process is computing {path}")
+                    self.busy.append(str(path))
+                    return None
+                if model is None:
+                    model, _weights, _sha, prov = self.model_of(cell)
+                reports.append(self.run_job(cell, job, spec, model, prov, path))
         return reports
 
     def job_spec(self, cell: Cell, job: EvalJob) -> dict:
@@ -285,29 +374,54 @@ class Runner:
         return done["best"]["epoch"] if self.plan.eval["which"] == "best" else done["last"]["epoch"]
 
     # ---------------------------------------------------------------- the whole plan
-    def run(self) -> dict:
-        """Train, evaluate, and return the table's data (see :mod:`.tables`)."""
-        from .tables import cell_values, shared_values
-        t0 = time.time()
-        self.train_all()
-        rows = []
-        for cell in self.plan.cells:
-            reports = self.evaluate_cell(cell)
-            rows.append({"row": cell.row.label, "row_group": cell.row_group, "column_group": cell.column_group,
-                         "combo": cell.combo, "architecture": _architecture(cell),
-                         "values": cell_values(self.plan.experiment.columns, reports),
-                         "shared": shared_values(self.plan.experiment.columns, reports),
-                         "run": cell.train.out if cell.train is not None else None,
-                         "epoch": self.group.first(self.weights_epoch, cell),
-                         "flags": _fired(reports) + _unfound(self.plan.experiment.columns, reports),
-                         "n": max(r["report"]["n"] for r in reports), "reports": [r["path"] for r in reports],
-                         "evaluations": [r["spec"] for r in reports]})
-        return self.summary(rows, time.time() - t0)
+    def mine(self, cell: Cell) -> bool:
+        """Whether this process computes the cell (all of them, or its shard's)."""
+        from .plan import unit_of
+        return self.units is None or unit_of(cell) in self.units
 
-    def summary(self, rows: list, seconds: float) -> dict:
+    def run(self, compute: bool = True) -> Optional[dict]:
+        """Train, evaluate, and return the table's data (see :mod:`.tables`); None while a cell is missing
+        (another shard's, or one another process is computing; ``self.missing`` names them). With ``compute``
+        False nothing is trained or attacked: the table is collected from what ``OUT`` holds."""
+        from .tables import aggregate, cell_outcomes, cell_values, shared_values
+        t0 = time.time()
+        if compute:
+            self.train_all()
+        else:
+            self.place_runs()
+        cells, outcomes, self.missing = [], [], []
+        columns = self.plan.experiment.columns
+        for cell in self.plan.cells:
+            reports = self.evaluate_cell(cell, compute=compute and self.mine(cell))
+            if reports is None:
+                self.missing.append(cell)
+                continue
+            cells.append({"row": cell.row.label, "row_group": cell.row_group, "column_group": cell.column_group,
+                          "combo": cell.combo, "architecture": _architecture(cell), "seed": cell.seed,
+                          "values": cell_values(columns, reports), "shared": shared_values(columns, reports),
+                          "run": cell.train.out if cell.train is not None else None,
+                          "epoch": self.group.first(self.weights_epoch, cell),
+                          "flags": _fired(reports) + _unfound(columns, reports),
+                          "n": max(r["report"]["n"] for r in reports), "reports": [r["path"] for r in reports],
+                          "evaluations": [r["spec"] for r in reports]})
+            outcomes.append(cell_outcomes(columns, reports))
+        if self.missing:
+            return None
+        rows, comparisons = aggregate(self.plan, cells, outcomes)
+        return self.summary(rows, time.time() - t0, comparisons)
+
+    def missing_text(self) -> str:
+        """What the table still waits for, one line per cell (for --collect and a shard's last words)."""
+        return "\n".join(f"  {c.row.label}" + (f" ({', '.join(f'{k}={v}' for k, v in c.combo.items())})"
+                                                if c.combo else "")
+                         + (f", seed {c.seed}" if c.seed is not None else "")
+                         + (f": {c.train.out}" if c.train is not None else "") for c in self.missing)
+
+    def summary(self, rows: list, seconds: float, comparisons: Optional[list] = None) -> dict:
         exp = self.plan.experiment
         return {"experiment": exp.name, "title": exp.title, "paper": exp.paper, "notes": exp.notes,
                 "preset": self.plan.preset, "protocol": exp.presets[self.plan.preset].description,
+                "seeds": self.plan.seeds, "comparisons": comparisons or [],
                 "columns": [dataclasses.asdict(c) for c in exp.columns], "rows": rows,
                 "column_groups": self.plan.column_groups, "row_groups": self.plan.row_groups,
                 "column_group_by": exp.column_group_by, "row_group_by": exp.row_group_by,

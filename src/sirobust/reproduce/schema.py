@@ -258,6 +258,7 @@ PRESET_SCHEMA = {
     "eval": EVAL_SCHEMA,
     "figure": dict,                # checked against the figure's own schema
     "rows": ("list", str),         # only these rows (labels)
+    "seeds": ("list", int),        # the training seeds, a grid axis (each cell: mean ± sd over them)
 }
 FIGURE_SCHEMAS = {
     "fig1": {"alpha_min": float, "alpha_max": float, "points": int, "attacks": ("list", str), "model": str},
@@ -272,7 +273,11 @@ TOP_SCHEMA = {
     "axes": axes_table, "train": train_table, "eval": EVAL_SCHEMA, "figure": dict,
     "columns": ("list", dict), "rows": ("list", dict), "models": ("list", dict), "presets": dict,
     "paper_tables": ("list", dict),
+    "seeds": ("list", int),        # the training seeds, a grid axis (default: one run, train.seed)
+    "comparisons": ("list", dict), # paired tests under the table (default: every row with SI against its base)
 }
+# A comparison the table's statements test, row against row on the same test points (see .stats).
+COMPARISON_SCHEMA = {"base": str, "other": str}
 # The paper's own numbers, printed under the computed table so that the two are read side by side.
 PAPER_TABLE_SCHEMA = {
     "setting": str,   # what the paper ran: "CIFAR-10, ResNet18, 120 epochs, ε = 8/255"
@@ -308,6 +313,7 @@ class Preset:
     eval: dict = field(default_factory=dict)
     figure: dict = field(default_factory=dict)
     rows: Optional[list] = None
+    seeds: Optional[list] = None
 
 
 @dataclass
@@ -330,6 +336,8 @@ class Experiment:
     models: list = field(default_factory=list)   # PublishedModel
     presets: dict = field(default_factory=dict)  # name -> Preset
     paper_tables: list = field(default_factory=list)  # [{"setting": str, "rows": {label: {column: value}}}]
+    seeds: Optional[list] = None                      # None: one run per cell, at its train.seed
+    comparisons: Optional[list] = None                # [(base label, other label)]; None: every ± SI pair
 
 
 def parse_experiment(data: Any, source: str) -> Experiment:
@@ -377,6 +385,8 @@ def parse_experiment(data: Any, source: str) -> Experiment:
             if label not in labels:
                 raise ConfigError(f"{source}.presets.{name}.rows: no row is labelled {label!r} "
                                   f"(rows: {', '.join(labels)})")
+        if "seeds" in p:
+            p["seeds"] = check_seeds(p["seeds"], f"{source}.presets.{name}.seeds")
         presets[name] = Preset(**p)
     paper_tables = [_paper_table(t, f"{source}.paper_tables[{i}]", labels, keys)
                     for i, t in enumerate(d.get("paper_tables", []))]
@@ -384,7 +394,39 @@ def parse_experiment(data: Any, source: str) -> Experiment:
                       notes=d.get("notes", []), figure_kind=d.get("figure_kind"),
                       column_group_by=d.get("column_group_by"), row_group_by=d.get("row_group_by"),
                       axes=d.get("axes", {}), train=d.get("train", {}), eval=d.get("eval", {}), figure=figure,
-                      columns=columns, rows=rows, models=models, presets=presets, paper_tables=paper_tables)
+                      columns=columns, rows=rows, models=models, presets=presets, paper_tables=paper_tables,
+                      seeds=check_seeds(d["seeds"], f"{source}.seeds") if "seeds" in d else None,
+                      comparisons=_comparisons(d["comparisons"], f"{source}.comparisons", labels)
+                      if "comparisons" in d else None)
+
+
+def check_seeds(seeds: list, where: str) -> list:
+    """A seed axis: at least one seed, each an integer >= 0, none twice."""
+    if not seeds:
+        raise ConfigError(f"{where}: give at least one seed")
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"{where}[{i}]: a seed is an integer >= 0, got {_show(s)}")
+    dup = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if dup is not None:
+        raise ConfigError(f"{where}: the seed {dup} is given twice")
+    return list(seeds)
+
+
+def _comparisons(items: list, where: str, labels: list) -> list:
+    """(base, other) row labels of each declared comparison, both rows present and different."""
+    out = []
+    for i, c in enumerate(items):
+        c = check_table(c, COMPARISON_SCHEMA, f"{where}[{i}]")
+        for key in ("base", "other"):
+            if key not in c:
+                raise ConfigError(f"{where}[{i}].{key}: missing (a comparison names two rows: base and other)")
+            if c[key] not in labels:
+                raise ConfigError(f"{where}[{i}].{key}: no row is labelled {c[key]!r} (rows: {', '.join(labels)})")
+        if c["base"] == c["other"]:
+            raise ConfigError(f"{where}[{i}]: a row compared with itself ({c['base']!r})")
+        out.append((c["base"], c["other"]))
+    return out
 
 
 def _paper_table(t, where: str, labels: list, keys: list) -> dict:

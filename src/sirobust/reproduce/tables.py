@@ -4,11 +4,14 @@ Rows are grouped as the paper groups them (``row_group_by``: the network in Tabl
 Table 10); column groups come from ``column_group_by`` (the dataset in Table 6) and from each column's
 own ``group`` (Table 5's "Single run" and "5 random restarts", Table 9's "SPSA" and "RayS").
 Accuracies are in %, two decimals, as in the paper; RayS's ADBD is an L∞ distance, four decimals.
+Over several training seeds a cell is the mean ± sd (the per-seed values are in the CSV and JSON), and
+the paired comparisons of :mod:`.stats` are printed under the table as generated sentences.
 """
 from __future__ import annotations
 
 import csv
 import io
+import statistics
 from typing import Optional
 
 from .plan import changed_settings, result_name
@@ -73,12 +76,93 @@ def shared_values(columns: list[Column], reports: list[dict]) -> Optional[dict]:
     return {"n": k, "values": out}
 
 
-def _fmt(col: dict, value) -> str:
+def cell_outcomes(columns: list[Column], reports: list[dict]) -> dict:
+    """{column key: per-example outcomes (True: correct, or robust)} of one cell, for the paired tests; the
+    worst case on the images every evaluation shares; None for a column without per-example outcomes."""
+    main = max(reports, key=lambda r: r["report"]["n"])["report"]
+    out: dict = {}
+    for col in columns:
+        key = column_key(col)
+        if col.value == "natural":
+            out[key] = [bool(x) for x in main["clean_correct"]]
+        elif col.value == "worst_case":
+            shared = min(r["report"]["n"] for r in reports)
+            out[key] = [all(r["report"]["worst_case_robust"][i] for r in reports) for i in range(shared)]
+        elif col.value == "robust":
+            name = result_name(col)
+            found = next((r["report"]["attacks"][name] for r in reports
+                          if name in r["report"]["attacks"] and r["spec"]["restarts"] == col.restarts), None)
+            out[key] = None if found is None else [bool(x) for x in found["robust"]]
+        else:
+            out[key] = None
+    return out
+
+
+def _mean_sd(values: list):
+    """(mean, sd) of per-seed values; (None, None) when a seed has none."""
+    if any(v is None for v in values):
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(plan, cells: list[dict], outcomes: list[dict]) -> tuple[list, list]:
+    """The table's rows (one per row and setting: the mean over its seeds, with each seed's values kept in
+    ``per_seed``) and the paired comparisons of ``plan.comparisons`` (see :mod:`.stats`)."""
+    from .stats import compare, statement
+    groups: dict = {}
+    for cell, outcome in zip(cells, outcomes):
+        groups.setdefault((cell["row"], cell["row_group"], cell["column_group"]), []).append((cell, outcome))
+    rows = []
+    for items in groups.values():
+        first = items[0][0]
+        seeds = [c["seed"] for c, _ in items if c["seed"] is not None]
+        if len(items) == 1:
+            rows.append({**first, "seeds": seeds, "sd": None})
+            continue
+        keys = list(first["values"])
+        stats = {k: _mean_sd([c["values"][k] for c, _ in items]) for k in keys}
+        shared = None
+        if all(c["shared"] for c, _ in items):
+            sh = {k: _mean_sd([c["shared"]["values"][k] for c, _ in items]) for k in keys}
+            shared = {"n": first["shared"]["n"], "values": {k: v[0] for k, v in sh.items()},
+                      "sd": {k: v[1] for k, v in sh.items()}}
+        rows.append({**{k: first[k] for k in ("row", "row_group", "column_group", "combo", "architecture", "run",
+                                              "epoch")},
+                     "seed": None, "seeds": seeds, "values": {k: v[0] for k, v in stats.items()},
+                     "sd": {k: v[1] for k, v in stats.items()}, "shared": shared,
+                     "flags": [{**f, "message": f"seed {c['seed']}: {f['message']}"} for c, _ in items
+                               for f in c["flags"]],
+                     "n": max(c["n"] for c, _ in items), "reports": [p for c, _ in items for p in c["reports"]],
+                     "evaluations": [e for c, _ in items for e in c["evaluations"]],
+                     "per_seed": [{k: c[k] for k in ("seed", "values", "shared", "run", "epoch", "n")}
+                                  for c, _ in items]})
+    comparisons = []
+    for base, other in plan.comparisons:
+        for (label, row_group, column_group), items in groups.items():
+            if label != other:
+                continue
+            base_items = groups.get((base, row_group, column_group))
+            if not base_items:
+                continue
+            for col in plan.experiment.columns:
+                key = column_key(col)
+                b = {c["seed"]: o[key] for c, o in base_items if o.get(key) is not None}
+                o_ = {c["seed"]: o[key] for c, o in items if o.get(key) is not None}
+                if not set(b) & set(o_) or any(len(b[s]) != len(o_[s]) for s in set(b) & set(o_)):
+                    continue
+                result = compare(b, o_)
+                comparisons.append({"base": base, "other": other, "row_group": row_group,
+                                    "column_group": column_group, "column": key, **result,
+                                    "statement": statement(other, base, key, result)})
+    return rows, comparisons
+
+
+def _fmt(col: dict, value, sd=None) -> str:
     if value is None:
         return "–"
     if col["value"] == "adbd":
-        return f"{value:.4f}"
-    return f"{100 * value:.2f}"
+        return f"{value:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+    return f"{100 * value:.2f}" + (f" ± {100 * sd:.2f}" if sd is not None else "")
 
 
 def _layout(summary: dict):
@@ -86,8 +170,10 @@ def _layout(summary: dict):
     groups = summary["column_groups"]
     by_row: dict = {}
     for r in summary["rows"]:
-        by_row.setdefault(r["row_group"], {}).setdefault(r["row"], {"arch": r["architecture"], "values": {}})
+        by_row.setdefault(r["row_group"], {}).setdefault(r["row"], {"arch": r["architecture"], "values": {},
+                                                                      "sd": {}})
         by_row[r["row_group"]][r["row"]]["values"][r["column_group"]] = r["values"]
+        by_row[r["row_group"]][r["row"]]["sd"][r["column_group"]] = r.get("sd") or {}
     show_model = any(r["run"] is None for r in summary["rows"])  # published models: their architecture
     return groups, by_row, summary["columns"], show_model
 
@@ -112,8 +198,8 @@ def body_rows(summary: dict) -> list[list[str]]:
         for i, (label, data) in enumerate(rows.items()):
             cells = [row_group if i == 0 else "", label] + ([data["arch"]] if show_model else [])
             for g in groups:
-                values = data["values"].get(g, {})
-                cells += [_fmt(c, values.get(column_key(c))) for c in cols]
+                values, sd = data["values"].get(g, {}), data["sd"].get(g, {})
+                cells += [_fmt(c, values.get(column_key(c)), sd.get(column_key(c))) for c in cols]
             out.append(cells)
     return out
 
@@ -163,7 +249,8 @@ def to_markdown(summary: dict) -> str:
     n = max(r["n"] for r in summary["rows"])
     weights = "the best checkpoint's" if e["which"] == "best" else "the last epoch's"
     lines += ["", f"Accuracy in % on the first {n} test images ({weights} weights), "
-              f"{e['steps']}-step attacks of step ε/4, L∞ ε = {_eps_text(summary)}."]
+              f"{e['steps']}-step attacks of step ε/4, L∞ ε = {_eps_text(summary)}."
+              + seeds_text(summary)]
     attacked = {c.get("attack") for c in summary["columns"]}
     caps = {k: v for k, v in (e.get("attack_n") or {}).items() if v < n and k in attacked}
     if caps:
@@ -175,8 +262,10 @@ def to_markdown(summary: dict) -> str:
     if shared:
         k = min(r["shared"]["n"] for r in shared)
         lines += ["", f"The same cells on the first {k} images, where every attack ran (compare the columns here):",
-                  ""] + _markdown_grid({**summary, "rows": [{**r, "values": r["shared"]["values"]} for r in shared]})
+                  ""] + _markdown_grid({**summary, "rows": [{**r, "values": r["shared"]["values"],
+                                                             "sd": r["shared"].get("sd")} for r in shared]})
         lines.append("")
+    lines += comparison_lines(summary)
     epochs = _best_epochs(summary)
     if epochs:
         lines.append(f"Best checkpoint (by validation PGD accuracy): {epochs}.")
@@ -190,6 +279,37 @@ def to_markdown(summary: dict) -> str:
               f"{c['evaluated']} evaluations computed, {c['reused_evaluations']} reused; {summary['seconds']:.0f} s.  ",
               f"sirobust {env['sirobust']}, torch {env['torch']}, commit {env['git_commit']}, {env['gpu'] or 'CPU'}", ""]
     return "\n".join(lines)
+
+
+def seeds_text(summary: dict) -> str:
+    """" Mean ± sd over 3 training seeds (0, 1, 2) ..." when the table has more than one seed."""
+    seeds = summary.get("seeds") or []
+    if len(seeds) < 2:
+        return f" Training seed {seeds[0]}." if seeds else ""
+    return (f" Each cell: mean ± sd over {len(seeds)} training seeds ({', '.join(map(str, seeds))}); each seed's "
+            "values are in table.csv and table.json.")
+
+
+def comparison_lines(summary: dict) -> list[str]:
+    """The generated statements of the paired comparisons (see :mod:`.stats`), by setting."""
+    found = summary.get("comparisons") or []
+    if not found:
+        return []
+    k = len(summary.get("seeds") or [None])
+    how = ("McNemar's exact test on the same test points for each seed, and the mean difference over the seeds "
+           "with its 95 % t interval; a difference is stated when that interval excludes 0" if k > 1 else
+           "McNemar's exact test on the same test points; one seed, so a difference is stated when p < 0.05, and "
+           "it says nothing of another seed's run")
+    lines = ["", f"**Paired comparisons** ({how}; p-values not corrected for the {len(found)} comparisons here). "
+             "Generated from the numbers:"]
+    settings = list(dict.fromkeys((c["row_group"], c["column_group"]) for c in found))
+    for setting in settings:
+        where = ", ".join(x for x in setting if x)
+        if where and len(settings) > 1:
+            lines.append(f"- {where}:")
+        indent = "  " if where and len(settings) > 1 else ""
+        lines += [f"{indent}- {c['statement']}" for c in found if (c["row_group"], c["column_group"]) == setting]
+    return lines
 
 
 def overrides_lines(summary: dict) -> list[str]:
@@ -244,14 +364,23 @@ def to_csv(summary: dict) -> str:
     """One line per (row, column group, column): long format, easy to load anywhere."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row_group", "method", "model", "column_group", "column_group2", "column", "value", "unit"])
+    w.writerow(["row_group", "method", "model", "column_group", "column_group2", "column", "seed", "value", "unit"])
     for r in summary["rows"]:
         for c in summary["columns"]:
-            v = r["values"].get(column_key(c))
             unit = "linf_distance" if c["value"] == "adbd" else "percent"
-            shown = "" if v is None else (f"{v:.6f}" if c["value"] == "adbd" else f"{100 * v:.4f}")
-            w.writerow([r["row_group"], r["row"], r["architecture"], r["column_group"], c["group"], c["label"],
-                        shown, unit])
+
+            def shown(v):
+                return "" if v is None else (f"{v:.6f}" if c["value"] == "adbd" else f"{100 * v:.4f}")
+            lead = [r["row_group"], r["row"], r["architecture"], r["column_group"], c["group"], c["label"]]
+            key = column_key(c)
+            if r.get("per_seed"):  # each seed's value, then their mean and sd
+                for one in r["per_seed"]:
+                    w.writerow(lead + [one["seed"], shown(one["values"].get(key)), unit])
+                w.writerow(lead + ["mean", shown(r["values"].get(key)), unit])
+                w.writerow(lead + ["sd", shown((r.get("sd") or {}).get(key)), unit])
+            else:
+                seed = r.get("seed")
+                w.writerow(lead + ["" if seed is None else seed, shown(r["values"].get(key)), unit])
     return buf.getvalue()
 
 

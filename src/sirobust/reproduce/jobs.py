@@ -1,0 +1,120 @@
+"""``--jobs N``: N shards of one grid at once on this machine, each a process of its own.
+
+Job K runs ``reproduce(..., shard=(K, N))`` (see :func:`.plan.shard_runs`) in a child process:
+
+* on a machine with GPUs (device ``auto`` or ``cuda``), pinned to one of them through
+  ``CUDA_VISIBLE_DEVICES`` (job K gets the K-th visible GPU, round robin when N exceeds them);
+* on a CPU, given ``cores // N`` threads (``torch.set_num_threads``, ``OMP_NUM_THREADS``), so that the
+  jobs share the cores instead of fighting over them.
+
+Each child's lines are printed prefixed ``[job K/N]``; progress bars are off. The children claim every
+run and evaluation by its lock (:class:`.runner.UnitLock`), as shards of a SLURM array do, so nothing is
+computed twice even beside another ``sirobust reproduce`` on the same folder. Once every child has
+ended, the parent writes the table from the folder (``collect``). A stopped grid resumes with the same
+command; SIGINT or SIGTERM to the parent is passed on to the children, which save their progress.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Callable, Optional
+
+THREADS_ENV = "SIROBUST_NUM_THREADS"
+
+
+def job_environment(k: int, jobs: int, device: str) -> dict:
+    """The environment of job ``k`` (1-based) of ``jobs``: its GPU, or its share of the CPU threads."""
+    env = dict(os.environ)
+    gpus = _visible_gpus() if device in ("auto", "cuda") or device.startswith("cuda") else []
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[(k - 1) % len(gpus)]
+    else:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        env.update({THREADS_ENV: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    return env
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+    if not torch.cuda.is_available():
+        return []
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given:
+        return [g.strip() for g in given.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_jobs(name: str, preset: str, out: str, overrides: Optional[dict], device: str, jobs: int,
+             overwrite: bool = False, model_dir: Optional[str] = None, accept_unpinned: bool = False,
+             log: Callable = print) -> None:
+    """Run the ``jobs`` shards of the grid as child processes and wait for all of them; raises
+    ``RuntimeError`` naming the jobs that failed (after the others have finished their parts)."""
+    from .runner import open_root
+    if overwrite:  # once, before any child: the folder is moved aside while nobody uses it
+        with open_root(out, overwrite=True, log=log):
+            pass
+    children = []
+    for k in range(1, jobs + 1):
+        spec = {"name": name, "preset": preset, "out": str(out), "overrides": overrides or {}, "device": device,
+                "shard": [k, jobs], "model_dir": model_dir, "accept_unpinned": accept_unpinned}
+        env = job_environment(k, jobs, device)
+        where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env and THREADS_ENV not in env \
+            else f"{env.get(THREADS_ENV)} CPU thread(s)"
+        log(f"[job {k}/{jobs}] started on {where}")
+        proc = subprocess.Popen([sys.executable, "-m", "sirobust.reproduce.jobs", json.dumps(spec)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        pump = threading.Thread(target=_pump, args=(proc, f"[job {k}/{jobs}] ", log), daemon=True)
+        pump.start()
+        children.append((k, proc, pump))
+    try:
+        for _k, proc, pump in children:
+            proc.wait()
+            pump.join()
+    except BaseException:  # Ctrl-C or SIGTERM: each child saves its progress and stops
+        for _k, proc, _thread in children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _k, proc, _thread in children:
+            proc.wait()
+        raise
+    failed = [(k, proc.returncode) for k, proc, _ in children if proc.returncode != 0]
+    if failed:
+        raise RuntimeError("; ".join(f"job {k}/{jobs} exited with status {rc}" for k, rc in failed)
+                           + " (its lines above, prefixed [job K/N], say why); what the others finished is kept: "
+                             "run the same command again to continue")
+
+
+def _pump(proc, prefix: str, log: Callable) -> None:
+    for line in proc.stdout:
+        log(prefix + line.rstrip("\n"))
+
+
+def main(argv: list[str]) -> int:
+    """A job's process: one shard of the grid (the spec is JSON, written by :func:`run_jobs`)."""
+    spec = json.loads(argv[0])
+    threads = os.environ.get(THREADS_ENV)
+    if threads:
+        import torch
+        torch.set_num_threads(int(threads))
+    from ..interrupts import RunInterrupted
+    from . import reproduce
+    try:
+        reproduce(spec["name"], preset=spec["preset"], out=spec["out"], overrides=spec["overrides"],
+                  device=spec["device"], progress=False, model_dir=spec["model_dir"],
+                  accept_unpinned=spec["accept_unpinned"], shard=tuple(spec["shard"]), log=_flush_print)
+    except RunInterrupted as e:
+        print(f"stopped: {e}", flush=True)
+        return 128 + int(getattr(e, "signum", signal.SIGTERM) or signal.SIGTERM)
+    return 0
+
+
+def _flush_print(*args, **kwargs) -> None:
+    print(*args, **kwargs, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

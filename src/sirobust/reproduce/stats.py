@@ -1,0 +1,135 @@
+"""Paired statistics for a table's comparisons: is one row's accuracy different from another's?
+
+Two rows of a table (TRADES and TRADES-SI, say) are evaluated on the same test points with the same
+attacks, so each comparison is paired:
+
+* **per seed**, McNemar's exact test on the per-example outcomes (robust or not): with ``b`` the points
+  only the base keeps and ``c`` the points only the other row keeps, under H0 each of the ``b + c``
+  discordant points is the other row's with probability 1/2, and the two-sided p-value is
+  ``min(1, 2 · P[Binomial(b + c, 1/2) <= min(b, c)])`` (computed exactly, in integers);
+* **across seeds**, the mean of the per-seed differences (other − base, in accuracy points) with a 95 %
+  Student-t interval ``mean ± t(0.975, k−1) · sd / √k`` over the ``k`` seeds.
+
+A difference is *detected* when, with two seeds or more, the interval excludes 0, and with one seed, when
+McNemar's p < 0.05; otherwise the statement says "no difference detected". The p-values are not corrected
+for the number of comparisons under a table (the statement says how many there are).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from fractions import Fraction
+from typing import Sequence
+
+ALPHA = 0.05
+
+
+def t_quantile_975(df: int) -> float:
+    """t(0.975, df), the two-sided 95 % quantile of Student's t."""
+    if df < 1:
+        raise ValueError(f"df must be at least 1, got {df}")
+    from scipy.stats import t
+    return float(t.ppf(0.975, df))
+
+
+def mcnemar_exact(base: Sequence[bool], other: Sequence[bool]) -> dict:
+    """McNemar's exact test on paired per-example outcomes (the same points, in the same order).
+
+    Returns ``{"n", "base_only", "other_only", "p"}``: ``base_only`` points are robust for the base alone,
+    ``other_only`` for the other row alone; ``p`` is the two-sided exact p-value (1.0 with no discordant
+    point)."""
+    if len(base) != len(other):
+        raise ValueError(f"paired outcomes need the same points: {len(base)} against {len(other)}")
+    b = sum(1 for x, y in zip(base, other) if x and not y)
+    c = sum(1 for x, y in zip(base, other) if y and not x)
+    return {"n": len(base), "base_only": b, "other_only": c, "p": binomial_two_sided(b, c)}
+
+
+def binomial_two_sided(b: int, c: int) -> float:
+    """``min(1, 2 · P[Binomial(b + c, 1/2) <= min(b, c)])``, exact (integer arithmetic, any size)."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return float(min(Fraction(1), Fraction(2 * tail, 2 ** n)))
+
+
+def mean_interval(diffs: Sequence[float]) -> dict:
+    """Mean, sd and the 95 % t interval of per-seed differences (no interval and sd from one seed)."""
+    k = len(diffs)
+    if k == 0:
+        raise ValueError("no differences to summarise")
+    mean = statistics.fmean(diffs)
+    if k == 1:
+        return {"k": 1, "mean": mean, "sd": None, "low": None, "high": None}
+    sd = statistics.stdev(diffs)
+    half = t_quantile_975(k - 1) * sd / math.sqrt(k)
+    return {"k": k, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+
+
+def compare(base: dict, other: dict) -> dict:
+    """One comparison under one column: ``base`` and ``other`` map seed -> per-example outcomes (the same
+    points for both rows of a seed). Per seed: the two accuracies, their difference in points and McNemar's
+    test; across seeds: the mean difference with its interval, how many seeds favour each row, and the
+    verdict ("higher", "lower" or "no difference detected")."""
+    seeds = sorted(set(base) & set(other))
+    if not seeds:
+        raise ValueError("the two rows share no seed")
+    per_seed = []
+    for s in seeds:
+        test = mcnemar_exact(base[s], other[s])
+        n = test["n"]
+        acc_b, acc_o = sum(map(bool, base[s])) / n, sum(map(bool, other[s])) / n
+        per_seed.append({"seed": s, "base": acc_b, "other": acc_o, "diff": 100 * (acc_o - acc_b), **test})
+    summary = mean_interval([p["diff"] for p in per_seed])
+    if summary["k"] >= 2:
+        detected = summary["low"] > 0 or summary["high"] < 0
+    else:
+        detected = per_seed[0]["p"] < ALPHA
+    verdict = ("higher" if summary["mean"] > 0 else "lower") if detected else "no difference detected"
+    return {"seeds": seeds, "per_seed": per_seed, **summary,
+            "above": sum(p["diff"] > 0 for p in per_seed), "below": sum(p["diff"] < 0 for p in per_seed),
+            "significant_seeds": sum(p["p"] < ALPHA for p in per_seed), "verdict": verdict}
+
+
+def _points(x: float) -> str:
+    return f"{x:+.2f}".replace("-", "−")
+
+
+def statement(other: str, base: str, column: str, result: dict) -> str:
+    """The sentence a table prints for one comparison, generated from the numbers alone, e.g.
+    "TRADES-SI above TRADES under worst case in 3 of 3 seeds, mean +1.20 points [+0.40, +2.00]"."""
+    k = result["k"]
+    seeds = f"{k} seed{'s' if k > 1 else ''}"
+    if k >= 2:
+        numbers = f"mean {_points(result['mean'])} points, 95 % interval [{_points(result['low'])}, " \
+                  f"{_points(result['high'])}]; McNemar p < 0.05 in {result['significant_seeds']} of {k}"
+    else:
+        p = result["per_seed"][0]
+        numbers = f"{_points(result['mean'])} points, McNemar p = {_p(p['p'])} ({p['other_only']} points kept by " \
+                  f"{other} alone, {p['base_only']} by {base} alone, of {p['n']})"
+    if result["verdict"] == "no difference detected":
+        return f"{other} vs {base} under {column}: no difference detected ({numbers}; {other} above in " \
+               f"{result['above']} of {seeds})"
+    word = "above" if result["verdict"] == "higher" else "below"
+    count = result["above"] if word == "above" else result["below"]
+    return f"{other} {word} {base} under {column} in {count} of {seeds} ({numbers})"
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def default_pairs(rows: list) -> list[tuple[str, str]]:
+    """(base, other) for every row trained with SI whose row without SI (the same training settings
+    otherwise) is in the table: every ± SI pair."""
+    pairs = []
+    for row in rows:
+        if not row.train.get("si"):
+            continue
+        plain = {k: v for k, v in row.train.items() if k != "si"}
+        base = next((r for r in rows if r is not row and r.model is None and r.view == row.view
+                     and {k: v for k, v in r.train.items() if k != "si"} == plain and not r.train.get("si")), None)
+        if base is not None:
+            pairs.append((base.label, row.label))
+    return pairs

@@ -1,0 +1,260 @@
+"""A grid's evidence: seeds as an axis (mean ± sd per cell), paired tests generated from the per-example
+outcomes (McNemar per seed, a t interval across seeds), and grids computed in parallel (--jobs, --shard,
+--collect) with every run trained exactly once."""
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats as sps
+
+from sirobust.reproduce import ConfigError, IncompleteGrid, load_experiment, reproduce
+from sirobust.reproduce.plan import make_plan, shard_runs
+from sirobust.reproduce.stats import compare, default_pairs, mcnemar_exact, mean_interval, statement
+
+from test_reproduce import TINY, _quiet, _write
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- the statistics alone
+
+def test_mcnemar_exact_equals_scipys_binomial_test():
+    import random
+    rng = random.Random(0)
+    for n, flip in ((50, 0.1), (400, 0.03), (10000, 0.01), (3000, 0.3)):
+        base = [rng.random() < 0.6 for _ in range(n)]
+        other = [b if rng.random() > flip else not b for b in base]
+        got = mcnemar_exact(base, other)
+        b = sum(x and not y for x, y in zip(base, other))
+        c = sum(y and not x for x, y in zip(base, other))
+        assert (got["base_only"], got["other_only"], got["n"]) == (b, c, n)
+        expected = sps.binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
+        assert got["p"] == pytest.approx(expected, rel=1e-9, abs=1e-300)
+    assert mcnemar_exact([True, False], [True, False])["p"] == 1.0  # no discordant point
+    with pytest.raises(ValueError, match="same points"):
+        mcnemar_exact([True], [True, False])
+
+
+def test_mean_interval_is_students_t_interval():
+    diffs = [1.5, 0.4, 2.1]
+    got = mean_interval(diffs)
+    low, high = sps.t.interval(0.95, len(diffs) - 1, loc=statistics.fmean(diffs), scale=sps.sem(diffs))
+    assert got["low"] == pytest.approx(low) and got["high"] == pytest.approx(high)
+    assert got["sd"] == pytest.approx(statistics.stdev(diffs))
+    one = mean_interval([0.7])
+    assert one["low"] is None and one["sd"] is None and one["mean"] == 0.7
+
+
+def test_statements_say_only_what_the_numbers_support():
+    # 3 seeds, all above, interval above 0: a detected difference
+    up = {s: [True] * 60 + [False] * 40 for s in range(3)}
+    down = {s: [True] * 50 + [False] * 50 for s in range(3)}
+    res = compare(down, up)
+    assert res["verdict"] == "higher" and res["above"] == 3
+    text = statement("X-SI", "X", "PGD", res)
+    assert text.startswith("X-SI above X under PGD in 3 of 3 seeds (mean +10.00 points")
+    # one seed above, one below: no difference detected, whatever the per-seed p-values
+    mixed = compare({0: [True] * 50 + [False] * 50, 1: [True] * 60 + [False] * 40},
+                    {0: [True] * 60 + [False] * 40, 1: [True] * 50 + [False] * 50})
+    assert mixed["verdict"] == "no difference detected"
+    assert "no difference detected" in statement("X-SI", "X", "PGD", mixed)
+    # one seed: McNemar decides; a 2-point gap on 100 images is not a difference
+    small = compare({0: [True] * 50 + [False] * 50}, {0: [True] * 52 + [False] * 48})
+    assert small["verdict"] == "no difference detected" and small["k"] == 1
+    assert "McNemar p = 0.5" in statement("X-SI", "X", "PGD", small)
+
+
+def test_every_si_row_is_compared_with_its_base_by_default():
+    exp = load_experiment("table6")
+    assert default_pairs(exp.rows) == [("AT", "AT-SI"), ("TRADES", "TRADES-SI"), ("ALP", "ALP-SI"),
+                                       ("MART", "MART-SI")]
+    assert make_plan(exp, "mini").comparisons == default_pairs(exp.rows)
+
+
+# ---------------------------------------------------------------- seeds in a plan
+
+def test_seeds_are_an_axis_over_every_run_and_seed_0_keeps_its_runs(tmp_path):
+    exp = load_experiment("table6")
+    plan = make_plan(exp, "mini")
+    assert plan.seeds == [0, 1, 2] and len(plan.runs) == 24 and len(plan.cells) == 24
+    assert sorted({c.seed for c in plan.cells}) == [0, 1, 2]
+    one = make_plan(exp, "mini", {"seeds": [0]})
+    assert set(one.runs) <= set(plan.runs)  # seed 0's runs are the grid's: reused, never retrained
+    assert one.overrides["seeds"] == [0]
+    assert "seeds" not in make_plan(exp, "mini", {"seeds": [0, 1, 2]}).overrides  # the preset's own: no override
+    with pytest.raises(ConfigError, match="--seed and --seeds together"):
+        make_plan(exp, "mini", {"seeds": [0, 1], "train": {"seed": 3}})
+    for bad, words in (([], "at least one seed"), ([0, 0], "given twice"), ([-1], "integer >= 0")):
+        with pytest.raises(ConfigError, match=words):
+            make_plan(exp, "mini", {"seeds": bad})
+    with pytest.raises(ConfigError, match="a figure is drawn from one seed"):
+        make_plan(load_experiment("fig5"), "smoke", {"seeds": [0, 1]})
+    bad_cfg = _write(tmp_path, TINY + '\n[[comparisons]]\nbase = "AT"\nother = "HE"\n')
+    with pytest.raises(ConfigError, match=r"comparisons\[0\].other: no row is labelled 'HE'"):
+        load_experiment(str(bad_cfg))
+
+
+def test_a_shard_is_a_deterministic_quarter_and_the_shards_cover_the_grid():
+    plan = make_plan(load_experiment("table6"), "paper")
+    parts = [shard_runs(plan, k, 4) for k in range(1, 5)]
+    assert all(len(p) == 8 for p in parts)
+    assert set().union(*parts) == set(plan.runs) and sum(map(len, parts)) == 32  # disjoint, complete
+    assert parts == [shard_runs(make_plan(load_experiment("table6"), "paper"), k, 4) for k in range(1, 5)]
+    with pytest.raises(ConfigError, match="between 1 and N"):
+        shard_runs(plan, 5, 4)
+
+
+def test_cli_shard_dry_run_lists_a_quarter_of_the_runs(capsys):
+    from sirobust.cli import main
+    assert main(["reproduce", "table6", "--preset", "paper", "--shard", "1/4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "shard 1/4 trains 8 of them" in out
+    assert len(re.findall(r"^    cifar\d+/\S+-e\d+-[0-9a-f]{10}$", out, re.M)) == 8
+    for bad in ("0/4", "5/4", "a/b", "3"):
+        with pytest.raises(SystemExit) as e:
+            main(["reproduce", "table6", "--shard", bad, "--dry-run"])
+        assert e.value.code == 2 and "--shard takes K/N" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "table6", "--seeds", "0,x", "--dry-run"])
+    assert e.value.code == 2 and "--seeds takes integers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a 2-seed grid, end to end
+
+def _reports(row):
+    return [json.loads(Path(p).read_text())["report"] for p in row["reports"]]
+
+
+def test_two_seed_grid_cells_and_tests_equal_a_direct_computation(tmp_path):
+    cfg = _write(tmp_path, TINY)
+    out = tmp_path / "out"
+    summary = reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet,
+                        overrides={"seeds": [0, 1]})
+    assert summary["seeds"] == [0, 1] and summary["counts"]["trained"] == 4
+    rows = {r["row"]: r for r in summary["rows"]}
+    outcomes = {}
+    for label, row in rows.items():
+        assert [p["seed"] for p in row["per_seed"]] == [0, 1]
+        per_seed = {}
+        for one in row["per_seed"]:
+            (path,) = [p for p in row["reports"] if Path(p).is_relative_to(Path(one["run"]))]
+            rep = json.loads(Path(path).read_text())["report"]
+            assert one["values"]["PGD"] == rep["attacks"]["pgd"]["robust_acc"]
+            per_seed[one["seed"]] = rep
+        for key, get in (("Natural", lambda r: r["clean_acc"]), ("PGD", lambda r: r["attacks"]["pgd"]["robust_acc"]),
+                         ("worst", lambda r: r["worst_case_acc"])):
+            vals = [get(per_seed[s]) for s in (0, 1)]
+            assert row["values"][key] == pytest.approx(statistics.fmean(vals))
+            assert row["sd"][key] == pytest.approx(statistics.stdev(vals))
+        outcomes[label] = per_seed
+    md = (out / [p.name for p in out.iterdir() if p.name.startswith("tiny-smoke+")][0] / "table.md").read_text()
+    at = rows["AT"]
+    assert f"| AT | {100 * at['values']['PGD']:.2f} ± {100 * at['sd']['PGD']:.2f} |" in md.replace(
+        f"{100 * at['values']['Natural']:.2f} ± {100 * at['sd']['Natural']:.2f} | ", "")
+    assert "mean ± sd over 2 training seeds (0, 1)" in md
+    # every comparison: McNemar's p from the raw per-example outcomes, and the mean difference
+    found = {c["column"]: c for c in summary["comparisons"]}
+    assert set(found) == {"Natural", "PGD", "SI-PGD", "worst"}
+    for key, field in (("PGD", lambda r: r["attacks"]["pgd"]["robust"]),
+                       ("SI-PGD", lambda r: r["attacks"]["si-pgd"]["robust"]),
+                       ("worst", lambda r: r["worst_case_robust"]), ("Natural", lambda r: r["clean_correct"])):
+        c = found[key]
+        assert (c["base"], c["other"]) == ("AT", "AT-SI")
+        diffs = []
+        for one in c["per_seed"]:
+            b, o = field(outcomes["AT"][one["seed"]]), field(outcomes["AT-SI"][one["seed"]])
+            only_b = sum(x and not y for x, y in zip(b, o))
+            only_o = sum(y and not x for x, y in zip(b, o))
+            p = sps.binomtest(min(only_b, only_o), only_b + only_o, 0.5).pvalue if only_b + only_o else 1.0
+            assert (one["base_only"], one["other_only"]) == (only_b, only_o)
+            assert one["p"] == pytest.approx(p)
+            diffs.append(100 * (sum(map(bool, o)) - sum(map(bool, b))) / len(b))
+        assert c["mean"] == pytest.approx(statistics.fmean(diffs))
+        assert c["statement"] in md
+    csv = (out / [p.name for p in out.iterdir() if p.name.startswith("tiny-smoke+")][0] / "table.csv").read_text()
+    assert csv.splitlines()[0].endswith(",seed,value,unit")
+    assert len(csv.splitlines()) == 1 + 2 * 4 * 4  # 2 rows, 4 columns, (seed 0, seed 1, mean, sd)
+
+    # seed 0 alone afterwards: reused, and the same numbers as seed 0 inside the grid
+    again = reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet)
+    assert again["counts"]["trained"] == 0 and again["counts"]["evaluated"] == 0
+    assert {r["row"]: r["values"] for r in again["rows"]} == {
+        label: row["per_seed"][0]["values"] for label, row in rows.items()}
+
+
+def test_collect_names_what_is_missing(tmp_path):
+    cfg = _write(tmp_path, TINY)
+    with pytest.raises(IncompleteGrid, match=r"AT, seed 0: .*at-e1-"):
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), progress=False, log=_quiet, collect=True)
+    with pytest.raises(ConfigError, match="--shard and --collect together"):
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), log=_quiet, collect=True, shard=(1, 2))
+    with pytest.raises(ConfigError, match="--overwrite with --shard"):
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), log=_quiet, overwrite=True, shard=(1, 2))
+
+
+# ---------------------------------------------------------------- in parallel
+
+def _cli(args, cwd, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIROBUST_NUM_THREADS": "1", **(env_extra or {})}
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-m", "sirobust", "reproduce", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _trainings(text: str) -> int:
+    return len(re.findall(r"epoch 1/1 ", text))
+
+
+def _table(out: Path) -> dict:
+    (folder,) = [p for p in out.iterdir() if p.name.startswith("tiny-smoke")]
+    return {(r["row"], r.get("seed")): (r["values"], r.get("sd")) for r in
+            json.loads((folder / "table.json").read_text())["rows"]}
+
+
+def test_jobs_and_concurrent_shards_train_each_run_once_and_give_the_one_process_table(tmp_path):
+    cfg = _write(tmp_path, TINY)
+    common = [str(cfg), "--preset", "smoke", "--seeds", "0,1", "--no-progress"]
+    single = _cli(common + ["--out", str(tmp_path / "single")], tmp_path)
+    text = single.communicate(timeout=300)[0]
+    assert single.returncode == 0, text
+    assert _trainings(text) == 4
+    reference = _table(tmp_path / "single")
+
+    jobs = _cli(common + ["--out", str(tmp_path / "jobs"), "--jobs", "2"], tmp_path)
+    text = jobs.communicate(timeout=300)[0]
+    assert jobs.returncode == 0, text
+    assert _trainings(text) == 4 and "[job 1/2]" in text and "[job 2/2]" in text
+    assert _table(tmp_path / "jobs") == reference
+
+    # two shards of a SLURM array started together, and a third process doing the whole grid beside them
+    # (a shard of one): the locks let every run be trained exactly once
+    procs = [_cli(common + ["--out", str(tmp_path / "shards"), "--shard", s], tmp_path) for s in ("1/2", "2/2", "1/1")]
+    texts = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), texts
+    assert _trainings("".join(texts)) == 4
+    collect = _cli(common + ["--out", str(tmp_path / "shards"), "--collect"], tmp_path)
+    text = collect.communicate(timeout=300)[0]
+    assert collect.returncode == 0, text
+    assert _trainings(text) == 0 and "evaluate]" not in text
+    assert _table(tmp_path / "shards") == reference
+    runs = list((tmp_path / "shards" / "runs").rglob("summary.json"))
+    assert len(runs) == 4 and not list((tmp_path / "shards").rglob("*.partial"))
+
+
+def test_table8_paper_preset_follows_the_single_step_defenses_own_code():
+    plan = make_plan(load_experiment("table8"), "paper")
+    by_row = {c.row.label: c.train for c in plan.cells}
+    for label in ("RFGSM-AT", "RFGSM-AT-SI"):
+        cfg = by_row[label]
+        assert (cfg.epochs, cfg.lr, cfg.early_stop, cfg.val_size, cfg.lr_schedule) == (15, 0.2, True, 0, "cyclic")
+    for label in ("GradAlign", "GradAlign-SI"):
+        assert (by_row[label].epochs, by_row[label].lr, by_row[label].early_stop) == (30, 0.3, False)
+    for label in ("FreeAT", "GAT"):
+        assert not by_row[label].early_stop
+    text = plan.experiment.presets["paper"].description
+    assert "Wong et al.'s early stop" in text and "peaking at 0.30" in text and "depart from Sec. 5.1" in text
