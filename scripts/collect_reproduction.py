@@ -2,7 +2,9 @@
 
     python scripts/collect_reproduction.py runs/reproduce
 
-For each OUT/NAME-mini/ found: its table.json or figure.json goes to benchmarks/reproduction/NAME-mini.json,
+For each OUT/NAME-mini/ found (or, while a grid of several seeds is still running, the OUT/NAME-mini+HASH/ of
+the seeds that finished, made with `--seeds` alone and saying so under its title): its table.json or
+figure.json goes to benchmarks/reproduction/NAME-mini.json,
 a figure's PNG to docs/figures/NAME-mini.png, and the block between the reproduction-results markers of
 docs/reproduction.md is regenerated from the committed JSONs (tests/test_reproduce.py checks it matches), so
 no number there is ever typed by hand.
@@ -49,12 +51,30 @@ def render_block(results: Path = RESULTS) -> str:
     return "\n\n".join(parts)
 
 
+def result_folders(out: Path) -> list[Path]:
+    """NAME-mini for each experiment, or else the NAME-mini+HASH with the most seeds whose only change from the
+    preset is --seeds (the seeds of a grid that finished first)."""
+    chosen = {p.name[: -len("-mini")]: p for p in out.glob("*-mini") if p.is_dir()}
+    for p in sorted(out.glob("*-mini+*")):
+        name = p.name.split("+")[0][: -len("-mini")]
+        data = next((json.loads((p / k).read_text()) for k in ("table.json", "figure.json") if (p / k).exists()), None)
+        if name in chosen and "+" not in chosen[name].name or data is None:
+            continue
+        overrides = data.get("overrides") or {}
+        if any(overrides.get(section) for section in ("train", "eval", "figure")) or "seeds" not in overrides:
+            continue
+        best = chosen.get(name)
+        if best is None or len(data.get("seeds", [])) > len(json.loads((best / "table.json").read_text())["seeds"]):
+            chosen[name] = p
+    return [chosen[k] for k in sorted(chosen)]
+
+
 def main(out: str) -> None:
     out = Path(out)
     RESULTS.mkdir(parents=True, exist_ok=True)
     FIGURES.mkdir(parents=True, exist_ok=True)
-    for folder in sorted(out.glob("*-mini")):
-        name = folder.name[: -len("-mini")]
+    for folder in result_folders(out):
+        name = folder.name.split("+")[0][: -len("-mini")]
         for kind in ("table.json", "figure.json"):
             if (folder / kind).exists():
                 shutil.copyfile(folder / kind, RESULTS / f"{name}-mini.json")

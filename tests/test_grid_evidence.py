@@ -157,6 +157,9 @@ def test_two_seed_grid_cells_and_tests_equal_a_direct_computation(tmp_path):
     assert f"| AT | {100 * at['values']['PGD']:.2f} ± {100 * at['sd']['PGD']:.2f} |" in md.replace(
         f"{100 * at['values']['Natural']:.2f} ± {100 * at['sd']['Natural']:.2f} | ", "")
     assert "mean ± sd over 2 training seeds (0, 1)" in md
+    work = summary["work"]  # the time the results took, whoever computed them
+    assert work["runs"] == 4 and work["evaluations"] == 4 and work["train_seconds"] > 0 and work["eval_seconds"] > 0
+    assert "h of training (4 runs)" in md
     # every comparison: McNemar's p from the raw per-example outcomes, and the mean difference
     found = {c["column"]: c for c in summary["comparisons"]}
     assert set(found) == {"Natural", "PGD", "SI-PGD", "worst"}
@@ -258,3 +261,31 @@ def test_table8_paper_preset_follows_the_single_step_defenses_own_code():
         assert not by_row[label].early_stop
     text = plan.experiment.presets["paper"].description
     assert "Wong et al.'s early stop" in text and "peaking at 0.30" in text and "depart from Sec. 5.1" in text
+
+
+def test_collecting_takes_the_finished_seeds_of_a_grid_still_running(tmp_path):
+    """scripts/collect_reproduction.py: NAME-mini when it exists; else the NAME-mini+HASH made with --seeds alone
+    (the most seeds), never one made with another override."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("collect_reproduction", REPO / "scripts" / "collect_reproduction.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+
+    def table(folder, seeds, overrides):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "table.json").write_text(json.dumps({"seeds": seeds, "overrides": overrides}))
+    table("table6-mini+aaaa", [0], {"seeds": [0], "train": {}, "eval": {}, "figure": {}})
+    table("table6-mini+bbbb", [0, 1], {"seeds": [0, 1], "train": {}, "eval": {}, "figure": {}})
+    table("table6-mini+cccc", [0, 1, 2], {"seeds": [0, 1, 2], "train": {"epochs": 3}, "eval": {}, "figure": {}})
+    table("table2-mini+dddd", [0], {"train": {}, "eval": {"n": 100}, "figure": {}})
+    assert [p.name for p in collect.result_folders(tmp_path)] == ["table6-mini+bbbb"]
+    table("table6-mini", [0, 1, 2], {"train": {}, "eval": {}, "figure": {}})
+    assert [p.name for p in collect.result_folders(tmp_path)] == ["table6-mini"]
+
+
+def test_cli_collect_of_an_unfinished_grid_exits_1_naming_what_is_missing(tmp_path, capsys):
+    from sirobust.cli import main
+    cfg = _write(tmp_path, TINY)
+    assert main(["reproduce", str(cfg), "--preset", "smoke", "--out", str(tmp_path / "o"), "--collect"]) == 1
+    err = capsys.readouterr().err
+    assert "the table waits for" in err and "AT-SI" in err and "Traceback" not in err

@@ -1,6 +1,7 @@
 """``sirobust reproduce NAME``: a table or figure of the paper, from its packaged config (or yours)."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from .args import add_common_args, add_data_args, int_arg, name_arg, number_arg, parse_param
@@ -21,9 +22,15 @@ def cmd_reproduce(a) -> int:
     if a.dry_run:
         print(describe(a.name, a.preset, overrides, a.device, a.shard))
         return 0
-    reproduce(a.name, preset=a.preset, out=a.out, overrides=overrides, device=a.device,
-              progress=not a.no_progress and a.jobs == 1, overwrite=a.overwrite, model_dir=a.model_dir,
-              accept_unpinned=a.accept_unpinned, shard=a.shard, jobs=a.jobs, collect=a.collect)
+    from ..reproduce import IncompleteGrid
+    from ..reproduce.jobs import JobsFailed
+    try:
+        reproduce(a.name, preset=a.preset, out=a.out, overrides=overrides, device=a.device,
+                  progress=not a.no_progress and a.jobs == 1, overwrite=a.overwrite, model_dir=a.model_dir,
+                  accept_unpinned=a.accept_unpinned, shard=a.shard, jobs=a.jobs, collect=a.collect)
+    except (IncompleteGrid, JobsFailed) as e:  # nothing is lost: what finished is in --out
+        print(f"sirobust reproduce: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

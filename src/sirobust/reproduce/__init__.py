@@ -12,6 +12,7 @@ Example::
 """
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional
@@ -77,6 +78,9 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     _check_parallel(shard, jobs, collect, overwrite)
     units = shard_runs(plan, *shard) if shard is not None else None
     if jobs > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--jobs under torchrun: each process would start its own jobs; use --jobs alone (one "
+                              "GPU per job), or torchrun alone (one large run over the GPUs)")
         from .jobs import run_jobs
         run_jobs(name, preset=preset, out=out, overrides=overrides, device=device, jobs=jobs, overwrite=overwrite,
                  model_dir=model_dir, accept_unpinned=accept_unpinned, log=log)

@@ -26,6 +26,10 @@ from typing import Callable, Optional
 THREADS_ENV = "SIROBUST_NUM_THREADS"
 
 
+class JobsFailed(RuntimeError):
+    """A job of ``--jobs`` ended with an error; the others finished their parts (kept in ``OUT``)."""
+
+
 def job_environment(k: int, jobs: int, device: str) -> dict:
     """The environment of job ``k`` (1-based) of ``jobs``: its GPU, or its share of the CPU threads."""
     env = dict(os.environ)
@@ -52,7 +56,7 @@ def run_jobs(name: str, preset: str, out: str, overrides: Optional[dict], device
              overwrite: bool = False, model_dir: Optional[str] = None, accept_unpinned: bool = False,
              log: Callable = print) -> None:
     """Run the ``jobs`` shards of the grid as child processes and wait for all of them; raises
-    ``RuntimeError`` naming the jobs that failed (after the others have finished their parts)."""
+    :class:`JobsFailed` naming the jobs that failed (after the others have finished their parts)."""
     from .runner import open_root
     if overwrite:  # once, before any child: the folder is moved aside while nobody uses it
         with open_root(out, overwrite=True, log=log):
@@ -83,7 +87,7 @@ def run_jobs(name: str, preset: str, out: str, overrides: Optional[dict], device
         raise
     failed = [(k, proc.returncode) for k, proc, _ in children if proc.returncode != 0]
     if failed:
-        raise RuntimeError("; ".join(f"job {k}/{jobs} exited with status {rc}" for k, rc in failed)
+        raise JobsFailed("; ".join(f"job {k}/{jobs} exited with status {rc}" for k, rc in failed)
                            + " (its lines above, prefixed [job K/N], say why); what the others finished is kept: "
                              "run the same command again to continue")
 

@@ -280,7 +280,8 @@ class Runner:
             path = self.eval_folder(cell) / f"eval-{digest(spec, 16)}.json"
             saved = self.group.first(saved_result, path, spec)
             if saved is not None:
-                self.log(f"[reuse] {cell.row.label}: {path}")
+                if compute:  # (a shard looking at another shard's cell only checks it is there)
+                    self.log(f"[reuse] {cell.row.label}: {path}")
                 self.reused_evals += 1
                 reports.append({**saved, "path": str(path)})
                 continue
@@ -408,7 +409,9 @@ class Runner:
         if self.missing:
             return None
         rows, comparisons = aggregate(self.plan, cells, outcomes)
-        return self.summary(rows, time.time() - t0, comparisons)
+        summary = self.summary(rows, time.time() - t0, comparisons)
+        summary["work"] = self.group.first(work_seconds, cells)
+        return summary
 
     def missing_text(self) -> str:
         """What the table still waits for, one line per cell (for --collect and a shard's last words)."""
@@ -430,6 +433,19 @@ class Runner:
                 "counts": {"trained": self.trained, "reused_runs": self.reused_runs, "evaluated": self.evaluated,
                            "reused_evaluations": self.reused_evals},
                 "seconds": seconds, "command": command_line(), "environment": environment_info()}
+
+
+def work_seconds(cells: list) -> dict:
+    """The time the table's results took, whichever process and session computed them: the training epochs of
+    its runs (metrics.jsonl) and its evaluations (each result's own time), summed."""
+    from ..io import read_jsonl
+    from ..train import METRICS_NAME
+    runs = {c["run"] for c in cells if c["run"]}
+    train = sum(float(r.get("seconds", 0.0)) for run in runs if (Path(run) / METRICS_NAME).exists()
+                for r in read_jsonl(Path(run) / METRICS_NAME))
+    evaluations = {p: read_json(p).get("seconds", 0.0) for c in cells for p in c["reports"]}
+    return {"train_seconds": train, "eval_seconds": float(sum(evaluations.values())), "runs": len(runs),
+            "evaluations": len(evaluations)}
 
 
 def resolved_attacks(job: EvalJob, e: dict, eps: float) -> list:

@@ -275,8 +275,13 @@ def to_markdown(summary: dict) -> str:
         lines += paper_markdown(summary, block)
     env = summary["environment"]
     c = summary["counts"]
+    work = summary.get("work")
+    made = (f"The results took {work['train_seconds'] / 3600:.1f} h of training ({work['runs']} runs) and "
+            f"{work['eval_seconds'] / 3600:.1f} h of evaluation ({work['evaluations']} evaluations), summed over "
+            "every process and session that computed them.  ") if work else ""
     lines += ["", f"command: `{summary['command']}`  ", f"{c['trained']} runs trained, {c['reused_runs']} reused; "
               f"{c['evaluated']} evaluations computed, {c['reused_evaluations']} reused; {summary['seconds']:.0f} s.  ",
+              *([made] if made else []),
               f"sirobust {env['sirobust']}, torch {env['torch']}, commit {env['git_commit']}, {env['gpu'] or 'CPU'}", ""]
     return "\n".join(lines)
 
