@@ -85,6 +85,12 @@ def test_seeds_are_an_axis_over_every_run_and_seed_0_keeps_its_runs(tmp_path):
     assert sorted({c.seed for c in plan.cells}) == [0, 1, 2]
     one = make_plan(exp, "mini", {"seeds": [0]})
     assert set(one.runs) <= set(plan.runs)  # seed 0's runs are the grid's: reused, never retrained
+    # ... and those of a table without seeds, as named before seeds existed (a running grid keeps its runs)
+    assert "fashion-mnist-mini/cnn-small/at-e30-cf01001cb3" in one.runs
+    assert "fashion-mnist-mini/cnn-small/trades-si-e30-f571c92599" in one.runs
+    # --seed S on a table with a seed axis is that one seed
+    single = make_plan(exp, "mini", {"train": {"seed": 1}})
+    assert single.seeds == [1] and {c.seed for c in single.cells} == {1} and single.overrides["seeds"] == [1]
     assert one.overrides["seeds"] == [0]
     assert "seeds" not in make_plan(exp, "mini", {"seeds": [0, 1, 2]}).overrides  # the preset's own: no override
     with pytest.raises(ConfigError, match="--seed and --seeds together"):
@@ -198,6 +204,8 @@ def test_collect_names_what_is_missing(tmp_path):
         reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), log=_quiet, collect=True, shard=(1, 2))
     with pytest.raises(ConfigError, match="--overwrite with --shard"):
         reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), log=_quiet, overwrite=True, shard=(1, 2))
+    with pytest.raises(ConfigError, match="one GPU of its own"):
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), log=_quiet, jobs=2, device="cuda:1")
 
 
 # ---------------------------------------------------------------- in parallel

@@ -201,7 +201,7 @@ def test_the_guard_fires_on_a_collapse_and_early_stop_keeps_the_checkpoint_befor
         # Wong et al.: the run's weights are the epoch's before the collapse, also without a validation split
         assert summary["last"]["epoch"] == 2 and not summary["last"]["overfit_collapse"]
         from sirobust.checkpoint import read_metadata
-        assert json.loads(read_metadata(tmp_path / "weights.safetensors")["extra"])["epoch"] == 2
+        assert json.loads(read_metadata(tmp_path / "model.safetensors")["extra"])["epoch"] == 2
         # a resume has nothing to do
         again = fit(small_config(tmp_path, defense="sabotage", epochs=4, train_n=384, val_n=64, overfit_n=64,
                                  lr=0.05, early_stop=True), resume=True, log=quiet)

@@ -74,8 +74,8 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     exp = load_experiment(name)
     if preset not in PRESETS:
         raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    _check_parallel(shard, jobs, collect, overwrite, device)
     plan = make_plan(exp, preset, overrides, device=device)  # every setting checked before anything runs
-    _check_parallel(shard, jobs, collect, overwrite)
     units = shard_runs(plan, *shard) if shard is not None else None
     if jobs > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -115,11 +115,22 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
         if exp.kind == "figure":
             from .figures import make_figure
             if beside_others:
-                runner.train_all()
+                if collect:
+                    runner.place_runs()
+                else:
+                    runner.train_all()
                 waiting = [cfg.out for cfg in plan.runs.values() if group.first(_state, cfg) != "finished"]
+                if collect and not (target / "figure.json").exists():
+                    waiting.append(f"{target / 'figure.json'} (the figure's data: computed by the last shard, or by "
+                                   "the same command without --collect)")
                 if waiting:
                     return _incomplete(exp, preset, collect, log, "\n".join(f"  {w}" for w in waiting), shard)
-            summary = make_figure(runner, target)
+                runner.units = set()  # everything is trained: the figure only reads the runs
+            with runner.claim(f"figure {target.resolve()}") as claim:  # one process computes it
+                if not claim.held:
+                    return _incomplete(exp, preset, collect, log, f"  {target} (another process is computing it)",
+                                       shard)
+                summary = make_figure(runner, target)
         else:
             summary = runner.run(compute=not collect)
             if summary is None:
@@ -136,9 +147,13 @@ def _state(cfg) -> str:
     return run_state(cfg)
 
 
-def _check_parallel(shard, jobs: int, collect: bool, overwrite: bool) -> None:
+def _check_parallel(shard, jobs: int, collect: bool, overwrite: bool, device: str) -> None:
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if jobs > 1 and device.startswith("cuda:"):
+        raise ConfigError(f"--jobs with --device {device}: each job is given one GPU of its own "
+                          "(CUDA_VISIBLE_DEVICES); use --device auto or cuda, and CUDA_VISIBLE_DEVICES to choose "
+                          "which GPUs the jobs share")
     if shard is not None:
         if (not isinstance(shard, tuple) or len(shard) != 2 or not all(isinstance(x, int) for x in shard)
                 or not 1 <= shard[0] <= shard[1]):
@@ -153,11 +168,11 @@ def _check_parallel(shard, jobs: int, collect: bool, overwrite: bool) -> None:
 
 
 def _incomplete(exp, preset: str, collect: bool, log: Callable, missing: str, shard) -> None:
-    """A shard that finished its part while others still work says what the table waits for; --collect
-    with anything missing is an error naming it."""
+    """A shard that finished its part while others still work says what the table waits for; --collect, or a
+    whole-grid process that found some of the grid claimed by another process, is an error naming it."""
     text = (f"{exp.name} ({preset}): the table waits for\n{missing}\nRun the shards that compute them (or the "
-            "same command again), then `sirobust reproduce ... --collect`")
-    if collect:
+            "same command again once the other processes have ended), then `sirobust reproduce ... --collect`")
+    if collect or shard is None:
         raise IncompleteGrid(text)
     log(f"\nshard {shard[0]}/{shard[1]} finished its part; " + text)
     return None

@@ -69,8 +69,11 @@ def run_jobs(name: str, preset: str, out: str, overrides: Optional[dict], device
         where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env and THREADS_ENV not in env \
             else f"{env.get(THREADS_ENV)} CPU thread(s)"
         log(f"[job {k}/{jobs}] started on {where}")
+        # a session of its own: a Ctrl-C reaches the parent alone, which stops each job once (SIGTERM), so that
+        # every job saves its progress instead of being hit twice
         proc = subprocess.Popen([sys.executable, "-m", "sirobust.reproduce.jobs", json.dumps(spec)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                start_new_session=True)
         pump = threading.Thread(target=_pump, args=(proc, f"[job {k}/{jobs}] ", log), daemon=True)
         pump.start()
         children.append((k, proc, pump))

@@ -119,10 +119,13 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
     configured_seeds = p.seeds if p.seeds is not None else exp.seeds
     if overrides.get("seeds") is not None and overrides["seeds"] == configured_seeds:
         overrides = {k: v for k, v in overrides.items() if k != "seeds"}
-    seeds = overrides.get("seeds") or configured_seeds
-    if seeds is not None and "seed" in overrides.get("train", {}):
+    if overrides.get("seeds") is not None and "seed" in overrides.get("train", {}):
         raise ConfigError("command line: --seed and --seeds together; --seeds sets each run's training seed "
                           "(give one of them)")
+    if configured_seeds is not None and overrides.get("seeds") is None and "seed" in overrides.get("train", {}):
+        # --seed S on a config with a seed axis: that one seed (a change the result folder's name records)
+        overrides = {**overrides, "seeds": [overrides["train"]["seed"]]}
+    seeds = overrides.get("seeds") or configured_seeds
     if seeds is not None and exp.kind == "figure" and len(seeds) > 1:
         raise ConfigError(f"{exp.source}: seeds = {seeds}: a figure is drawn from one seed's runs (give one seed, "
                           "or --seed)")

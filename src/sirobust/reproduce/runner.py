@@ -97,6 +97,24 @@ def _no_log(*_a, **_k) -> None:
     pass
 
 
+class _GroupClaim:
+    """A :class:`UnitLock` held by rank 0 of a torchrun group on behalf of every rank."""
+
+    def __init__(self, runner, key: str):
+        self.group = runner.group
+        self.lock = UnitLock(runner.out, key) if self.group.main else None
+        self.held = False
+
+    def __enter__(self) -> "_GroupClaim":
+        held = self.lock.__enter__().held if self.lock is not None else None
+        self.held = bool(self.group.broadcast(held))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.__exit__(*exc)
+
+
 def run_state(cfg) -> str:
     """"finished" (with this configuration), "started" (a run to resume) or "none"."""
     from ..train import STATE_NAME, recorded_config
@@ -200,12 +218,15 @@ class Runner:
                     self.trained += 1
 
     def claim(self, key: str):
-        """The lock on one unit of work (see :class:`UnitLock`); always held without ``claims``."""
-        if self.claims:
-            return UnitLock(self.out, key)
+        """The lock on one unit of work (see :class:`UnitLock`); always held without ``claims``. Under torchrun
+        rank 0 alone takes it and tells the others (the ranks of one group work on the same unit)."""
         import contextlib
         import types
-        return contextlib.nullcontext(types.SimpleNamespace(held=True))
+        if not self.claims:
+            return contextlib.nullcontext(types.SimpleNamespace(held=True))
+        if not self.group.enabled:
+            return UnitLock(self.out, key)
+        return _GroupClaim(self, key)
 
     def place_runs(self) -> None:
         """Every run of the plan given its folder (and the cells their runs' final configs)."""
