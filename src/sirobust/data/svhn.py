@@ -17,7 +17,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 import torch
 
 from .base import DataNotFoundError, ImageDataset, as_uint8_images
@@ -56,13 +55,23 @@ def _locate(split: str, data_dir: Path, download: bool, accept_mismatch: bool) -
             not_found_message("svhn", split, [fname], dirs, dest, [url], download, error=exc)) from exc
 
 
+def _scipy_io():
+    """scipy.io, imported on first use: ``import sirobust`` needs no scipy (stock GPU images lack it)."""
+    try:
+        import scipy.io
+    except ImportError as exc:
+        raise ImportError("reading SVHN's .mat files needs scipy: pip install 'scipy>=1.9'") from exc
+    return scipy.io
+
+
 _NUMERIC_CLASSES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "double", "single"}
 
 
 def _check_declared(path: Path, split: str) -> None:
     """Read only the variable headers and refuse sizes no SVHN file has, before loadmat allocates them."""
+    mat_io = _scipy_io()
     try:
-        found = {name: (shape, cls) for name, shape, cls in scipy.io.whosmat(path)}
+        found = {name: (shape, cls) for name, shape, cls in mat_io.whosmat(path)}
     except Exception as exc:  # scipy raises a zoo of types
         raise ValueError(f"malformed SVHN file {path}: cannot read it as a MATLAB v5 file ({exc})") from exc
     if "X" not in found or "y" not in found:
@@ -87,8 +96,9 @@ def load_svhn_dataset(name: str, split: str, data_dir: Path, download: bool,
         raise ValueError(f"split={split!r} is not available for 'svhn'; choose one of {sorted(SVHN_FILES)}")
     path = _locate(split, data_dir, download, accept_checksum_mismatch)
     _check_declared(path, split)
+    mat_io = _scipy_io()
     try:
-        mat = scipy.io.loadmat(path, variable_names=["X", "y"])
+        mat = mat_io.loadmat(path, variable_names=["X", "y"])
     except Exception as exc:  # scipy raises a zoo of types (ValueError, MatReadError, TypeError...)
         raise ValueError(f"malformed SVHN file {path}: cannot read it as a MATLAB v5 file ({exc})") from exc
     if "X" not in mat or "y" not in mat:

@@ -1,0 +1,330 @@
+"""The GPU check: every CUDA path of sirobust exercised and timed in one command, under 8 minutes on one H100/H200.
+
+    bash benchmarks/gpu_check.sh              # on the device, from the repository root: writes benchmarks/gpu.md
+    bash benchmarks/gpu_check.sh --quick      # tiny sizes, on a CPU too (tests/test_gpu_check.py runs it)
+
+It needs no install: ``PYTHONPATH=src`` (gpu_check.sh sets it), torch ≥ 2.10, safetensors, tqdm, numpy. The
+peers are optional and found on the path: torchattacks (a wheel under ``benchmarks/peers/``, see
+docs/speed.md) and the reference AutoAttack (a copy of github.com/fra31/auto-attack under
+``benchmarks/peers/auto-attack``). A missing peer is a row that says so, not a failure.
+
+Steps, each timed with ``torch.cuda.synchronize`` around the clock, each recorded even when it fails:
+
+1. PGD-20 on ResNet-18 over 10,000 random 32×32 images (labelled by the model): torchattacks, sirobust fp32
+   and sirobust's fast path (bf16 autocast), every example taking every step; FLOP floor per row
+   (bench_gpu.py's counting).
+2. One PGD-10 AT epoch of ResNet-18 on 10,000 random 32×32 images: sirobust ``fit`` fp32 and fast path.
+3. A ResNet-18 trained by ``fit`` with PGD-AT on the bundled Fashion-MNIST (resident data on the GPU,
+   bf16), then on its 10,000 test images PGD-20 robust accuracy with the attack run in fp32 and in bf16
+   (verdicts are always fp32), and the standard AutoAttack on the first 1,000: sirobust, and the reference
+   when importable, with the same model and points.
+4. The CUDA-only branches: ``torch.compile`` (evaluate and fit), ``deterministic`` (two fits give
+   bit-identical weights), PGD's host sync every ``SYNC_EVERY`` steps (early-stop verdicts equal the
+   every-step ones), and ``torchrun --nproc_per_node 1`` (NCCL on CUDA) giving the single-process report.
+
+Exit status: 0 when every step ran, 1 when any raised (the traceback is in gpu.md and on stderr), 2 for
+bad arguments or no CUDA without ``--quick``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import sirobust  # noqa: E402
+from sirobust.data import load_dataset  # noqa: E402
+from sirobust.train import TrainConfig, fit  # noqa: E402
+
+# full size (the device) and --quick (a CPU smoke test) of every step
+SIZES = {
+    "pgd_n": (10000, 8), "pgd_batch_size": (500, 4), "pgd_steps": (20, 2),
+    "train_n": (10000, 16), "train_batch_size": (128, 8), "train_steps": (10, 2),
+    "fm_epochs": (5, 1), "fm_train_n": (6000, 64), "fm_eval_n": (10000, 32), "aa_n": (1000, 8),
+    "branch_n": (1000, 16), "eval_steps": (20, 2), "model": ("resnet18", "cnn-small"),
+}
+
+
+class Check:
+    """Runs the steps, keeps their Markdown sections, their failures and the seconds each took."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.sections, self.failures, self.t0 = device, [], [], time.perf_counter()
+
+    def step(self, title: str, fn) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f} s] {title} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            lines = fn()
+        except Exception:  # noqa: BLE001 — every failure is recorded, the other steps still run
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr, flush=True)
+            self.failures.append(title)
+            lines = ["**FAILED**:", "", "```", tb.strip()[-3000:], "```"]
+        self.sections += ["", f"## {title} ({time.perf_counter() - t0:.1f} s)", "", *lines]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def have(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+# ----------------------------------------------------------------------------- 1, 2: speed against the floor
+def bench_args(a) -> SimpleNamespace:
+    from bench_gpu import PEAKS
+    return SimpleNamespace(seed=0, pgd_n=a.pgd_n, pgd_batch_size=a.pgd_batch_size, pgd_steps=a.pgd_steps,
+                           early_stop=False, fast_precision="auto", repeats=1, peak_bf16=PEAKS["bf16"],
+                           peak_tf32=PEAKS["tf32"], peak_fp32=PEAKS["fp32"], peak_cpu=None, train_n=a.train_n,
+                           train_batch_size=a.train_batch_size, train_steps=a.train_steps, train_model=a.model,
+                           device=str(a.device), plain=False)
+
+
+def pgd_speed(a, device, state) -> list:
+    from bench_gpu import pgd_rows, table
+    if not have("torchattacks"):
+        raise RuntimeError("torchattacks is not importable: put its wheel under benchmarks/peers/ (docs/speed.md)")
+    notes = []
+    rows, state["per_image"] = pgd_rows(a.model, bench_args(a), device, True, notes)
+    by = {(r.impl, r.precision): r.seconds for r in rows}
+    ta = by[("torchattacks PGD", "fp32")]
+    fp32, fast = by[("sirobust PGD (all steps)", "fp32")], by[("sirobust PGD (all steps)", "auto")]
+    state["pgd_speedup"] = ta / fast
+    return [f"{a.pgd_n} images, batch {a.pgd_batch_size}, L∞ ε = 8/255, α = 2/255, random start, every example "
+            "every step (sirobust `early_stop=False`).", "", *table(rows, "robust acc (%)"), "",
+            f"sirobust fast path: **{ta / fast:.2f}×** torchattacks' speed ({fp32 / fast:.2f}× sirobust fp32).",
+            *[f"- {n}" for n in notes]]
+
+
+def train_speed(a, device, state) -> list:
+    from bench_gpu import flops_per_image, table, train_rows
+    from sirobust.models import build_model
+    per_image = state.get("per_image") or flops_per_image(
+        build_model(a.model, num_classes=10, in_channels=3).to(device), (3, 32, 32), device)
+    rows = train_rows("at", bench_args(a), device, True, per_image)
+    return [f"{a.train_n} random 32×32 images with random labels, batch {a.train_batch_size}, PGD-{a.train_steps} "
+            "(ε = 8/255, α = ε/4) in eval mode, update in train mode; time = fit's `train_seconds`.", "",
+            *table(rows, "mean training loss")]
+
+
+# ----------------------------------------------------------------------------- 3: accuracy on a trained model
+def trained_model(a, device, state, work: Path):
+    if "model" not in state:
+        out = work / f"fm-{a.model}-at"
+        cfg = TrainConfig(dataset="fashion-mnist-mini", model=a.model, defense="at", epochs=a.fm_epochs,
+                          train_n=a.fm_train_n, val_size=0, batch_size=128, attack_steps=a.train_steps,
+                          out=str(out), device=str(device), progress=False, seed=0)
+        seconds, _ = clock(lambda: fit(cfg, overwrite=True, log=lambda *_: None), device)
+        state.update(model=sirobust.load(out / "model.safetensors", device=str(device)).eval(),
+                     weights=out / "model.safetensors", train_seconds=seconds)
+    return state["model"]
+
+
+def bf16_accuracy(a, device, state, work: Path) -> list:
+    model = trained_model(a, device, state, work)
+    test = load_dataset("fashion-mnist-mini", "test")
+    reports = {}
+    for precision in ("fp32", "bf16" if device.type == "cuda" else "fp32-fast"):
+        seconds, rep = clock(lambda p=precision: sirobust.evaluate(
+            model, test, attacks=["pgd"], steps=a.eval_steps, n=a.fm_eval_n, batch_size=500, device=device,
+            precision=p, progress=False), device)
+        reports[precision] = (seconds, rep)
+    (s32, r32), (s16, r16) = reports.values()
+    a32, a16 = r32.attacks["pgd"].robust_acc, r16.attacks["pgd"].robust_acc
+    state["bf16_gap"] = abs(a16 - a32) * 100
+    flips = sum(u != v for u, v in zip(r32.attacks["pgd"].robust, r16.attacks["pgd"].robust))
+    return [f"{a.model}, PGD-AT (PGD-{a.train_steps}, ε = 0.1) for {a.fm_epochs} epochs on {a.fm_train_n} bundled "
+            f"Fashion-MNIST images, resident on the device ({state['train_seconds']:.1f} s); PGD-{a.eval_steps} on "
+            f"{a.fm_eval_n} test images, clean accuracy {100 * r32.clean_acc:.2f} %.", "",
+            "| attack precision | robust accuracy (%) | seconds |", "|---|---:|---:|",
+            *[f"| {p} | {100 * r.attacks['pgd'].robust_acc:.2f} | {s:.2f} |" for p, (s, r) in reports.items()], "",
+            f"Difference: **{state['bf16_gap']:.2f} points** ({flips} of {a.fm_eval_n} verdicts differ; "
+            "every verdict is taken on the fp32 model)."]
+
+
+def autoattack(a, device, state, work: Path) -> list:
+    model = trained_model(a, device, state, work)
+    test = load_dataset("fashion-mnist-mini", "test")
+    x, y = test.float_images()[:a.aa_n].to(device), test.labels[:a.aa_n].to(device)
+    params = {"attack_params": {"aa": {"stage_params": {
+        "apgd-ce": {"steps": 5}, "apgd-t": {"steps": 5, "n_targets": 2}, "fab-t": {"steps": 5, "n_targets": 2},
+        "square": {"queries": 20}}}}} if a.quick else {}
+    ours_s, rep = clock(lambda: sirobust.evaluate(model, (x, y), attacks=["aa"], eps=0.1, batch_size=500,
+                                                  device=device, progress=False, **params), device)
+    rows = [f"| sirobust | {100 * rep.attacks['aa'].robust_acc:.2f} | {ours_s:.1f} | 1.00× |"]
+    if have("autoattack") and not a.quick:
+        from autoattack import AutoAttack
+        ref = AutoAttack(model, norm="Linf", eps=0.1, version="standard", verbose=False, device=str(device), seed=0)
+        ref_s, x_adv = clock(lambda: ref.run_standard_evaluation(x, y, bs=500), device)
+        with torch.no_grad():
+            acc = torch.cat([model(x_adv[i:i + 500]).argmax(1) == y[i:i + 500] for i in range(0, len(y), 500)])
+        rows.append(f"| reference (fra31/auto-attack) | {100 * acc.float().mean().item():.2f} | {ref_s:.1f} | "
+                    f"{ref_s / ours_s:.2f}× |")
+        state["aa_ratio"] = ours_s / ref_s
+    else:
+        rows.append("| reference | not importable (benchmarks/peers/auto-attack absent) | – | – |")
+    return [f"Standard AutoAttack (L∞ ε = 0.1) on the first {a.aa_n} test images of the model above"
+            f"{' (quick: tiny budgets)' if a.quick else ''}; whole call, synchronised.", "",
+            "| implementation | robust accuracy (%) | seconds | reference time / this |", "|---|---:|---:|---:|", *rows]
+
+
+# ----------------------------------------------------------------------------- 4: CUDA-only branches
+def branches(a, device, state, work: Path) -> list:
+    from sirobust.attacks.loop import sync_every
+    model = trained_model(a, device, state, work)
+    test = load_dataset("fashion-mnist-mini", "test")
+    x, y = test.float_images()[:a.branch_n].to(device), test.labels[:a.branch_n].to(device)
+    lines = ["| branch | result |", "|---|---|"]
+
+    # host sync every k steps: the early-stop verdicts are those of the attack that checks every step
+    k = sync_every(device)
+    torch.manual_seed(0)
+    x_stop = sirobust.PGD(model, eps=0.1, steps=a.eval_steps, early_stop=True, precision="fp32")(x, y)
+    torch.manual_seed(0)
+    x_all = sirobust.PGD(model, eps=0.1, steps=a.eval_steps, early_stop=False, precision="fp32")(x, y)
+    with torch.no_grad():
+        fooled_stop = (model(x_stop).argmax(1) != y).sum().item()
+        fooled_all = (model(x_all).argmax(1) != y).sum().item()
+    lines.append(f"| PGD early stop, host sync every {k} steps | fooled {fooled_stop} / {len(y)} (every step to the "
+                 f"end: {fooled_all}) |")
+    if fooled_stop < fooled_all - max(2, len(y) // 200):
+        raise AssertionError(f"early stop fooled {fooled_stop}, far fewer than the full run's {fooled_all}")
+
+    if device.type == "cuda":
+        plain = sirobust.evaluate(model, (x, y), attacks=["pgd"], eps=0.1, steps=10, device=device, progress=False)
+        s, compiled = clock(lambda: sirobust.evaluate(model, (x, y), attacks=["pgd"], eps=0.1, steps=10,
+                                                      device=device, progress=False, compile=True), device)
+        gap = abs(compiled.attacks["pgd"].robust_acc - plain.attacks["pgd"].robust_acc) * 100
+        lines.append(f"| evaluate(compile=True) | {100 * compiled.attacks['pgd'].robust_acc:.2f} % robust vs "
+                     f"{100 * plain.attacks['pgd'].robust_acc:.2f} % uncompiled ({s:.1f} s with compilation) |")
+        digests = []
+        for run in ("a", "b"):
+            cfg = TrainConfig(dataset="fashion-mnist-mini", model=a.model, defense="at", epochs=1, train_n=512,
+                              val_size=0, batch_size=128, attack_steps=3, out=str(work / f"det-{run}"),
+                              device=str(device), progress=False, deterministic=True)
+            fit(cfg, overwrite=True, log=lambda *_: None)
+            digests.append(tensors_digest(work / f"det-{run}" / "model.safetensors"))
+        lines.append(f"| fit(deterministic=True) twice | weights {'bit-identical' if digests[0] == digests[1] else 'DIFFER'} |")
+        if digests[0] != digests[1]:
+            raise AssertionError("two deterministic fits gave different weights")
+        cfg = TrainConfig(dataset="fashion-mnist-mini", model=a.model, defense="at", epochs=1, train_n=512,
+                          val_size=0, batch_size=128, attack_steps=3, out=str(work / "compiled"),
+                          device=str(device), progress=False, compile=True)
+        s, _ = clock(lambda: fit(cfg, overwrite=True, log=lambda *_: None), device)
+        lines.append(f"| fit(compile=True), 512 images | ran ({s:.1f} s with compilation) |")
+        if gap > 1.0:
+            raise AssertionError(f"compiled evaluation differs by {gap:.2f} points")
+    else:
+        lines.append("| compile, deterministic | CUDA only: not run on this device |")
+
+    lines.append(torchrun_row(a, device, state, work))
+    return lines
+
+
+def tensors_digest(path: Path) -> str:
+    from sirobust.checkpoint import tensors_digest as digest
+    from safetensors.torch import load_file
+    return digest(load_file(str(path)))
+
+
+def torchrun_row(a, device, state, work: Path) -> str:
+    """``torchrun --nproc_per_node 1 -m sirobust evaluate``: NCCL on CUDA, gloo on a CPU; the same verdicts as
+    the single process."""
+    n = min(a.branch_n, 256)
+    out = work / "torchrun.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "sirobust",
+           "evaluate", "--weights", str(state["weights"]), "-n", str(n), "--attacks", "pgd", "--steps", "5",
+           "--batch-size", "64", "--no-progress", "--precision", "fp32", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    two = json.loads(out.read_text())
+    one = sirobust.evaluate(state["model"], load_dataset("fashion-mnist-mini", "test"), attacks=["pgd"], steps=5,
+                            n=n, batch_size=64, device=device, precision="fp32", progress=False).to_dict()
+    same = two["attacks"]["pgd"]["robust"] == one["attacks"]["pgd"]["robust"]
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    if not same:
+        raise AssertionError(f"torchrun ({backend}) verdicts differ from the single process's")
+    return f"| torchrun --nproc_per_node 1 ({backend}) evaluate, {n} images | verdicts equal the single process's |"
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes and cnn-small instead of ResNet-18 (a smoke test that also runs on a CPU)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else (with --quick) cpu")
+    p.add_argument("--out", default=None, help="the Markdown written (default benchmarks/gpu.md; --quick: none)")
+    a = p.parse_args(argv)
+    a.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.device.type != "cuda" and not a.quick:
+        p.error("no CUDA device: the full check needs one (use --quick for the CPU smoke test)")
+    for key, (full, quick) in SIZES.items():
+        setattr(a, key, quick if a.quick else full)
+    if a.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    device = a.device
+    check, state = Check(device), {}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        work = Path(tmp)
+        check.step(f"PGD-{a.pgd_steps}, {a.model}, {a.pgd_n:,} images: sirobust fp32, bf16 and torchattacks",
+                   lambda: pgd_speed(a, device, state))
+        check.step(f"One PGD-{a.train_steps} AT epoch, {a.model}, {a.train_n:,} images",
+                   lambda: train_speed(a, device, state))
+        check.step(f"bf16 against fp32 robust accuracy on a trained {a.model}",
+                   lambda: bf16_accuracy(a, device, state, work))
+        check.step(f"Standard AutoAttack, {a.aa_n:,} images", lambda: autoattack(a, device, state, work))
+        check.step("CUDA-only branches", lambda: branches(a, device, state, work))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    verdicts = []
+    if "pgd_speedup" in state:
+        verdicts.append(f"PGD-20 bf16 vs torchattacks: {state['pgd_speedup']:.2f}× (target ≥ 4×)")
+    if "bf16_gap" in state:
+        verdicts.append(f"bf16 vs fp32 robust accuracy: {state['bf16_gap']:.2f} points (target ≤ 0.5)")
+    if "aa_ratio" in state:
+        verdicts.append(f"AutoAttack time vs the reference: {state['aa_ratio']:.2f}× (target ≤ 0.5×)")
+    status = "every step ran" if not check.failures else f"FAILED: {', '.join(check.failures)}"
+    lines = [f"# GPU check{' (quick smoke test)' if a.quick else ''}: {status}", "",
+             f"Device {name}, torch {torch.__version__} (CUDA {torch.version.cuda}), sirobust {sirobust.__version__}, "
+             f"torchattacks {'present' if have('torchattacks') else 'absent'}, reference AutoAttack "
+             f"{'present' if have('autoattack') else 'absent'}; {time.perf_counter() - check.t0:.0f} s in all.", "",
+             *[f"- {v}" for v in verdicts], *check.sections, "",
+             f"command: `bash benchmarks/gpu_check.sh {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
+    text = "\n".join(lines)
+    print(text)
+    out = a.out or (None if a.quick else str(HERE / "gpu.md"))
+    if out:
+        Path(out).write_text(text)
+    return 1 if check.failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

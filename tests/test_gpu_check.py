@@ -1,0 +1,57 @@
+"""benchmarks/gpu_check.sh, the one-command GPU check (issue 22), cannot rot: its --quick form runs here on a CPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_check_runs_every_step_on_a_cpu(tmp_path):
+    out = tmp_path / "gpu.md"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--quick", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# GPU check (quick smoke test): every step ran")
+    for section in ("sirobust fp32, bf16 and torchattacks", "AT epoch", "bf16 against fp32", "Standard AutoAttack",
+                    "CUDA-only branches"):
+        assert f"{section}" in text, section
+    assert "FAILED" not in text
+    assert "verdicts equal the single process's" in text   # torchrun --nproc_per_node 1 ran and agreed
+    assert not (ROOT / "benchmarks" / "gpu.md").exists() or "quick" not in (ROOT / "benchmarks" / "gpu.md").read_text()
+
+
+def test_a_failing_step_is_recorded_and_fails_the_check(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+    check = gpu_check.Check(torch.device("cpu"))
+    check.step("fine", lambda: ["ok"])
+
+    def broken():
+        raise RuntimeError("a CUDA path raised")
+    check.step("broken", broken)
+    assert check.failures == ["broken"]
+    text = "\n".join(check.sections)
+    assert "**FAILED**" in text and "a CUDA path raised" in text and "ok" in text
+
+
+def test_the_full_check_refuses_to_run_without_cuda(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--device", "cpu"])
+    assert e.value.code == 2
+    assert "--quick" in capsys.readouterr().err
