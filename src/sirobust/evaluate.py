@@ -40,6 +40,7 @@ from .distributed import current as current_group
 from .fastpath import check_precision, resolve_precision
 from .features import FeatureAccessError, forward_with_features
 from .interrupts import RunInterrupted
+from .progress import evaluation_key
 from .modes import model_mode
 from .provenance import environment_info, model_description, precision_of, weights_identity
 from .report import AttackResult, Report, accuracy
@@ -273,6 +274,9 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                 raise ValueError(f"the model gives no input gradient, so {', '.join(white)} cannot run on it; use "
                                  f"the black-box attacks ({', '.join(BLACK_BOX)}). "
                                  + next(f["message"] for f in flags if f["name"] == "zero_gradients"))
+        if saved is not None:  # the saved batches are checked against this evaluation before any is used
+            saved.bind(evaluation_key(model, x_all, y_all, idx_list, batch_size, fast.precision,
+                                      {"norm": norm, "eps": eps}, {atk.name: _params(atk) for atk in runners}))
         # rank 0's (it may read it from the saved progress): every process must attack the same examples
         clean = group.first(_clean_pass, model, x_all, y_all, batch_size, device, saved)
         results: dict[str, AttackResult] = {}
