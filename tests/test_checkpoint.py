@@ -1,5 +1,6 @@
 """Weights round-trip through .safetensors with rebuild metadata; nothing is ever unpickled."""
 import os
+from pathlib import Path
 import pickle
 
 import pytest
@@ -110,3 +111,25 @@ def test_weights_with_missing_or_impossible_metadata_are_refused(tmp_path, field
     save_file(load_file(str(path)), str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match=match):
         sirobust.load(tmp_path / "bad.safetensors")
+
+
+def test_two_identical_trainings_in_two_processes_save_byte_identical_files(tmp_path):
+    """The file's sha256 (what provenance and figure.json record) is a function of the tensors and metadata
+    alone: safetensors' header order, which changes between processes, is made canonical (issue 21)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    script = ("import sys; sys.path.insert(0, 'tests'); from helpers import small_config; from sirobust.train import fit; "
+              "fit(small_config(sys.argv[1], epochs=1, train_n=128, val_n=32), log=lambda *a: None)")
+    digests = []
+    for k, hash_seed in enumerate(("1", "2")):  # hash maps iterate in another order in each process
+        out = tmp_path / f"run{k}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", script, str(out)], cwd=Path(__file__).resolve().parents[1],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    from sirobust.checkpoint import read_metadata
+    assert read_metadata(tmp_path / "run0" / "model.safetensors")["model"] == "cnn-small"  # still a valid file

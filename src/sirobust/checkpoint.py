@@ -58,7 +58,7 @@ def save_model(model: ImageClassifier, path: PathLike, *, model_name: str, datas
         "in_channels": str(int(model.normalize.mean.shape[1])),
         "mean": json.dumps(model.normalize.mean.flatten().tolist()),
         "std": json.dumps(model.normalize.std.flatten().tolist()),
-        "extra": json.dumps(extra or {}),
+        "extra": json.dumps(extra or {}, sort_keys=True),
         "head": model.head_type,
         "head_scale": str(getattr(model.head, "scale", "")),
     }
@@ -67,7 +67,19 @@ def save_model(model: ImageClassifier, path: PathLike, *, model_name: str, datas
     meta["tensors_sha256"] = tensors_digest(state)  # safetensors has no checksum: a damaged file must not load
     # serialised in memory, written by us: a failed write is then a plain OSError naming the file
     data = safetensors.torch.save(state, metadata=meta)
-    return atomic_write_bytes(path, data)
+    return atomic_write_bytes(path, canonical_safetensors(data))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: its bytes a function of the tensors and
+    the metadata alone. (safetensors writes the metadata from a hash map, in an order that changes from one
+    process to the next, so two saves of the same weights had different sha256s: the hash that reports'
+    provenance records.) The header is padded with spaces to 8 bytes, as the format allows."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def tensors_digest(state: dict[str, torch.Tensor]) -> str:
