@@ -239,3 +239,22 @@ def test_evaluate_checks_every_attack_can_run_before_running_any(fmnist_test, mo
     assert ran == []
     with pytest.raises(sirobust.FeatureAccessError, match="head: no submodule named 'fc'"):
         SIPGD(NoLinear(), eps=0.1, head="fc")
+
+
+def test_an_absurd_forced_step_is_refused_by_name():
+    """--norm L2 --eps 1.5 --step-size 1e30 --force-step-size made PGD return its inputs unchanged (the
+    normalised step overflows): 56 % "robust" instead of 46 %, and no flag fired (issue 21)."""
+    from sirobust.checks import MAX_STEP_RATIO, check_step_size
+    with pytest.raises(ValueError, match=r"alpha \(the step size\) = 1e\+30 .* at most 1500"):
+        check_step_size(1e30, 1.5, 10, force=True)
+    assert check_step_size(MAX_STEP_RATIO * 1.5, 1.5, 10, force=True) == 1500.0  # up to the bound, forced
+
+
+def test_an_attack_that_moves_nothing_is_flagged(trained_cnn, fmnist_test):
+    import sirobust
+    x, y = fmnist_test
+    rep = sirobust.evaluate(trained_cnn, (x[:64], y[:64]), attacks=[("lazy", lambda a, b: a.clone()), "fgsm"],
+                            eps=0.1, progress=False)
+    flagged = {f["value"] for f in rep.flags if f["name"] == "attack_did_not_move" and f["triggered"]}
+    assert flagged == {"lazy"}                       # FGSM moved, the lazy one did not
+    assert rep.attacks["lazy"].robust_acc == rep.clean_acc

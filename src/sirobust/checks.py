@@ -97,6 +97,11 @@ def check_eps(eps, norm: str = "Linf", name: str = "eps", dim: Optional[int] = N
     return eps
 
 
+# a step past the ε-ball's diameter only lands on its boundary; a thousand ε is past any ball's diameter in
+# both norms at every ε a paper uses, and far below where float32 overflows (‖α·g/‖g‖‖² near 3e38)
+MAX_STEP_RATIO = 1000.0
+
+
 def check_step_size(alpha, eps: float, steps: int, name: str = "alpha", force: bool = False) -> float:
     """A finite step size > 0, and <= ε unless ``force`` (a bigger step jumps across the ε-ball)."""
     alpha = parse_number(alpha, name)
@@ -108,6 +113,11 @@ def check_step_size(alpha, eps: float, steps: int, name: str = "alpha", force: b
     if alpha > eps and eps > 0 and not force:
         raise ValueError(f"{name} (the step size) = {alpha:.6g} is larger than eps = {eps:.6g}: every step would jump "
                          "across the ε-ball; pass force=True (--force-step-size) if that is meant")
+    if eps > 0 and alpha > MAX_STEP_RATIO * eps:
+        raise ValueError(f"{name} (the step size) = {alpha:.6g} is more than {MAX_STEP_RATIO:g} × eps = {eps:.6g}, even "
+                         f"with force: no step that large does anything a step of 2·eps does not, and in float32 it "
+                         f"overflows, so the attack would return its inputs unchanged. Use at most "
+                         f"{MAX_STEP_RATIO * eps:.6g}")
     return alpha
 
 

@@ -160,6 +160,13 @@ def _result_flags(results: dict, n: int) -> list:
                                   "numbers overstate robustness. Run the black-box attacks with more queries and "
                                   "restarts, or an adaptive attack (see docs/flags.md).") if triggered else ""} if (
             name in BLACK_BOX or r.stages) else None)
+        if r.max_perturbation == 0 and not r.excluded and any(r.robust):
+            # every example it attacked came back unchanged (a broken one would have moved): the column is
+            # clean accuracy under another name, e.g. a forced step size that overflows after normalisation
+            flags.append({"name": "attack_did_not_move", "triggered": True, "value": name,
+                          "message": f"{name} returned every example it attacked unchanged (‖δ‖ = 0): its robust "
+                                     "accuracy is the clean accuracy, not a robustness number. Check its step size "
+                                     "and parameters (docs/flags.md)."})
         if r.stats.get("skipped"):
             flags.append({"name": "too_few_classes", "triggered": True, "value": r.stats["skipped"],
                           "message": f"{name} skipped {'; '.join(r.stats['skipped'])}."})
