@@ -150,3 +150,47 @@ def test_cli_resume_refuses_a_tampered_batch_in_one_line(trained_cnn, tmp_path):
     assert done.returncode != 0 and not out.exists()
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and "--overwrite" in lines[0], done.stderr
+
+
+KILL_MID_SAVE = """
+import os, sys
+from pathlib import Path
+from sirobust import report
+from sirobust.io import atomic_write_text
+def save(self, path, markdown=True):   # dies like a SIGKILL between the report's two files
+    path = Path(path)
+    if sys.argv[1] == "after the json":   # the order of an older sirobust
+        atomic_write_text(path, self.to_json())
+    else:
+        atomic_write_text(path.with_suffix(".md"), self.to_markdown())
+    os._exit(9)
+report.Report.save = save
+from sirobust.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("killed", ["after the json", "after the md"])
+def test_a_save_killed_halfway_is_completed_by_resume(trained_cnn, tmp_path, killed):
+    """A SIGKILL between the report's two files left a JSON, no .md and the progress folder, and --resume
+    refused ("finished"); now the .md is written first, and either leftover is completed (issue 21)."""
+    weights = tmp_path / "m.safetensors"
+    sirobust.save_model(trained_cnn, weights, model_name="cnn-small", dataset="fashion-mnist-mini")
+    out = tmp_path / "r.json"
+    args = ["evaluate", "--weights", str(weights), "-n", "32", "--batch-size", "8", "--attacks", "pgd", "--steps",
+            "2", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight.json"
+    done = subprocess.run([sys.executable, "-m", "sirobust", *args[:-1], str(straight)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    killed_run = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, killed, *args], env=env, capture_output=True,
+                                text=True, timeout=300)
+    assert killed_run.returncode == 9 and (tmp_path / "r.evaluation").is_dir()
+    assert out.exists() == (killed == "after the json") and out.with_suffix(".md").exists() != out.exists()
+    again = subprocess.run([sys.executable, "-m", "sirobust", *args, "--resume"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(out.read_text())["worst_case_robust"] == json.loads(straight.read_text())["worst_case_robust"]
+    assert out.with_suffix(".md").read_text().splitlines()[:6] == straight.with_suffix(".md").read_text().splitlines()[:6]
+    assert not (tmp_path / "r.evaluation").exists()

@@ -103,11 +103,12 @@ class Report:
         return cls.from_dict(read_json(path))
 
     def save(self, path: PathLike, markdown: bool = True) -> Path:
-        """Strict JSON written atomically; with ``markdown`` a ``.md`` table beside it."""
+        """Strict JSON written atomically; with ``markdown`` a ``.md`` table beside it, written first: a
+        report whose JSON exists is complete (an interrupted save leaves no JSON, and is redone on resume)."""
         path = Path(path)
-        atomic_write_text(path, self.to_json())
         if markdown:
             atomic_write_text(path.with_suffix(".md"), self.to_markdown())
+        atomic_write_text(path, self.to_json())
         return path
 
     def __repr__(self) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from .args import add_speed_args, names_arg, parse_param
 from .models import add_model_args, load_data, load_model, resolve_source, threat_settings
@@ -30,8 +31,10 @@ def report_path(a) -> Path:
         if out.suffix != ".json":
             raise ValueError(f"--out must name a .json file (the Markdown table goes beside it), got {out}")
         taken = [p for p in (out, out.with_suffix(".md")) if p.exists()]
-        if taken and a.resume:
-            raise ValueError(f"--resume: {taken[0]} exists, so that evaluation finished; nothing to resume")
+        if out.exists() and a.resume:
+            raise ValueError(f"--resume: {out} exists, so that evaluation finished; nothing to resume")
+        if a.resume:  # a .md without its .json: a save that was interrupted, redone now
+            taken = []
         if taken and not a.overwrite:
             raise ValueError(f"--out: {taken[0]} already exists; pass --overwrite to replace the report, or choose "
                              "another name")
@@ -73,6 +76,25 @@ def attack_params(a) -> dict:
     return out
 
 
+def finish_interrupted_save(a) -> Optional[str]:
+    """--resume of an evaluation whose report was saved but not finished (killed after its JSON, before its
+    Markdown or the removal of its progress folder, as a sirobust before 0.1 could be): the Markdown is written
+    from the JSON and the folder removed. None when there is nothing of the kind."""
+    import shutil
+
+    from ..io import atomic_write_text
+    from ..report import Report
+    out = Path(a.out or DEFAULT_REPORT)
+    state, md = progress_folder(out), out.with_suffix(".md")
+    if not out.is_file() or (md.exists() and not state.exists()):
+        return None
+    report = Report.load(out)  # a damaged JSON is an error naming it, as everywhere
+    if not md.exists():
+        atomic_write_text(md, report.to_markdown())
+    shutil.rmtree(state, ignore_errors=True)
+    return f"the evaluation in {out} had finished; its save was interrupted and is now complete: {out} and {md}"
+
+
 def progress_folder(report: Path) -> Path:
     """Where an evaluation keeps its finished batches until its report is written: r.json -> r.evaluation."""
     return report.with_suffix(".evaluation")
@@ -106,6 +128,10 @@ def cmd_evaluate(a) -> int:
     from ..runfolder import ConfigMismatch, RunFolder, command_line, config_difference
     group = current(a.device)  # torchrun: join the other processes (rank 0 writes, every rank attacks)
     say = print if group.main else (lambda *_, **__: None)
+    repaired = group.first(finish_interrupted_save, a) if a.resume else None
+    if repaired:
+        say(repaired)
+        return 0
     out = group.first(report_path, a)
     source = resolve_source(a)
     eps, norm = threat_settings(a, source)
