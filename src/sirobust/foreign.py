@@ -19,6 +19,7 @@ guessed.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -117,6 +118,17 @@ def load_weights(path) -> dict:
     raise ModelLoadError(f"{path} is {_describe(kind, path)}")
 
 
+@contextlib.contextmanager
+def _no_exit(doing: str):
+    """The user's code may not end sirobust: a ``sys.exit()`` in it (status 0 included, which would end the
+    command silently with no report) is an error naming that code."""
+    try:
+        yield
+    except SystemExit as e:
+        raise ModelLoadError(f"{doing} called sys.exit({e.code!r}); a model definition must return a model, "
+                             "not end the program") from None
+
+
 def import_factory(spec: str):
     """``"path/to/file.py:factory"`` -> the callable (the file is imported as a module: it is your code)."""
     file, sep, name = spec.rpartition(":")
@@ -131,7 +143,8 @@ def import_factory(spec: str):
         raise ModelLoadError(f"--model-def: {path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec_obj)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
-    spec_obj.loader.exec_module(module)
+    with _no_exit(f"--model-def: importing {path}"):
+        spec_obj.loader.exec_module(module)
     factory = getattr(module, name, None)
     if not callable(factory):
         names = [n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n])]
@@ -164,7 +177,8 @@ def build_user_model(definition: str, weights: Optional[str] = None, model_args:
     """(model in eval mode, provenance fields) from a definition file, optional weights and normalisation."""
     factory = import_factory(definition)
     try:
-        model = factory(**(model_args or {}))
+        with _no_exit(f"--model-def {definition}"):
+            model = factory(**(model_args or {}))
     except TypeError as e:
         raise ModelLoadError(f"--model-def {definition}: calling it with {model_args or 'no arguments'} failed ({e}); "
                              "pass its arguments with --model-arg KEY=VALUE") from None

@@ -24,6 +24,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -290,11 +291,17 @@ class RunFolder:
             raise RunFolderError(f"nothing to resume: {self.path} does not exist; start without --resume")
         self._created = not self.path.exists()
         check_output_dir(self.path, f"the {self.kind} results")
+        had_lock = (self.path / LOCK_NAME).exists()
         self.lock.acquire(self.log, self.what)
         try:
             self._settle()
         except BaseException:
+            if not had_lock:  # a refused folder is left as it was found: no lock file of ours, no folder
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
             self.lock.release()
+            if self._created and self.moved_to is None:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
             raise
         return self
 

@@ -30,15 +30,19 @@ def build_parser() -> Parser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # each result line reaches a pipe or log when printed
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from ..checkpoint import CheckpointError
-    from ..data import ChecksumError, DataNotFoundError
-    from ..features import FeatureAccessError
-    from ..foreign import ModelLoadError
-    from ..interrupts import RunInterrupted, terminate_as_interrupt
-    from ..io import OutputError
-    from ..train import TrainingDiverged
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        from ..checkpoint import CheckpointError
+        from ..data import ChecksumError, DataNotFoundError
+        from ..features import FeatureAccessError
+        from ..foreign import ModelLoadError
+        from ..interrupts import RunInterrupted, terminate_as_interrupt
+        from ..io import OutputError
+        from ..train import TrainingDiverged
+    except KeyboardInterrupt:  # still starting: nothing was written
+        print("sirobust: interrupted while starting; nothing was done", file=sys.stderr)
+        return 130
     terminate_as_interrupt()  # `kill` then runs every cleanup (locks, temporary files) like Ctrl-C does
     try:
         return args.func(args)

@@ -1,0 +1,85 @@
+"""Clean failures at the edges (issue 21): an interrupt while starting, a refused --out, a model factory that
+exits. Each ends with one line, the right status, and nothing left behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sirobust.runfolder import LOCK_NAME, RunFolder, RunFolderError
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_an_interrupt_while_starting_is_one_line_and_status_130(delay):
+    """Importing torch takes seconds; a Ctrl-C then printed a 30-50-line traceback."""
+    child = subprocess.Popen([sys.executable, "-m", "sirobust", "list"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    if child.poll() is not None:
+        pytest.skip("the command finished before the interrupt")  # a very fast machine: nothing to test there
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130
+    assert err.strip().splitlines() == ["sirobust: interrupted while starting; nothing was done"]
+
+
+def test_a_library_import_keeps_the_callers_keyboard_interrupt():
+    """Only the command turns it into exit 130: a script importing sirobust gets its KeyboardInterrupt."""
+    child = subprocess.Popen([sys.executable, "-c", "import sirobust"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    if child.poll() is not None:
+        pytest.skip("the import finished before the interrupt")
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode != 130 and "KeyboardInterrupt" in err
+
+
+@pytest.mark.parametrize("case", ["other files", "resume nothing", "other kind"])
+def test_a_refused_folder_is_left_exactly_as_it_was(tmp_path, case):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    mode, kind = "new", "train"
+    if case == "other files":
+        (folder / "notes.txt").write_text("mine")
+    elif case == "resume nothing":
+        mode = "resume"
+    else:
+        with RunFolder(folder, "evaluate", "new", config={}):
+            (folder / "kept.json").write_text("{}")
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises((RunFolderError, ValueError)):
+        with RunFolder(folder, kind, mode, config={}):
+            pass
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert (LOCK_NAME in before) == (case == "other kind")   # no 0-byte lock file of the refused claim
+
+
+def test_a_new_folder_refused_after_creation_is_removed(tmp_path, monkeypatch):
+    folder = tmp_path / "fresh"
+
+    def refuse(self):
+        raise RunFolderError("refused for the test")
+    monkeypatch.setattr(RunFolder, "_settle", refuse)
+    with pytest.raises(RunFolderError):
+        RunFolder(folder, "train", "new", config={}).claim()
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("where", ["factory", "module"])
+def test_a_model_factory_that_exits_is_an_error_naming_it(tmp_path, where):
+    definition = tmp_path / "net.py"
+    body = "import sys\n" + ("sys.exit(0)\n" if where == "module" else "") + "def make():\n    sys.exit(0)\n"
+    definition.write_text(body)
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "sirobust", "evaluate", "--model-def", f"{definition}:make",
+                           "--dataset", "fashion-mnist-mini", "-n", "8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(definition) in lines[0] and "sys.exit(0)" in lines[0]
+    assert not out.exists() and not out.with_suffix(".evaluation").exists()
