@@ -83,3 +83,78 @@ def test_a_model_factory_that_exits_is_an_error_naming_it(tmp_path, where):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(definition) in lines[0] and "sys.exit(0)" in lines[0]
     assert not out.exists() and not out.with_suffix(".evaluation").exists()
+
+
+# ------------------------------------------------------------------ messages that name the argument or file
+
+def test_bad_milestones_name_the_flag_and_the_allowed_values():
+    done = subprocess.run([sys.executable, "-m", "sirobust", "train", "--milestones", "abc"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--milestones: takes comma-separated whole epochs >= 1 (e.g. 74,89), got 'abc'" in done.stderr
+    assert "<lambda>" not in done.stderr
+
+
+def test_load_on_a_missing_device_or_a_bad_name_is_a_clear_error(tmp_path):
+    import torch
+
+    import sirobust
+    path = tmp_path / "m.safetensors"
+    sirobust.save_model(sirobust.build_model("cnn-small", num_classes=10, in_channels=1), path,
+                        model_name="cnn-small")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda', but this torch .* sees no CUDA device"):
+            sirobust.load(path, device="cuda")
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda', 'cuda:N'"):
+        sirobust.load(path, device="bogus")
+
+
+@pytest.mark.parametrize("key,value", [("num_classes", "ten"), ("mean", "[0.5,"), ("in_channels", "1.5")])
+def test_bad_metadata_names_the_field(tmp_path, key, value):
+    import json
+
+    import sirobust
+    from sirobust.checkpoint import CheckpointError
+    path = tmp_path / "m.safetensors"
+    sirobust.save_model(sirobust.build_model("cnn-small", num_classes=10, in_channels=1), path,
+                        model_name="cnn-small")
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"][key] = value
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+    with pytest.raises(CheckpointError, match=f"metadata {key}="):
+        sirobust.load(path)
+
+
+def test_a_pickle_refusal_names_the_object_and_gives_no_unsafe_advice(tmp_path):
+    import torch
+
+    from sirobust.statefile import StateFileError, read_state
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Payload()}, path)
+    with pytest.raises(StateFileError) as e:
+        read_state(path)
+    msg = str(e.value)
+    assert str(path) in msg and "system" in msg and "safe load refuses" in msg
+    assert "weights_only" not in msg and msg.endswith(")")    # whole sentences, none of torch's advice
+
+
+def test_split_val_with_a_config_without_the_split_is_a_clear_error(tmp_path):
+    from helpers import small_config
+
+    from sirobust.train import fit
+    run = tmp_path / "run"
+    fit(small_config(run, epochs=1, train_n=64, val_n=16), log=lambda *_: None)
+    (run / "config.json").write_text("{}")
+    done = subprocess.run([sys.executable, "-m", "sirobust", "evaluate", "--model-dir", str(run), "--split", "val",
+                           "-n", "8", "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert f"--split val: {run / 'config.json'} records no validation split" in done.stderr
+    assert "KeyError" not in done.stderr

@@ -126,11 +126,17 @@ def _build_args(meta: dict[str, str], path: Path) -> dict[str, Any]:
     name = field("model")
     if name not in list_models():
         raise CheckpointError(f"{path}: metadata names model {name!r}, not one of {', '.join(list_models())}")
-    try:
-        num_classes, in_channels = int(field("num_classes")), int(field("in_channels"))
-        mean, std = json.loads(field("mean")), json.loads(field("std"))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: unreadable sirobust metadata ({e})") from None
+    def parsed(key: str, parse, allowed: str):
+        try:
+            return parse(field(key))
+        except ValueError:
+            raise CheckpointError(f"{path}: metadata {key}={field(key)[:40]!r} is not {allowed}; the file is damaged "
+                                  "or was edited") from None
+
+    num_classes = parsed("num_classes", int, "a whole number")
+    in_channels = parsed("in_channels", int, "a whole number")
+    mean = parsed("mean", json.loads, "a JSON list of numbers")
+    std = parsed("std", json.loads, "a JSON list of numbers")
     if not 2 <= num_classes <= MAX_CLASSES:
         raise CheckpointError(f"{path}: metadata num_classes={num_classes} is outside [2, {MAX_CLASSES}]")
     if not 1 <= in_channels <= MAX_CHANNELS:
@@ -198,6 +204,18 @@ def _check_tensors(path: Path, found: dict, expected: dict[str, torch.Tensor], n
             raise CheckpointError(f"{path}: tensor {k!r} has shape {list(shape)}, the model needs {list(t.shape)}")
 
 
+def _device(device) -> torch.device:
+    """``device`` checked before any work: a name torch knows, and CUDA only where there is CUDA."""
+    try:
+        target = torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but this torch ({torch.__version__}) sees no CUDA device; "
+                         "use device='cpu'")
+    return target
+
+
 def load(path: PathLike, device: Optional[str | torch.device] = None) -> ImageClassifier:
     """Rebuild a zoo model from a sirobust ``.safetensors`` file or run folder (in eval mode).
 
@@ -206,6 +224,7 @@ def load(path: PathLike, device: Optional[str | torch.device] = None) -> ImageCl
     against the architecture (built on the meta device, which allocates nothing) before the weights
     are materialised, and the tensors against the checksum recorded when they were saved.
     """
+    target = _device(device)
     path = resolve_weights_path(path)
     try:
         data = path.read_bytes()
@@ -230,4 +249,4 @@ def load(path: PathLike, device: Optional[str | torch.device] = None) -> ImageCl
     # provenance for reports: what the file says, where it was and the sha256 of its bytes
     model.sirobust_metadata = {**meta, "file": str(path), "file_sha256": hashlib.sha256(data).hexdigest()}
     del data
-    return model.to(device or "cpu").eval()
+    return model.to(target).eval()

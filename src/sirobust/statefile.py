@@ -91,6 +91,18 @@ def _check_container(path: Path) -> None:
         raise StateFileError(f"{path} is damaged: record {bad!r} fails its CRC check")
 
 
+def _why_unreadable(e: BaseException) -> str:
+    """The reason torch.load gave, in one sentence of ours: a weights_only refusal names the object the file
+    would build, without torch's advice to load it with weights_only=False (sirobust never does)."""
+    text = str(e).strip()
+    if "Weights only load failed" in text:
+        found = re.search(r"(?:unsupported|Unsupported) (?:global: )?GLOBAL ([\w.]+)", text)
+        what = f"it would build {found.group(1)}" if found else "it holds objects other than tensors and plain data"
+        return f"{what}, which a safe load refuses; sirobust never unpickles arbitrary objects"
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first if len(first) <= 300 else first[:first.rfind(" ", 0, 300)] + " …"
+
+
 def read_state(path: PathLike, device: Optional[torch.device | str] = "cpu") -> dict:
     """Load one state file with every check; raises :class:`StateFileError` naming it."""
     path = Path(path)
@@ -99,8 +111,7 @@ def read_state(path: PathLike, device: Optional[torch.device | str] = "cpu") -> 
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # weights_only refusals, truncation, bad records: all "not usable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StateFileError(f"{path} is not a readable sirobust state ({first[:300]})") from None
+        raise StateFileError(f"{path} is not a readable sirobust state ({_why_unreadable(e)})") from None
     if not isinstance(state, dict):
         raise StateFileError(f"{path} does not hold a sirobust state (a {type(state).__name__})")
     return state

@@ -157,7 +157,12 @@ def load_data(a, source: Source):
     run_cfg = Path(a.model_dir) / "config.json"
     if not run_cfg.exists():
         raise ValueError(f"--split val needs the run's config.json (its recorded validation split); none at {run_cfg}")
-    saved = read_json(run_cfg)["config"]
+    saved = read_json(run_cfg)
+    saved = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("val_size"), (int, float)) \
+            or not isinstance(saved.get("seed"), int):
+        raise ValueError(f"--split val: {run_cfg} records no validation split (it needs config.val_size and "
+                         "config.seed, as sirobust train writes them); the file is damaged or not a run's")
     _, ds, idx = train_val_split(load_dataset(source.dataset, "train", **kw), saved["val_size"], seed=saved["seed"])
     return ds, idx
 

@@ -47,7 +47,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="default: preset (0.9)")
     p.add_argument("--weight-decay", type=float_arg("--weight-decay", min=0), default=None,
                    help="default: preset (5e-4 ResNet, 7e-4 WRN)")
-    p.add_argument("--milestones", type=lambda s: tuple(int(v) for v in parse_list(s)), default=None,
+    p.add_argument("--milestones", type=milestones_arg, default=None,
                    help="comma-separated epochs m after which lr is divided by 10: m lowers it from epoch m+1 on "
                         "(1-based), as torch's MultiStepLR stepped per epoch (default: the preset, rescaled to "
                         "--epochs: 74,89,99 of 120 for ResNet and 74 of 90 for WRN, i.e. TRADES' and MART's "
@@ -157,6 +157,17 @@ def cmd_train(a) -> int:
             if summary["best"]["epoch"] is not None and Path(summary["best_weights"]).exists() else "")
     print(f"weights: {summary['weights']} (last epoch); {best}".rstrip("; "))
     return 0
+
+
+def milestones_arg(text: str) -> tuple:
+    """``--milestones 74,89``: whole epochs >= 1, comma-separated (an empty list means none)."""
+    try:
+        values = tuple(int(v) for v in parse_list(text))
+    except ValueError:
+        values = None
+    if values is None or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"takes comma-separated whole epochs >= 1 (e.g. 74,89), got {text!r}")
+    return values
 
 
 def register(sub) -> None:
