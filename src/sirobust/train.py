@@ -37,6 +37,7 @@ from .distributed import current as current_group
 from .fastpath import check_precision, resolve_precision, restore_deterministic, set_deterministic
 from .defenses import InnerAttack, SIConfig, build_defense
 from .defenses.base import START_KINDS
+from .device import pick_device
 from .interrupts import RunInterrupted, StopRequest, graceful_stop
 from .io import append_jsonl, atomic_write_text, read_json, read_jsonl, write_json
 from .metrics import correct_mask, eval_mode
@@ -212,18 +213,6 @@ class TrainConfig:
             d.pop(k)
         d["milestones"] = list(d["milestones"] or [])
         return d
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-    return dev
 
 
 LR_SCHEDULES = ("piecewise", "cyclic", "onecycle")
