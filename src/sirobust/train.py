@@ -137,8 +137,11 @@ class TrainConfig:
         info = get_dataset_info(dataset)
         sched_name = resolve_name("schedule", self.schedule or _MODEL_SCHEDULE.get(model, "resnet"), SCHEDULES)
         preset = SCHEDULES[sched_name]
-        # the defense and its own parameters (unknown ones, HE with SI) fail here, not after the data loaded
-        kind = build_defense(defense, si=SIConfig(self.si_scale, self.si_margin, self.si_weight) if self.si else None,
+        eps = check_eps(info.eps_for(norm) if self.eps is None else self.eps, norm, "eps")
+        # the defense and its own parameters (unknown ones, HE with SI, a norm it is not defined for) fail here,
+        # not after the data loaded
+        kind = build_defense(defense, attack=InnerAttack(eps=eps, norm=norm),
+                             si=SIConfig(self.si_scale, self.si_margin, self.si_weight) if self.si else None,
                              **self.defense_params)
         # a replaying defense (FreeAT, m replays) runs m× the updates per pass: its preset divides the passes by m
         preset_epochs = max(1, round(preset["epochs"] / kind.replays))
@@ -151,7 +154,6 @@ class TrainConfig:
             milestones = tuple(sorted({max(1, round(m * epochs / preset["epochs"])) for m in preset["milestones"]}))
             milestones = tuple(m for m in milestones if m < epochs)
         milestones = tuple(check_int("milestones", m, min=1) for m in milestones)
-        eps = check_eps(info.eps_for(norm) if self.eps is None else self.eps, norm, "eps")
         steps = check_int("attack_steps (--steps)", inner.get("steps", 10) if self.attack_steps is None
                           else self.attack_steps, min=0 if defense == "standard" else 1)
         if self.attack_alpha is not None:  # the preset's own step again (a resolved config resolved once more) is fine

@@ -9,6 +9,9 @@ preset divides the epoch budget by m (sirobust.train) so the cost matches.
 
 With SI the adversary follows the SI loss CE(s·cos θ, y): its gradient with respect to δ comes from the
 same forward pass (one extra backward through the features), while the model trains on CE + β·CosFace.
+
+Free AT is defined for the L∞ ball only: its δ step is ``ε · sign(∇δ)``, the L∞ steepest ascent, which
+under L2 would leave the threat model it claims to train against.
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ class FreeAT(Defense):
 
     def __init__(self, attack=None, si=None, m: int = 8):
         super().__init__(attack=attack, si=si)
+        if self.attack.threat.norm != "Linf":
+            raise ValueError(f"free is defined for the Linf ball (its δ steps by ε·sign(∇δ), Shafahi et al.'s "
+                             f"update), got norm {self.attack.threat.norm}; use norm Linf")
         self.m = check_int("free m (minibatch replays)", m, min=1)
         self.replays = self.m
         self.delta: Optional[torch.Tensor] = None   # (B, C, H, W), the largest batch's shape
