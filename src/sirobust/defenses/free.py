@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_int
+from ..checks import check_param
 from ..features import forward_with_features
 from .base import Defense
 from .si import si_regulariser
@@ -38,7 +38,7 @@ class FreeAT(Defense):
         if self.attack.threat.norm != "Linf":
             raise ValueError(f"free is defined for the Linf ball (its δ steps by ε·sign(∇δ), Shafahi et al.'s "
                              f"update), got norm {self.attack.threat.norm}; use norm Linf")
-        self.m = check_int("free m (minibatch replays)", m, min=1)
+        self.m = check_param("free", "m (minibatch replays)", m, min=1, integer=True)
         self.replays = self.m
         self.delta: Optional[torch.Tensor] = None   # (B, C, H, W), the largest batch's shape
         self._live: Optional[tuple] = None           # (δ with grad, x, the SI gradient) of the replay in flight

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_param
 from ..distributed import unwrap
 from ..features import forward_with_features
 from ..losses import cosine_logits
@@ -67,11 +68,8 @@ class HE(TRADES):
                              "uses s·cos θ logits and the paper compares TRADES-HE with TRADES-SI (Table 10); "
                              "use --defense trades --with-si for the latter")
         super().__init__(attack=attack, si=None, lam=lam)
-        if not scale > 0:
-            raise ValueError(f"he scale (s) must be > 0, got {scale}")
-        if not margin >= 0:
-            raise ValueError(f"he margin (m) must be >= 0, got {margin}")
-        self.scale, self.margin = float(scale), float(margin)
+        self.scale = check_param("he", "scale (s)", scale, min=0, min_open=True)
+        self.margin = check_param("he", "margin (m)", margin, min=0)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model whose logits are s · cos θ (idempotent)."""
