@@ -43,6 +43,7 @@ from .io import append_jsonl, atomic_write_text, read_json, read_jsonl, write_js
 from .metrics import correct_mask, eval_mode
 from .models import build_model
 from .provenance import environment_info, file_sha256, precision_of
+from .rng import generator, seed_global
 from .runfolder import RUN_FILE, ConfigMismatch, RunFolder, RunFolderError, command_line, config_difference, utc_now
 from .statefile import StateFileError, load_state, save_state
 from .threat import canonical_norm
@@ -430,7 +431,7 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                                       device=device, seed=cfg.seed)
     val_n = 0 if val_ds is None else min(cfg.val_n, len(val_ds))
 
-    torch.manual_seed(cfg.seed)  # model init; everything after is checkpointed
+    seed_global(cfg.seed)  # model init; everything after is checkpointed
     model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
                         mean=info.mean, std=info.std).to(device)
     fast = resolve_precision(cfg.precision, device)
@@ -453,7 +454,7 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                                          find_unused_parameters=cfg.defense == "he")
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # each process's attacks draw their own random starts (rank 0's stream is the single-process one)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + _RANK_SEED_STRIDE * group.rank)
+    gen = generator(cfg.seed + _RANK_SEED_STRIDE * group.rank, device)
     # catastrophic overfitting (Wong et al. 2020): PGD accuracy on a fixed, unaugmented training subset
     overfit_set = (train_ds.subset(torch.arange(min(cfg.overfit_n, len(train_ds)))) if cfg.overfit_check else None)
 
