@@ -78,6 +78,7 @@ class Defense:
 
     The training loop calls every defense the same way (:func:`sirobust.train._train_epoch`)::
 
+        defense.prepare_model(model)                  # once, before training (HE's cosine head)
         defense.start_epoch(epoch, epochs)          # schedules of the defense's own weights (GAT's λ)
         for index, (x, y) in enumerate(batches):
             defense.start_batch(index)
@@ -101,6 +102,14 @@ class Defense:
     lr_schedule_preset: Optional[str] = None
     # single-step defenses can overfit catastrophically: their runs check for it every epoch by default
     guard_overfitting = False
+    # why the adversary does not start from InnerAttack's random start (so --attack-start cannot apply to it);
+    # None: it does
+    own_start: Optional[str] = None
+    # does the adversary's step come from the training pass's own backward (FreeAT), costing no passes of its own?
+    attack_reuses_training_backward = False
+    # does the training objective leave some parameters without a gradient (HE: its cosine head's bias)? DDP
+    # must then look for them after each backward
+    leaves_parameters_unused = False
 
     def __init__(self, attack: Optional[InnerAttack] = None, si: Optional[SIConfig] = None):
         self.attack = attack or InnerAttack()
@@ -163,6 +172,9 @@ class Defense:
         return loss, stats
 
     # ----- the training loop's hooks (defaults: nothing to do) ---------------------------------
+    def prepare_model(self, model: nn.Module) -> None:
+        """Adapt a freshly built model before training, in place (HE: its cosine head)."""
+
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Before epoch ``epoch`` (0-based) of ``epochs``."""
 

@@ -74,6 +74,7 @@ class GAT(Defense):
     inner_preset = {"steps": 1, "alpha": 1.0, "random_start": True, "model_mode": "eval"}
     lr_schedule_preset = None  # their schedule is piecewise (÷10 twice)
     guard_overfitting = True
+    own_start = "its attack starts at its own random-sign point"
 
     def __init__(self, attack=None, si=None, lam: float = 10.0, lam_multiplier: float = 4.0,
                  start_noise: float = 0.5):

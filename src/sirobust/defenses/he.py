@@ -61,6 +61,7 @@ class HE(TRADES):
     """HE: TRADES on s·cos θ with an angular margin (hypersphere embedding, Pang et al. 2020)."""
 
     name = "he"
+    leaves_parameters_unused = True  # the cosine head never uses its bias
 
     def __init__(self, attack=None, si=None, lam: float = 6.0, scale: float = 15.0, margin: float = 0.2):
         if si is not None:
@@ -70,6 +71,10 @@ class HE(TRADES):
         super().__init__(attack=attack, si=None, lam=lam)
         self.scale = check_param("he", "scale (s)", scale, min=0, min_open=True)
         self.margin = check_param("he", "margin (m)", margin, min=0)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """HE's classifier is s · cos θ (Pang et al. 2020): the run trains, validates and saves it that way."""
+        model.use_cosine_head(self.scale)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model whose logits are s · cos θ (idempotent)."""
