@@ -38,16 +38,15 @@ from .distributed import Group
 from .distributed import current as current_group
 from .fastpath import FastPath, resolve_precision, restore_deterministic, set_deterministic
 from .interrupts import RunInterrupted, StopRequest, graceful_stop
-from .io import read_jsonl
 from .models import build_model
 from .rng import generator, seed_global
-from .runfolder import RunFolder, RunFolderError
+from .runfolder import RunFolder
 from .schedule import SCHEDULES, learning_rate
-from .train_config import NEWER_FIELDS, ResumeMismatch, TrainConfig, check_resumable, recorded_config
-from .train_eval import overfit_check, validate
+from .train_config import NEWER_FIELDS, ResumeMismatch, TrainConfig, recorded_config
+from .train_eval import guard_overfitting, validate
 from .train_files import (CONFIG_NAME, METRICS_NAME, prepare_folder, record_epoch, save_weights, tensorboard_writer,
                           write_summary)
-from .train_state import STATE_NAME, load_resume_state, restore_train_state, save_train_state
+from .train_state import STATE_NAME, restore_train_state, resume_state, save_train_state
 
 # the public names of the trainer, wherever they live
 __all__ = ["TrainConfig", "fit", "learning_rate", "recorded_config", "ResumeMismatch", "TrainingDiverged",
@@ -146,7 +145,7 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     guarded, recorded and checkpointed."""
     group = group or Group()
     out, metrics_path = folder.path, folder.path / METRICS_NAME
-    state = _resume_state(cfg, folder, log, group)
+    state = resume_state(cfg, folder, log, group)
     data = _data(cfg, device, group)
     parts = _parts(cfg, device, group)
     progress = _progress(cfg, state, data, parts, device, group, log, out)
@@ -178,8 +177,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                 attacked=parts.defense.uses_attack or cfg.si or cfg.eps != 0)
             row = {"epoch": epoch + 1, "lr": parts.opt.param_groups[0]["lr"], **stats, **val,
                    "seconds": time.time() - t0, "train_seconds": train_seconds}
-            collapsed = data.overfit is not None and _guard(row, parts.model, data.overfit, cfg, device, epoch,
-                                                            metrics_path, bool(val), group, log)
+            collapsed = data.overfit is not None and guard_overfitting(row, parts.model, data.overfit, cfg, device,
+                                                                       epoch, metrics_path, bool(val), group, log)
             record_epoch(row, out, tb, group.main)
             progress.best = save_weights(cfg, out, parts.model, parts.defense, progress.best, val, collapsed, epoch,
                                          group.main)
@@ -204,26 +203,6 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     return write_summary(cfg, folder, device, parts.model, parts.fast, progress.best,
                          progress.stopped_early or (state or {}).get("stopped_early"), data.val is not None,
                          group.world)
-
-
-def _resume_state(cfg: TrainConfig, folder: RunFolder, log, group: Group) -> Optional[dict]:
-    """The state to continue from (None: a fresh start), checked against the recorded config."""
-    if not folder.resumed:
-        return None
-    out = folder.path
-    check_resumable(cfg, folder)
-    # rank 0 reads (and checks) the state; every process continues from it
-    state = group.first(load_resume_state, cfg, folder, log)
-    if state is not None and int(state.get("world_size", 1)) != group.world:
-        raise ResumeMismatch(f"--resume: the run in {out} was trained by {state.get('world_size', 1)} "
-                             f"process(es), this is {group.world}: each process's random streams and batch "
-                             "slices are part of the run; resume it with the same number of processes")
-    if state is None and folder.record.get("legacy"):
-        raise RunFolderError(f"--resume: {out} holds no training checkpoint ({STATE_NAME}) to continue from")
-    if state is None:
-        log(f"{out} has no checkpoint yet (stopped before its first epoch ended): starting over with its "
-            "recorded config")
-    return state
 
 
 def _data(cfg: TrainConfig, device: torch.device, group: Group) -> _Data:
@@ -295,19 +274,6 @@ def _progress(cfg: TrainConfig, state: Optional[dict], data: _Data, parts: _Part
             f", batch {progress.partial['loader']['position'] + 1}" if progress.partial else "")
         log(f"resuming {out} at {where}")
     return progress
-
-
-def _guard(row: dict, model, subset, cfg: TrainConfig, device, epoch: int, metrics_path: Path, validated: bool,
-           group: Group, log) -> bool:
-    """The overfitting guard's numbers into ``row``; True at a collapse (said, with what happens next)."""
-    before = group.first(lambda: [r["overfit_pgd_acc"] for r in read_jsonl(metrics_path) if "overfit_pgd_acc" in r])
-    row.update(overfit_check(model, subset, cfg, device, epoch, before, group))
-    if row["overfit_collapse"]:
-        log(f"warning: catastrophic overfitting in epoch {epoch + 1}: PGD accuracy on {len(subset)} "
-            f"training images fell to {row['overfit_pgd_acc']:.3f} from a best of {max(before):.3f}"
-            + (("; stopping (--early-stop)" + (", best.safetensors is from before the collapse" if validated else ""))
-               if cfg.early_stop else "; pass --early-stop to stop at a collapse"))
-    return row["overfit_collapse"]
 
 
 def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig, partial: Optional[dict],

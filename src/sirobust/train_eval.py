@@ -7,12 +7,14 @@ keyed by the examples' indices, so the numbers do not depend on how many process
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .attacks import PGD
 from .distributed import Group
+from .io import read_jsonl
 from .metrics import correct_mask, eval_mode
 from .train_config import TrainConfig
 
@@ -56,3 +58,17 @@ def overfit_check(model, subset, cfg: TrainConfig, device, epoch: int, before: l
         hits = correct_mask(model, x, y, batch_size=256, attack=atk, device=device, keys=keys).sum().item()
     acc = (group or Group()).sum({"hits": hits})["hits"] / len(subset.labels)
     return {"overfit_pgd_acc": acc, "overfit_collapse": bool(before) and acc < max(before) - COLLAPSE_DROP}
+
+
+def guard_overfitting(row: dict, model, subset, cfg: TrainConfig, device, epoch: int, metrics_path: Path,
+                      validated: bool, group: Group, log) -> bool:
+    """The guard's numbers for this epoch into ``row`` (compared with the earlier epochs' in
+    ``metrics_path``); True at a collapse, which is said, with what happens next."""
+    before = group.first(lambda: [r["overfit_pgd_acc"] for r in read_jsonl(metrics_path) if "overfit_pgd_acc" in r])
+    row.update(overfit_check(model, subset, cfg, device, epoch, before, group))
+    if row["overfit_collapse"]:
+        log(f"warning: catastrophic overfitting in epoch {epoch + 1}: PGD accuracy on {len(subset)} "
+            f"training images fell to {row['overfit_pgd_acc']:.3f} from a best of {max(before):.3f}"
+            + (("; stopping (--early-stop)" + (", best.safetensors is from before the collapse" if validated else ""))
+               if cfg.early_stop else "; pass --early-stop to stop at a collapse"))
+    return row["overfit_collapse"]

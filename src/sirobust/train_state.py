@@ -19,9 +19,9 @@ from .data import BatchLoader
 from .defenses import Defense
 from .distributed import Group
 from .rng import rng_state, set_rng_state
-from .runfolder import RunFolder, config_difference
+from .runfolder import RunFolder, RunFolderError, config_difference
 from .statefile import StateFileError, load_state, save_state
-from .train_config import NEWER_FIELDS, TrainConfig, resume_mismatch
+from .train_config import NEWER_FIELDS, ResumeMismatch, TrainConfig, check_resumable, resume_mismatch
 
 STATE_NAME = "train_state.pt"
 _KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "best")
@@ -59,6 +59,26 @@ def load_resume_state(cfg: TrainConfig, folder: RunFolder, log) -> Optional[dict
     # processes, each of which moves what it needs to its own device
     found = load_state(folder.path / STATE_NAME, device="cpu", log=log, check=check)
     return None if found is None else found[0]
+
+
+def resume_state(cfg: TrainConfig, folder: RunFolder, log, group: Group) -> Optional[dict]:
+    """The state to continue from (None: a fresh start), checked against the recorded config."""
+    if not folder.resumed:
+        return None
+    out = folder.path
+    check_resumable(cfg, folder)
+    # rank 0 reads (and checks) the state; every process continues from it
+    state = group.first(load_resume_state, cfg, folder, log)
+    if state is not None and int(state.get("world_size", 1)) != group.world:
+        raise ResumeMismatch(f"--resume: the run in {out} was trained by {state.get('world_size', 1)} "
+                             f"process(es), this is {group.world}: each process's random streams and batch "
+                             "slices are part of the run; resume it with the same number of processes")
+    if state is None and folder.record.get("legacy"):
+        raise RunFolderError(f"--resume: {out} holds no training checkpoint ({STATE_NAME}) to continue from")
+    if state is None:
+        log(f"{out} has no checkpoint yet (stopped before its first epoch ended): starting over with its "
+            "recorded config")
+    return state
 
 
 def save_train_state(out: Path, cfg: TrainConfig, folder: RunFolder, model: nn.Module, opt, defense: Defense,
