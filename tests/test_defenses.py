@@ -66,6 +66,25 @@ def test_bad_parameters_raise(name, kw):
         build_defense(name, **kw)
 
 
+
+@pytest.mark.parametrize("name,kw,says", [
+    ("trades", {"lam": "abc"}, "trades parameter lam (λ) must be a finite number >= 0, got 'abc'"),
+    ("mart", {"lam": -1}, "mart parameter lam (λ) must be a finite number >= 0, got -1"),
+    ("alp", {"alpha": 1.5}, "alp parameter alpha (weight of the clean CE) must be a finite number in [0, 1], got 1.5"),
+    ("he", {"lam": True}, "he parameter lam (λ) must be a finite number >= 0, got True"),
+    ("gat", {"lam_multiplier": float("nan")}, "gat parameter lam_multiplier must be a finite number >= 0, got nan"),
+    ("gradalign", {"lam": "x"}, "gradalign parameter lam (λ) must be a finite number >= 0, got 'x'"),
+    ("free", {"m": 2.5}, "free parameter m (minibatch replays) must be an integer >= 1, got 2.5")])
+def test_a_bad_parameter_is_named_with_its_allowed_values(name, kw, says, tmp_path):
+    """--defense-param lam=abc fails in checks.py as every other argument does, not with a comparison error."""
+    with pytest.raises(ValueError) as e:
+        build_defense(name, **kw)
+    assert str(e.value) == says
+    from sirobust.train import TrainConfig
+    with pytest.raises(ValueError) as e:  # and a training config says the same before any data is loaded
+        TrainConfig(defense=name, defense_params=kw, out=str(tmp_path / "run")).resolved()
+    assert str(e.value) == says
+
 def test_describe_records_parameters_and_mode():
     for name, params in [("trades", {"lam": 6.0}), ("alp", {"alpha": 0.5, "lam": 3.0, "pairing": "mse"}), ("mart", {"lam": 6.0}),
                          ("he", {"lam": 6.0, "scale": 15.0, "margin": 0.2})]:

@@ -204,11 +204,11 @@ def test_deterministic_switches_and_restores_the_global_settings():
 
 def test_training_records_its_precision_and_old_runs_resume_as_fp32(tmp_path):
     from helpers import small_config
-    from sirobust.train import _NEWER_FIELDS, fit, recorded_config
+    from sirobust.train import NEWER_FIELDS, fit, recorded_config
     summary = fit(small_config(tmp_path / "run", epochs=1, precision="bf16"), log=lambda *_: None)
     assert summary["identity"]["precision"] == "bf16"
     assert summary["provenance"]["fast_path"]["autocast"] is True
-    assert _NEWER_FIELDS["precision"] == "fp32"  # a run recorded before the field existed ran plain fp32
+    assert NEWER_FIELDS["precision"] == "fp32"  # a run recorded before the field existed ran plain fp32
     assert recorded_config(tmp_path / "run")["precision"] == "bf16"
 
 

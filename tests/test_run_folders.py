@@ -445,7 +445,7 @@ def test_report_names_are_never_reused_silently(tmp_path, trained_cnn, monkeypat
 
 
 def test_a_full_disk_during_the_state_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, disk_full):
-    import sirobust.train as tr
+    import sirobust.train_state as tr  # where the training state is written
     real = tr.save_state
     saves = {"n": 0}
 

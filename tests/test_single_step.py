@@ -112,6 +112,16 @@ def test_free_replays_one_batch_with_a_persistent_delta(si):
     assert torch.equal(fresh.delta, d.delta)
 
 
+
+def test_free_refuses_l2_naming_the_norm_and_the_allowed_one(tmp_path):
+    """Its δ step is ε·sign(∇δ), the L∞ ascent: under L2 it would train against another threat model."""
+    with pytest.raises(ValueError, match=r"free is defined for the Linf ball.*got norm L2"):
+        FreeAT(attack=InnerAttack(eps=0.5, norm="L2"))
+    # and a training run says so while its config is resolved, before any data is loaded
+    with pytest.raises(ValueError, match=r"free .*Linf.*got norm L2"):
+        TrainConfig(defense="free", norm="L2", out=str(tmp_path / "run")).resolved()
+    assert FreeAT(attack=InnerAttack(eps=8 / 255, norm="Linf")).attack.threat.norm == "Linf"
+
 def test_learning_rate_schedules():
     cfg = TrainConfig(epochs=10, lr=0.2, lr_schedule="cyclic", milestones=()).resolved()
     lrs = [learning_rate(cfg, e, b, 4) for e in range(10) for b in range(4)]

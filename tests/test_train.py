@@ -183,3 +183,47 @@ def test_fit_leaves_the_callers_global_rng_alone(tmp_path):
     torch.manual_seed(123)
     fit(small(tmp_path, epochs=1), log=lambda *_: None)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_trainer_asks_the_defense_never_its_name():
+    """What differs between defenses is an attribute or hook of the Defense (replays, inner_preset, own_start,
+    prepare_model, ...): neither the trainer nor the cost estimate compares a defense's name."""
+    import inspect
+    import re
+
+    import sirobust.reproduce.cost as cost
+    from sirobust import schedule, train, train_config, train_eval, train_files, train_state
+    for module in (train, train_config, train_state, train_eval, train_files, schedule, cost):
+        found = re.findall(r"defense\s*(?:==|!=|in\s)|(?:==|!=)\s*[\"'](?:standard|he|free|gat)[\"']",
+                           inspect.getsource(module))
+        assert not found, f"{module.__name__} tests a defense's name: {found}"
+
+
+def test_defense_hooks_say_what_the_trainer_used_to_test_by_name():
+    from sirobust.defenses import build_defense
+    from sirobust.models import build_model
+    model = build_model("cnn-small", num_classes=10, in_channels=1)
+    build_defense("at").prepare_model(model)
+    assert model.head_type == "linear"
+    he = build_defense("he", scale=10.0)
+    he.prepare_model(model)  # HE trains, validates and saves its s · cos θ head
+    assert model.head_type == "cosine" and model.head.scale == 10.0 and he.leaves_parameters_unused
+    assert not build_defense("standard").uses_attack and build_defense("trades").uses_attack
+    assert build_defense("free").own_start and build_defense("gat").own_start and not build_defense("at").own_start
+    assert build_defense("free", m=4).replays == 4 and build_defense("free").attack_reuses_training_backward
+
+
+def test_cost_estimate_of_each_defense_is_unchanged():
+    """The estimate asks the defense for its replays and whether its attack has passes of its own."""
+    from sirobust.reproduce.cost import train_flops
+    from sirobust.train import TrainConfig
+
+    def flops(defense, **kw):
+        return train_flops(TrainConfig(defense=defense, epochs=2, train_n=1000, val_size=0, **kw).resolved())
+    def expected(per_image):  # epochs × images × forward-equivalents per image × cnn-small's FLOPs per forward
+        return 2 * (1000 * per_image) * 6.08e6
+    assert flops("standard") == expected(3)
+    assert flops("at", attack_steps=10) == expected(30 + 3)
+    assert flops("trades", attack_steps=10) == expected(30 + 7)
+    assert flops("free", defense_params={"m": 4}) == expected(3 * 4)  # FreeAT's attack rides on the update
+    assert flops("fgsm-rs") == expected(3 + 3)

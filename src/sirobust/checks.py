@@ -5,6 +5,7 @@ got and what is allowed, so that ``sirobust train --eps 8`` and
 ``PGD(model, eps=8)`` fail the same way, before any work is spent.
 
 * numbers: :func:`check_int`, :func:`check_float`, :func:`parse_number`
+* a component's own parameters (a defense's λ, ``--defense-param``): :func:`check_param`
 * the threat model: :func:`check_eps` (with a hint when ``8`` means ``8/255``),
   :func:`check_step_size`
 * names: :func:`resolve_name` (case-insensitive, "did you mean ...", the list)
@@ -66,6 +67,26 @@ def check_float(name: str, value, min: Optional[float] = None, max: Optional[flo
         bounds = _range_text(min, max, min_open, max_open)
         raise ValueError(f"{name} must be a finite number{'' if bounds == 'finite' else ' ' + bounds}, got {value}")
     return value
+
+
+def check_param(owner: str, name: str, value, min: Optional[float] = None, max: Optional[float] = None,
+                min_open: bool = False, max_open: bool = False, integer: bool = False) -> Union[float, int]:
+    """A component's numeric parameter (``--defense-param lam=6``) as a float (an int with ``integer``)
+    within the given bounds.
+
+    Whatever is wrong (a word, a bool, a value out of range) the error is a ValueError that names the
+    owner, the parameter and the allowed values: ``trades parameter lam (λ) must be a finite number >= 0,
+    got 'abc'``."""
+    label = f"{owner} parameter {name}"
+    try:
+        if integer:
+            return check_int(label, value, min, max)
+        return check_float(label, value, min, max, min_open, max_open)
+    except (TypeError, ValueError):
+        bounds = _range_text(min, max, min_open, max_open)
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{label} must be {kind}{'' if bounds == 'finite' else ' ' + bounds}, got {value!r}") \
+            from None
 
 
 def _range_text(lo, hi, lo_open=False, hi_open=False) -> str:

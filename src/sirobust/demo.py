@@ -30,7 +30,7 @@ from .reproduce.plan import make_plan, run_name
 from .reproduce.runner import Runner
 from .reproduce.schema import Column, Experiment, Preset, Row
 from .runfolder import RunFolder, command_line
-from .train import pick_device
+from .device import pick_device
 
 DATASET = "fashion-mnist-mini"
 ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")

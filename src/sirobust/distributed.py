@@ -24,6 +24,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .device import pick_device
+
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -129,7 +131,6 @@ class Group:
 
     def device(self, name: str) -> torch.device:
         """The device of this process: ``cuda:LOCAL_RANK`` on GPUs (one GPU per process), else ``name``."""
-        from .train import pick_device
         dev = pick_device(name)
         if self.enabled and dev.type == "cuda":
             dev = torch.device("cuda", self.local_rank)

@@ -1,4 +1,11 @@
-"""Random numbers keyed by (seed, stream, example): the same draws whatever the batching.
+"""Randomness, seeded one way: private generators, the global RNG of model initialisation, and random
+numbers keyed by (seed, stream, example), the same draws whatever the batching.
+
+Every random stream in sirobust starts here: :func:`generator` (a private ``torch.Generator`` from an
+integer seed), :func:`seed_from_words` (one seed from several integers: a data loader's seed, epoch,
+purpose and batch), :func:`seed_global` (the global RNG, which ``torch.nn``'s weight initialisation
+draws from), :func:`stream_key` (one word for a named stream) and :class:`KeyedNoise`; a training run
+checkpoints its streams with :func:`rng_state` and :func:`set_rng_state`.
 
 An evaluation draws each example's random start from a hash of the seed, the
 attack's stream (its name and restart) and the example's index in its dataset,
@@ -23,9 +30,51 @@ import hashlib
 import math
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 _MASK32 = 0xFFFFFFFF
+
+
+def generator(seed: Optional[int] = None, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A private ``torch.Generator`` on ``device``, seeded with ``seed`` (None: fresh entropy from the OS).
+    Drawing from it never moves the global RNG (DESIGN.md, habit 4)."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def seed_from_words(*words: int) -> int:
+    """One 63-bit seed from non-negative integers, well mixed (NumPy's ``SeedSequence``): nearby words,
+    e.g. consecutive epochs, give unrelated streams."""
+    state = np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def seed_global(seed: int) -> None:
+    """Seed the global RNG (CPU and every GPU): only for what cannot take a generator, the weight
+    initialisation of ``torch.nn`` modules."""
+    torch.manual_seed(int(seed))
+
+
+def rng_state(gen: torch.Generator, device: torch.device) -> dict:
+    """What a training run checkpoints of its streams: the global CPU RNG, its attack generator ``gen`` and,
+    on a GPU, the device's global RNG."""
+    state = {"torch": torch.get_rng_state(), "attack": gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, gen: torch.Generator, device: torch.device) -> None:
+    """Restore :func:`rng_state`, so that a resumed run draws what the uninterrupted run would have."""
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["attack"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ def cmd_rescale(a) -> int:
     from ..experiments import rescale
     from ..io import check_output_dir
     from ..runfolder import RunFolder
-    from ..train import pick_device
+    from ..device import pick_device
     out = output_path(a, DEFAULT_OUT)
     alphas = a.alphas if a.alphas else rescale.log_grid(a.alpha_min, a.alpha_max, a.points)
     if any(not v > 0 for v in alphas):

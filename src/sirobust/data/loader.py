@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..rng import generator, seed_from_words
 from .base import ImageDataset
 
 __all__ = ["BatchLoader", "AUGMENTATIONS", "CROP_PADDING"]
@@ -124,9 +125,7 @@ class BatchLoader:
     # ------------------------------------------------------------------ iteration
 
     def _generator(self, epoch: int, purpose: int, batch: int = 0) -> torch.Generator:
-        words = [self.seed % 2**64, epoch, purpose, batch]  # SeedSequence wants non-negative ints
-        state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
+        return generator(seed_from_words(self.seed % 2**64, epoch, purpose, batch))  # SeedSequence: ints >= 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self._resume_from

@@ -13,6 +13,7 @@ from typing import Union
 
 import torch
 
+from ..rng import generator
 from .base import ImageDataset
 
 __all__ = ["train_val_split", "stratified_counts"]
@@ -67,7 +68,7 @@ def train_val_split(ds: ImageDataset, val_size: Union[int, float] = 0.1,
                          f"(the dataset size)")
 
     labels = ds.labels.cpu()
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = generator(seed)
     num_classes = max(len(ds.classes), int(labels.max()) + 1)
     sizes = torch.bincount(labels, minlength=num_classes)
     counts = stratified_counts(sizes, n_val)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_param, resolve_name
 from .base import Defense
 
 
@@ -49,14 +50,9 @@ class ALP(Defense):
 
     def __init__(self, attack=None, si=None, alpha: float = 0.5, lam: float = 3.0, pairing: str = "mse"):
         super().__init__(attack=attack, si=si)
-        if pairing not in PAIRINGS:
-            raise ValueError(f"alp pairing must be one of {sorted(PAIRINGS)}, got {pairing!r}")
-        self.pairing = pairing
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"alp alpha (weight of the clean CE) must be in [0, 1], got {alpha}")
-        if not lam >= 0:
-            raise ValueError(f"alp lam (λ) must be >= 0, got {lam}")
-        self.alpha, self.lam = float(alpha), float(lam)
+        self.pairing = resolve_name("alp pairing", pairing, PAIRINGS)
+        self.alpha = check_param("alp", "alpha (weight of the clean CE)", alpha, min=0, max=1)
+        self.lam = check_param("alp", "lam (λ)", lam, min=0)
 
     def training_loss(self, model, x, x_adv, y, clean, adv):
         ce = self.alpha * F.cross_entropy(clean.logits, y) + (1 - self.alpha) * F.cross_entropy(adv.logits, y)

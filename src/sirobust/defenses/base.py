@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..attacks.loop import pgd_loop
+from ..checks import check_float, check_int, resolve_name
 from ..distributed import unwrap
 from ..fastpath import frozen_parameters
 from ..features import ModelOutput, forward_with_features
@@ -54,17 +55,14 @@ class InnerAttack:
     start: str = "uniform"
 
     def __post_init__(self):
-        if self.model_mode not in _MODES:
-            raise ValueError(f"attack model_mode must be one of {_MODES}, got {self.model_mode!r}")
-        if self.start not in START_KINDS:
-            raise ValueError(f"attack start must be one of {START_KINDS}, got {self.start!r}")
-        if int(self.steps) != self.steps or self.steps < 0:
-            raise ValueError(f"attack steps must be an integer >= 0, got {self.steps}")
+        self.model_mode = resolve_name("attack model_mode", self.model_mode, _MODES)
+        self.start = resolve_name("attack start", self.start, START_KINDS)
+        # checked, not converted: the numbers are recorded as given (describe())
+        check_int("attack steps", self.steps, min=0)
         self.threat: ThreatModel = make_threat(self.norm, self.eps)
         if self.alpha is None:
             self.alpha = self.eps / 4
-        if not self.alpha >= 0:
-            raise ValueError(f"attack alpha must be >= 0, got {self.alpha}")
+        check_float("attack alpha", self.alpha, min=0)
 
     def start_point(self, x: torch.Tensor, generator=None) -> Optional[torch.Tensor]:
         """The first iterate for :func:`~sirobust.attacks.loop.pgd_loop`'s ``start``, or None where the loop
@@ -80,6 +78,7 @@ class Defense:
 
     The training loop calls every defense the same way (:func:`sirobust.train._train_epoch`)::
 
+        defense.prepare_model(model)                  # once, before training (HE's cosine head)
         defense.start_epoch(epoch, epochs)          # schedules of the defense's own weights (GAT's λ)
         for index, (x, y) in enumerate(batches):
             defense.start_batch(index)
@@ -103,6 +102,14 @@ class Defense:
     lr_schedule_preset: Optional[str] = None
     # single-step defenses can overfit catastrophically: their runs check for it every epoch by default
     guard_overfitting = False
+    # why the adversary does not start from InnerAttack's random start (so --attack-start cannot apply to it);
+    # None: it does
+    own_start: Optional[str] = None
+    # does the adversary's step come from the training pass's own backward (FreeAT), costing no passes of its own?
+    attack_reuses_training_backward = False
+    # does the training objective leave some parameters without a gradient (HE: its cosine head's bias)? DDP
+    # must then look for them after each backward
+    leaves_parameters_unused = False
 
     def __init__(self, attack: Optional[InnerAttack] = None, si: Optional[SIConfig] = None):
         self.attack = attack or InnerAttack()
@@ -165,6 +172,9 @@ class Defense:
         return loss, stats
 
     # ----- the training loop's hooks (defaults: nothing to do) ---------------------------------
+    def prepare_model(self, model: nn.Module) -> None:
+        """Adapt a freshly built model before training, in place (HE: its cosine head)."""
+
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Before epoch ``epoch`` (0-based) of ``epochs``."""
 

@@ -9,6 +9,9 @@ preset divides the epoch budget by m (sirobust.train) so the cost matches.
 
 With SI the adversary follows the SI loss CE(s·cos θ, y): its gradient with respect to δ comes from the
 same forward pass (one extra backward through the features), while the model trains on CE + β·CosFace.
+
+Free AT is defined for the L∞ ball only: its δ step is ``ε · sign(∇δ)``, the L∞ steepest ascent, which
+under L2 would leave the threat model it claims to train against.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_int
+from ..checks import check_param
 from ..features import forward_with_features
 from .base import Defense
 from .si import si_regulariser
@@ -29,10 +32,15 @@ class FreeAT(Defense):
     name = "free"
     inner_preset = {"steps": 1, "alpha": 1.0, "random_start": False, "model_mode": "train"}
     guard_overfitting = True
+    own_start = "its δ carries over from replay to replay (zero at the first batch)"
+    attack_reuses_training_backward = True  # δ's gradient comes from the update's own backward: the attack is free
 
     def __init__(self, attack=None, si=None, m: int = 8):
         super().__init__(attack=attack, si=si)
-        self.m = check_int("free m (minibatch replays)", m, min=1)
+        if self.attack.threat.norm != "Linf":
+            raise ValueError(f"free is defined for the Linf ball (its δ steps by ε·sign(∇δ), Shafahi et al.'s "
+                             f"update), got norm {self.attack.threat.norm}; use norm Linf")
+        self.m = check_param("free", "m (minibatch replays)", m, min=1, integer=True)
         self.replays = self.m
         self.delta: Optional[torch.Tensor] = None   # (B, C, H, W), the largest batch's shape
         self._live: Optional[tuple] = None           # (δ with grad, x, the SI gradient) of the replay in flight

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.loop import pgd_loop
+from ..checks import check_param
 from ..features import ModelOutput, forward_with_features
 from ..losses import Loss, get_loss
 from ..modes import model_mode
@@ -73,6 +74,7 @@ class GAT(Defense):
     inner_preset = {"steps": 1, "alpha": 1.0, "random_start": True, "model_mode": "eval"}
     lr_schedule_preset = None  # their schedule is piecewise (÷10 twice)
     guard_overfitting = True
+    own_start = "its attack starts at its own random-sign point"
 
     def __init__(self, attack=None, si=None, lam: float = 10.0, lam_multiplier: float = 4.0,
                  start_noise: float = 0.5):
@@ -80,13 +82,9 @@ class GAT(Defense):
         if self.attack.threat.norm != "Linf":
             raise ValueError(f"gat is defined for the Linf ball (its start is a random sign per pixel), "
                              f"got norm {self.attack.threat.norm}")
-        if not lam >= 0:
-            raise ValueError(f"gat lam (λ) must be >= 0, got {lam}")
-        if not lam_multiplier >= 0:
-            raise ValueError(f"gat lam_multiplier must be >= 0, got {lam_multiplier}")
-        if not 0 <= start_noise <= 1:
-            raise ValueError(f"gat start_noise (a multiple of ε) must be in [0, 1], got {start_noise}")
-        self.lam, self.lam_multiplier, self.start_noise = float(lam), float(lam_multiplier), float(start_noise)
+        self.lam = check_param("gat", "lam (λ)", lam, min=0)
+        self.lam_multiplier = check_param("gat", "lam_multiplier", lam_multiplier, min=0)
+        self.start_noise = check_param("gat", "start_noise (a multiple of ε)", start_noise, min=0, max=1)
         # both follow from the loop's position alone (epoch, batch index): nothing to save for resume
         self.lam_now = self.lam
         self.guided = False  # batch 0 of an epoch: their counter % 2 == 0

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks.loop import NonFiniteGradientError, objective
+from ..checks import check_param
 from ..losses import get_loss
 from ..modes import model_mode
 from ..rng import as_noise
@@ -117,9 +118,8 @@ class GradAlign(Defense):
         if self.attack.threat.norm != "Linf":
             raise ValueError(f"gradalign is defined for the Linf ball (η uniform in [−ε, ε]^d, λ per ε/255), "
                              f"got norm {self.attack.threat.norm}")
-        if lam is not None and not lam >= 0:
-            raise ValueError(f"gradalign lam (λ) must be >= 0, got {lam}")
-        self.lam = gradalign_lambda(self.attack.eps) if lam is None else float(lam)
+        # None: the authors' λ for this ε
+        self.lam = gradalign_lambda(self.attack.eps) if lam is None else check_param("gradalign", "lam (λ)", lam, min=0)
         self._pending: Optional[dict] = None  # what one __call__ passes from the attack to the objective
 
     def _reuses_fgsm_gradient(self, model: nn.Module) -> bool:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_param
 from ..distributed import unwrap
 from ..features import forward_with_features
 from ..losses import cosine_logits
@@ -60,6 +61,7 @@ class HE(TRADES):
     """HE: TRADES on s·cos θ with an angular margin (hypersphere embedding, Pang et al. 2020)."""
 
     name = "he"
+    leaves_parameters_unused = True  # the cosine head never uses its bias
 
     def __init__(self, attack=None, si=None, lam: float = 6.0, scale: float = 15.0, margin: float = 0.2):
         if si is not None:
@@ -67,11 +69,12 @@ class HE(TRADES):
                              "uses s·cos θ logits and the paper compares TRADES-HE with TRADES-SI (Table 10); "
                              "use --defense trades --with-si for the latter")
         super().__init__(attack=attack, si=None, lam=lam)
-        if not scale > 0:
-            raise ValueError(f"he scale (s) must be > 0, got {scale}")
-        if not margin >= 0:
-            raise ValueError(f"he margin (m) must be >= 0, got {margin}")
-        self.scale, self.margin = float(scale), float(margin)
+        self.scale = check_param("he", "scale (s)", scale, min=0, min_open=True)
+        self.margin = check_param("he", "margin (m)", margin, min=0)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """HE's classifier is s · cos θ (Pang et al. 2020): the run trains, validates and saves it that way."""
+        model.use_cosine_head(self.scale)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model whose logits are s · cos θ (idempotent)."""

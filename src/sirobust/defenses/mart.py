@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_param
 from .base import Defense
 
 _TINY = 1e-12        # inside the logs
@@ -49,9 +50,7 @@ class MART(Defense):
 
     def __init__(self, attack=None, si=None, lam: float = 6.0):
         super().__init__(attack=attack, si=si)
-        if not lam >= 0:
-            raise ValueError(f"mart lam (λ) must be >= 0, got {lam}")
-        self.lam = float(lam)
+        self.lam = check_param("mart", "lam (λ)", lam, min=0)
 
     def training_loss(self, model, x, x_adv, y, clean, adv):
         return boosted_ce(adv.logits, y).mean() + self.lam * weighted_kl(clean.logits, adv.logits, y).mean()

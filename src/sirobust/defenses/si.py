@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_float
 from ..features import ModelOutput
 from ..losses import si_margin
 
@@ -22,12 +23,10 @@ class SIConfig:
     weight: float = 0.2   # β
 
     def __post_init__(self):
-        if not self.scale > 0:
-            raise ValueError(f"si scale (--si-scale) must be > 0, got {self.scale}")
-        if not self.margin >= 0:
-            raise ValueError(f"si margin (--si-margin) must be >= 0, got {self.margin}")
-        if not self.weight >= 0:
-            raise ValueError(f"si weight (--si-weight) must be >= 0, got {self.weight}")
+        # checked, not converted: the values are recorded as given (describe())
+        check_float("si scale (--si-scale)", self.scale, min=0, min_open=True)
+        check_float("si margin (--si-margin)", self.margin, min=0)
+        check_float("si weight (--si-weight)", self.weight, min=0)
 
 
 def si_regulariser(adv: ModelOutput, y: torch.Tensor, si: SIConfig) -> torch.Tensor:

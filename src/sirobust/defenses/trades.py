@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_param
 from ..features import ModelOutput
 from ..losses import Loss, get_loss
 from ..modes import model_mode
@@ -37,9 +38,7 @@ class TRADES(Defense):
 
     def __init__(self, attack=None, si=None, lam: float = 6.0):
         super().__init__(attack=attack, si=si)
-        if not lam >= 0:
-            raise ValueError(f"trades lam (λ) must be >= 0, got {lam}")
-        self.lam = float(lam)
+        self.lam = check_param(self.name, "lam (λ)", lam, min=0)  # "he" for TRADES-HE
 
     def adversarial_loss(self, clean) -> Loss:
         # the registered "kl" loss: KL(f(x) ‖ f(x')) with f(x) detached

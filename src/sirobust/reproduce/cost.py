@@ -12,6 +12,8 @@ so the figures are the order of magnitude, not a promise.
 """
 from __future__ import annotations
 
+from ..defenses import InnerAttack, build_defense
+
 # forward FLOPs per image (benchmarks/scaling.md)
 FORWARD_FLOPS = {"cnn-small": 6.08e6, "resnet18": 1.11e9, "preact-resnet18": 1.11e9,
                  "preact-resnet18-wong": 1.11e9, "preact-resnet18-gradalign": 1.11e9,
@@ -20,8 +22,8 @@ TRAIN_SIZE = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "mnist": 60000
               "fashion-mnist-mini": 6000}
 THROUGHPUT = {"cpu": 30e9, "gpu": 100e12}
 # forward-equivalents per training image and pass, beyond the attack: the update (forward + backward)
-# and the clean forward the defense also takes
-_DEFENSE_EXTRA = {"standard": 3, "at": 3, "trades": 7, "alp": 6, "mart": 6, "he": 7, "free": 0, "fgsm-rs": 3,
+# and the clean forward the defense also takes (FreeAT: the update alone, its attack rides on it)
+_DEFENSE_EXTRA = {"standard": 3, "at": 3, "trades": 7, "alp": 6, "mart": 6, "he": 7, "free": 3, "fgsm-rs": 3,
                   "gat": 6, "gradalign": 9}
 # forward-equivalents per attacked image (restarts multiply): steps or queries
 _ATTACK_PASSES = {"aa": 3 * 100 + 3 * 9 * 100 + 4 * 9 * 100 + 5000 / 2, "spsa": None, "rays": 10000}
@@ -34,9 +36,10 @@ def train_flops(cfg) -> float:
         size = size * (1 - cfg.val_size) if cfg.val_size < 1 else size - cfg.val_size
     if cfg.train_n:
         size = min(size, cfg.train_n)
-    attack = 3 * cfg.attack_steps if cfg.defense != "standard" else 0
-    replays = int(cfg.defense_params.get("m", 8)) if cfg.defense == "free" else 1
-    per_image = (attack + _DEFENSE_EXTRA.get(cfg.defense, 6)) * replays if cfg.defense != "free" else 3 * replays
+    kind = build_defense(cfg.defense, attack=InnerAttack(eps=cfg.eps, norm=cfg.norm), **cfg.defense_params)
+    own_passes = kind.uses_attack and not kind.attack_reuses_training_backward
+    attack = 3 * cfg.attack_steps if own_passes else 0
+    per_image = (attack + _DEFENSE_EXTRA.get(cfg.defense, 6)) * kind.replays
     validation = 0 if not cfg.val_size else min(cfg.val_n, size) * (3 * cfg.val_steps + 1)
     return cfg.epochs * (size * per_image + validation) * per_forward
 

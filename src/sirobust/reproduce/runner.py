@@ -243,7 +243,7 @@ class Runner:
     def model_of(self, cell: Cell):
         """(model, weights file, sha256, provenance) of a cell, in the view its row asks for."""
         from ..checkpoint import load
-        from ..train import pick_device
+        from ..device import pick_device
         dev = pick_device(self.device)
         if cell.published is not None:
             from ..experiments.published import load_published
@@ -280,7 +280,7 @@ class Runner:
     def resolved_precision(self) -> str:
         """The arithmetic the attacks really use here ("auto" is bf16 on CUDA, fp32-fast on a CPU)."""
         from ..fastpath import check_precision, resolve_precision
-        from ..train import pick_device
+        from ..device import pick_device
         return resolve_precision(check_precision(self.plan.eval["precision"]), pick_device(self.device)).precision
 
     # ---------------------------------------------------------------- evaluation
@@ -358,7 +358,7 @@ class Runner:
         from ..attacks import build_attack
         from ..evaluate import evaluate
         from ..progress import EvaluationProgress
-        from ..train import pick_device
+        from ..device import pick_device
         e = self.plan.eval
         test = self.test_set(cell.dataset)
         eps = self.eps_of(cell.dataset)
