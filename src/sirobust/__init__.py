@@ -9,16 +9,15 @@ compared with, and the SI defense mechanism inside AT/TRADES/ALP/MART.
     atk = sirobust.SIPGD(model, eps=8/255)
     x_adv = atk(x, y)
 """
-__version__ = "0.1.0"
-
-from .attacks import (APGD, APGDT, FAB, FGSM, FGSMRS, PGD, PGDCW, PGDDLR, RFGSM, SIPGD, Attack,  # noqa: E402
+from ._version import __version__
+from .attacks import (APGD, APGDT, FAB, FGSM, FGSMRS, PGD, PGDCW, PGDDLR, RFGSM, SIPGD, Attack,
                       AutoAttack, Square, SPSA, RayS, build_attack, list_attacks)
-from .checkpoint import load, save_model  # noqa: E402
-from .evaluate import Report, evaluate  # noqa: E402
-from .train import TrainConfig, fit  # noqa: E402
-from .features import FeatureAccessError, ModelOutput, forward_with_features  # noqa: E402
-from .losses import get_loss, list_losses  # noqa: E402
-from .models import build_model, list_models  # noqa: E402
+from .checkpoint import load, save_model
+from .evaluate import Report, evaluate
+from .train import TrainConfig, fit
+from .features import FeatureAccessError, ModelOutput, forward_with_features
+from .losses import get_loss, list_losses
+from .models import build_model, list_models
 
 __all__ = ["__version__", "Attack", "PGD", "SIPGD", "PGDCW", "PGDDLR", "FGSM", "FGSMRS", "RFGSM", "APGD", "APGDT",
            "FAB", "Square", "SPSA", "RayS", "AutoAttack", "build_attack", "list_attacks",

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._version import __version__
+
 
 def git_commit() -> str | None:
     """The commit of the sirobust checkout, or None when not in a git checkout."""
@@ -27,7 +29,6 @@ def git_commit() -> str | None:
 
 
 def environment_info() -> dict:
-    from . import __version__
     import numpy
     return {
         "sirobust": __version__, "torch": torch.__version__, "numpy": numpy.__version__,

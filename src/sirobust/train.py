@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .attacks import PGD
 from .checks import check_eps, check_float, check_int, check_step_size, resolve_name
 from .checkpoint import BEST_NAME, WEIGHTS_NAME, save_model

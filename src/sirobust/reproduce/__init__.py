@@ -68,7 +68,7 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     import contextlib
 
     from ..distributed import current as current_group
-    from ..experiments.published import DEFAULT_MODEL_DIR
+    from ..foreign.published import DEFAULT_MODEL_DIR
     from .plan import shard_runs
     from .runner import Runner, open_root, prepare_root
     exp = load_experiment(name)
@@ -185,7 +185,7 @@ def _silent(*_a, **_k) -> None:
 def check_published(plan, model_dir: Path, accept_unpinned: bool) -> None:
     """Every published model the plan evaluates: its file present with the config's sha256 (all checked
     before the first is loaded); a model the config does not pin runs only with ``accept_unpinned``."""
-    from ..experiments.published import verify
+    from ..foreign.published import verify
     used = list({c.published.name: c.published for c in plan.cells if c.published is not None}.values())
     unpinned = [m.name for m in used if not m.sha256 or (m.definition and not m.definition_sha256)]
     if unpinned and not accept_unpinned:
