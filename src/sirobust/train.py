@@ -38,10 +38,10 @@ from .fastpath import check_precision, resolve_precision, restore_deterministic,
 from .defenses import InnerAttack, SIConfig, build_defense
 from .defenses.base import START_KINDS
 from .interrupts import RunInterrupted, StopRequest, graceful_stop
-from .io import append_jsonl, atomic_write_text, read_json, read_jsonl, write_json
+from .io import append_jsonl, atomic_write_text, file_sha256, read_json, read_jsonl, write_json
 from .metrics import correct_mask, eval_mode
 from .models import build_model
-from .provenance import environment_info, file_sha256, precision_of
+from .provenance import environment_info, precision_of
 from .runfolder import RUN_FILE, ConfigMismatch, RunFolder, RunFolderError, command_line, config_difference, utc_now
 from .statefile import StateFileError, load_state, save_state
 from .threat import canonical_norm

@@ -30,8 +30,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..io import file_sha256
 from ..models.base import Normalize
-from ..provenance import file_sha256
 from ..statefile import StateFileError, read_state
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights", "params")

@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
-from ..provenance import file_sha256
+from ..io import file_sha256
 from . import ModelLoadError, build_user_model, identify, load_torchscript, load_weights
 
 PathLike = Union[str, os.PathLike]

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .._version import __version__
-from ..io import read_json, write_json
-from ..provenance import environment_info, file_sha256
+from ..io import file_sha256, read_json, write_json
+from ..provenance import environment_info
 from ..runfolder import RUN_FILE, RunFolder, command_line
 from .plan import Cell, EvalJob, Plan, digest, resolved_dict, runs_root
 
