@@ -4,6 +4,7 @@ Each experiment is a config file shipped in ``sirobust/reproduce/configs/`` (``f
 ``table2`` … ``table10``), read and checked by :mod:`.schema`, expanded into cells by :mod:`.plan`,
 computed by :mod:`.runner` (every run and evaluation reused when it already exists, so an interrupted
 grid continues where it stopped) and written by :mod:`.tables` or :mod:`.figures`.
+``sirobust compare`` (:mod:`.compare`) builds an experiment from its flags and runs it the same way.
 
 Example::
 
