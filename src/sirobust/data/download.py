@@ -35,7 +35,7 @@ from typing import Optional, Union
 from ..io import CHUNK, file_digest, fsync_dir
 from .base import DATA_ENV_VAR, ChecksumError, DataNotFoundError
 
-__all__ = ["download_file", "verify_file", "file_digest", "safe_extract", "NETWORK_ERRORS",
+__all__ = ["download_file", "verify_file", "safe_extract", "NETWORK_ERRORS",
            "search_dirs", "not_found_message"]
 
 PathLike = Union[str, os.PathLike]
