@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sirobust.attacks import FGSM, FGSMRS, PGD, PGDCW, PGDDLR, RFGSM, SIPGD, build_attack, list_attacks, pgd_loop
-from sirobust.experiments.rescale import ScaledLogits
+from sirobust.models import ScaledLogits
 from sirobust.features import FeatureAccessError
 from sirobust.losses import get_loss
 from sirobust.threat import LinfBall

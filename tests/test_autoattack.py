@@ -12,7 +12,7 @@ from sirobust.attacks.apgd import apgd_checkpoints, halve_step
 from sirobust.attacks.fab import fab_minimal, project_onto_hyperplane
 from sirobust.attacks.square import square_p, square_side
 from sirobust.evaluate import evaluate
-from sirobust.experiments.rescale import ScaledLogits
+from sirobust.models import ScaledLogits
 
 from conftest import TinyNet
 from helpers import CHEAP, cheap_attack as cheap

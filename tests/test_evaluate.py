@@ -7,7 +7,8 @@ from torch import nn
 
 from sirobust.attacks import Attack
 from sirobust.evaluate import Report, evaluate
-from sirobust.experiments.rescale import ScaledLogits, log_grid, rescale_study
+from sirobust.experiments.rescale import log_grid, rescale_study
+from sirobust.models import ScaledLogits
 
 
 

@@ -4,9 +4,8 @@ import torch
 from torch import nn
 
 from sirobust.features import FeatureAccessError, forward_with_features, find_head
-from sirobust.experiments.rescale import ScaledLogits
 from sirobust.losses import get_loss
-from sirobust.models import build_model
+from sirobust.models import ScaledLogits, build_model
 
 
 def test_zoo_model_features_are_direct():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from sirobust.experiments.published import (INSTALL_HINT, PublishedModel, PublishedModelError, check_sha256,
+from sirobust.foreign.published import (INSTALL_HINT, PublishedModel, PublishedModelError, check_sha256,
                                             load_published, verify, weights_path)
 
 # A definition file as a published repository ships it; every import and every factory call is logged beside it,

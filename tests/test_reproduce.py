@@ -611,7 +611,7 @@ def test_a_wrong_sha256_stops_the_grid_before_any_attack(tmp_path, monkeypatch):
         raise AssertionError("an attack ran")
 
     monkeypatch.setattr(sys.modules["sirobust.evaluate"], "evaluate", must_not_run)
-    from sirobust.experiments.published import PublishedModelError
+    from sirobust.foreign.published import PublishedModelError
     with pytest.raises(PublishedModelError, match=r"Beta2021Wrapped.*sha256 [0-9a-f]{64}, expected 0{64}"):
         reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), model_dir=str(model_dir), progress=False,
                   log=_quiet)
@@ -622,7 +622,7 @@ def test_a_changed_definition_file_stops_the_grid_before_its_code_runs(tmp_path,
     cfg, model_dir = _published_table(tmp_path)
     marker = tmp_path / "ran"
     (model_dir / "net.py").write_text(DEFINITION + f"\nopen({str(marker)!r}, 'w').close()\n")
-    from sirobust.experiments.published import PublishedModelError
+    from sirobust.foreign.published import PublishedModelError
     with pytest.raises(PublishedModelError, match=r"\(definition\).*net\.py has sha256"):
         reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), model_dir=str(model_dir), progress=False,
                   log=_quiet)

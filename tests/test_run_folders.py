@@ -390,7 +390,7 @@ def test_a_state_from_another_run_is_refused_by_name(tmp_path):
 def _no_work(monkeypatch):
     """Make loading data or a model an immediate test failure, wherever a module bound them."""
     import sirobust.checkpoint as ck
-    for name in ("sirobust.demo", "sirobust.experiments.compare", "sirobust.experiments.rescale",
+    for name in ("sirobust.demo", "sirobust.reproduce.compare", "sirobust.experiments.rescale",
                  "sirobust.reproduce.runner"):
         importlib.import_module(name)  # imported now, so that their bindings are patched below
     from sirobust.data import registry

@@ -131,7 +131,7 @@ def test_tensorboard_logging_when_asked(tmp_path):
 
 
 def test_compare_reuses_finished_runs_and_tabulates_every_defense(tmp_path):
-    from sirobust.experiments.compare import compare_defenses
+    from sirobust.reproduce.compare import compare_defenses
     logs = []
     kw = dict(epochs=1, out=str(tmp_path), eval_n=30, steps=2, progress=False,
               train_kw=dict(train_n=128, val_n=32, attack_steps=1))

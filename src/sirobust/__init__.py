@@ -9,7 +9,7 @@ compared with, and the SI defense mechanism inside AT/TRADES/ALP/MART.
     atk = sirobust.SIPGD(model, eps=8/255)
     x_adv = atk(x, y)
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 import os as _os  # noqa: E402
 import sys as _sys  # noqa: E402

@@ -11,7 +11,6 @@ Example::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
-from .io import PathLike, atomic_write_bytes
+from .io import PathLike, atomic_write_bytes, bytes_sha256, tensors_digest
 from .models import ImageClassifier, build_model
 
 FORMAT_VERSION = "1"
@@ -80,16 +79,6 @@ def canonical_safetensors(data: bytes) -> bytes:
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + data[8 + n:]
-
-
-def tensors_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over the tensors' names, dtypes, shapes and bytes, in sorted key order."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().to("cpu").contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
@@ -247,6 +236,6 @@ def load(path: PathLike, device: Optional[str | torch.device] = None) -> ImageCl
     if "tensors_sha256" in meta and tensors_digest(state) != meta["tensors_sha256"]:
         raise CheckpointError(f"{path} is damaged: its tensors do not match the checksum recorded when it was saved")
     # provenance for reports: what the file says, where it was and the sha256 of its bytes
-    model.sirobust_metadata = {**meta, "file": str(path), "file_sha256": hashlib.sha256(data).hexdigest()}
+    model.sirobust_metadata = {**meta, "file": str(path), "file_sha256": bytes_sha256(data)}
     del data
     return model.to(target).eval()

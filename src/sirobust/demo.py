@@ -24,6 +24,7 @@ from .checkpoint import load
 from .data import get_dataset_info, load_dataset
 from .experiments import rescale
 from .io import atomic_write_text, write_json
+from .markdown import markdown_table
 from .provenance import environment_info
 from .report import Report
 from .reproduce.plan import make_plan, run_name
@@ -55,13 +56,10 @@ def comparison_rows(reports: list[tuple[str, object]]) -> list[dict]:
 
 def comparison_table(rows: list[dict]) -> str:
     """Markdown table, one row per model: Natural and robust accuracy per attack (%)."""
-    head = "| defense | Natural | " + " | ".join(a.upper() for a in ATTACKS) + " | worst case |"
-    sep = "|---|" + "---:|" * (len(ATTACKS) + 2)
-    lines = [head, sep]
-    for r in rows:
-        cells = [f"{100 * r['natural']:.2f}"] + [f"{100 * r[a]:.2f}" for a in ATTACKS] + [f"{100 * r['worst_case']:.2f}"]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    header = ["defense", "Natural", *(a.upper() for a in ATTACKS), "worst case"]
+    cells = ([r["label"], f"{100 * r['natural']:.2f}", *(f"{100 * r[a]:.2f}" for a in ATTACKS),
+              f"{100 * r['worst_case']:.2f}"] for r in rows)
+    return "\n".join(markdown_table(header, cells, "l" + "r" * (len(ATTACKS) + 2)))
 
 
 def longer_run() -> Optional[dict]:

@@ -9,20 +9,27 @@
 * :func:`check_output_file` / :func:`check_output_dir` prove an output can be
   written *before* any work is spent on it.
 * :func:`read_json` refuses files larger than a bound before reading them.
+* Hashes: every sha256 sirobust records (of a file, of weights in memory, the checksum a
+  weights file carries) is :func:`digest` over a stream of bytes; the functions below it say
+  which bytes.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
 import secrets
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterable, Optional, Union
+
+import torch
 
 PathLike = Union[str, os.PathLike]
 
 TMP_SUFFIX = ".tmp"
+CHUNK = 1 << 20  # bytes read (and copied) at a time
 MAX_JSON_BYTES = 64 * 2**20  # no config, report or summary of ours comes near this
 
 
@@ -269,3 +276,48 @@ def read_jsonl(path: PathLike, max_bytes: int = MAX_JSON_BYTES) -> list:
                 break
             raise ValueError(f"{path} is damaged: line {i + 1} is not JSON") from None
     return rows
+
+
+# --------------------------------------------------------------------------- hashes
+
+def digest(chunks: Iterable[bytes], algorithm: str = "sha256") -> str:
+    """The hex digest of the bytes ``chunks`` yield, in order: the one way sirobust hashes."""
+    h = hashlib.new(algorithm)
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    with open(path, "rb") as f:
+        return digest(iter(lambda: f.read(CHUNK), b""), algorithm)
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 of a file's bytes, as ``sha256sum`` prints it."""
+    return file_digest(path, "sha256")
+
+
+def bytes_sha256(data: bytes) -> str:
+    """The sha256 of bytes already read: :func:`file_sha256` of the file they were read from."""
+    return digest([data])
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The sha256 of a state dict saved as safetensors with sorted keys (no metadata): the same weights give
+    the same hash, whatever object holds them."""
+    import safetensors.torch
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(state.items())}
+    return bytes_sha256(safetensors.torch.save(cpu))
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in sorted key order (the checksum a
+    sirobust weights file records, as safetensors has none)."""
+    def chunks():
+        for k in sorted(state):
+            t = state[k].detach().to("cpu").contiguous()
+            yield f"{k}|{t.dtype}|{tuple(t.shape)}|".encode()
+            yield t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return digest(chunks())

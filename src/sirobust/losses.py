@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .checks import resolve_name
 from .features import ModelOutput
+from .registry import Registry, first_doc_line
 
 _EPS_NORM = 1e-12  # keeps ‖z‖, ‖W_k‖ > 0 (SPEC: "a small epsilon in the norms")
 
@@ -47,30 +47,30 @@ class Loss:
         return Loss(self.name, self.fn, self.needs_features, self.takes_target, {**self.params, **params})
 
 
-_LOSSES: Dict[str, Loss] = {}
+LOSSES: Registry[Loss] = Registry("loss", describe=lambda loss: first_doc_line(loss.fn))
 
 
 def register_loss(name: str, needs_features: bool = False, takes_target: bool = False):
     def deco(fn):
-        _LOSSES[name] = Loss(name, fn, needs_features, takes_target)
+        LOSSES.register(name, Loss(name, fn, needs_features, takes_target))
         return fn
     return deco
 
 
 def list_losses() -> list[str]:
-    return sorted(_LOSSES)
+    return LOSSES.names()
 
 
 def describe_loss(name: str) -> str:
     """The first line of the loss's docstring."""
-    return (_LOSSES[resolve_name("loss", name, _LOSSES)].fn.__doc__ or "").strip().splitlines()[0]
+    return LOSSES.describe(name)
 
 
 def get_loss(name: str, **params) -> Loss:
     """Look up a loss by name and bind parameters (e.g. ``scale=15`` for ``si``)."""
     if isinstance(name, Loss):
         return name.with_params(**params) if params else name
-    loss = _LOSSES[resolve_name("loss", name, _LOSSES)]
+    loss = LOSSES.get(name)
     accepted = [p for p in list(inspect.signature(loss.fn).parameters)[2:] if p != "target"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:

@@ -1,7 +1,6 @@
 """Where a number came from: the weights' hash, the command, versions, git commit, device, time."""
 from __future__ import annotations
 
-import hashlib
 import platform
 import subprocess
 import sys
@@ -10,6 +9,9 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from ._version import __version__
+from .io import state_dict_sha256, tensors_digest
 
 
 def git_commit() -> str | None:
@@ -27,7 +29,6 @@ def git_commit() -> str | None:
 
 
 def environment_info() -> dict:
-    from . import __version__
     import numpy
     return {
         "sirobust": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
@@ -48,20 +49,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
-
-
-def file_sha256(path) -> str:
-    """The sha256 of a file's bytes, as ``sha256sum`` prints it."""
-    from .data.download import file_digest
-    return file_digest(path, "sha256")
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """The sha256 of the model's state dict saved as safetensors with sorted keys (no metadata):
-    the same weights give the same hash, whatever object holds them."""
-    import safetensors.torch
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(model.state_dict().items())}
-    return hashlib.sha256(safetensors.torch.save(state)).hexdigest()
 
 
 def _loaded_from_file(model: nn.Module) -> Optional[tuple[nn.Module, dict]]:
@@ -87,10 +74,9 @@ def weights_identity(model: nn.Module) -> dict:
         if "tensors_sha256" not in meta:
             return {"weights_sha256": meta["file_sha256"], "weights_file": meta.get("file"),
                     "weights_sha256_of": "file (not re-verified: the file records no tensor checksum)"}
-        from .checkpoint import tensors_digest
         if tensors_digest(m.state_dict()) == meta["tensors_sha256"]:
             return {"weights_sha256": meta["file_sha256"], "weights_sha256_of": "file", "weights_file": meta.get("file")}
-    return {"weights_sha256": state_dict_sha256(model), "weights_sha256_of": "state dict (safetensors, sorted keys)",
+    return {"weights_sha256": state_dict_sha256(model.state_dict()), "weights_sha256_of": "state dict (safetensors, sorted keys)",
             "weights_file": None}
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from .io import PathLike, atomic_write_text, dumps_json, read_json
+from .markdown import markdown_table
 
 Z95 = 1.959963984540054  # the 97.5 % quantile of the standard normal
 
@@ -138,24 +139,27 @@ class Report:
         p = self.provenance
         lines = ["# Robustness report", "",
                  f"{self.n} examples of {p.get('dataset') or '?'} ({p.get('split') or '?'}), {self.norm} "
-                 f"ε = {self.eps:.6g}; model: {p.get('model') or self.config.get('model_description', '-')}", "",
-                 "| attack | robust / n | accuracy (%) | 95% CI (%) | seconds | max ‖δ‖ | note |",
-                 "|---|---:|---:|---:|---:|---:|---|"]
+                 f"ε = {self.eps:.6g}; model: {p.get('model') or self.config.get('model_description', '-')}", ""]
+        rows = []
         for label, acc, seconds, delta, note in self.rows():
             lo, hi = acc["ci95"]
             bold = "**" if label == "worst case" else ""
-            lines.append(f"| {bold}{label}{bold} | {acc['count']}/{acc['n']} | {bold}{100 * acc['fraction']:.2f}{bold} "
-                         f"| {100 * lo:.1f}–{100 * hi:.1f} | {'' if seconds is None else f'{seconds:.1f}'} "
-                         f"| {'' if delta is None else f'{delta:.6g}'} | {note} |")
+            rows.append([f"{bold}{label}{bold}", f"{acc['count']}/{acc['n']}", f"{bold}{100 * acc['fraction']:.2f}{bold}",
+                         f"{100 * lo:.1f}–{100 * hi:.1f}", "" if seconds is None else f"{seconds:.1f}",
+                         "" if delta is None else f"{delta:.6g}", note])
+        lines += markdown_table(["attack", "robust / n", "accuracy (%)", "95% CI (%)", "seconds", "max ‖δ‖", "note"],
+                                rows, align="lrrrrrl")
         for r in self.attacks.values():
             if r.stages:
-                lines += ["", f"### {r.name}: accuracy after each stage", "",
-                          "| stage | broke | robust after | accuracy after (%) | 95% CI (%) |", "|---|---:|---:|---:|---:|"]
+                lines += ["", f"### {r.name}: accuracy after each stage", ""]
+                stages = []
                 for st in r.stages:
                     after = st["robust_after"]
                     lo, hi = after["ci95"]
-                    lines.append(f"| {st['name']} | {st['broke']} | {after['count']}/{after['n']} | "
-                                 f"{100 * after['fraction']:.2f} | {100 * lo:.1f}–{100 * hi:.1f} |")
+                    stages.append([st["name"], st["broke"], f"{after['count']}/{after['n']}",
+                                   f"{100 * after['fraction']:.2f}", f"{100 * lo:.1f}–{100 * hi:.1f}"])
+                lines += markdown_table(["stage", "broke", "robust after", "accuracy after (%)", "95% CI (%)"], stages,
+                                        align="lrrrr")
                 for why in r.stats.get("skipped", []):
                     lines.append(f"\nskipped: {why}")
             if r.stats.get("queries"):
@@ -179,13 +183,11 @@ class Report:
         lines += [f"- **{f['name']}**: {f['message']}" for f in triggered] or ["none triggered"]
         unchecked = {f["message"] for f in self.flags if not f["triggered"] and f["value"] is None and f["message"]}
         lines += [f"- {message}" for message in sorted(unchecked)]
-        lines += ["", "## Provenance", "", "| | |", "|---|---|"]
-        for key, value in p.items():
-            if key in ("attacks", "indices"):
-                continue
-            lines.append(f"| {key} | {_cell(value)} |")
-        for name, params in p.get("attacks", {}).items():
-            lines.append(f"| attack {name} | {_cell(params)} |")
+        lines += ["", "## Provenance", ""]
+        lines += markdown_table(None, [*([key, _cell(value)] for key, value in p.items()
+                                         if key not in ("attacks", "indices")),
+                                       *([f"attack {name}", _cell(params)] for name, params in p.get("attacks", {}).items())],
+                                align="ll")
         lines.append("")
         return "\n".join(lines)
 

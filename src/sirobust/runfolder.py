@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+from ._version import __version__
 from .io import OutputError, PathLike, check_output_dir, fsync_dir, read_json, remove_temp_files, write_json
 
 try:
@@ -326,7 +327,6 @@ class RunFolder:
             return
         self.record = {"kind": self.kind, "run_id": uuid.uuid4().hex, "created": utc_now(),
                        "host": socket.gethostname(), "command": command_line(), "config": self.config}
-        from . import __version__
         self.record["sirobust"] = __version__
         write_json(self.path / RUN_FILE, self.record)
 

@@ -89,8 +89,8 @@ def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     each α. A change of more than a point for PGD while SI-PGD moves by at most a point means the CE
     gradients of this model depend on the logit scale: its PGD numbers may be inflated by saturation."""
     from .attacks import PGD, SIPGD
-    from .experiments.rescale import ScaledLogits
     from .features import FeatureAccessError
+    from .models import ScaledLogits
     name = "scale_sensitivity"
     if x.shape[0] == 0 or eps == 0:
         return _flag(name, False, None, "")

@@ -5,11 +5,6 @@ with no scheduler state to save.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .train_config import TrainConfig
-
 # Paper Sec. 5.1 (and SPEC.md): SGD, momentum 0.9. A milestone m means "after m epochs": the rate is
 # divided by 10 from the (m+1)-th epoch on, 1-based (torch's MultiStepLR stepped once per epoch).
 # The paper's "divided at epochs 75, 90 and 100" is TRADES' and MART's code, `for epoch in range(1,
@@ -30,9 +25,10 @@ MODEL_SCHEDULE = {"resnet18": "resnet", "preact-resnet18": "resnet", "preact-res
 LR_SCHEDULES = ("piecewise", "cyclic", "onecycle")
 
 
-def learning_rate(cfg: TrainConfig, epoch: int, batch: int, batches: int) -> float:
+def learning_rate(cfg, epoch: int, batch: int, batches: int) -> float:
     """The learning rate of batch ``batch`` (0-based) of epoch ``epoch`` (0-based), a pure function of the
-    position in the run (so resume is exact with no scheduler state).
+    position in the run (so resume is exact with no scheduler state). ``cfg`` is a resolved
+    :class:`~sirobust.train_config.TrainConfig` (not imported: the schedules sit below the trainer).
 
     - piecewise: ``lr`` times lr_gamma per milestone m with m <= epoch (0-based): a milestone m lowers the
       rate from the (m+1)-th epoch on, 1-based (the paper's schedules; see SCHEDULES);

@@ -15,8 +15,8 @@ from torch import nn
 
 from .checkpoint import BEST_NAME, WEIGHTS_NAME, save_model
 from .defenses import Defense
-from .io import append_jsonl, atomic_write_text, read_jsonl, write_json
-from .provenance import environment_info, file_sha256, precision_of
+from .io import append_jsonl, atomic_write_text, file_sha256, read_jsonl, write_json
+from .provenance import environment_info, precision_of
 from .runfolder import RunFolder, command_line, utc_now
 from .train_config import TrainConfig
 

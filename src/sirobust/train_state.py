@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .data import BatchLoader
 from .defenses import Defense
 from .distributed import Group

@@ -27,6 +27,7 @@ from torch import nn
 from ..checks import logits_of, resolve_name
 from .base import Attack
 from .loop import is_fooled
+from .stages import STAGES, build_from
 
 # (stage, its own settings): the reference's (autoattack.py, set_version)
 VERSIONS: dict[str, list[tuple[str, dict]]] = {
@@ -59,7 +60,6 @@ class AutoAttack(Attack):
                  stage_params: Optional[dict] = None, precision: str = "auto"):
         super().__init__(model, eps, norm=norm, restarts=1, seed=seed, model_mode=model_mode, early_stop=True,
                          precision=precision)
-        from .registry import build_attack, canonical_attack_name
         version = resolve_name("AutoAttack version", version or self.version, [*VERSIONS, "custom"])
         if version == "custom":
             if not attacks:
@@ -74,14 +74,12 @@ class AutoAttack(Attack):
         self.name = {"standard": "aa", "plus": "aa-plus", "rand": "aa-rand", "si": "aa-si"}.get(version, "aa-custom")
         self.head = head
         # stage_params: {"square": {"queries": 500}} changes a stage's settings (a cheaper run; recorded)
-        custom = {canonical_attack_name(k): dict(v) for k, v in (stage_params or {}).items()}
+        custom = {STAGES.canonical(k): dict(v) for k, v in (stage_params or {}).items()}
         self.stages: list[tuple[str, Attack]] = []
         for stage, settings in plan:
-            stage = canonical_attack_name(stage)
-            if stage.startswith("aa"):
-                raise ValueError(f"an AutoAttack stage cannot itself be an ensemble ({stage})")
+            stage = STAGES.canonical(stage)  # an ensemble is no stage: the names are the single attacks'
             extra = {"head": head} if head is not None and stage == "apgd-si" else {}
-            self.stages.append((stage, build_attack(stage, model, overrides={**settings, **extra,
+            self.stages.append((stage, build_from(STAGES, stage, model, overrides={**settings, **extra,
                                                                              **custom.pop(stage, {})},
                                                     eps=self.eps, norm=self.norm, seed=seed,
                                                     precision=precision)))

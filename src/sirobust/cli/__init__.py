@@ -16,7 +16,7 @@ __all__ = ["main", "build_parser", "parse_number", "parse_list", "parse_numbers"
 
 
 def build_parser() -> Parser:
-    from .. import __version__
+    from .._version import __version__
     from . import compare, demo, evaluate, listing, reproduce, rescale, train
     parser = Parser(prog="sirobust", description="Scale-invariant adversarial attacks and defenses.",
                     allow_abbrev=False)

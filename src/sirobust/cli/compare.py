@@ -9,7 +9,7 @@ DEFAULT_DEFENSES = "standard,at,trades,alp,mart,he"
 
 
 def cmd_compare(a) -> int:
-    from ..experiments.compare import compare_defenses
+    from ..reproduce.compare import compare_defenses
     si_modes = {"both": (False, True), "on": (True,), "off": (False,)}[a.si]
     train_kw = {"train_n": a.train_n} if a.train_n else {}
     if a.data_dir:

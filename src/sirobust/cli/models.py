@@ -63,7 +63,7 @@ class Source:
     kind: str                   # run, weights, definition, torchscript, robustbench
     path: Optional[Path]
     dataset: Optional[str]      # what the weights record, or --dataset
-    published: Optional[object] = None  # with --robustbench: its sirobust.experiments.published.PublishedModel
+    published: Optional[object] = None  # with --robustbench: its sirobust.foreign.published.PublishedModel
 
 
 def resolve_source(a) -> Source:
@@ -105,7 +105,7 @@ def resolve_source(a) -> Source:
 def _robustbench_source(a) -> Source:
     """--robustbench NAME: a published model in RobustBench's layout under --model-dir (default ./models)."""
     from ..data.registry import canonical_dataset
-    from ..experiments.published import DEFAULT_MODEL_DIR, PublishedModel, weights_path
+    from ..foreign.published import DEFAULT_MODEL_DIR, PublishedModel, weights_path
     others = [f for f, v in (("--model-def", a.model_def), ("--weights", a.weights), ("--model", a.torchscript)) if v]
     if others:
         raise ValueError(f"give exactly one model: --robustbench NAME cannot go with {', '.join(others)} "
@@ -136,7 +136,7 @@ def load_model(a, source: Source, device):
         model = load(source.path, device=device)
         return model, {}
     if source.kind == "robustbench":
-        from ..experiments.published import DEFAULT_MODEL_DIR, load_published
+        from ..foreign.published import DEFAULT_MODEL_DIR, load_published
         return load_published(source.published, a.model_dir or DEFAULT_MODEL_DIR, device=device)
     if source.kind == "definition":
         model, prov = build_user_model(a.model_def, a.weights, dict(a.model_arg), a.mean, a.std)

@@ -81,10 +81,11 @@ def describe(name: str, preset: str, overrides: dict, device: str, shard: Option
 
 def listing(device: str) -> str:
     """Every packaged experiment with each preset's estimated cost."""
+    from ..markdown import markdown_table
     from ..reproduce import list_experiments, load_experiment
     from ..reproduce.cost import estimate, human
     from ..reproduce.plan import make_plan
-    lines = ["| experiment | what | smoke (CPU) | mini (CPU) | paper (one GPU) |", "|---|---|---:|---:|---:|"]
+    rows = []
     for name in list_experiments():
         exp = load_experiment(name)
         cells = []
@@ -94,7 +95,8 @@ def listing(device: str) -> str:
                 continue
             est = estimate(make_plan(exp, preset, device=device))
             cells.append(f"{human(est[unit])}, {est['runs']} run{'s' if est['runs'] != 1 else ''}")
-        lines.append(f"| {name} | {exp.title} | " + " | ".join(cells) + " |")
+        rows.append([name, exp.title, *cells])
+    lines = markdown_table(["experiment", "what", "smoke (CPU)", "mini (CPU)", "paper (one GPU)"], rows, "llrrr")
     lines += ["", "Estimates: FLOPs counted per model × forward passes, at 30 GFLOP/s for this 2-core CPU (measured) "
               "and 100 TFLOP/s for an H200-class GPU (assumed); an order of magnitude, not a promise.",
               "Run one: sirobust reproduce NAME --preset smoke|mini|paper [--out DIR]; --dry-run shows its runs."]

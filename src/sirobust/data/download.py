@@ -19,7 +19,6 @@ MNIST); prefer sha256 when you have it.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -33,14 +32,13 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
-from ..io import fsync_dir
+from ..io import CHUNK, file_digest, fsync_dir
 from .base import DATA_ENV_VAR, ChecksumError, DataNotFoundError
 
-__all__ = ["download_file", "verify_file", "file_digest", "safe_extract", "NETWORK_ERRORS",
+__all__ = ["download_file", "verify_file", "safe_extract", "NETWORK_ERRORS",
            "search_dirs", "not_found_message"]
 
 PathLike = Union[str, os.PathLike]
-_CHUNK = 1 << 20
 _TIMEOUT_S = 60.0
 _USER_AGENT = "sirobust-data/0.1 (+https://pypi.org/project/sirobust)"
 
@@ -48,15 +46,6 @@ _USER_AGENT = "sirobust-data/0.1 (+https://pypi.org/project/sirobust)"
 #: disk errors are deliberately not in this list and propagate unchanged.
 NETWORK_ERRORS = (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                   http.client.HTTPException)
-
-
-def file_digest(path: PathLike, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _expected(md5: Optional[str], sha256: Optional[str]) -> list[tuple[str, str]]:
@@ -213,7 +202,7 @@ def _stream(url: str, out, label: str) -> None:
         total = response.headers.get("Content-Length")
         progress = _progress(int(total) if total and total.isdigit() else None, label)
         try:
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
+            for chunk in iter(lambda: response.read(CHUNK), b""):
                 out.write(chunk)
                 if progress is not None:
                     progress.update(len(chunk))
@@ -375,7 +364,7 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> list[Path]:
             src = tar.extractfile(m)
             assert src is not None  # regular file
             with src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
+                shutil.copyfileobj(src, out, CHUNK)
             written.append(target)
     return written
 
@@ -403,6 +392,6 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> list[Path]:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, _CHUNK)
+                shutil.copyfileobj(src, out, CHUNK)
             written.append(target)
     return written

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from ..checks import resolve_name
+from ..registry import Registry
 from .base import DATA_ENV_VAR, DatasetInfo, ImageDataset, default_data_dir
 from .cifar import CIFAR_SOURCES, load_cifar_dataset
 from .idx import SPLIT_FILES, load_idx_dataset
@@ -37,7 +37,7 @@ def _entry(loader: Loader, splits, **info) -> _Entry:
     return _Entry(DatasetInfo(**info), loader, tuple(splits))
 
 
-_REGISTRY: dict[str, _Entry] = {
+DATASETS: Registry[_Entry] = Registry("dataset", {
     "cifar10": _entry(
         load_cifar_dataset, CIFAR_SOURCES["cifar10"]["splits"], name="cifar10", num_classes=10, in_channels=3,
         image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616), default_eps=8 / 255,
@@ -69,35 +69,28 @@ _REGISTRY: dict[str, _Entry] = {
         mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), default_eps=8 / 255, augment="crop",
         description="SVHN cropped digits: 73,257 train / 26,032 test (+531,131 extra) 32x32 colour house-number "
                     "digits (Netzer et al. 2011)."),
-}
-
-# Spellings people commonly type; the canonical names are the registry keys.
-_ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "fashionmnist": "fashion-mnist",
-            "fmnist": "fashion-mnist"}
+}, aliases={"cifar-10": "cifar10", "cifar-100": "cifar100", "fashionmnist": "fashion-mnist",  # commonly typed
+            "fmnist": "fashion-mnist"}, describe=lambda entry: entry.info.description)
 
 
 def list_datasets() -> list[str]:
     """Registered dataset names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def _lookup(name: str) -> _Entry:
-    return _REGISTRY[resolve_name("dataset", name, _REGISTRY, _ALIASES)]
+    return DATASETS.names()
 
 
 def canonical_dataset(name: str) -> str:
     """The registry's spelling of ``name`` (case-insensitive; "did you mean" for a typo)."""
-    return resolve_name("dataset", name, _REGISTRY, _ALIASES)
+    return DATASETS.canonical(name)
 
 
 def get_dataset_info(name: str) -> DatasetInfo:
     """Static facts about ``name``; raises ValueError listing valid names if unknown."""
-    return _lookup(name).info
+    return DATASETS.get(name).info
 
 
 def dataset_splits(name: str) -> tuple[str, ...]:
     """The splits ``load_dataset`` accepts for ``name`` (e.g. ("train", "test"))."""
-    return _lookup(name).splits
+    return DATASETS.get(name).splits
 
 
 def load_dataset(name: str, split: str = "train", data_dir: Optional[Union[str, os.PathLike]] = None,
@@ -112,7 +105,7 @@ def load_dataset(name: str, split: str = "train", data_dir: Optional[Union[str, 
     downloadable), ChecksumError (a file differs from the published one; it is
     left as it is, and ``accept_checksum_mismatch=True`` uses it anyway).
     """
-    entry = _lookup(name)
+    entry = DATASETS.get(name)
     if split not in entry.splits:
         raise ValueError(f"split={split!r} is not available for {entry.info.name!r}; "
                          f"choose one of {list(entry.splits)}")

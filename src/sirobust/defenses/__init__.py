@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import inspect
-from typing import Dict, Optional, Type
+from typing import Optional, Type
 
-from ..checks import resolve_name
+from ..registry import Registry
 from .alp import ALP
 from .at import AT
 from .base import Defense, InnerAttack
@@ -18,28 +18,28 @@ from .si import SIConfig, si_regulariser
 from .standard import Standard
 from .trades import TRADES
 
-DEFENSES: Dict[str, Type[Defense]] = {"standard": Standard, "at": AT, "trades": TRADES, "alp": ALP, "mart": MART,
-                                      "he": HE, "fgsm-rs": FGSMRS, "free": FreeAT, "gat": GAT,
-                                      "gradalign": GradAlign}
-_ALIASES = {"rfgsm-at": "fgsm-rs", "fast-at": "fgsm-rs", "fast": "fgsm-rs", "freeat": "free", "free-at": "free",
-            "grad-align": "gradalign"}
+DEFENSES: Registry[Type[Defense]] = Registry(
+    "defense", {"standard": Standard, "at": AT, "trades": TRADES, "alp": ALP, "mart": MART, "he": HE,
+                "fgsm-rs": FGSMRS, "free": FreeAT, "gat": GAT, "gradalign": GradAlign},
+    aliases={"rfgsm-at": "fgsm-rs", "fast-at": "fgsm-rs", "fast": "fgsm-rs", "freeat": "free", "free-at": "free",
+             "grad-align": "gradalign"})
 
 
 def list_defenses() -> list[str]:
-    return sorted(DEFENSES)
+    return DEFENSES.names()
 
 
 def canonical_defense(name: str) -> str:
-    return resolve_name("defense", name, DEFENSES, _ALIASES)
+    return DEFENSES.canonical(name)
 
 
 def describe_defense(name: str) -> str:
     """The first line of the defense's docstring."""
-    return (DEFENSES[canonical_defense(name)].__doc__ or "").strip().splitlines()[0]
+    return DEFENSES.describe(name)
 
 
 def build_defense(name: str, attack: Optional[InnerAttack] = None, si: Optional[SIConfig] = None, **kw) -> Defense:
-    cls = DEFENSES[canonical_defense(name)]
+    cls = DEFENSES.get(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "attack", "si")]
     unknown = sorted(set(kw) - set(accepted))
     if unknown:

@@ -15,27 +15,12 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 from torch import nn
 
 from ..evaluate import evaluate
-from ..provenance import model_description
 from ..io import PathLike, write_json
-
-
-class ScaledLogits(nn.Module):
-    """``α · model(x)``: the same classifier, rescaled logits (decisions unchanged)."""
-
-    def __init__(self, model: nn.Module, alpha: float):
-        super().__init__()
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        self.model = model
-        self.alpha = float(alpha)
-        self.training = model.training  # a wrapper must not flip the wrapped model's mode later
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.alpha * self.model(x)
+from ..models import ScaledLogits
+from ..provenance import model_description
 
 
 def log_grid(lo: float = 1e-3, hi: float = 1e3, points: int = 7) -> list[float]:

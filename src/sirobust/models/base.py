@@ -70,6 +70,27 @@ class SelectOutput(nn.Module):
         return getattr(out, self.key) if isinstance(self.key, str) and hasattr(out, self.key) else out[self.key]
 
 
+class ScaledLogits(nn.Module):
+    """``α · model(x)``: the same classifier, rescaled logits (decisions unchanged). The rescaling study
+    (paper Fig. 1, Sec. 4.1) and evaluate's scale-sensitivity flag attack it.
+
+    Example::
+
+        scaled = ScaledLogits(model, 100.0)            # CE saturates; SI-PGD does not notice
+    """
+
+    def __init__(self, model: nn.Module, alpha: float):
+        super().__init__()
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.model = model
+        self.alpha = float(alpha)
+        self.training = model.training  # a wrapper must not flip the wrapped model's mode later
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * self.model(x)
+
+
 class ImageClassifier(nn.Module):
     """Base class of the model zoo.
 

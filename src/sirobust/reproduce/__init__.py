@@ -4,6 +4,7 @@ Each experiment is a config file shipped in ``sirobust/reproduce/configs/`` (``f
 ``table2`` … ``table10``), read and checked by :mod:`.schema`, expanded into cells by :mod:`.plan`,
 computed by :mod:`.runner` (every run and evaluation reused when it already exists, so an interrupted
 grid continues where it stopped) and written by :mod:`.tables` or :mod:`.figures`.
+``sirobust compare`` (:mod:`.compare`) builds an experiment from its flags and runs it the same way.
 
 Example::
 
@@ -68,7 +69,7 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     import contextlib
 
     from ..distributed import current as current_group
-    from ..experiments.published import DEFAULT_MODEL_DIR
+    from ..foreign.published import DEFAULT_MODEL_DIR
     from .plan import shard_runs
     from .runner import Runner, open_root, prepare_root
     exp = load_experiment(name)
@@ -185,7 +186,7 @@ def _silent(*_a, **_k) -> None:
 def check_published(plan, model_dir: Path, accept_unpinned: bool) -> None:
     """Every published model the plan evaluates: its file present with the config's sha256 (all checked
     before the first is loaded); a model the config does not pin runs only with ``accept_unpinned``."""
-    from ..experiments.published import verify
+    from ..foreign.published import verify
     used = list({c.published.name: c.published for c in plan.cells if c.published is not None}.values())
     unpinned = [m.name for m in used if not m.sha256 or (m.definition and not m.definition_sha256)]
     if unpinned and not accept_unpinned:

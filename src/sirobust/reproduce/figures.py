@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..io import atomic_write_text, read_json, write_json
+from ..markdown import markdown_table
 from ..provenance import environment_info
 from ..runfolder import command_line
 from .plan import FIGURE_EVAL_KEYS, display
@@ -100,38 +101,34 @@ def to_markdown(summary: dict) -> str:
 
 def _summary1(data) -> list:
     names = data["attacks"]
-    lines = ["| α | clean | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
-    for i, a in enumerate(data["alphas"]):
-        lines.append(f"| {a:g} | {100 * data['clean'][i]:.1f} | "
-                     + " | ".join(f"{100 * data['accuracy'][n][i]:.1f}" for n in names) + " |")
+    lines = markdown_table(["α", "clean", *names],
+                           ([f"{a:g}", f"{100 * data['clean'][i]:.1f}", *(f"{100 * data['accuracy'][n][i]:.1f}" for n in names)]
+                            for i, a in enumerate(data["alphas"])), "rr" + "r" * len(names))
     return [f"Accuracy (%) on {data['n']} test images as the logits are multiplied by α:", "", *lines]
 
 
 def _summary3(data) -> list:
-    lines = ["| image | label | clean CE | CE at the PGD-10 point | largest CE on the grid |", "|---:|---:|---:|---:|---:|"]
-    for k, idx in enumerate(data["indices"]):
-        peak = max(max(row) for row in data["loss"][k])
-        lines.append(f"| {idx} | {data['labels'][k]} | {data['clean_loss'][k]:.3f} | {data['pgd_loss'][k]:.3f} | "
-                     f"{peak:.3f} |")
+    rows = [[idx, data["labels"][k], f"{data['clean_loss'][k]:.3f}", f"{data['pgd_loss'][k]:.3f}",
+             f"{max(max(row) for row in data['loss'][k]):.3f}"] for k, idx in enumerate(data["indices"])]
+    lines = markdown_table(["image", "label", "clean CE", "CE at the PGD-10 point", "largest CE on the grid"], rows,
+                           "rrrrr")
     return [f"Cross-entropy on a {data['grid']}×{data['grid']} grid of δ1, δ2 ∈ [-ε, ε] (ε = {data['eps']:.4g}) "
             f"around {len(data['indices'])} test images:", "", *lines]
 
 
 def _summary4(data) -> list:
     deltas = data["deltas"]
-    lines = ["| δ | " + " | ".join(data["labels"]) + " |", "|---:|" + "---:|" * len(data["labels"])]
-    for i, d in enumerate(deltas):
-        lines.append(f"| {d:g} | " + " | ".join(f"{data['models'][m]['loss_change'][i]:+.3f}" for m in data["labels"])
-                     + " |")
+    lines = markdown_table(["δ", *data["labels"]],
+                           ([f"{d:g}", *(f"{data['models'][m]['loss_change'][i]:+.3f}" for m in data["labels"])]
+                            for i, d in enumerate(deltas)), "r" * (1 + len(data["labels"])))
     return ["Change of the adversarial loss (CE on PGD-10 examples against the perturbed weights) along a random "
             "filter-normalised direction:", "", *lines]
 
 
 def _summary5(data) -> list:
-    lines = ["| model | mean cos θ_y | median | robust accuracy under PGD-10 |", "|---|---:|---:|---:|"]
-    for m in data["labels"]:
-        r = data["models"][m]
-        lines.append(f"| {m} | {r['mean']:.3f} | {r['median']:.3f} | {100 * r['robust_accuracy']:.1f} % |")
+    rows = [[m, f"{r['mean']:.3f}", f"{r['median']:.3f}", f"{100 * r['robust_accuracy']:.1f} %"]
+            for m, r in ((m, data["models"][m]) for m in data["labels"])]
+    lines = markdown_table(["model", "mean cos θ_y", "median", "robust accuracy under PGD-10"], rows, "lrrr")
     n = data["models"][data["labels"][0]]["n"]
     return [f"cos θ_y on PGD-10 examples of {n} test images:", "", *lines]
 

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import __version__
-from ..io import read_json, write_json
-from ..provenance import environment_info, file_sha256
+from .._version import __version__
+from ..io import file_sha256, read_json, write_json
+from ..provenance import environment_info
 from ..runfolder import RUN_FILE, RunFolder, command_line
 from .plan import Cell, EvalJob, Plan, digest, resolved_dict, runs_root
 
@@ -246,7 +246,7 @@ class Runner:
         from ..device import pick_device
         dev = pick_device(self.device)
         if cell.published is not None:
-            from ..experiments.published import load_published
+            from ..foreign.published import load_published
             model, prov = load_published(cell.published, self.model_dir, device=dev)
             sha = prov.get("weights_sha256") or prov.get("sha256")
             weights = prov.get("weights_file", cell.published.name)
@@ -326,7 +326,7 @@ class Runner:
     def job_spec(self, cell: Cell, job: EvalJob) -> dict:
         """What an evaluation depends on; its hash names the result file."""
         if cell.published is not None:  # the entry (definition, arguments, normalisation) and both files
-            from ..experiments.published import definition_path, weights_path
+            from ..foreign.published import definition_path, weights_path
             spec = cell.published
             weights = {"published": {k: v for k, v in dataclasses.asdict(spec).items()
                                      if k not in ("label", "architecture", "extra_data")},
@@ -530,7 +530,7 @@ def _number(value) -> float:
 
 def cosine_view(model):
     """An HE model as Pang et al.'s code returns it: ``cos θ``, its ``s · cos θ`` logits divided by s."""
-    from ..experiments.rescale import ScaledLogits
+    from ..models import ScaledLogits
     head = getattr(model, "head", None)
     scale = getattr(head, "scale", None)
     if scale is None:

@@ -489,7 +489,7 @@ def _row(r, where: str, models: list) -> Row:
 
 
 def _published(m, where: str):
-    from ..experiments.published import PublishedModel
+    from ..foreign.published import PublishedModel
     try:
         return PublishedModel.from_dict(m, where=where)
     except ValueError as e:

@@ -14,6 +14,7 @@ import io
 import statistics
 from typing import Optional
 
+from ..markdown import markdown_table
 from .plan import changed_settings, result_name
 from .schema import Column
 
@@ -232,9 +233,8 @@ def _markdown_grid(summary: dict) -> list[str]:
     lead = _lead(summary)
     keep = slice(0 if summary.get("row_group_by") else 1, None)
     label_row = lead[keep] + [" / ".join(p for p in parts if p) for parts in zip(*heads)]
-    lines = ["| " + " | ".join(label_row) + " |",
-             "|" + "---|" * len(lead[keep]) + "---:|" * (len(label_row) - len(lead[keep]))]
-    return lines + ["| " + " | ".join(cells[keep]) + " |" for cells in body_rows(summary)]
+    align = "l" * len(lead[keep]) + "r" * (len(label_row) - len(lead[keep]))
+    return markdown_table(label_row, (cells[keep] for cells in body_rows(summary)), align)
 
 
 def to_markdown(summary: dict) -> str:
@@ -354,15 +354,14 @@ def paper_markdown(summary: dict, block: dict) -> list[str]:
     cols = [c for c in summary["columns"] if any(column_key(c) in block["rows"][lab] for lab in labels)]
     if not labels or not cols:
         return []
-    lines = ["", f"The paper's numbers ({block['setting']}):", "",
-             "| Method | " + " | ".join(column_key(c) for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    rows = []
     for label in labels:
         values = block["rows"][label]
-        cells = ["–" if column_key(c) not in values else
-                 (f"{values[column_key(c)]:.4f}" if c["value"] == "adbd" else f"{values[column_key(c)]:.2f}")
-                 for c in cols]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+        rows.append([label] + ["–" if column_key(c) not in values else
+                               (f"{values[column_key(c)]:.4f}" if c["value"] == "adbd" else f"{values[column_key(c)]:.2f}")
+                               for c in cols])
+    return ["", f"The paper's numbers ({block['setting']}):", "",
+            *markdown_table(["Method", *(column_key(c) for c in cols)], rows, "l" + "r" * len(cols))]
 
 
 def to_csv(summary: dict) -> str:

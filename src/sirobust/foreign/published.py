@@ -32,6 +32,9 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
+from ..io import file_sha256
+from . import ModelLoadError, build_user_model, identify, load_torchscript, load_weights
+
 PathLike = Union[str, os.PathLike]
 
 INSTALL_HINT = "pip install git+https://github.com/RobustBench/robustbench"
@@ -189,7 +192,6 @@ def definition_path(spec: PublishedModel, model_dir: PathLike) -> Optional[str]:
 def check_sha256(path: PathLike, expected: Optional[str], what: str, hint: str = "") -> str:
     """The sha256 of ``path``; raises :class:`PublishedModelError` when it is missing or differs from ``expected``
     (``None``: nothing to compare). ``hint`` says what to download and where, for a missing file."""
-    from ..provenance import file_sha256
     path = Path(path)
     if not path.is_file():
         where = f"{path} is a folder, not a file" if path.is_dir() else f"no file at {path}"
@@ -261,7 +263,6 @@ def load_published(spec: PublishedModel, model_dir: PathLike = DEFAULT_MODEL_DIR
     model without a local file is downloaded through the robustbench package first (its sha256 checked when the
     entry lists one).
     """
-    from ..foreign import ModelLoadError, build_user_model, load_torchscript
     what = f"published model {spec.describe()}"
     path = weights_path(spec, model_dir)
     if not path.is_file() and spec.robustbench is not None:
@@ -343,7 +344,6 @@ def fetch_robustbench_file(spec: PublishedModel, model_dir: PathLike) -> Path:
     """Download RobustBench's checkpoint of ``spec`` to :func:`weights_path` through the robustbench package:
     to a temporary name first, checked to be a weights file with the listed sha256, then moved into place.
     Nothing is unpickled."""
-    from ..foreign import identify
     what = f"published model {spec.describe()}"
     path = weights_path(spec, model_dir)
     if path.is_file():
@@ -386,8 +386,6 @@ def fetch_robustbench_file(spec: PublishedModel, model_dir: PathLike) -> Path:
 def _load_robustbench_zoo(spec: PublishedModel, path: Path):
     """RobustBench's architecture for ``spec`` with the weights in ``path``, read weights-only by sirobust and fixed
     up as RobustBench does (``module.``/``model.`` prefixes; constructor-set normalisation buffers kept)."""
-    from ..foreign import load_weights
-    from ..provenance import file_sha256
     what = f"published model {spec.describe()}"
     entry = _zoo_entry(spec, what)
     model = entry["model"]()

@@ -1,4 +1,5 @@
-"""Bringing your own model: a definition file, a weights file, or a TorchScript archive.
+"""Loading other people's models: your own (a definition file, a weights file, or a TorchScript archive) here,
+the published defenses of the paper's Table 5 in :mod:`.published`.
 
 ``sirobust evaluate --model-def net.py:make_net --weights net.pt`` imports
 ``make_net`` from ``net.py`` (your code, run as you would run it), calls it with
@@ -30,9 +31,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .models.base import Normalize
-from .provenance import file_sha256
-from .statefile import StateFileError, read_state
+from ..io import file_sha256
+from ..models.base import Normalize
+from ..statefile import StateFileError, read_state
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights", "params")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -167,7 +168,7 @@ class Normalized(nn.Module):
         """The wrapped model's features, where it exports them (needed for TorchScript models)."""
         fn = getattr(self.model, "forward_features", None) or getattr(self.model, "features", None)
         if fn is None:
-            from .features import FeatureAccessError
+            from ..features import FeatureAccessError
             raise FeatureAccessError("the wrapped model exports no forward_features(x) method")
         return fn(self.normalize(x))
 

@@ -21,11 +21,11 @@ from ..data import get_dataset_info
 from ..defenses import list_defenses
 from ..interrupts import RunInterrupted
 from ..io import atomic_write_text, read_json, write_json
-from ..reproduce import tables
-from ..reproduce.plan import make_plan, run_name
-from ..reproduce.runner import Runner
-from ..reproduce.schema import Column, Experiment, Preset, Row
 from ..runfolder import ConfigMismatch, RunFolder, config_difference
+from . import tables
+from .plan import make_plan, run_name
+from .runner import Runner
+from .schema import Column, Experiment, Preset, Row
 
 ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
 COLUMNS = [Column("Natural", "natural"), Column("PGD", attack="pgd"), Column("PGD-CW", attack="pgd-cw"),
