@@ -249,7 +249,7 @@ def branches(a, device, state, work: Path) -> list:
 
 
 def tensors_digest(path: Path) -> str:
-    from sirobust.checkpoint import tensors_digest as digest
+    from sirobust.io import tensors_digest as digest
     from safetensors.torch import load_file
     return digest(load_file(str(path)))
 

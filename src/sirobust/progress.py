@@ -30,7 +30,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from .io import read_json, to_jsonable, write_json
+from .io import read_json, tensors_digest, to_jsonable, write_json
 
 FORMAT = "sirobust-evaluation-batch/1"
 MAX_BATCH_BYTES = 16 * 2**20  # a batch of 100,000 examples is a few MB
@@ -55,7 +55,6 @@ def evaluation_key(model, x, y, indices, batch_size: int, precision: str, threat
     """What decides an evaluation's saved results: the model's tensors, the examples (pixels, labels and
     their indices, which key the random starts), the threat model, the batch size (batches are cut by it),
     the precision the attacks ran at, and each attack's parameters (``attacks``: name -> params)."""
-    from .checkpoint import tensors_digest
     data = hashlib.sha256()
     data.update(x.detach().cpu().contiguous().numpy().tobytes())
     data.update(y.detach().cpu().contiguous().numpy().tobytes())
