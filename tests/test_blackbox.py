@@ -62,15 +62,16 @@ def test_rays_robust_decision_and_returned_points_agree_with_the_distance():
     model, x, y, distance = linear_two_class(seed=1)
     eps = float(distance.sort().values[11:13].mean())   # between two examples' distances
     atk = RayS(model, eps=eps, queries=3000)
-    x_adv = atk(x, y)
+    out = atk.perturb(x, y)
+    x_adv = out.x_adv
     assert ((x_adv - x).abs().flatten(1).amax(1) <= eps + 1e-12).all()
     fooled = model(x_adv).argmax(1) != y
-    assert torch.equal(fooled, atk.distances_found <= eps)
+    assert torch.equal(fooled, out.distances <= eps)
     assert torch.equal(fooled, distance <= eps)
     # stopping at ε gives the same verdicts with fewer queries
-    quick = RayS(model, eps=eps, queries=3000, stop_at_eps=True)
-    assert torch.equal(model(quick(x, y)).argmax(1) != y, fooled)
-    assert quick.queries_used.sum() < atk.queries_used.sum()
+    quick = RayS(model, eps=eps, queries=3000, stop_at_eps=True).perturb(x, y)
+    assert torch.equal(model(quick.x_adv).argmax(1) != y, fooled)
+    assert quick.queries.sum() < out.queries.sum()
 
 
 def test_rays_never_lies_below_the_distance_on_a_multiclass_linear_model():
@@ -111,11 +112,10 @@ def test_spsa_breaks_a_standard_model_at_a_large_eps(trained_cnn, fmnist_test):
     x, y = fmnist_test[0][:32], fmnist_test[1][:32]
     clean = (trained_cnn(x).argmax(1) == y).float().mean().item()
     # Adam moves a pixel by about lr per step: 30 steps of 0.02 can cross ε = 0.3
-    atk = SPSA(trained_cnn, eps=0.3, samples=16, iterations=30, lr=0.02)
-    x_adv = atk(x, y)
-    robust = (trained_cnn(x_adv).argmax(1) == y).float().mean().item()
+    out = SPSA(trained_cnn, eps=0.3, samples=16, iterations=30, lr=0.02).perturb(x, y)
+    robust = (trained_cnn(out.x_adv).argmax(1) == y).float().mean().item()
     assert clean > 0.7 and robust <= 0.05
-    assert atk.queries_used.max() <= 30 * (2 * 16 + 1) + 1
+    assert out.queries.max() <= 30 * (2 * 16 + 1) + 1
 
 
 def test_spsa_draws_do_not_depend_on_chunk_or_batch():
@@ -154,14 +154,15 @@ def test_black_box_attacks_keep_every_guarantee(name, norm, eps):
         correct = model(x).argmax(1) == y
     x0, y0 = x.clone(), y.clone()
     atk = cheap_attack(name, model, eps=eps, norm=norm, seed=1)
-    out = atk(x, y, keys=torch.arange(6))
+    result = atk.perturb(x, y, keys=torch.arange(6))
+    out = result.x_adv
     assert torch.equal(x, x0) and torch.equal(y, y0)
     assert model.training and model.model.training                  # the mode it was handed over in
     assert out.shape == x.shape and out.dtype == x.dtype
     assert out.min() >= 0 and out.max() <= 1
     dist = (out - x).flatten(1).abs().amax(1) if norm == "Linf" else (out - x).flatten(1).norm(dim=1)
     assert (dist <= eps + 1e-6).all()
-    assert len(atk.queries_used) == 6 and torch.equal(atk.queries_used > 0, correct)
+    assert len(result.queries) == 6 and torch.equal(result.queries > 0, correct)
 
 
 def test_evaluate_reports_queries_and_adbd_and_needs_no_gradients(trained_cnn, fmnist_test):
@@ -229,10 +230,10 @@ def test_spsa_never_sends_more_probes_than_chunk_and_counts_its_queries_exactly(
     model = Spy()
     x, y = torch.rand(5, 1, 12, 12), torch.randint(0, 10, (5,))
     atk = SPSA(model, eps=0.05, samples=12, iterations=3, chunk=10, early_stop=False)
-    atk(x, y, keys=torch.arange(5))
+    queries = atk.perturb(x, y, keys=torch.arange(5)).queries
     probe_calls = [s for s in sizes if s != 5]          # the per-iteration checks see the batch itself
     assert probe_calls and max(probe_calls) <= 10
-    assert torch.equal(atk.queries_used, torch.full((5,), 3 * (2 * 12 + 1) + 1.0))
+    assert torch.equal(queries, torch.full((5,), 3 * (2 * 12 + 1) + 1.0))
     # nothing attacked (ε = 0): zero queries, not the last call's
     assert torch.equal(SPSA(model, eps=0.0, samples=4, iterations=2)(x, y), x)
 

@@ -33,6 +33,7 @@ from torch import nn
 from .attacks import Attack, build_attack, canonical_attack_name, list_attacks
 from .attacks.base import default_eps, recorded_dataset
 from .attacks.external import ExternalAttack
+from .attacks.result import AttackOutput
 from .checks import (as_names, check_images, check_int, check_labels, check_step_size, logits_of, model_channels,
                      model_dtype, parse_number)
 from .distributed import Group
@@ -290,7 +291,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust
         for atk in runners:
             results[atk.name] = _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device,
-                                            progress, tqdm, saved, stop, group)
+                                            progress, tqdm, saved, stop, group, num_classes)
             if results[atk.name].excluded:
                 flags.append({"name": "attack_left_threat_model", "triggered": True, "value": atk.name,
                               "message": f"attack {atk.name!r} returned points outside the threat model or [0, 1], "
@@ -343,12 +344,13 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
 
 
 def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device, progress_bar,
-                tqdm, saved=None, stop=None, group: Optional[Group] = None) -> AttackResult:
+                tqdm, saved=None, stop=None, group: Optional[Group] = None, num_classes: int = 0) -> AttackResult:
     """One attack over the clean-correct examples, its outputs checked against the evaluation's threat
     model. Ours must pass (a failure is a bug); an external attack's bad outputs are counted, noted, and
     its column excluded from the worst case. With ``saved`` (an EvaluationProgress) finished batches are
     read back and new ones written as they finish; ``stop`` (a StopRequest) ends it between batches.
-    With a distributed ``group`` the batches are dealt round-robin and gathered on every process."""
+    With a distributed ``group`` the batches are dealt round-robin and gathered on every process. An
+    ensemble's stages are those it runs on a model with ``num_classes`` classes."""
     group = group or Group()
     robust = torch.zeros(N, dtype=torch.bool)
     stage_of = torch.full((N,), -1, dtype=torch.long)   # ensembles: the stage that broke each example
@@ -427,16 +429,17 @@ def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size,
         stats["adbd"] = adbd(distances[todo])
     stages: list = []
     broken_by_stage: list = []
-    names = getattr(atk, "stage_names", None)
-    if names is not None:
+    plan = atk.stage_plan(num_classes) if ours else None
+    if plan is not None:
+        names, skipped = plan
         left = len(todo)
         for i, name in enumerate(names):
             hit = int((stage_of[todo] == i).sum())
             left -= hit
             stages.append({"name": name, "broke": hit, "robust_after": accuracy(left, N)})
         broken_by_stage = [names[int(v)] if v >= 0 else None for v in stage_of.tolist()]
-        if getattr(atk, "skipped", None):
-            stats["skipped"] = [f"{n}: {why}" for n, why in atk.skipped]
+        if skipped:
+            stats["skipped"] = [f"{n}: {why}" for n, why in skipped]
     return AttackResult(name=atk.name, robust_acc=acc["fraction"], n_robust=k, n=N, ci95=acc["ci95"], seconds=seconds,
                         max_perturbation=max_delta, params=params, robust=robust.tolist(),
                         excluded=bool(outside or broken), note=note, stages=stages, broken_by_stage=broken_by_stage,
@@ -455,7 +458,8 @@ def adbd(distances: torch.Tensor) -> dict:
 def _run_batch(model, atk, threat, x, y, keys, ours: bool, tol: float, device) -> dict:
     """One batch of one attack: its per-example results, as they are saved for --resume."""
     t0 = time.time()
-    x_adv = atk(x, y, keys=keys) if ours else atk(x, y)
+    result = atk.perturb(x, y, keys=keys) if ours else AttackOutput(atk(x, y))
+    x_adv = result.x_adv
     problem = ("shape " + str(tuple(x_adv.shape)) if x_adv.shape != x.shape
                else "non-finite pixels" if not torch.isfinite(x_adv).all() else "")
     if problem:
@@ -475,14 +479,11 @@ def _run_batch(model, atk, threat, x, y, keys, ours: bool, tol: float, device) -
         torch.cuda.synchronize(device)
     out = {"robust": robust.tolist(), "max_delta": dist.max().item(), "outside": int(bad.sum()), "broken": "",
            "seconds": time.time() - t0}
-    stages = getattr(atk, "last_stages", None)
-    if stages is not None:
-        out["stages"] = stages.cpu().tolist()
-    used = getattr(atk, "queries_used", None)
-    if used is not None and len(used) == len(y):
-        out["queries"] = used.cpu().tolist()
-    found = getattr(atk, "distances_found", None)
-    if found is not None and len(found) == len(y):
+    if result.stages is not None:
+        out["stages"] = result.stages.cpu().tolist()
+    if result.queries is not None:
+        out["queries"] = result.queries.cpu().tolist()
+    if result.distances is not None:
         # JSON has no infinity: a boundary not found within the budget is stored as null
-        out["distances"] = [v if math.isfinite(v) else None for v in found.cpu().double().tolist()]
+        out["distances"] = [v if math.isfinite(v) else None for v in result.distances.cpu().double().tolist()]
     return out

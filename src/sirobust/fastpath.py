@@ -14,6 +14,9 @@ Three levers, each a change of how the model is run, never of what is computed:
   eval-mode BN is an affine map, so the folded model is the same function up to float rounding; its
   gradient is the same too.
 
+The fp32 islands inside an autocast region (losses, margins, verdicts) are one context manager,
+:func:`fp32_island`.
+
 ``precision`` names the mix:
 
 ========== ======================================================================
@@ -67,6 +70,12 @@ class FastPath:
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+def fp32_island(device) -> torch.autocast:
+    """The fp32 island: no autocast inside, on ``device`` (a torch.device or its type, "cuda"), whatever the
+    caller runs under. Losses, margins and verdicts are taken there (a bf16 logit is good to about 1 %)."""
+    return torch.autocast(device if isinstance(device, str) else torch.device(device).type, enabled=False)
 
 
 def resolve_precision(precision: str, device, compile: bool = False) -> FastPath:
@@ -191,7 +200,7 @@ def _reproduces(model: nn.Module, prepared: nn.Module, fast: FastPath, probe: Op
     if probe is None:
         return True
     from .checks import logits_of
-    with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
+    with torch.no_grad(), fp32_island(probe.device):
         want = logits_of(model(probe)).float()
         got = logits_of(prepared(fast.inputs(probe))).float()
     return bool(torch.isfinite(got).all()) and bool((got - want).abs().max() <= 1e-3 * want.abs().max().clamp_min(1.0))

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .fastpath import fp32_island
 from .features import ModelOutput
 from .registry import Registry, first_doc_line
 
@@ -85,7 +86,7 @@ def cosine_logits(out: ModelOutput) -> torch.Tensor:
     if out.features is None or out.weight is None:
         raise ValueError("cosine_logits needs the penultimate features and head weight (run with need_features=True)")
     # fp32 even under bf16 autocast (the fast path): cos θ rounded to bf16 is off by ~2e-3, s·2e-3 in the logit
-    with torch.autocast(out.features.device.type, enabled=False):
+    with fp32_island(out.features.device):
         z = F.normalize(out.features.float(), dim=1, eps=_EPS_NORM)
         w = F.normalize(out.weight.float(), dim=1, eps=_EPS_NORM)
         return z @ w.t()
@@ -101,6 +102,12 @@ def _true(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, y[:, None]).squeeze(1)
 
 
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The margin f_y − max_{j≠y} f_j, (B,): positive while ``y`` is the predicted class (Carlini & Wagner 2017).
+    The CW loss is its negative; Square and SPSA minimise it; a targeted attack reads it with ``y`` = target."""
+    return _true(logits, y) - _other_max(logits, y)
+
+
 # ---------------------------------------------------------------- losses
 
 @register_loss("ce")
@@ -112,7 +119,7 @@ def ce(out: ModelOutput, y: torch.Tensor) -> torch.Tensor:
 @register_loss("cw")
 def cw(out: ModelOutput, y: torch.Tensor) -> torch.Tensor:
     """C&W margin on logits: max_{i≠y} g_i − g_y (> 0 iff misclassified)."""
-    return _other_max(out.logits, y) - _true(out.logits, y)
+    return -margin(out.logits, y)
 
 
 @register_loss("dlr")
@@ -125,7 +132,7 @@ def dlr(out: ModelOutput, y: torch.Tensor) -> torch.Tensor:
     if g.shape[1] < 3:
         raise ValueError(f"the dlr loss needs at least 3 classes, got {g.shape[1]}")
     top = g.sort(1, descending=True).values
-    return -(_true(g, y) - _other_max(g, y)) / (top[:, 0] - top[:, 2] + 1e-12)
+    return -margin(g, y) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
 @register_loss("dlr-targeted", takes_target=True)

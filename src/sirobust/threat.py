@@ -4,6 +4,9 @@ A threat model is three operations (MadryLab/robustness' ``AttackerStep``):
 ``random_init`` (a uniform start inside the ball), ``step`` (steepest ascent for
 the norm: the gradient's sign for L∞, its normalised direction for L2) and
 ``project`` (back onto the ball and [0, 1]). The PGD loop is written once on top.
+The rest of the geometry the attacks need lives here too: per-example norms
+(``magnitude``, ``distance``), the steepest-ascent ``direction`` and random points on
+the sphere (``random_sphere``: APGD's start; ``random_unit``: FAB's restarts).
 """
 from __future__ import annotations
 
@@ -37,6 +40,29 @@ class ThreatModel:
     def step(self, x_adv: torch.Tensor, grad: torch.Tensor, alpha: float) -> torch.Tensor:
         raise NotImplementedError
 
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        """The unit steepest-ascent direction for ``grad`` in this norm (sign for L∞, g / ‖g‖₂ for L2)."""
+        raise NotImplementedError
+
+    def magnitude(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-example norm of ``t`` in this norm, shaped (B, 1, ..., 1) for broadcasting."""
+        raise NotImplementedError
+
+    def _sphere_noise(self, x: torch.Tensor, noise) -> torch.Tensor:
+        """A random direction, not normalised (the references' draws: uniform in [−1, 1]^D for L∞, N(0, I) for L2)."""
+        raise NotImplementedError
+
+    def random_sphere(self, x: torch.Tensor, noise, radius: float) -> torch.Tensor:
+        """A random point at distance ``radius`` from ``x`` in this norm, clipped to [0, 1]: APGD's start
+        (Croce & Hein 2020), computed as its reference does, x + r·t / ‖t‖."""
+        t = self._sphere_noise(x, noise)
+        return (x + radius * t / self.magnitude(t).clamp_min(1e-12)).clamp(0, 1)
+
+    def random_unit(self, x: torch.Tensor, noise) -> torch.Tensor:
+        """A random direction t / ‖t‖ of norm 1 (FAB's restarts scale it themselves: x + r·(t / ‖t‖))."""
+        t = self._sphere_noise(x, noise)
+        return t / self.magnitude(t).clamp_min(1e-12)
+
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -60,6 +86,15 @@ class LinfBall(ThreatModel):
     def step(self, x_adv, grad, alpha):
         return x_adv + alpha * grad.sign()
 
+    def direction(self, grad):
+        return grad.sign()
+
+    def magnitude(self, t):
+        return t.flatten(1).abs().amax(1).view(-1, *([1] * (t.dim() - 1)))
+
+    def _sphere_noise(self, x, noise):
+        return 2 * noise.uniform(x) - 1
+
     def project(self, x_adv, x):
         # min/max rather than clamp(x-ε, x+ε) so that the bounds are exact in float arithmetic
         return torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0, 1)
@@ -77,13 +112,22 @@ class L2Ball(ThreatModel):
         # uniform in the ball: a Gaussian direction, radius ε·U^(1/d)
         noise = as_noise(noise)
         d = x[0].numel()
-        direction = noise.normal(x)
-        direction = direction / _flat_norm(direction).clamp_min(1e-12)
+        direction = self.random_unit(x, noise)
         u = noise.uniform(x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)), salt=7)
         return self.project(x + direction * self.eps * u.pow(1.0 / d), x)
 
     def step(self, x_adv, grad, alpha):
+        # (α·g) / ‖g‖, not α·direction(g): the two differ in the last bit, and trained weights depend on it
         return x_adv + alpha * grad / _flat_norm(grad).clamp_min(1e-12)
+
+    def direction(self, grad):
+        return grad / _flat_norm(grad).clamp_min(1e-12)
+
+    def magnitude(self, t):
+        return _flat_norm(t)
+
+    def _sphere_noise(self, x, noise):
+        return noise.normal(x)
 
     def project(self, x_adv, x):
         delta = x_adv - x

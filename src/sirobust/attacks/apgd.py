@@ -20,9 +20,11 @@ from torch import nn
 from ..checks import check_float, check_int, logits_of
 from ..features import find_head
 from ..losses import Loss, get_loss
-from ..threat import ThreatModel, _flat_norm
+from ..fastpath import fp32_island
+from ..threat import ThreatModel
 from .base import Attack
 from .loop import _checked, fooled_checked, is_fooled, objective
+from .robust import attack_still_robust
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -46,21 +48,6 @@ def halve_step(increases: torch.Tensor, window: int, rho: float, reduced_last: t
     return (increases <= window * rho) | (~reduced_last & (best_at_last >= best_now))
 
 
-def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    return grad.sign() if norm == "Linf" else grad / _flat_norm(grad).clamp_min(1e-12)
-
-
-def _start(x: torch.Tensor, threat: ThreatModel, noise) -> torch.Tensor:
-    """A random point on the sphere of radius ε (the reference's start: t / ‖t‖ · ε), clipped to [0, 1]."""
-    if threat.norm == "Linf":
-        t = 2 * noise.uniform(x) - 1
-        scale = t.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-    else:
-        t = noise.normal(x)
-        scale = _flat_norm(t).clamp_min(1e-12)
-    return (x + threat.eps * t / scale).clamp(0, 1)
-
-
 def _value_and_grad(model, x_adv, y, loss, target, head, eot_iter):
     """Loss per example, its input gradient (averaged over ``eot_iter`` passes for randomised models), logits."""
     grad = torch.zeros_like(x_adv)
@@ -81,7 +68,7 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
     x = x.detach()
     n = x.shape[0]
     goal = target if targeted_success else None
-    x_adv = _start(x, threat, noise)
+    x_adv = threat.random_sphere(x, noise, threat.eps)  # the reference's start: on the ε-sphere
     value, grad, logits = _value_and_grad(model, x_adv, y, loss, target, head, eot_iter)
     out = x_adv.clone()                      # the answer per example (first fooling point, or best point)
     fooled = fooled_checked(model, x_adv, logits, y, goal, head)  # fp32 where bf16 is unsure
@@ -103,7 +90,7 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
         xa, xp, xc = x_adv[act], x_prev[act], x[act]
         with torch.no_grad():
             a = 0.75 if i > 0 else 1.0
-            z = threat.project(xa + step[act] * _direction(grad[act], threat.norm), xc)
+            z = threat.project(xa + step[act] * threat.direction(grad[act]), xc)
             x_new = threat.project(xa + a * (z - xa) + (1 - a) * (xa - xp), xc)
         x_prev[act] = xa
         x_adv[act] = x_new
@@ -191,24 +178,21 @@ class APGDT(APGD):
         if target is not None:
             raise ValueError("apgd-t chooses its own targets (the top-k classes); for one target use APGD "
                              "with loss='dlr-targeted'")
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the targets from fp32 logits
+        with torch.no_grad(), fp32_island(x.device):  # the targets from fp32 logits
             order = logits_of(self.model(x)).argsort(1, descending=True)  # (B, K), the true class usually first
-        k = min(self.n_targets, order.shape[1] - 1)
-        out, robust = x.clone(), torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        for j in range(k):
-            idx = robust.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
+
+        def one_target(j: int, idx: torch.Tensor):
             targets = order[idx, j + 1]  # the (j+2)-th most likely class, as the reference picks them
             adv = apgd_run(self.model, x[idx], y[idx], loss=self.loss, threat=self.threat, steps=self.steps,
                            noise=noise.subset(idx).derive(f"target-{j + 1}"), rho=self.rho, target=targets,
                            targeted_success=False, head=self.head, eot_iter=self.eot_iter,
                            early_stop=self.early_stop)
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # decided in fp32
-                hit = is_fooled(logits_of(self.model(adv)), y[idx])
-            out[idx[hit]] = adv[hit]
-            robust[idx[hit]] = False
-        return out
+            with torch.no_grad(), fp32_island(x.device):  # decided in fp32
+                return adv, is_fooled(logits_of(self.model(adv)), y[idx])
+
+        k = min(self.n_targets, order.shape[1] - 1)
+        robust = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return attack_still_robust(x, robust, range(k), one_target)[0]
 
     def params(self) -> dict:
         return {**super().params(), "n_targets": self.n_targets}

@@ -15,7 +15,7 @@ own stream (named after the stage), keyed per example when the caller gives keys
 Example::
 
     x_adv = AutoAttack(model, eps=8/255, version="standard")(x, y)
-    atk.stage_names, atk.last_stages      # which stage broke each example of the last call
+    out = atk.perturb(x, y); out.stages   # which stage of atk.stage_plan(K) broke each example
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from torch import nn
 from ..checks import logits_of, resolve_name
 from .base import Attack
 from .loop import is_fooled
+from .result import AttackOutput
+from .robust import attack_still_robust
 from .stages import STAGES, build_from
 
 # (stage, its own settings): the reference's (autoattack.py, set_version)
@@ -86,42 +88,39 @@ class AutoAttack(Attack):
         if custom:
             raise ValueError(f"stage_params names {', '.join(custom)}, not stages of this ensemble "
                              f"({', '.join(n for n, _ in self.stages)})")
+        # the stages the last call ran and skipped, for params() and repr (all of them before any call)
         self.skipped: list[tuple[str, str]] = []
         self.stage_names: list[str] = [n for n, _ in self.stages]
-        self.last_stages: Optional[torch.Tensor] = None  # per example of the last call: stage index, -1, -2
 
-    def _runnable(self, num_classes: int) -> list[tuple[str, Attack]]:
-        out, self.skipped = [], []
-        for name, atk in self.stages:
+    def stage_plan(self, num_classes: int) -> tuple[list[str], list[tuple[str, str]]]:
+        runs, skipped = [], []
+        for name, _ in self.stages:
             need = MIN_CLASSES.get(name, 2)
             if num_classes < need:
-                self.skipped.append((name, f"{name} needs at least {need} classes; the model has {num_classes}"))
+                skipped.append((name, f"{name} needs at least {need} classes; the model has {num_classes}"))
             else:
-                out.append((name, atk))
-        self.stage_names = [n for n, _ in out]
-        return out
+                runs.append(name)
+        return runs, skipped
+
+    def _runnable(self, num_classes: int) -> list[tuple[str, Attack]]:
+        self.stage_names, self.skipped = self.stage_plan(num_classes)
+        return [(name, atk) for name, atk in self.stages if name in self.stage_names]
 
     def _perturb_with_restarts(self, x, y, target, keys, runner=None, fast=None):
         if target is not None:
             raise ValueError("AutoAttack is untargeted (its targeted stages choose their own targets)")
         logits = self._check_classes(x, y, None)
         stages = self._runnable(logits.shape[1])
-        out = x.clone()
         robust = ~is_fooled(logits, y)
-        broken = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-        broken[~robust] = -2  # misclassified without attack
-        for i, (_, atk) in enumerate(stages):
-            idx = robust.nonzero().squeeze(1)
-            if idx.numel() == 0 or self.eps == 0:
-                break
-            adv = atk.perturb(x[idx], y[idx], keys=None if keys is None else keys[idx])
+
+        def stage(i: int, idx: torch.Tensor):
+            adv = stages[i][1].perturb(x[idx], y[idx], keys=None if keys is None else keys[idx]).x_adv
             with torch.no_grad():
-                hit = is_fooled(logits_of(self.model(adv)), y[idx])
-            out[idx[hit]] = adv[hit]
-            robust[idx[hit]] = False
-            broken[idx[hit]] = i
-        self.last_stages = broken
-        return out
+                return adv, is_fooled(logits_of(self.model(adv)), y[idx])
+
+        out, broken = attack_still_robust(x, robust, range(len(stages)) if self.eps > 0 else (), stage)
+        broken[~robust] = -2  # misclassified without attack
+        return AttackOutput(out, stages=broken)
 
     def params(self) -> dict:
         return {**super().params(), "version": self.version,

@@ -5,12 +5,15 @@ repeat: argument and input checks (:mod:`sirobust.checks`), the model's
 train/eval mode (set for the attack, then restored), randomness that never
 touches the global RNG (a private generator, or draws keyed per example when
 the caller gives the examples' ``keys``), never mutating the caller's tensors,
-and restarts where a point counts as robust only if it survives every restart.
+and restarts where a point counts as robust only if it survives every restart
+(:func:`~sirobust.attacks.robust.attack_still_robust`); :meth:`Attack.perturb` returns an
+:class:`~sirobust.attacks.result.AttackOutput`.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from dataclasses import replace
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -22,6 +25,8 @@ from ..modes import model_mode
 from ..rng import GeneratorNoise, KeyedNoise, Noise
 from ..threat import ThreatModel, canonical_norm, make_threat
 from .loop import is_fooled
+from .result import AttackOutput, as_output
+from .robust import attack_still_robust
 
 _MODES = ("eval", "train", "keep")
 
@@ -67,6 +72,9 @@ class Attack:
             as given), ``"fp32-fast"`` or ``"bf16"``; see :mod:`sirobust.fastpath`. Whatever the
             precision, each restart's verdict is taken on the model as given, in its own dtype.
 
+    ``atk(x, y)`` returns the adversarial points; ``atk.perturb(x, y)`` returns them in an
+    :class:`~sirobust.attacks.result.AttackOutput` with what the attack measured (queries, say).
+
     ``atk(x, y, keys=idx)`` keys each example's random start on its index ``idx`` (B,), so
     the result for an example does not depend on the batch it came in; without ``keys``
     a private generator is used, and repeated calls draw fresh starts in a reproducible sequence.
@@ -75,6 +83,7 @@ class Attack:
     name = "attack"
     autocast_ok = False  # may the model run under bf16 autocast? (gradient attacks; not FAB's or RayS' geometry)
     uses_fast_model = True  # False: the attack runs the model as given (ensembles: their stages choose)
+    measures: tuple = ()  # what run() measures besides x_adv: "queries", "distances" (see AttackOutput)
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, norm: str = "Linf", restarts: int = 1,
                  seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True,
@@ -102,11 +111,12 @@ class Attack:
     # ------------------------------------------------------------------ api
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                  keys: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.perturb(x, y, target, keys=keys)
+        return self.perturb(x, y, target, keys=keys).x_adv
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None, *,
-                keys: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Adversarial examples for (x, y), same shape and dtype as ``x``; ``target`` makes the attack targeted."""
+                keys: Optional[torch.Tensor] = None) -> AttackOutput:
+        """Adversarial examples for (x, y), same shape and dtype as ``x``, with what the attack measured;
+        ``target`` makes the attack targeted."""
         check_images(x, "x", model_channels(self.model))
         check_labels(y, x.shape[0], name="y")
         if target is not None:
@@ -116,7 +126,7 @@ class Attack:
             raise ValueError(f"keys must be an integer tensor of shape ({x.shape[0]},): one index per example")
         check_same_device(self.model, x)
         if x.shape[0] == 0:
-            return x.detach().clone()
+            return AttackOutput(x.detach().clone())
         work_dtype = model_dtype(self.model)
         xw = x.detach().to(work_dtype)  # the model's precision (a float64 batch for a float32 model)
         fast = resolve_precision(self.precision, x.device, compile=self.compile)
@@ -128,12 +138,12 @@ class Attack:
             autocast = fast.autocast and self.autocast_ok  # FAB, Square, SPSA, RayS: never bf16
             self.ran_as = {"precision": "bf16" if autocast else "fp32-fast" if runner is not self.model else "fp32",
                            "autocast": autocast, "model": how}
-            x_adv = self._perturb_with_restarts(xw, y.detach().to(x.device).long(),
-                                                None if target is None else target.detach().to(x.device).long(),
-                                                None if keys is None else keys.detach().long(), runner, fast)
-        if x_adv.dtype != x.dtype:  # back to the caller's dtype, inside the ball in that precision too
-            x_adv = self.threat.project(x_adv.to(x.dtype), x.detach())
-        return x_adv
+            out = self._perturb_with_restarts(xw, y.detach().to(x.device).long(),
+                                              None if target is None else target.detach().to(x.device).long(),
+                                              None if keys is None else keys.detach().long(), runner, fast)
+        if out.x_adv.dtype != x.dtype:  # back to the caller's dtype, inside the ball in that precision too
+            out = replace(out, x_adv=self.threat.project(out.x_adv.to(x.dtype), x.detach()))
+        return out
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The attack's private generator on ``device`` (created on first use)."""
@@ -151,8 +161,16 @@ class Attack:
             return GeneratorNoise(self.generator(x.device))
         return KeyedNoise(self._keyed_seed, f"{self.name}/restart-{restart}", keys)
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], noise: Noise) -> torch.Tensor:
+    def run(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
+            noise: Noise) -> Union[torch.Tensor, AttackOutput]:
+        """One restart on the examples given: their adversarial points, or an :class:`AttackOutput` with them
+        and what was measured (the attack's :attr:`measures`)."""
         raise NotImplementedError
+
+    def stage_plan(self, num_classes: int) -> Optional[tuple[list[str], list[tuple[str, str]]]]:
+        """An ensemble's stages on a model with ``num_classes`` classes: (the names of those it runs, in the
+        order ``AttackOutput.stages`` counts them; (name, why) of those it skips). None: not an ensemble."""
+        return None
 
     def params(self) -> dict:
         """What defines this attack, for reports (subclasses add theirs)."""
@@ -168,7 +186,7 @@ class Attack:
             check_labels(target, x.shape[0], logits.shape[1], name="target")
         return logits
 
-    def _run_fast(self, runner: nn.Module, fast: FastPath, x, y, target, noise) -> torch.Tensor:
+    def _run_fast(self, runner: nn.Module, fast: FastPath, x, y, target, noise) -> AttackOutput:
         """:meth:`run` on the fast model (``self.model`` is ``runner`` meanwhile), under autocast when allowed."""
         model, self.model = self.model, runner
         head = getattr(self, "head", None)
@@ -176,48 +194,41 @@ class Attack:
             self.head = next((name for name, m in model.named_modules() if m is head), head)
         try:
             with fast.autocast_context(x.device, self.autocast_ok):
-                return self.run(fast.inputs(x) if runner is not model else x, y, target, noise).contiguous()
+                out = as_output(self.run(fast.inputs(x) if runner is not model else x, y, target, noise))
+            return replace(out, x_adv=out.x_adv.contiguous())
         finally:
             self.model = model
             if isinstance(head, nn.Module):
                 self.head = head
 
-    def _perturb_with_restarts(self, x, y, target, keys, runner=None, fast=None):
-        if hasattr(self, "queries_used"):  # a query-based attack: nothing from an earlier call may be reported
-            self.queries_used = torch.zeros(x.shape[0], device=x.device)
+    def _perturb_with_restarts(self, x, y, target, keys, runner=None, fast=None) -> AttackOutput:
         logits = self._check_classes(x, y, target)
-        if self.eps == 0:
-            return x.clone()
-        x_best = x.clone()
+        b = x.shape[0]
+        queries = torch.zeros(b, device=x.device) if "queries" in self.measures else None  # summed over restarts
+        distances = torch.zeros(b, dtype=torch.float64, device=x.device) if "distances" in self.measures else None
+        if self.eps == 0 and distances is None:  # a boundary search still measures its distances at ε = 0
+            return AttackOutput(x.clone(), queries=queries)
         # already-misclassified points are not attacked (they are not robust anyway)
         robust = ~is_fooled(logits, y, target) if self.early_stop else torch.ones_like(y, dtype=torch.bool)
-        queries = torch.zeros(x.shape[0], device=x.device)  # query-based attacks: summed over restarts
-        counted = False
-        for restart in range(self.restarts):
-            idx = robust.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
+
+        def restart(r: int, idx: torch.Tensor):
             t = None if target is None else target[idx]
-            noise = self.noise(x, None if keys is None else keys[idx], restart)
-            self.current_restart = restart
-            if hasattr(self, "queries_used"):
-                self.queries_used = None  # set by run()
+            noise = self.noise(x, None if keys is None else keys[idx], r)
+            self.current_restart = r
             if runner is None:
-                x_adv = self.run(x[idx], y[idx], t, noise)
+                out = as_output(self.run(x[idx], y[idx], t, noise))
             else:
-                x_adv = self._run_fast(runner, fast, x[idx], y[idx], t, noise)
-            used = getattr(self, "queries_used", None)
-            if used is not None and len(used) == len(idx):
-                queries[idx] += used.to(queries)
-                counted = True
+                out = self._run_fast(runner, fast, x[idx], y[idx], t, noise)
+            if out.queries is not None:
+                queries[idx] += out.queries.to(queries)
+            if out.distances is not None:
+                distances[idx] = out.distances.to(distances)
             with torch.no_grad():
-                fooled = is_fooled(logits_of(self.model(x_adv)), y[idx], t)
-            # keep the last restart's point for survivors, the fooling point for the rest
-            x_best[idx] = x_adv
-            robust[idx[fooled]] = False
-        if counted or hasattr(self, "queries_used"):
-            self.queries_used = queries  # per example of the whole batch (0: not attacked)
-        return x_best
+                return out.x_adv, is_fooled(logits_of(self.model(out.x_adv)), y[idx], t)
+
+        # survivors keep the last restart's point, the others the point that fooled the model
+        x_best, _ = attack_still_robust(x, robust, range(self.restarts), restart, keep_last=True)
+        return AttackOutput(x_best, queries=queries, distances=distances)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:.6g}, norm={self.norm}, restarts={self.restarts})"

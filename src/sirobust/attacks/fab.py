@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..checks import check_float, check_int, logits_of
-from ..threat import _flat_norm
 from .base import Attack
+from .robust import attack_still_robust
 
 
 # --------------------------------------------------------------------------- projections
@@ -165,18 +165,10 @@ class FAB(Attack):
         if self.targeted:
             self.name = "fab-t"
 
-    def _random_start(self, x: torch.Tensor, noise) -> torch.Tensor:
-        """The reference's start for restarts after the first: half of ε, in a random direction."""
-        if self.norm == "Linf":
-            t = 2 * noise.uniform(x) - 1
-            t = t / t.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        else:
-            t = noise.normal(x)
-            t = t / _flat_norm(t).clamp_min(1e-12)
-        return (x + 0.5 * self.eps * t).clamp(0, 1)
-
     def _one(self, x, y, target, noise):
-        start = self._random_start(x, noise) if self.current_restart > 0 else None
+        start = None
+        if self.current_restart > 0:  # later restarts start as the reference's: ε/2 away, in a random direction
+            start = (x + 0.5 * self.eps * self.threat.random_unit(x, noise)).clamp(0, 1)
         adv, dist = fab_run(self.model, x, y, norm=self.norm, steps=self.steps, target=target,
                             alpha_max=self.alpha_max, eta=self.eta, beta=self.beta, start=start)
         ok = dist <= self.eps  # beyond ε a perturbation does not count (and is not returned)
@@ -189,15 +181,13 @@ class FAB(Attack):
             return self._one(x, y, None, noise)[0]
         with torch.no_grad():
             order = logits_of(self.model(x)).argsort(1, descending=True)
-        out, robust = x.clone(), torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        for j in range(min(self.n_targets, order.shape[1] - 1)):
-            idx = robust.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            adv, ok = self._one(x[idx], y[idx], order[idx, j + 1], noise.subset(idx).derive(f"target-{j + 1}"))
-            out[idx[ok]] = adv[ok]
-            robust[idx[ok]] = False
-        return out
+
+        def one_target(j: int, idx: torch.Tensor):
+            return self._one(x[idx], y[idx], order[idx, j + 1], noise.subset(idx).derive(f"target-{j + 1}"))
+
+        k = min(self.n_targets, order.shape[1] - 1)
+        robust = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return attack_still_robust(x, robust, range(k), one_target)[0]
 
     def params(self) -> dict:
         return {**super().params(), "steps": self.steps, "targeted": self.targeted, "n_targets": self.n_targets,

@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..fastpath import fp32_island
 from ..features import forward_with_features
-from ..losses import Loss
+from ..losses import Loss, margin
 from ..threat import ThreatModel
 
 
@@ -21,7 +22,7 @@ def objective(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: Loss
               target: Optional[torch.Tensor] = None, head=None):
     """The per-example quantity the attacker maximises, and the logits it came with."""
     out = forward_with_features(model, x_adv, head=head, need_features=loss.needs_features)
-    with torch.autocast(x_adv.device.type, enabled=False):  # the loss in fp32, whatever the model ran in
+    with fp32_island(x_adv.device):  # the loss in fp32, whatever the model ran in
         if target is None:
             value = loss(out, y)
         elif loss.takes_target:
@@ -130,12 +131,12 @@ def pgd_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
             if not reduced:
                 frozen = frozen | is_fooled(logits.detach(), yw, tw)
             else:  # stop only where bf16 is sure; a near tie keeps climbing and is checked in fp32 later
-                margin = _fooling_margin(logits.detach(), yw, tw)
+                lead = _fooling_margin(logits.detach(), yw, tw)
                 tol = _BF16_MARGIN * logits.detach().abs().amax(1)
-                frozen = frozen | (margin > tol)
-                better = ~frozen & (margin > -tol) & (margin > near_score)
+                frozen = frozen | (lead > tol)
+                better = ~frozen & (lead > -tol) & (lead > near_score)
                 near = torch.where(better.view(-1, *([1] * (x.dim() - 1))), xa.detach(), near)
-                near_score = torch.where(better, margin, near_score)
+                near_score = torch.where(better, lead, near_score)
             if step == steps:
                 if reduced:
                     frozen = _confirm_in_fp32(model, xw, yw, tw, frozen, head)
@@ -176,7 +177,7 @@ def _confirm_in_fp32(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target:
     rows = frozen.nonzero().squeeze(1)
     if rows.numel() == 0:
         return frozen
-    with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+    with fp32_island(x.device), torch.no_grad():
         logits = forward_with_features(model, x[rows], head=head, need_features=False).logits
     confirmed = is_fooled(logits, y[rows], None if target is None else target[rows])
     return frozen.index_put((rows[~confirmed],), torch.zeros((), dtype=torch.bool, device=x.device))
@@ -188,10 +189,7 @@ _BF16_MARGIN = 0.03  # |bf16 − fp32| logit error, relative to the largest logi
 def _fooling_margin(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
     """(B,) > 0 exactly when the example is fooled: best other logit − true logit (targeted: target logit −
     best other)."""
-    cls = y if target is None else target
-    own = logits.gather(1, cls.view(-1, 1)).squeeze(1)
-    other = logits.scatter(1, cls.view(-1, 1), -float("inf")).amax(1)
-    return other - own if target is None else own - other
+    return -margin(logits, y) if target is None else margin(logits, target)
 
 
 def fooled_checked(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
@@ -201,11 +199,11 @@ def fooled_checked(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: t
     sync anyway, as APGD's)."""
     if not torch.is_autocast_enabled(x.device.type):
         return is_fooled(logits, y, target)
-    margin = _fooling_margin(logits.float(), y, target)
-    unsure = (margin > -_BF16_MARGIN * logits.float().abs().amax(1)).nonzero().squeeze(1)
+    lead = _fooling_margin(logits.float(), y, target)
+    unsure = (lead > -_BF16_MARGIN * logits.float().abs().amax(1)).nonzero().squeeze(1)
     out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     if unsure.numel():
-        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+        with fp32_island(x.device), torch.no_grad():
             exact = forward_with_features(model, x[unsure], head=head, need_features=False).logits
         out[unsure] = is_fooled(exact, y[unsure], None if target is None else target[unsure])
     return out
@@ -216,7 +214,7 @@ def _check_near(model, xw, y, target, frozen, near, near_score, head):
     rows = (~frozen & torch.isfinite(near_score)).nonzero().squeeze(1)
     if rows.numel() == 0:
         return frozen, xw
-    with torch.autocast(xw.device.type, enabled=False), torch.no_grad():
+    with fp32_island(xw.device), torch.no_grad():
         logits = forward_with_features(model, near[rows], head=head, need_features=False).logits
     hit = rows[is_fooled(logits, y[rows], None if target is None else target[rows])]
     xw = xw.index_copy(0, hit, near[hit])

@@ -17,8 +17,9 @@ score or a gradient. Its outputs:
   no boundary found are counted apart, not averaged in.
 
 ``atk(x, y)`` returns adversarial examples like every attack (the boundary point when it lies within
-ε, else the point at distance ε on the best ray); ``atk.distances(x, y)`` returns the distances and the
-queries spent. The search is deterministic (it starts from the all-ones sign vector), so there are no
+ε, else the point at distance ε on the best ray); ``atk.perturb(x, y)`` returns them with the distances
+and the queries spent (an :class:`~sirobust.attacks.result.AttackOutput`), and ``atk.distances(x, y)``
+the distances of the whole search. The search is deterministic (it starts from the all-ones sign vector), so there are no
 restarts.
 
 Example::
@@ -28,6 +29,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Tuple
 
 import torch
@@ -35,6 +37,7 @@ from torch import nn
 
 from ..checks import check_float, check_int, logits_of
 from .base import Attack
+from .result import AttackOutput
 
 
 class RayS(Attack):
@@ -49,6 +52,7 @@ class RayS(Attack):
     """
 
     name = "rays"
+    measures = ("queries", "distances")
     uses_fast_model = False  # decisions on the model as given: its distances are reported
     fixed: tuple = ("steps", "alpha", "restarts", "random_start", "force")
 
@@ -61,42 +65,31 @@ class RayS(Attack):
         self.queries = check_int("queries", queries, min=1)
         self.rtol = check_float("rtol", rtol, min=0, max=1, min_open=True, max_open=True)
         self.stop_at_eps = bool(stop_at_eps)
-        self.queries_used: Optional[torch.Tensor] = None      # per example of the last call
-        self.distances_found: Optional[torch.Tensor] = None   # per example of the last call (inf: none found)
 
     # ------------------------------------------------------------------ api
     def distances(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(distance, queries), each (B,): the L∞ distance from each x to the decision boundary RayS found
         (0 for an example already misclassified, inf when none was found within the budget) and the queries
         it spent. Always the full search, whatever ``stop_at_eps``."""
-        stop, self.stop_at_eps = self.stop_at_eps, False
-        try:
-            self.perturb(x, y)
-        finally:
-            self.stop_at_eps = stop
-        return self.distances_found.clone(), self.queries_used.clone()
+        full = copy.copy(self)  # this attack with the whole budget (self is left as it is)
+        full.stop_at_eps = False
+        out = full.perturb(x, y)
+        return out.distances, out.queries
 
     # ------------------------------------------------------------ internals
-    def _perturb_with_restarts(self, x, y, target, keys, runner=None, fast=None):
+    def run(self, x, y, target, noise) -> AttackOutput:
+        """The search on these examples (the deterministic search draws no random numbers: ``noise`` is unused)."""
         if target is not None:
             raise ValueError("rays is untargeted: call it without target")
-        correct = self._check_classes(x, y, None).argmax(1) == y
-        b = x.shape[0]
-        dist = torch.zeros(b, device=x.device, dtype=torch.float64)
-        queries = torch.zeros(b, device=x.device)
-        signs = torch.ones_like(x)
-        ray = torch.zeros(b, device=x.device, dtype=x.dtype)
-        idx = correct.nonzero().squeeze(1) if self.early_stop else torch.arange(b, device=x.device)
-        if idx.numel():
-            d, s, q = self._search(x[idx], y[idx])
-            signs[idx], queries[idx] = s, q
-            ray[idx] = torch.where(torch.isfinite(d), d, torch.full_like(d, self.eps)).to(x.dtype)
-            point = (x[idx] + d.clamp(max=1).to(x.dtype).view(-1, *([1] * (x.dim() - 1))) * s).clamp(0, 1)
-            # the distance of the point returned (clamping to [0, 1] can only bring it closer)
-            dist[idx] = torch.where(torch.isfinite(d), self.threat.distance(point, x[idx]).double(), d)
-        self.distances_found, self.queries_used = dist, queries
-        r = ray.clamp(max=self.eps).view(-1, *([1] * (x.dim() - 1)))
-        return self.threat.project((x + r * signs).clamp(0, 1), x)
+        d, s, q = self._search(x, y)
+        shape = (-1, *([1] * (x.dim() - 1)))
+        point = (x + d.clamp(max=1).to(x.dtype).view(shape) * s).clamp(0, 1)
+        # the distance of the point returned (clamping to [0, 1] can only bring it closer)
+        dist = torch.where(torch.isfinite(d), self.threat.distance(point, x).double(), d)
+        # the boundary point when it lies within ε, else the point at distance ε on the best ray
+        ray = torch.where(torch.isfinite(d), d, torch.full_like(d, self.eps)).to(x.dtype)
+        x_adv = self.threat.project((x + ray.clamp(max=self.eps).view(shape) * s).clamp(0, 1), x)
+        return AttackOutput(x_adv, queries=q, distances=dist)
 
     def _adversarial(self, x, y, s, r) -> torch.Tensor:
         """One query per example: is clamp(x + r·s, 0, 1) misclassified?"""

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from ..checks import check_float, check_int, logits_of
+from ..losses import margin
 from .base import Attack
-from .square import margin
+from .result import AttackOutput
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
@@ -54,6 +55,7 @@ class SPSA(Attack):
     """
 
     name = "spsa"
+    measures = ("queries",)
     fixed: tuple = ("steps", "alpha", "random_start", "force")
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, samples: int = 128, iterations: int = 100,
@@ -68,7 +70,6 @@ class SPSA(Attack):
         self.lr = check_float("lr", lr, min=0, min_open=True)
         self.chunk = check_int("chunk", chunk, min=2)
         self.random_start = bool(random_start)
-        self.queries_used: Optional[torch.Tensor] = None  # per example of the last run, for reports
 
     @torch.no_grad()
     def run(self, x, y, target, noise):
@@ -93,8 +94,7 @@ class SPSA(Attack):
             m2[act] = 0.999 * m2[act] + 0.001 * grad * grad
             step = self.lr * (m1[act] / (1 - 0.9 ** (it + 1))) / ((m2[act] / (1 - 0.999 ** (it + 1))).sqrt() + 1e-8)
             x_adv[act] = self.threat.project(x_adv[act] - step, x[act])
-        self.queries_used = queries
-        return x_adv
+        return AttackOutput(x_adv, queries=queries)
 
     def estimate_gradient(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor],
                           noise) -> torch.Tensor:

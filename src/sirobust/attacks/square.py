@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ..checks import check_float, check_int, logits_of
-from ..threat import _flat_norm
+from ..losses import margin
 from .base import Attack
+from .result import AttackOutput
 
 
 def square_p(it: int, p_init: float = 0.8, queries: int = 10000, rescale: bool = False) -> float:
@@ -46,15 +47,6 @@ def square_side(p: float, n_features: int, channels: int, h: int, w: int, norm: 
         s = max(s, 3)
         s += 1 - s % 2
     return min(s, h, w)
-
-
-def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """f_y − max_{j≠y} f_j: positive while the example is still classified correctly."""
-    rows = torch.arange(y.shape[0], device=y.device)
-    true = logits[rows, y]
-    other = logits.clone()
-    other[rows, y] = -float("inf")
-    return true - other.max(1).values
 
 
 def _windows(b: int, s: int, h: int, w: int, u: torch.Tensor) -> torch.Tensor:
@@ -94,6 +86,7 @@ class Square(Attack):
     """
 
     name = "square"
+    measures = ("queries",)
     fixed: tuple = ("steps", "alpha", "restarts", "random_start", "force")
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, queries: int = 5000, p_init: float = 0.8,
@@ -104,7 +97,6 @@ class Square(Attack):
         self.queries = check_int("queries", queries, min=1)
         self.p_init = check_float("p_init", p_init, min=0, max=1, min_open=True)
         self.rescale_schedule = bool(rescale_schedule)
-        self.queries_used: Optional[torch.Tensor] = None  # per example of the last call, for reports
 
     @torch.no_grad()
     def run(self, x, y, target, noise):
@@ -137,8 +129,7 @@ class Square(Attack):
             m_best[upd], x_best[upd] = m[better], x_new[better]
             queries[act] += 1
             act = act[m_best[act] > 0]
-        self.queries_used = queries
-        return x_best
+        return AttackOutput(x_best, queries=queries)
 
     def _linf_step(self, x, x_best, s, noise):
         b, c, h, w = x.shape
@@ -163,7 +154,7 @@ class Square(Attack):
                     continue
                 pat = torch.where(transpose[:, i, j, None, None], pattern.t(), pattern)[:, None]  # (B, 1, s, s)
                 delta[:, :, vh:vh + s, vw:vw + s] += pat * signs[:, :, i, j, None, None]
-        return self.eps * delta / _flat_norm(delta).clamp_min(1e-12)
+        return self.eps * delta / self.threat.magnitude(delta).clamp_min(1e-12)
 
     def _l2_step(self, x, x_best, s, noise):
         """Move the mass of one window (and clear a second) so that ‖δ‖₂ stays ε (the reference's update)."""
@@ -173,7 +164,7 @@ class Square(Attack):
         delta = x_best - x
         in1 = delta.masked_select(win1.expand_as(delta)).view(b, c, s, s)
         norm1 = in1.flatten(2).norm(dim=2)[:, :, None, None]
-        norm_all = _flat_norm(delta)
+        norm_all = self.threat.magnitude(delta)
         norm_windows = (delta * (win1 | win2)).flatten(2).norm(dim=2)[:, :, None, None]
         pattern = torch.where((u[:, 4] > 0.5)[:, None, None], _eta(s).to(x).t(), _eta(s).to(x))[:, None]
         signs = (2 * (u[:, 5:] > 0.5).to(x.dtype) - 1)[:, :, None, None]
@@ -182,7 +173,7 @@ class Square(Attack):
         new = new / new.flatten(2).norm(dim=2)[:, :, None, None].clamp_min(1e-12) * budget
         delta = torch.where(win2, torch.zeros_like(delta), delta)
         delta = delta.masked_scatter(win1.expand_as(delta), new)
-        x_new = x + self.eps * delta / _flat_norm(delta).clamp_min(1e-12)
+        x_new = x + self.eps * delta / self.threat.magnitude(delta).clamp_min(1e-12)
         return self.threat.project(x_new.clamp(0, 1), x)
 
     def params(self) -> dict:

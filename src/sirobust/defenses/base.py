@@ -19,7 +19,7 @@ from torch import nn
 from ..attacks.loop import pgd_loop
 from ..checks import check_float, check_int, resolve_name
 from ..distributed import unwrap
-from ..fastpath import frozen_parameters
+from ..fastpath import fp32_island, frozen_parameters
 from ..features import ModelOutput, forward_with_features
 from ..losses import Loss, get_loss
 from ..modes import model_mode
@@ -158,7 +158,7 @@ class Defense:
         need_feat = self.si is not None
         clean = forward_with_features(model, x, need_features=False) if self.needs_clean_output else None
         adv = forward_with_features(model, x_adv, need_features=need_feat)
-        with torch.autocast(x.device.type, enabled=False):  # losses in fp32 whatever the model ran in
+        with fp32_island(x.device):  # losses in fp32 whatever the model ran in
             loss = self.training_loss(model, x, x_adv, y, clean, adv)
             reg = si_regulariser(adv, y, self.si) if self.si is not None else None
         stats = {"loss_defense": loss.item()}
