@@ -19,7 +19,7 @@ from .data import BatchLoader
 from .defenses import Defense
 from .distributed import Group
 from .rng import rng_state, set_rng_state
-from .runfolder import RunFolder, RunFolderError, config_difference
+from .runfolder import RUN_FILE, RunFolder, RunFolderError, config_difference
 from .statefile import StateFileError, load_state, save_state
 from .train_config import NEWER_FIELDS, ResumeMismatch, TrainConfig, check_resumable, resume_mismatch
 
@@ -52,6 +52,11 @@ def load_resume_state(cfg: TrainConfig, folder: RunFolder, log) -> Optional[dict
         if "identity" in state:
             older = {k: v for k, v in NEWER_FIELDS.items() if k in identity}  # fields a state may predate
             diff = config_difference({**older, **json.loads(state["identity"])}, identity)
+            if diff and not (folder.path / RUN_FILE).exists():  # the record --resume takes the settings from
+                raise ResumeMismatch(f"--resume: {folder.path / RUN_FILE} is missing, so the run's settings cannot "
+                                     f"be read from it, and the flags given differ from those its state records "
+                                     f"(in: {', '.join(diff)}); give the flags the run started with, put run.json "
+                                     "back, or --overwrite to start again")
             if diff:
                 raise resume_mismatch(path, diff)
 
