@@ -13,11 +13,17 @@ import pytest
 from sirobust.runfolder import LOCK_NAME, RunFolder, RunFolderError
 
 
+def default_sigint():
+    """In the child: SIGINT as a terminal gives it. A background job (CI, `cmd &`) inherits it ignored, and
+    Python then installs no KeyboardInterrupt handler, so nothing would be tested."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("delay", [0.3, 1.0])
 def test_an_interrupt_while_starting_is_one_line_and_status_130(delay):
     """Importing torch takes seconds; a Ctrl-C then printed a 30-50-line traceback."""
     child = subprocess.Popen([sys.executable, "-m", "sirobust", "list"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     time.sleep(delay)
     if child.poll() is not None:
         pytest.skip("the command finished before the interrupt")  # a very fast machine: nothing to test there
@@ -30,7 +36,7 @@ def test_an_interrupt_while_starting_is_one_line_and_status_130(delay):
 def test_a_library_import_keeps_the_callers_keyboard_interrupt():
     """Only the command turns it into exit 130: a script importing sirobust gets its KeyboardInterrupt."""
     child = subprocess.Popen([sys.executable, "-c", "import sirobust"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     time.sleep(0.3)
     if child.poll() is not None:
         pytest.skip("the import finished before the interrupt")
