@@ -19,8 +19,8 @@ LAYERS = [
     {"reproduce", "demo"},
     {"experiments"},
     # the trainer is train.py (the loop) with its config, state, files and per-epoch measurements;
-    # sanity: evaluate's flags on the model and the attacks
-    {"train", "train_config", "train_state", "train_files", "train_eval", "evaluate", "sanity"},
+    # evaluation_inputs: what evaluate takes in, checked; sanity: its flags on the model, the attacks and results
+    {"train", "train_config", "train_state", "train_files", "train_eval", "evaluate", "evaluation_inputs", "sanity"},
     {"defenses", "attacks"},
 ]
 BOTTOM = len(LAYERS)

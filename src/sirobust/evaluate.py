@@ -22,31 +22,29 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .attacks import Attack, build_attack, canonical_attack_name, list_attacks
+from .attacks import Attack, list_attacks
 from .attacks.base import default_eps, recorded_dataset
-from .attacks.external import ExternalAttack
 from .attacks.result import AttackOutput
 from .checks import (as_names, check_images, check_int, check_labels, check_step_size, logits_of, model_channels,
                      model_dtype, parse_number)
 from .distributed import Group
 from .distributed import current as current_group
 from .fastpath import check_precision, resolve_precision
-from .features import FeatureAccessError, forward_with_features
 from .interrupts import RunInterrupted
-from .progress import evaluation_key
 from .modes import model_mode
+from .progress import evaluation_key
 from .provenance import environment_info, model_description, precision_of, weights_identity
 from .report import AttackResult, Report, accuracy
+from .evaluation_inputs import as_tensors, build_runners, preflight
 from .runfolder import command_line, utc_now
-from .sanity import check_scale_sensitivity, gives_gradients, run_checks
+from .sanity import BLACK_BOX, check_scale_sensitivity, gives_gradients, result_flags, run_checks
 from .threat import canonical_norm, make_threat
 
 DEFAULT_ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
@@ -60,118 +58,7 @@ def _tolerance(dtype: torch.dtype) -> float:
     return max(1e-6, 4 * torch.finfo(dtype).eps)
 
 
-# ------------------------------------------------------------------ data handling
-
-def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, Optional[str], Optional[str]]:
-    """(x, y, dataset name, split) from a tuple, an ImageDataset, or an iterable of (x, y) batches."""
-    name = split = None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-    elif hasattr(data, "images") and hasattr(data, "labels"):
-        x, y = data.images, data.labels
-        name, split = getattr(data, "name", None), getattr(data, "split", None)
-    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
-        batches = [(bx, by) for bx, by in data]
-        if not batches:
-            raise ValueError("data has no examples")
-        xs, ys = zip(*batches)
-        x, y = torch.cat(xs), torch.cat(ys)
-    else:
-        raise TypeError("data must be (x, y) tensors, an ImageDataset, or an iterable of (x, y) batches; "
-                        f"got {type(data).__name__}")
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"data must hold tensors, got images {type(x).__name__} and labels {type(y).__name__}")
-    # kept on the CPU and moved per batch: indices, masks and labels then always share a device
-    return x.cpu(), y.cpu(), name, split
-
-
-# ------------------------------------------------------------------ attacks
-
-def _runners(specs, model, eps, norm, shared: dict, attack_params: dict) -> list:
-    """Each spec as a ready attack (ours or wrapped), with its name; names and threat models are checked
-    before anything runs. A user's Attack object is never modified (a ``(name, attack)`` pair renames a copy)."""
-    runners, names = [], []
-    for spec in specs:
-        name = None
-        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
-            name, spec = spec
-        if isinstance(spec, str):
-            key = canonical_attack_name(spec)
-            try:
-                runner = build_attack(key, model, overrides=attack_params.get(key), **shared)
-            except FeatureAccessError as e:
-                raise FeatureAccessError(f"attack {key!r} cannot run on this model: {e}") from None
-        elif isinstance(spec, Attack):
-            if abs(spec.eps - eps) > 1e-12 or spec.norm != norm:
-                raise ValueError(f"attack {name or spec.name!r} uses {spec.norm} ε = {spec.eps:.6g} but the evaluation "
-                                 f"is {norm} ε = {eps:.6g}: pass eps=/norm= to match, so that the worst case means one "
-                                 "threat model")
-            runner = copy.copy(spec) if name else spec
-        else:
-            runner = ExternalAttack(spec, eps, norm, name=name)
-        if name:
-            runner.name = name
-        if runner.name in names:
-            raise ValueError(f"attacks lists {runner.name!r} twice; give callables distinct names with "
-                             "(name, callable) pairs")
-        names.append(runner.name)
-        runners.append(runner)
-    return runners
-
-
-def _preflight(model: nn.Module, runners: list, probe: torch.Tensor, num_classes: int) -> None:
-    """Fail now, not after the other attacks spent their time, if an attack cannot run on this model."""
-    for atk in runners:
-        loss = getattr(atk, "loss", None)
-        if loss is None:
-            continue
-        need = {"dlr": 3, "dlr-targeted": 4}.get(loss.name)
-        if need and num_classes < need:
-            raise ValueError(f"attack {atk.name!r} uses the {loss.name} loss, which needs at least {need} classes; "
-                             f"the model has {num_classes}")
-        if loss.needs_features:
-            try:
-                with torch.no_grad():
-                    forward_with_features(model, probe, head=getattr(atk, "head", None), need_features=True)
-            except FeatureAccessError as e:
-                raise FeatureAccessError(f"attack {atk.name!r} cannot run on this model: {e}") from None
-
-
-BLACK_BOX = ("square", "spsa", "rays")
-_RESIDENT_BYTES = 4 << 30  # evaluation sets below this stay on the GPU for the whole evaluation  # attacks that never ask for a gradient
-
-
-def _result_flags(results: dict, n: int) -> list:
-    """Flags that read the results: a black-box attack beating the white-box ones (Croce & Hein's
-    check_square_sr; Carlini et al. 2019), and ensemble stages skipped for want of classes."""
-    flags = []
-    white = [r.robust_acc for name, r in results.items() if name not in BLACK_BOX and not r.excluded
-             and not r.stages]
-    for name, r in results.items():
-        gain = 0.0
-        if name in BLACK_BOX and white:
-            gain = min(white) - r.robust_acc  # below every white-box column
-        for stage in r.stages:
-            if stage["name"] in BLACK_BOX:
-                gain = max(gain, stage["broke"] / n)  # broke points every white-box stage before it missed
-        triggered = gain > 0.002
-        flags.append({"name": "black_box_beats_white_box", "triggered": triggered, "value": gain,
-                      "message": (f"{name}: a black-box attack broke {100 * gain:.1f}% of the examples that the "
-                                  "gradient-based attacks could not: a sign of gradient masking, so the white-box "
-                                  "numbers overstate robustness. Run the black-box attacks with more queries and "
-                                  "restarts, or an adaptive attack (see docs/flags.md).") if triggered else ""} if (
-            name in BLACK_BOX or r.stages) else None)
-        if r.max_perturbation == 0 and not r.excluded and any(r.robust):
-            # every example it attacked came back unchanged (a broken one would have moved): the column is
-            # clean accuracy under another name, e.g. a forced step size that overflows after normalisation
-            flags.append({"name": "attack_did_not_move", "triggered": True, "value": name,
-                          "message": f"{name} returned every example it attacked unchanged (‖δ‖ = 0): its robust "
-                                     "accuracy is the clean accuracy, not a robustness number. Check its step size "
-                                     "and parameters (docs/flags.md)."})
-        if r.stats.get("skipped"):
-            flags.append({"name": "too_few_classes", "triggered": True, "value": r.stats["skipped"],
-                          "message": f"{name} skipped {'; '.join(r.stats['skipped'])}."})
-    return [f for f in flags if f is not None]
+_RESIDENT_BYTES = 4 << 30  # evaluation sets below this stay on the GPU for the whole evaluation
 
 
 def _clean_pass(model, x_all, y_all, batch_size, device, saved) -> torch.Tensor:
@@ -223,7 +110,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
 
     # ---- every argument checked before any forward pass
     norm = canonical_norm(norm)
-    x_all, y_all, data_name, data_split = _as_tensors(data)
+    x_all, y_all, data_name, data_split = as_tensors(data)
     if eps is None and recorded_dataset(model) is None and data_name is not None:
         from .data import get_dataset_info
         eps = get_dataset_info(data_name).eps_for(norm)
@@ -255,7 +142,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
     keys_all = torch.tensor(idx_list, dtype=torch.int64)
     shared = dict(eps=eps, alpha=alpha, steps=steps, restarts=restarts, norm=norm, seed=seed, force=force_step_size,
                   precision=precision)
-    runners = _runners(specs, model, eps, norm, shared, attack_params or {})
+    runners = build_runners(specs, model, eps, norm, shared, attack_params or {})
     for atk in runners:
         if isinstance(atk, Attack) and compile:
             for part in [atk, *(a for _, a in getattr(atk, "stages", []))]:  # an ensemble's stages too
@@ -274,7 +161,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         with torch.no_grad():
             num_classes = logits_of(model(probe_x)).shape[1]
         check_labels(y_all, N, num_classes, name="labels")
-        _preflight(model, runners, probe_x[:2], num_classes)
+        preflight(model, runners, probe_x[:2], num_classes)
         flags = run_checks(model, probe_x, probe_y, was_training)
         if not gives_gradients(flags):
             white = [atk.name for atk in runners if atk.name not in BLACK_BOX]
@@ -303,7 +190,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                 log(f"{atk.name:<14} {100 * r.robust_acc:6.2f}%  [{100 * lo:.1f}, {100 * hi:.1f}]  ({r.seconds:.1f}s)"
                     + ("  EXCLUDED: left the threat model" if r.excluded else ""))
 
-        flags += _result_flags(results, N)
+        flags += result_flags(results, N)
         if gives_gradients(flags):
             flags.append(check_scale_sensitivity(model, x_all[todo[:64]].to(device), y_all[todo[:64]].to(device),
                                                  eps, norm, seed))

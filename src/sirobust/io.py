@@ -87,10 +87,11 @@ class _RecordingFile:
         return getattr(self._f, name)
 
 
-def _create_temp(path: Path) -> Path:
-    """An exclusive new file beside ``path``, created 0o666 & ~umask (the user's permissions)."""
+def create_temp(path: Path, suffix: str = TMP_SUFFIX) -> Path:
+    """An exclusive new file beside ``path`` (``.NAME.RANDOM{suffix}``), created 0o666 & ~umask (the user's
+    permissions)."""
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -108,7 +109,7 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _create_temp(path)
+        tmp = create_temp(path)
     except OutputError:
         raise
     except OSError as e:
@@ -165,7 +166,7 @@ def remove_temp_files(folder: PathLike) -> list[Path]:
 def _probe_writable(folder: Path, what: str, shown: Optional[Path] = None) -> None:
     """Create and delete a file: the only test that also holds for root and read-only mounts."""
     try:
-        tmp = _create_temp(folder / "write-test")
+        tmp = create_temp(folder / "write-test")
         tmp.unlink(missing_ok=True)  # a concurrent claim of the folder may have cleaned it already
     except OSError as e:
         raise output_error(shown or folder, e, doing=f"write {what} into") from None

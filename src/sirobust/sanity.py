@@ -1,4 +1,4 @@
-"""Evaluation sanity flags, after AutoAttack's ``checks.py`` (Croce & Hein 2020).
+"""Evaluation sanity flags (after AutoAttack's ``checks.py``, Croce & Hein 2020): on the model, then on the results.
 
 Each check returns a flag dict (``name``, ``triggered``, ``value``, ``message``);
 triggered flags are printed and every flag is recorded in the report, so a
@@ -120,3 +120,39 @@ def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                  f"{worst_alpha:g} (SI-PGD changes by {100 * si_move:.1f}): at this model's own logit scale the "
                  "softmax saturates and CE gradients vanish, so CE-based numbers (pgd, apgd-ce, aa) are inflated; "
                  "trust si-pgd, apgd-si, aa-si and the worst case.")
+
+
+BLACK_BOX = ("square", "spsa", "rays")  # attacks that never ask for a gradient
+
+
+def result_flags(results: dict, n: int) -> list:
+    """Flags that read the results: a black-box attack beating the white-box ones (Croce & Hein's
+    check_square_sr; Carlini et al. 2019), and ensemble stages skipped for want of classes."""
+    flags = []
+    white = [r.robust_acc for name, r in results.items() if name not in BLACK_BOX and not r.excluded
+             and not r.stages]
+    for name, r in results.items():
+        gain = 0.0
+        if name in BLACK_BOX and white:
+            gain = min(white) - r.robust_acc  # below every white-box column
+        for stage in r.stages:
+            if stage["name"] in BLACK_BOX:
+                gain = max(gain, stage["broke"] / n)  # broke points every white-box stage before it missed
+        triggered = gain > 0.002
+        flags.append({"name": "black_box_beats_white_box", "triggered": triggered, "value": gain,
+                      "message": (f"{name}: a black-box attack broke {100 * gain:.1f}% of the examples that the "
+                                  "gradient-based attacks could not: a sign of gradient masking, so the white-box "
+                                  "numbers overstate robustness. Run the black-box attacks with more queries and "
+                                  "restarts, or an adaptive attack (see docs/flags.md).") if triggered else ""} if (
+            name in BLACK_BOX or r.stages) else None)
+        if r.max_perturbation == 0 and not r.excluded and any(r.robust):
+            # every example it attacked came back unchanged (a broken one would have moved): the column is
+            # clean accuracy under another name, e.g. a forced step size that overflows after normalisation
+            flags.append({"name": "attack_did_not_move", "triggered": True, "value": name,
+                          "message": f"{name} returned every example it attacked unchanged (‖δ‖ = 0): its robust "
+                                     "accuracy is the clean accuracy, not a robustness number. Check its step size "
+                                     "and parameters (docs/flags.md)."})
+        if r.stats.get("skipped"):
+            flags.append({"name": "too_few_classes", "triggered": True, "value": r.stats["skipped"],
+                          "message": f"{name} skipped {'; '.join(r.stats['skipped'])}."})
+    return [f for f in flags if f is not None]

@@ -32,7 +32,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
-from ..io import CHUNK, file_digest, fsync_dir
+from ..io import CHUNK, create_temp, file_digest, fsync_dir
 from .base import DATA_ENV_VAR, ChecksumError, DataNotFoundError
 
 __all__ = ["download_file", "verify_file", "safe_extract", "NETWORK_ERRORS",
@@ -177,15 +177,8 @@ def download_file(url: str, dest: PathLike, md5: Optional[str] = None,
 
 
 def _new_part_file(dest: Path) -> Path:
-    """An exclusive temporary file beside ``dest``, created with the user's umask (like any file they make)."""
-    import secrets
-    while True:
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
+    """An exclusive temporary file beside ``dest`` (``.NAME.RANDOM.part``), created with the user's umask."""
+    return create_temp(dest, ".part")
 
 
 def _reason(exc: BaseException) -> str:

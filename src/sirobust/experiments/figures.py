@@ -71,9 +71,9 @@ COUNT_LABEL = "number of examples"
 def examples(data, n: Optional[int] = None, indices: Optional[Sequence[int]] = None):
     """(x float32 in [0, 1], y int64, dataset indices, dataset name) of the first ``n`` examples of ``data``
     (or those at ``indices``), on the CPU, as new tensors. ``data``: (x, y) tensors or an ImageDataset."""
-    from ..evaluate import _as_tensors  # the package's one reading of "a dataset" (local: evaluate is heavy)
+    from ..evaluation_inputs import as_tensors  # the package's one reading of "a dataset"
 
-    x, y, name, _split = _as_tensors(data)
+    x, y, name, _split = as_tensors(data)
     if indices is not None:
         idx = torch.as_tensor(list(indices), dtype=torch.int64)
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= len(y):

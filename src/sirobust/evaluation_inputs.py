@@ -1,0 +1,86 @@
+"""What an evaluation takes in, checked before any attack runs: the data as tensors, each attack ready to
+run under the evaluation's threat model, and each attack's fitness for the model (:func:`sirobust.evaluate`)."""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .attacks import Attack, build_attack, canonical_attack_name
+from .attacks.external import ExternalAttack
+from .features import FeatureAccessError, forward_with_features
+
+
+def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, Optional[str], Optional[str]]:
+    """(x, y, dataset name, split) from a tuple, an ImageDataset, or an iterable of (x, y) batches."""
+    name = split = None
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        x, y = data
+    elif hasattr(data, "images") and hasattr(data, "labels"):
+        x, y = data.images, data.labels
+        name, split = getattr(data, "name", None), getattr(data, "split", None)
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
+        batches = [(bx, by) for bx, by in data]
+        if not batches:
+            raise ValueError("data has no examples")
+        xs, ys = zip(*batches)
+        x, y = torch.cat(xs), torch.cat(ys)
+    else:
+        raise TypeError("data must be (x, y) tensors, an ImageDataset, or an iterable of (x, y) batches; "
+                        f"got {type(data).__name__}")
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"data must hold tensors, got images {type(x).__name__} and labels {type(y).__name__}")
+    # kept on the CPU and moved per batch: indices, masks and labels then always share a device
+    return x.cpu(), y.cpu(), name, split
+
+
+def build_runners(specs, model, eps, norm, shared: dict, attack_params: dict) -> list:
+    """Each spec as a ready attack (ours or wrapped), with its name; names and threat models are checked
+    before anything runs. A user's Attack object is never modified (a ``(name, attack)`` pair renames a copy)."""
+    runners, names = [], []
+    for spec in specs:
+        name = None
+        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
+            name, spec = spec
+        if isinstance(spec, str):
+            key = canonical_attack_name(spec)
+            try:
+                runner = build_attack(key, model, overrides=attack_params.get(key), **shared)
+            except FeatureAccessError as e:
+                raise FeatureAccessError(f"attack {key!r} cannot run on this model: {e}") from None
+        elif isinstance(spec, Attack):
+            if abs(spec.eps - eps) > 1e-12 or spec.norm != norm:
+                raise ValueError(f"attack {name or spec.name!r} uses {spec.norm} ε = {spec.eps:.6g} but the evaluation "
+                                 f"is {norm} ε = {eps:.6g}: pass eps=/norm= to match, so that the worst case means one "
+                                 "threat model")
+            runner = copy.copy(spec) if name else spec
+        else:
+            runner = ExternalAttack(spec, eps, norm, name=name)
+        if name:
+            runner.name = name
+        if runner.name in names:
+            raise ValueError(f"attacks lists {runner.name!r} twice; give callables distinct names with "
+                             "(name, callable) pairs")
+        names.append(runner.name)
+        runners.append(runner)
+    return runners
+
+
+def preflight(model: nn.Module, runners: list, probe: torch.Tensor, num_classes: int) -> None:
+    """Fail now, not after the other attacks spent their time, if an attack cannot run on this model."""
+    for atk in runners:
+        loss = getattr(atk, "loss", None)
+        if loss is None:
+            continue
+        need = {"dlr": 3, "dlr-targeted": 4}.get(loss.name)
+        if need and num_classes < need:
+            raise ValueError(f"attack {atk.name!r} uses the {loss.name} loss, which needs at least {need} classes; "
+                             f"the model has {num_classes}")
+        if loss.needs_features:
+            try:
+                with torch.no_grad():
+                    forward_with_features(model, probe, head=getattr(atk, "head", None), need_features=True)
+            except FeatureAccessError as e:
+                raise FeatureAccessError(f"attack {atk.name!r} cannot run on this model: {e}") from None
