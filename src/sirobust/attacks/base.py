@@ -22,7 +22,7 @@ from ..checks import (check_eps, check_images, check_int, check_labels, check_sa
                       model_channels, model_dtype, resolve_name)
 from ..fastpath import FastPath, attack_model, check_precision, resolve_precision
 from ..modes import model_mode
-from ..rng import GeneratorNoise, KeyedNoise, Noise
+from ..rng import GeneratorNoise, KeyedNoise, Noise, generator
 from ..threat import ThreatModel, canonical_norm, make_threat
 from .loop import is_fooled
 from .result import AttackOutput, as_output
@@ -148,11 +148,7 @@ class Attack:
     def generator(self, device: torch.device) -> torch.Generator:
         """The attack's private generator on ``device`` (created on first use)."""
         if self._generator is None or self._generator.device != torch.device(device):
-            self._generator = torch.Generator(device=device)
-            if self.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(int(self.seed))
+            self._generator = generator(self.seed, device)
         return self._generator
 
     def noise(self, x: torch.Tensor, keys: Optional[torch.Tensor], restart: int) -> Noise:

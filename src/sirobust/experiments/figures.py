@@ -51,7 +51,7 @@ from ..io import PathLike
 from ..losses import cosine_logits
 from ..metrics import eval_mode
 from ..provenance import model_description
-from ..rng import stream_key
+from ..rng import generator, stream_key
 from .plotting import SavedFigure, new_figure, save_figure
 
 Log = Optional[Callable[[str], None]]
@@ -162,7 +162,7 @@ def surface_directions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
     delta = x_pgd - x
     size = delta.flatten(1).abs().amax(1).view(-1, *[1] * (x.dim() - 1))
     v = torch.where(size > 0, delta / size.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(delta))
-    g = torch.Generator().manual_seed(stream_key(seed, "fig3/random-direction"))
+    g = generator(stream_key(seed, "fig3/random-direction"))
     # drawn on the CPU, then moved: the same r on every device
     r = (2 * torch.randint(0, 2, tuple(x.shape), generator=g) - 1).to(x.dtype).to(x.device)
     return {"v": v, "r": r, "x_pgd": x_pgd}
@@ -280,7 +280,7 @@ def filter_normalized_direction(model: nn.Module, seed: int = 0) -> dict[str, to
     with ``seed`` in the order of ``named_parameters()``: two models of the same architecture get the same
     pattern before normalisation. Returns {parameter name: tensor like the parameter}.
     """
-    g = torch.Generator().manual_seed(int(seed))
+    g = generator(seed)
     out = {}
     for name, p in model.named_parameters():
         if p.dim() <= 1:
