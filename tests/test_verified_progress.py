@@ -135,7 +135,9 @@ def test_cli_resume_refuses_a_tampered_batch_in_one_line(trained_cnn, tmp_path):
            "--attacks", "pgd", "--steps", "20", "--no-progress", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     batches = tmp_path / "r.evaluation" / "pgd"
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal gives it (a background job, as CI may be, inherits it ignored)
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not list(batches.glob("batch-*.json")) and child.poll() is None and time.time() < deadline:
         time.sleep(0.05)
