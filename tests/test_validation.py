@@ -107,8 +107,11 @@ def test_step_size_must_be_finite_positive_and_at_most_eps_unless_forced(eps, al
     else:
         with pytest.raises(ValueError, match=r"^alpha \(the step size\)"):
             checks.check_step_size(alpha, eps, 10)
-    if math.isfinite(alpha) and alpha > eps:
+    if math.isfinite(alpha) and eps < alpha <= checks.MAX_STEP_RATIO * eps:
         assert checks.check_step_size(alpha, eps, 10, force=True) == alpha
+    elif math.isfinite(alpha) and alpha > checks.MAX_STEP_RATIO * eps:  # absurd even when forced (issue 21)
+        with pytest.raises(ValueError, match=r"^alpha \(the step size\) = .* even with force"):
+            checks.check_step_size(alpha, eps, 10, force=True)
 
 
 @given(st.one_of(st.integers(), st.floats(allow_nan=True), st.text(max_size=3), st.booleans(), st.none()))
