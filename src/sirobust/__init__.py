@@ -15,6 +15,9 @@ import os as _os  # noqa: E402
 import sys as _sys  # noqa: E402
 
 
+STARTUP_INTERRUPTED = "sirobust: interrupted while starting; nothing was done"
+
+
 def _started_as_command() -> bool:
     """Whether this process is the ``sirobust`` command: the console script, ``python -m sirobust`` or
     ``torchrun ... -m sirobust`` (whose children run ``python -u -m sirobust``)."""
@@ -35,7 +38,7 @@ try:  # importing torch takes seconds: a Ctrl-C then is one line and exit 130 fo
 except KeyboardInterrupt:
     if not _started_as_command():
         raise  # a library import: the caller's Ctrl-C, as always
-    _sys.stderr.write("sirobust: interrupted while starting; nothing was done\n")
+    _sys.stderr.write(STARTUP_INTERRUPTED + "\n")
     raise SystemExit(130) from None
 
 __all__ = ["__version__", "Attack", "PGD", "SIPGD", "PGDCW", "PGDDLR", "FGSM", "FGSMRS", "RFGSM", "APGD", "APGDT",

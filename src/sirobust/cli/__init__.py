@@ -8,8 +8,14 @@ import pickle
 import sys
 from typing import Optional, Sequence
 
-from .args import Parser, parse_list, parse_number, parse_numbers, parse_param
-from .train import train_config_from_args
+from .. import STARTUP_INTERRUPTED
+
+try:  # still starting (the console script imports this module before main runs): one line, exit 130
+    from .args import Parser, parse_list, parse_number, parse_numbers, parse_param
+    from .train import train_config_from_args
+except KeyboardInterrupt:
+    print(STARTUP_INTERRUPTED, file=sys.stderr)
+    raise SystemExit(130) from None
 
 __all__ = ["main", "build_parser", "parse_number", "parse_list", "parse_numbers", "parse_param",
            "train_config_from_args"]
@@ -41,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ..io import OutputError
         from ..train import TrainingDiverged
     except KeyboardInterrupt:  # still starting: nothing was written
-        print("sirobust: interrupted while starting; nothing was done", file=sys.stderr)
+        print(STARTUP_INTERRUPTED, file=sys.stderr)
         return 130
     terminate_as_interrupt()  # `kill` then runs every cleanup (locks, temporary files) like Ctrl-C does
     try:
