@@ -258,21 +258,41 @@ def test_compile_is_applied_to_the_private_copy_and_to_the_training_model(traine
     assert len(compiled) == 1 and isinstance(compiled[0][0], nn.Module)
 
 
-@pytest.mark.slow  # 30 s; bf16 is the GPU path (the PGD loop's bf16 test stays in the default run)
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t"])
-def test_apgd_under_bf16_decides_near_the_boundary_in_fp32(trained_cnn, data, name):
+BF16_SETTINGS = {"apgd-ce": {"steps": 10}, "apgd-t": {"steps": 10, "n_targets": 2}, "square": {"queries": 100}}
+
+
+@pytest.mark.slow  # 60 s; bf16 is the GPU path (the PGD loop's bf16 test stays in the default run)
+@pytest.mark.parametrize("name", list(BF16_SETTINGS))
+def test_under_bf16_each_stage_decides_near_the_boundary_in_fp32(trained_cnn, data, name):
     x, y, keys = data
     out = {}
     for precision in ("fp32", "bf16"):
-        atk = sirobust.build_attack(name, trained_cnn, eps=0.05, steps=10, precision=precision,
-                                    **({"n_targets": 2} if name == "apgd-t" else {}))
+        atk = sirobust.build_attack(name, trained_cnn, eps=0.05, precision=precision, **BF16_SETTINGS[name])
         out[precision] = robust(trained_cnn, atk(x, y, keys=keys), y)
         assert atk.ran_as["autocast"] is (precision == "bf16")
     assert out["bf16"].sum() <= out["fp32"].sum() + 1  # within 0.5 points of fp32 (1 of 200), or lower
 
 
-def test_an_attack_that_never_autocasts_reports_fp32_arithmetic(trained_cnn, data):
-    atk = sirobust.build_attack("square", trained_cnn, eps=0.05, queries=5, precision="bf16")
+def test_square_margins_under_bf16_take_their_sign_from_fp32(trained_cnn, data):
+    from sirobust.attacks.loop import margin_checked
+    from sirobust.losses import margin
+    x, y, _ = data
+    x = (x + 0.08 * torch.randn_like(x)).clamp(0, 1)  # some points near or past the boundary
+    with torch.no_grad():
+        exact = margin(trained_cnn(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = trained_cnn(x)
+            checked = margin_checked(trained_cnn, x, logits, y)
+    rough = margin(logits.float(), y)
+    assert (rough < 0.03 * logits.float().abs().amax(1)).sum() >= 5  # the fp32 path is taken on these points
+    assert torch.equal(checked > 0, exact > 0)  # every sign is fp32's
+    sure = checked == rough
+    assert (rough[sure] > 0).all()  # only clearly positive bf16 margins are kept as they are
+
+
+@pytest.mark.parametrize("name, settings", [("spsa", {"steps": 2}), ("fab-t", {"steps": 2, "n_targets": 1})])
+def test_an_attack_that_never_autocasts_reports_fp32_arithmetic(trained_cnn, data, name, settings):
+    atk = sirobust.build_attack(name, trained_cnn, eps=0.05, precision="bf16", **settings)
     atk(data[0][:8], data[1][:8], keys=data[2][:8])
     assert atk.ran_as == {"precision": "fp32-fast", "autocast": False,
                           "model": "private copy: batch norm folded, channels_last"}

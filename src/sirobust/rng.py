@@ -26,6 +26,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from typing import Optional, Union
@@ -93,13 +94,21 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_int(v: int) -> int:
-    return int(mix32(torch.tensor([v & _MASK32], dtype=torch.int64))[0])
+    """:func:`mix32` of one Python integer, in Python arithmetic (the same bits; no tensor is made: a
+    derived stream, e.g. one per Square query, hashes its name without touching torch)."""
+    v &= _MASK32
+    v ^= v >> 16
+    v = (v * 0x7FEB352D) & _MASK32
+    v ^= v >> 15
+    v = (v * 0x846CA68B) & _MASK32
+    return v ^ (v >> 16)
 
 
 def _word(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
+@functools.lru_cache(maxsize=4096)
 def stream_key(seed: int, stream: str) -> int:
     """One 32-bit word for (seed, stream); seeds of any size are folded in 32-bit pieces."""
     h = _mix_int(_word(stream))
@@ -146,7 +155,7 @@ class KeyedNoise:
         out = torch.empty((b, per), dtype=dtype, device=device)
         if b == 0 or per == 0:
             return out.reshape(shape)
-        salt_word = mix32(torch.tensor([salt & _MASK32], device=device, dtype=torch.int64))
+        salt_word = _mix_int(salt)
         positions = torch.arange(offset, offset + per, device=device, dtype=torch.int64)
         cols = mix32(((positions * 2 + 1) & _MASK32) ^ salt_word)  # (per,)
         rows_all = self._rows.to(device)

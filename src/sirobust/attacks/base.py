@@ -81,7 +81,7 @@ class Attack:
     """
 
     name = "attack"
-    autocast_ok = False  # may the model run under bf16 autocast? (gradient attacks; not FAB's or RayS' geometry)
+    autocast_ok = False  # may the model run under bf16 autocast? (PGD, APGD, Square: not FAB's, SPSA's or RayS')
     uses_fast_model = True  # False: the attack runs the model as given (ensembles: their stages choose)
     measures: tuple = ()  # what run() measures besides x_adv: "queries", "distances" (see AttackOutput)
 
@@ -135,7 +135,7 @@ class Attack:
         with model_mode(self.model, None if self.model_mode == "keep" else self.model_mode):
             runner, how = (attack_model(self.model, fast, probe=xw[:8]) if self.uses_fast_model
                            else (self.model, "as given"))
-            autocast = fast.autocast and self.autocast_ok  # FAB, Square, SPSA, RayS: never bf16
+            autocast = fast.autocast and self.autocast_ok  # FAB, SPSA, RayS: never bf16
             self.ran_as = {"precision": "bf16" if autocast else "fp32-fast" if runner is not self.model else "fp32",
                            "autocast": autocast, "model": how}
             out = self._perturb_with_restarts(xw, y.detach().to(x.device).long(),

@@ -209,6 +209,20 @@ def fooled_checked(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: t
     return out
 
 
+def margin_checked(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, head=None) -> torch.Tensor:
+    """The margins (B,) of ``x`` from its ``logits``; under bf16 autocast, every example within the bf16 error of
+    0 (or below it) gets its margin from an fp32 forward instead: the sign, fooled or not, is fp32's."""
+    m = margin(logits.float(), y)
+    if not torch.is_autocast_enabled(x.device.type):
+        return m
+    unsure = (m < _BF16_MARGIN * logits.float().abs().amax(1)).nonzero().squeeze(1)
+    if unsure.numel() == 0:
+        return m
+    with fp32_island(x.device), torch.no_grad():
+        exact = forward_with_features(model, x[unsure], head=head, need_features=False).logits
+    return m.index_copy(0, unsure, margin(exact.float(), y[unsure]))
+
+
 def _check_near(model, xw, y, target, frozen, near, near_score, head):
     """Rows not frozen whose nearly-fooling iterate fools the model in fp32 stop there (xw takes that iterate)."""
     rows = (~frozen & torch.isfinite(near_score)).nonzero().squeeze(1)

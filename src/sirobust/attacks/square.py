@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..checks import check_float, check_int, logits_of
-from ..losses import margin
 from .base import Attack
+from .loop import margin_checked
 from .result import AttackOutput
 
 
@@ -77,6 +77,27 @@ def _eta(s: int) -> torch.Tensor:
     return delta / delta.norm()
 
 
+class _QueryDraws:
+    """Each example's uniforms for query ``it``: positions ``it·per … (it+1)·per`` of its own keyed stream,
+    hashed for the whole batch a block of queries at a time (one stream, not one per query: deriving and
+    hashing a stream per query cost a tenth of the attack's time on a CPU)."""
+
+    BLOCK = 128  # queries hashed at once: B × 128 × per values (about 1 MB for B = 250, per = 8)
+
+    def __init__(self, noise, b: int, per: int, like: torch.Tensor):
+        self.noise, self.b, self.per, self.like = noise, b, per, like
+        self.start, self.table = -1, None
+
+    def at(self, it: int, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), per) uniforms in (0, 1) for query ``it`` of the batch's examples ``rows``."""
+        start = it - it % self.BLOCK
+        if start != self.start:
+            shape = self.like.new_empty(self.b, self.BLOCK * self.per)
+            self.table, self.start = self.noise.uniform(shape, offset=start * self.per), start
+        k = (it - start) * self.per
+        return self.table[rows, k:k + self.per]
+
+
 class Square(Attack):
     """Square Attack (Andriushchenko et al. 2020): black-box random search, 5,000 queries, p_init 0.8.
 
@@ -87,7 +108,12 @@ class Square(Attack):
 
     name = "square"
     measures = ("queries",)
+    autocast_ok = True  # bf16 forwards on the fast path; margins near or past 0 are retaken in fp32 (_margin)
     fixed: tuple = ("steps", "alpha", "restarts", "random_start", "force")
+    # Part of params(), hence of every stored evaluation's key (see FAB.revision). 2: each query's window and
+    # signs are read from one keyed stream per example (positions it·per onwards) instead of a stream derived
+    # per query: the same distribution, other draws.
+    revision = 2
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, queries: int = 5000, p_init: float = 0.8,
                  norm: str = "Linf", restarts: int = 1, seed: Optional[int] = 0, rescale_schedule: bool = False,
@@ -109,21 +135,22 @@ class Square(Attack):
             x_best = (x + self.eps * signs).clamp(0, 1)
         else:
             x_best = (x + self._l2_init(x, noise.derive("init"))).clamp(0, 1)
-        m_best = margin(logits_of(self.model(x_best)), y)
+        m_best = self._margin(x_best, y)
         queries = torch.ones(b, device=x.device)
         act = (m_best > 0).nonzero().squeeze(1)
+        draws = _QueryDraws(noise.derive("queries"), b, 2 + c if self.norm == "Linf" else 5 + c, x)
         for it in range(self.queries):
             if act.numel() == 0:
                 break
             p = square_p(it, self.p_init, self.queries, self.rescale_schedule)
             s = square_side(p, n_features, c, h, w, self.norm)
-            step = noise.subset(act).derive(f"query-{it}")
+            u = draws.at(it, act)
             xc, xb = x[act], x_best[act]
             if self.norm == "Linf":
-                x_new = self._linf_step(xc, xb, s, step)
+                x_new = self._linf_step(xc, xb, s, u)
             else:
-                x_new = self._l2_step(xc, xb, s, step)
-            m = margin(logits_of(self.model(x_new)), y[act])
+                x_new = self._l2_step(xc, xb, s, u)
+            m = self._margin(x_new, y[act])
             better = m < m_best[act]  # the margin is the loss (the reference's default): keep improvements
             upd = act[better]
             m_best[upd], x_best[upd] = m[better], x_new[better]
@@ -131,9 +158,16 @@ class Square(Attack):
             act = act[m_best[act] > 0]
         return AttackOutput(x_best, queries=queries)
 
-    def _linf_step(self, x, x_best, s, noise):
+    def _margin(self, x, y):
+        """The margin loss of ``x``; under bf16 autocast (the fast path on CUDA), every example within the bf16
+        error of the boundary, or past it, gets its margin from an fp32 forward: whether an example is fooled,
+        and so whether it stops, is decided in fp32. The other comparisons (keep a window or not) take bf16
+        margins, good to about 1 % of the logits: a random search either way."""
+        return margin_checked(self.model, x, logits_of(self.model(x)), y)
+
+    def _linf_step(self, x, x_best, s, u):
+        """One query's candidate: the window placed by ``u[:, :2]``, one sign per channel from ``u[:, 2:]``."""
         b, c, h, w = x.shape
-        u = noise.uniform(x.new_empty(b, 2 + c))
         window = _windows(b, s, h, w, u[:, :2])                             # (B, 1, H, W)
         signs = (2 * (u[:, 2:] > 0.5).to(x.dtype) - 1)[:, :, None, None]    # one sign per channel
         x_new = torch.where(window, x_best + 2 * self.eps * signs, x_best)
@@ -156,10 +190,10 @@ class Square(Attack):
                 delta[:, :, vh:vh + s, vw:vw + s] += pat * signs[:, :, i, j, None, None]
         return self.eps * delta / self.threat.magnitude(delta).clamp_min(1e-12)
 
-    def _l2_step(self, x, x_best, s, noise):
-        """Move the mass of one window (and clear a second) so that ‖δ‖₂ stays ε (the reference's update)."""
+    def _l2_step(self, x, x_best, s, u):
+        """Move the mass of one window (and clear a second) so that ‖δ‖₂ stays ε (the reference's update);
+        ``u`` (B, 5 + C) places both windows, orients the pattern and signs each channel."""
         b, c, h, w = x.shape
-        u = noise.uniform(x.new_empty(b, 5 + c))
         win1, win2 = _windows(b, s, h, w, u[:, :2]), _windows(b, s, h, w, u[:, 2:4])
         delta = x_best - x
         in1 = delta.masked_select(win1.expand_as(delta)).view(b, c, s, s)
@@ -178,7 +212,7 @@ class Square(Attack):
 
     def params(self) -> dict:
         return {**super().params(), "queries": self.queries, "p_init": self.p_init,
-                "rescale_schedule": self.rescale_schedule}
+                "rescale_schedule": self.rescale_schedule, "revision": self.revision}
 
     def __repr__(self) -> str:
         return f"Square(eps={self.eps:.6g}, norm={self.norm}, queries={self.queries}, p_init={self.p_init})"
