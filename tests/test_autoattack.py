@@ -332,3 +332,23 @@ def test_fab_stops_an_example_once_it_is_within_eps(fmnist_test, trained_cnn):
     assert torch.equal(results[None][0], results[0.1][0])      # the same examples broken within ε
     assert results[0.1][0].any() and not results[0.1][0].all()
     assert results[0.1][1] < results[None][1]                  # with fewer forward rows
+
+
+def test_a_point_found_just_beyond_eps_is_tried_at_eps():
+    """FAB's points overshoot the boundary (η = 1.05): a point at 1.04 ε whose boundary lies at 0.99 ε is
+    rescued at ε; one whose boundary lies beyond ε is not (on a linear classifier, where both are known)."""
+    from sirobust.attacks.fab import _within
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
+        lin.bias.copy_(torch.tensor([-0.5, 0.5]))          # the boundary: x₀ = 0.5
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    x0 = torch.full((2, 4), 0.5)
+    x0[:, 0] = torch.tensor([0.5 + 0.099, 0.5 + 0.101])  # class 0 while x₀ > 0.5: boundary 0.099 and 0.101 away
+    y = torch.zeros(2, dtype=torch.long)
+    found = x0.clone()
+    found[:, 0] = x0[:, 0] - 0.104                        # both found 0.104 away, past the boundary
+    dist = torch.full((2,), 0.104)
+    best, d = _within(model, x0, found, dist, y, 0.1, "Linf")
+    assert torch.allclose(d[0], torch.tensor(0.1)) and (model(best[:1]).argmax(1) != 0).all()
+    assert d[1] == 0.104 and torch.equal(best[1], found[1])  # not within ε: left as it was (it will not count)

@@ -139,23 +139,30 @@ class Square(Attack):
         queries = torch.ones(b, device=x.device)
         act = (m_best > 0).nonzero().squeeze(1)
         draws = _QueryDraws(noise.derive("queries"), b, 2 + c if self.norm == "Linf" else 5 + c, x)
+        # the working set, gathered again only when an example finishes (most queries finish none)
+        xc, xb, mb, yc = x[act], x_best[act], m_best[act], y[act]
+        spent = 0  # queries the working set made since it was gathered
         for it in range(self.queries):
             if act.numel() == 0:
                 break
             p = square_p(it, self.p_init, self.queries, self.rescale_schedule)
             s = square_side(p, n_features, c, h, w, self.norm)
             u = draws.at(it, act)
-            xc, xb = x[act], x_best[act]
             if self.norm == "Linf":
                 x_new = self._linf_step(xc, xb, s, u)
             else:
                 x_new = self._l2_step(xc, xb, s, u)
-            m = self._margin(x_new, y[act])
-            better = m < m_best[act]  # the margin is the loss (the reference's default): keep improvements
-            upd = act[better]
-            m_best[upd], x_best[upd] = m[better], x_new[better]
-            queries[act] += 1
-            act = act[m_best[act] > 0]
+            m = self._margin(x_new, yc)
+            better = m < mb  # the margin is the loss (the reference's default): keep improvements
+            xb = torch.where(better.view(-1, 1, 1, 1), x_new, xb)
+            mb = torch.where(better, m, mb)
+            spent += 1
+            done = mb <= 0
+            if it + 1 == self.queries or done.any():  # write the working set back, keep the unfinished
+                x_best[act], m_best[act] = xb, mb
+                queries[act] += spent
+                spent, keep = 0, ~done
+                act, xc, xb, mb, yc = act[keep], xc[keep], xb[keep], mb[keep], yc[keep]
         return AttackOutput(x_best, queries=queries)
 
     def _margin(self, x, y):
