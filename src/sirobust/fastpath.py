@@ -206,13 +206,6 @@ def _reproduces(model: nn.Module, prepared: nn.Module, fast: FastPath, probe: Op
     return bool(torch.isfinite(got).all()) and bool((got - want).abs().max() <= 1e-3 * want.abs().max().clamp_min(1.0))
 
 
-def _channels_last_input(_module: nn.Module, args: tuple):
-    """Forward pre-hook of a channels_last copy: its 4-D input as NHWC (a no-op when it already is)."""
-    if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
-        return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
-    return None
-
-
 def _prepare(model: nn.Module, fast: FastPath, probe: Optional[torch.Tensor]) -> tuple[nn.Module, str]:
     from .models.base import ImageClassifier
     folded = fast.fold_bn
@@ -232,10 +225,6 @@ def _prepare(model: nn.Module, fast: FastPath, probe: Optional[torch.Tensor]) ->
         p.requires_grad_(False)  # attacks need input gradients only
     if fast.channels_last:
         prepared = prepared.to(memory_format=torch.channels_last)
-        # every input in NHWC too, whatever the attack's arithmetic left it in: a (B, 1, H, W) batch made by
-        # torch.where or a view is NCHW-strided, and oneDNN then takes its slow NCHW convolution for the first
-        # layer (9× slower on a 1-channel image, benchmarks/autoattack.md); the copy is free, the same bytes.
-        prepared.register_forward_pre_hook(_channels_last_input)
     prepared.eval()
     if fast.compile:  # the forward only: module names (and the head attacks look up) stay as they are
         if isinstance(prepared, ImageClassifier):

@@ -94,8 +94,8 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_int(v: int) -> int:
-    """:func:`mix32` of one Python integer, in Python arithmetic (the same bits; no tensor is made: a
-    derived stream, e.g. one per Square query, hashes its name without touching torch)."""
+    """:func:`mix32` of one Python integer, in Python arithmetic: the same bits, with no tensor made (a derived
+    stream, one per target class or restart, hashes its name without touching torch)."""
     v &= _MASK32
     v ^= v >> 16
     v = (v * 0x7FEB352D) & _MASK32

@@ -18,9 +18,7 @@ import torch
 from torch import nn
 
 from ..checks import check_float, check_int, logits_of
-from ..fastpath import fp32_island
 from .base import Attack
-from .loop import fooled_checked
 from .robust import attack_still_robust
 
 
@@ -121,9 +119,8 @@ def fab_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, st
         n1, n2 = _norm(d1, norm).clamp_min(1e-8), _norm(d2, norm).clamp_min(1e-8)
         a = (n1 / (n1 + n2)).clamp(0, alpha_max)[:, None]
         xa = ((xa + eta * d1) * (1 - a) + (xo + eta * d2) * a).clamp(0, 1)
-        with torch.no_grad():  # fooled or not: fp32 where a bf16 forward is unsure (fooled_checked)
-            xv = xa.view(-1, *tail)
-            adv = fooled_checked(model, xv, logits_of(model(xv)), ya)
+        with torch.no_grad():
+            adv = logits_of(model(xa.view(-1, *tail))).argmax(1) != ya
         if adv.any():
             r = _norm(xa - xo, norm)
             closer = adv & (r < dist[act])
@@ -148,8 +145,7 @@ def _within(model, x0: torch.Tensor, best: torch.Tensor, dist: torch.Tensor, y: 
     flat0, flat = x0[idx].flatten(1), best[idx].flatten(1)
     cand = (flat0 + (eps / dist[idx])[:, None] * (flat - flat0)).clamp(0, 1)
     with torch.no_grad():
-        cv = cand.view_as(best[idx])
-        fooled = fooled_checked(model, cv, logits_of(model(cv)), y[idx])
+        fooled = logits_of(model(cand.view_as(best[idx]))).argmax(1) != y[idx]
     keep = idx[fooled]
     best, dist = best.clone(), dist.clone()
     best[keep] = cand[fooled].view_as(best[keep])
@@ -235,7 +231,7 @@ class FAB(Attack):
             raise ValueError("fab chooses its own targets with targeted=True; it takes no target argument")
         if not self.targeted:
             return self._one(x, y, None, noise)[0]
-        with torch.no_grad(), fp32_island(x.device):  # the targets from fp32 logits, as APGD-T's
+        with torch.no_grad():
             order = logits_of(self.model(x)).argsort(1, descending=True)
 
         def one_target(j: int, idx: torch.Tensor):
