@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -54,8 +55,13 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--components", default=",".join(COMPONENTS))
     p.add_argument("--ensembles", default="aa,aa-si")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="pairs (reference, then ours) per row; the table shows the median times and the range of "
+                        "the pairs' ratios (this machine's timings drift by 20 %% or more between runs)")
     p.add_argument("--write", action="store_true", help="write benchmarks/autoattack.md")
     a = p.parse_args()
+    if a.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {a.repeats}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     device = torch.device(a.device)
     model = trained_small_model(Path("runs/bench-cnn-small-at"), device)  # the model bench_pgd.py uses
@@ -64,16 +70,24 @@ def main():
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
     rows = []
+
+    def row(name, ours_name, ref_attacks):
+        """``repeats`` pairs run back to back (so a drift of the machine's speed hits both sides alike)."""
+        pairs = []
+        for _ in range(a.repeats):
+            ref = reference(model, x, y, a.eps, ref_attacks, a.batch_size, device) if ref_attacks else (None, None)
+            pairs.append((*ref, *ours(model, x, y, a.eps, ours_name, a.batch_size, device)))
+        ref_acc, our_acc = pairs[0][0], pairs[0][2]
+        ref_s = None if ref_acc is None else statistics.median(p[1] for p in pairs)
+        ratios = [] if ref_acc is None else sorted(p[4] / p[1] for p in pairs)
+        rows.append((name, ref_acc, our_acc, ref_s, statistics.median(p[3] for p in pairs),
+                     statistics.median(p[4] for p in pairs), ratios))
+        print(rows[-1], flush=True)
+
     for comp in [c for c in a.components.split(",") if c]:
-        ref_acc, ref_s = reference(model, x, y, a.eps, [comp], a.batch_size, device)
-        our_acc, our_attack_s, our_s = ours(model, x, y, a.eps, comp, a.batch_size, device)
-        rows.append((comp, ref_acc, our_acc, ref_s, our_attack_s, our_s))
-        print(rows[-1], flush=True)
+        row(comp, comp, [comp])
     for ens in [e for e in a.ensembles.split(",") if e]:
-        ref_acc, ref_s = reference(model, x, y, a.eps, COMPONENTS, a.batch_size, device) if ens == "aa" else (None, None)
-        our_acc, our_attack_s, our_s = ours(model, x, y, a.eps, ens, a.batch_size, device)
-        rows.append((f"{ens} (ensemble)", ref_acc, our_acc, ref_s, our_attack_s, our_s))
-        print(rows[-1], flush=True)
+        row(f"{ens} (ensemble)", ens, list(COMPONENTS) if ens == "aa" else None)
 
     def pct(v):
         return "–" if v is None else f"{100 * v:.2f}"
@@ -82,12 +96,15 @@ def main():
              f"cnn-small, PGD-AT 2 epochs on fashion-mnist-mini; the first {a.n} test images (clean accuracy "
              f"{100 * clean:.2f}%), L∞ ε = {a.eps:g}, batch {a.batch_size}, device {device.type} "
              f"({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}. Each component "
-             "alone on every clean-correct image, then the standard ensemble (each stage on the images still robust).",
+             "alone on every clean-correct image, then the standard ensemble (each stage on the images still robust). "
+             + (f"Each row is {a.repeats} pairs run back to back: median seconds, and the median ratio with its range."
+                if a.repeats > 1 else "One run per row."),
              "", "| attack | reference robust acc. (%) | sirobust (%) | sirobust − reference (points) | reference s | "
              "sirobust attack s | sirobust call s | time vs reference |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r, o, rs, oas, os_ in rows:
+    for name, r, o, rs, oas, os_, ratios in rows:
         diff = "–" if r is None else f"{100 * (o - r):+.2f}"
-        ratio = "–" if rs is None else f"{os_ / rs:.2f}×"
+        ratio = ("–" if not ratios else f"{ratios[0]:.2f}×" if len(ratios) == 1
+                 else f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}-{ratios[-1]:.2f})")
         lines.append(f"| {name} | {pct(r)} | {pct(o)} | {diff} | {'–' if rs is None else f'{rs:.1f}'} | {oas:.1f} | "
                      f"{os_:.1f} | {ratio} |")
     lines += ["", "The reference is on PYTHONPATH (`PYTHONPATH=<auto-attack>:benchmarks`)."]
