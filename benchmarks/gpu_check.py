@@ -19,8 +19,8 @@ Steps, each timed with ``torch.cuda.synchronize`` around the clock, each recorde
    (verdicts are always fp32), and the standard AutoAttack on the first 1,000: sirobust, and the reference
    when importable, with the same model and points.
 4. The CUDA-only branches: ``torch.compile`` (evaluate and fit), ``deterministic`` (two fits give
-   bit-identical weights), PGD's host sync every ``SYNC_EVERY`` steps (early-stop verdicts equal the
-   every-step ones), and ``torchrun --nproc_per_node 1`` (NCCL on CUDA) giving the single-process report.
+   bit-identical weights), PGD's, APGD-CE's and FAB-T's host sync every ``SYNC_EVERY`` steps (early-stop
+   verdicts equal the every-step ones; the syncs counted with CUDA's sync debug mode), and ``torchrun --nproc_per_node 1`` (NCCL on CUDA) giving the single-process report.
 
 Exit status: 0 when every step ran, 1 when any raised (the traceback is in gpu.md and on stderr), 2 for
 bad arguments or no CUDA without ``--quick``.
@@ -189,7 +189,8 @@ def autoattack(a, device, state, work: Path) -> list:
                     f"{ref_s / ours_s:.2f}× |")
         state["aa_ratio"] = ours_s / ref_s
     else:
-        rows.append("| reference | not importable (benchmarks/peers/auto-attack absent) | – | – |")
+        why = "skipped with --quick" if a.quick else "not importable (benchmarks/peers/auto-attack absent)"
+        rows.append(f"| reference | {why} | – | – |")
     return [f"Standard AutoAttack (L∞ ε = 0.1) on the first {a.aa_n} test images of the model above"
             f"{' (quick: tiny budgets)' if a.quick else ''}; whole call, synchronised.", "",
             "| implementation | robust accuracy (%) | seconds | reference time / this |", "|---|---:|---:|---:|", *rows]
@@ -216,6 +217,8 @@ def branches(a, device, state, work: Path) -> list:
                  f"end: {fooled_all}) |")
     if fooled_stop < fooled_all - max(2, len(y) // 200):
         raise AssertionError(f"early stop fooled {fooled_stop}, far fewer than the full run's {fooled_all}")
+
+    lines += sync_rows(model, x, y, a, device)
 
     if device.type == "cuda":
         plain = sirobust.evaluate(model, (x, y), attacks=["pgd"], eps=0.1, steps=10, device=device, progress=False)
@@ -246,6 +249,51 @@ def branches(a, device, state, work: Path) -> list:
 
     lines.append(torchrun_row(a, device, state, work))
     return lines
+
+
+def count_syncs(fn, device):
+    """(host synchronisations ``fn`` made, its result): CUDA's sync debug mode warns at each one. None on a CPU."""
+    if device.type != "cuda":
+        return None, fn()
+    import warnings
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught), out
+
+
+def sync_rows(model, x, y, a, device) -> list:
+    """APGD-CE's and FAB-T's loops with the host sync every ``SYNC_EVERY`` steps against every step: the syncs
+    counted, and the examples broken (equal up to the GPU's batch-dependent rounding)."""
+    import sirobust.attacks.loop as loop
+    rows, kind = [], device.type
+    for name, extra in (("apgd-ce", {}), ("fab-t", {"n_targets": 2})):
+        broken, syncs = {}, {}
+        for every in (1, loop.sync_every(device) if kind != "cpu" else 4):
+            saved = loop.SYNC_EVERY.get(kind)
+            loop.SYNC_EVERY[kind] = every
+            try:
+                atk = sirobust.attacks.build_attack(name, model, eps=0.1, steps=a.eval_steps, **extra)
+                syncs[every], x_adv = count_syncs(lambda: atk(x, y), device)
+            finally:
+                if saved is None:
+                    loop.SYNC_EVERY.pop(kind)
+                else:
+                    loop.SYNC_EVERY[kind] = saved
+            with torch.no_grad():
+                broken[every] = (model(x_adv).argmax(1) != y).sum().item()
+        (one, k) = sorted(broken)
+        told = "" if syncs[one] is None else f", host syncs {syncs[k]} (every step: {syncs[one]})"
+        rows.append(f"| {name} {a.eval_steps} steps, host sync every {k} steps | broken {broken[k]} / {len(y)} "
+                    f"(sync every step: {broken[one]}){told} |")
+        if abs(broken[k] - broken[one]) > max(2, len(y) // 200):
+            raise AssertionError(f"{name}: syncing every {k} steps broke {broken[k]}, every step {broken[one]}")
+    return rows
 
 
 def tensors_digest(path: Path) -> str:

@@ -352,3 +352,61 @@ def test_a_point_found_just_beyond_eps_is_tried_at_eps():
     best, d = _within(model, x0, found, dist, y, 0.1, "Linf")
     assert torch.allclose(d[0], torch.tensor(0.1)) and (model(best[:1]).argmax(1) != 0).all()
     assert d[1] == 0.104 and torch.equal(best[1], found[1])  # not within ε: left as it was (it will not count)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_apgd_syncing_every_few_steps_returns_what_checking_every_step_returns(trained_cnn, fmnist_test,
+                                                                               monkeypatch, precision):
+    """The GPU form of APGD's loop (the working set shrinks only at a host sync every k steps; in between a
+    fooled example keeps stepping, and under bf16 its fp32 verdicts wait for the sync) keeps, per example, the
+    same first fooling iterate, so it returns exactly the points of the per-step loop (CPU: per-row
+    arithmetic does not depend on the batch)."""
+    import sirobust.attacks.loop as loop
+    x, y = fmnist_test[0][:96], fmnist_test[1][:96]
+    out = {}
+    for every in (1, 4):
+        monkeypatch.setitem(loop.SYNC_EVERY, "cpu", every)
+        for name in ("apgd-ce", "apgd-t"):
+            extra = {"n_targets": 2} if name == "apgd-t" else {}
+            atk = build_attack(name, trained_cnn, eps=0.1, steps=10, precision=precision, **extra)
+            out[every, name] = atk(x, y, keys=torch.arange(96))
+    for name in ("apgd-ce", "apgd-t"):
+        assert (out[4, name] - x).abs().amax() <= 0.1 + 1e-6
+        assert torch.equal(out[1, name], out[4, name]), name
+    clean = (trained_cnn(x).argmax(1) == y).sum()
+    assert _robust(trained_cnn, out[4, "apgd-ce"], y).sum() < clean - 10  # the attack breaks a good share
+
+
+def test_fab_syncing_every_few_steps_breaks_the_same_examples(trained_cnn, fmnist_test, monkeypatch):
+    """FAB-T with its working set shrunk only every k steps: an example within ε keeps stepping until the sync
+    (its point may only get closer), so the examples broken within ε are the same as with a check each step."""
+    import sirobust.attacks.loop as loop
+    x, y = fmnist_test[0][:96], fmnist_test[1][:96]
+    out = {}
+    for every in (1, 4):
+        monkeypatch.setitem(loop.SYNC_EVERY, "cpu", every)
+        out[every] = build_attack("fab-t", trained_cnn, eps=0.1, steps=20, n_targets=2, precision="fp32")(x, y)
+        assert (out[every] - x).abs().amax() <= 0.1 + 1e-6
+    assert torch.equal(_robust(trained_cnn, out[1], y), _robust(trained_cnn, out[4], y))
+    assert not _robust(trained_cnn, out[4], y).all()
+
+
+def test_a_nan_gradient_stops_apgd_when_its_checks_are_deferred(monkeypatch):
+    """A NaN input gradient in a step between two host syncs still raises (at the sync), not a stalled attack."""
+    import sirobust.attacks.loop as loop
+    monkeypatch.setitem(loop.SYNC_EVERY, "cpu", 4)
+
+    class NanAfterThreeCalls(nn.Module):  # finite gradients at the start, NaN from the third step on
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 3 and x.requires_grad:
+                x = x * 1.0
+                x.register_hook(lambda g: torch.full_like(g, float("nan")))
+            return torch.stack([x.flatten(1).sum(1), -x.flatten(1).sum(1)], 1)  # class 0 always wins: never fooled
+
+    x = torch.full((3, 1, 2, 2), 0.5)
+    with pytest.raises(loop.NonFiniteGradientError):
+        build_attack("apgd-ce", NanAfterThreeCalls(), eps=0.1, steps=8, precision="fp32")(
+            x, torch.zeros(3, dtype=torch.long))

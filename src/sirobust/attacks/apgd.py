@@ -23,7 +23,7 @@ from ..losses import Loss, get_loss
 from ..fastpath import fp32_island
 from ..threat import ThreatModel
 from .base import Attack
-from .loop import _checked, fooled_checked, is_fooled, objective
+from .loop import DeferredVerdicts, _nonfinite, _raise_if, fooled_checked, is_fooled, objective, sync_every
 from .robust import attack_still_robust
 
 
@@ -49,7 +49,8 @@ def halve_step(increases: torch.Tensor, window: int, rho: float, reduced_last: t
 
 
 def _value_and_grad(model, x_adv, y, loss, target, head, eot_iter):
-    """Loss per example, its input gradient (averaged over ``eot_iter`` passes for randomised models), logits."""
+    """Loss per example, its input gradient (averaged over ``eot_iter`` passes for randomised models), logits,
+    and the rows whose gradient is NaN/inf (on the device: the loop raises at its next host sync)."""
     grad = torch.zeros_like(x_adv)
     for _ in range(eot_iter):
         xa = x_adv.detach().requires_grad_(True)
@@ -57,19 +58,31 @@ def _value_and_grad(model, x_adv, y, loss, target, head, eot_iter):
             value, logits = objective(model, xa, y, loss, target, head)
             g, = torch.autograd.grad(value.sum(), xa)
         grad += g
-    return value.detach(), _checked(grad / eot_iter, loss), logits.detach()
+    grad = grad / eot_iter
+    return value.detach(), grad, logits.detach(), _nonfinite(grad)
+
+
+def _where(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where ``rows`` (A,) is True, else ``old``: a per-example choice without a host sync."""
+    return torch.where(rows.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
 def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, threat: ThreatModel, steps: int,
              noise, rho: float = 0.75, target: Optional[torch.Tensor] = None, targeted_success: bool = False,
              head=None, eot_iter: int = 1, early_stop: bool = True) -> torch.Tensor:
     """One run of APGD from a random start; returns, per example, the first point that fooled the model,
-    else the point of highest loss. With ``early_stop`` a fooled example takes no more steps."""
+    else the point of highest loss. With ``early_stop`` a fooled example takes no more steps.
+
+    The host is synchronised only every :func:`~sirobust.attacks.loop.sync_every` steps (every step on a CPU,
+    where it is free): in between, the working set stays the same, every per-example update is a
+    ``torch.where``, a fooled example keeps stepping (its answer is already kept), and under bf16 the fp32
+    verdicts wait for the sync (:class:`~sirobust.attacks.loop.DeferredVerdicts`)."""
     x = x.detach()
     n = x.shape[0]
     goal = target if targeted_success else None
     x_adv = threat.random_sphere(x, noise, threat.eps)  # the reference's start: on the ε-sphere
-    value, grad, logits = _value_and_grad(model, x_adv, y, loss, target, head, eot_iter)
+    value, grad, logits, bad = _value_and_grad(model, x_adv, y, loss, target, head, eot_iter)
+    _raise_if(bad, loss)
     out = x_adv.clone()                      # the answer per example (first fooling point, or best point)
     fooled = fooled_checked(model, x_adv, logits, y, goal, head)  # fp32 where bf16 is unsure
     best, best_x, best_grad = value.clone(), x_adv.clone(), grad.clone()
@@ -81,9 +94,17 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
     best_at_last = best.clone()
     prev_value = value.clone()
     x_prev = x_adv.clone()
+    every = sync_every(x.device)
+    verdicts = DeferredVerdicts(model, y, goal, head)
     act = torch.arange(n, device=x.device)   # examples still attacked (all of them without early stop)
     if early_stop:
         act = act[~fooled]
+
+    def keep_fooling(hit: torch.Tensor, points: torch.Tensor) -> None:
+        hit = hit & ~fooled[act]             # the first fooling iterate is the answer
+        out[act] = _where(hit, points, out[act])
+        fooled[act] = fooled[act] | hit
+
     for i in range(steps):
         if act.numel() == 0:
             break
@@ -95,27 +116,31 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
         x_prev[act] = xa
         x_adv[act] = x_new
         t = None if target is None else target[act]
-        v, g, lg = _value_and_grad(model, x_new, y[act], loss, t, head, eot_iter)
+        v, g, lg, nonfinite = _value_and_grad(model, x_new, y[act], loss, t, head, eot_iter)
+        bad[act] = bad[act] | nonfinite
         grad[act] = g
-        hit = fooled_checked(model, x_new, lg, y[act], None if goal is None else goal[act], head) & ~fooled[act]
-        out[act[hit]] = x_new[hit]
-        fooled[act[hit]] = True
+        keep_fooling(verdicts.now(x_new, lg, act), x_new)
         increases[act] += (v > prev_value[act]).float()
         prev_value[act] = v
         better = v > best[act]
-        up = act[better]
-        best[up], best_x[up], best_grad[up] = v[better], x_new[better], g[better]
+        best[act] = torch.where(better, v, best[act])
+        best_x[act] = _where(better, x_new, best_x[act])
+        best_grad[act] = _where(better, g, best_grad[act])
         if i + 1 in checks:  # a checkpoint: halve where the loss stalled, restart those from their best point
             window = (i + 1) - window_starts[window_starts.index(i + 1) - 1]
             halve = halve_step(increases[act], window, rho, reduced_last[act], best_at_last[act], best[act])
-            h = act[halve]
-            step[h] /= 2
-            x_adv[h], grad[h] = best_x[h], best_grad[h]
+            step[act] = _where(halve, step[act] / 2, step[act])
+            x_adv[act] = _where(halve, best_x[act], x_adv[act])
+            grad[act] = _where(halve, best_grad[act], grad[act])
             reduced_last[act] = halve
             best_at_last[act] = best[act]
             increases[act] = 0
-        if early_stop:
-            act = act[~fooled[act]]
+        if (i + 1) % every == 0 or i + 1 == steps:  # the host sync
+            _raise_if(bad, loss)
+            for hit, points in verdicts.resolve(act):
+                keep_fooling(hit, points)
+            if early_stop:
+                act = act[~fooled[act]]
     return torch.where(fooled.view(-1, *([1] * (x.dim() - 1))), out, best_x).detach()
 
 

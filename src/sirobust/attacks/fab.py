@@ -19,6 +19,7 @@ from torch import nn
 
 from ..checks import check_float, check_int, logits_of
 from .base import Attack
+from .loop import sync_every
 from .robust import attack_still_robust
 
 
@@ -91,7 +92,8 @@ def fab_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, st
     :func:`fab_minimal`. An ε-bounded verdict wants the opposite, a point with some margin: a point on the
     boundary of the fast model (folded, channels_last) may be classified correctly by the model as given.
     ``stop_within``: an example whose point is that close is finished (an ε-bounded verdict cannot change)
-    and takes no more passes.
+    and takes no more passes (from the next host sync on: every :func:`~sirobust.attacks.loop.sync_every`
+    steps; an example finished in between keeps stepping, and keeps its best point unless it finds a closer one).
 
     (Checking each new point with the next step's forward pass, instead of a forward of its own as here and
     in the reference, was measured and rejected: FAB's points are adversarial after about 85 % of the steps,
@@ -104,6 +106,7 @@ def fab_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, st
     dist = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
     dual = "L1" if norm == "Linf" else "L2"
     act = torch.arange(x.shape[0], device=x.device)  # examples still attacked
+    every, taken = sync_every(x.device), 0
     for _ in range(steps):
         if act.numel() == 0:
             break
@@ -121,13 +124,15 @@ def fab_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, st
         xa = ((xa + eta * d1) * (1 - a) + (xo + eta * d2) * a).clamp(0, 1)
         with torch.no_grad():
             adv = logits_of(model(xa.view(-1, *tail))).argmax(1) != ya
-        if adv.any():
-            r = _norm(xa - xo, norm)
-            closer = adv & (r < dist[act])
-            best[act[closer]], dist[act[closer]] = xa[closer], r[closer]
-            xa = torch.where(adv[:, None], xo + (xa - xo) * beta, xa)  # step back towards the original
+        # per-example choices with torch.where, not boolean indexing: no host sync until the working set shrinks
+        r = _norm(xa - xo, norm)
+        closer = adv & (r < dist[act])
+        best[act] = torch.where(closer[:, None], xa, best[act])
+        dist[act] = torch.where(closer, r, dist[act])
+        xa = torch.where(adv[:, None], xo + (xa - xo) * beta, xa)  # step back towards the original
         x1[act] = xa
-        if stop_within is not None:
+        taken += 1
+        if stop_within is not None and taken % every == 0:  # the host sync (every step on a CPU)
             act = act[~(dist[act] <= stop_within)]
     if not tighten:
         return best.view(x.shape), dist

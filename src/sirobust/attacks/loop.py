@@ -209,6 +209,50 @@ def fooled_checked(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: t
     return out
 
 
+class DeferredVerdicts:
+    """"Does this iterate fool the model?" for a loop that synchronises the host only every few steps (APGD's).
+
+    Without autocast the answer is on the device at once: :meth:`now` gives it, and the loop applies it with
+    ``torch.where`` (no sync). Under bf16 autocast an iterate within the bf16 margin of the boundary must be
+    decided by an fp32 forward, a data-dependent subset: :meth:`now` says "not yet" for every row and keeps the
+    step's iterate and its unsure rows; :meth:`resolve`, at the next sync, runs one fp32 forward over every
+    kept unsure row of every step and returns the verdicts step by step, oldest first. The loop keeps the first
+    fooling iterate per row, as :func:`fooled_checked` at every step would have (the same rows go through fp32).
+    Every step between two resolves must run on the same rows (the loop's working set changes only at syncs).
+    """
+
+    def __init__(self, model: nn.Module, y: torch.Tensor, goal: Optional[torch.Tensor], head=None):
+        self.model, self.y, self.goal, self.head = model, y, goal, head
+        self.reduced = torch.is_autocast_enabled(y.device.type)
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (iterates, unsure rows) per step since the sync
+
+    def now(self, x: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(A,) bool: the rows ``rows`` of the batch whose iterate ``x`` is known to fool the model now."""
+        goal = None if self.goal is None else self.goal[rows]
+        if not self.reduced:
+            return is_fooled(logits, self.y[rows], goal)
+        lead = _fooling_margin(logits.float(), self.y[rows], goal)
+        self.kept.append((x, lead > -_BF16_MARGIN * logits.float().abs().amax(1)))
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def resolve(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(fooled (A,) bool, iterates)] for each step kept since the last resolve, decided in fp32 (one sync)."""
+        kept, self.kept = self.kept, []
+        if not kept:
+            return []
+        unsure = torch.stack([u for _, u in kept])            # (steps, A)
+        at = unsure.flatten().nonzero().squeeze(1)            # the host sync
+        fooled = torch.zeros(unsure.numel(), dtype=torch.bool, device=unsure.device)
+        if at.numel():
+            a = unsure.shape[1]
+            points = torch.stack([x for x, _ in kept]).flatten(0, 1)[at]
+            with fp32_island(points.device), torch.no_grad():
+                logits = forward_with_features(self.model, points, head=self.head, need_features=False).logits
+            r = rows[at % a]
+            fooled[at] = is_fooled(logits, self.y[r], None if self.goal is None else self.goal[r])
+        return [(f, x) for f, (x, _) in zip(fooled.view(unsure.shape), kept)]
+
+
 def margin_checked(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, head=None) -> torch.Tensor:
     """The margins (B,) of ``x`` from its ``logits``; under bf16 autocast, every example within the bf16 error of
     0 (or below it) gets its margin from an fp32 forward instead: the sign, fooled or not, is fp32's."""
