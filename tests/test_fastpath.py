@@ -296,3 +296,48 @@ def test_an_attack_that_never_autocasts_reports_fp32_arithmetic(trained_cnn, dat
     atk(data[0][:8], data[1][:8], keys=data[2][:8])
     assert atk.ran_as == {"precision": "fp32-fast", "autocast": False,
                           "model": "private copy: batch norm folded, channels_last"}
+
+
+def test_the_inference_form_computes_the_copys_function_on_any_batch_size(trained_cnn, data):
+    """Square's queries on a CPU run the private copy traced, frozen and optimised for inference: the same
+    logits (float rounding aside) on a batch size it was not traced on; made once per copy."""
+    from sirobust.fastpath import inference_copy
+    x = data[0]
+    copy, _ = attack_model(trained_cnn.eval(), resolve_precision("fp32-fast", "cpu"), probe=x[:8])
+    frozen = inference_copy(copy, x[:8])
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    assert inference_copy(copy, x[:8]) is frozen
+    with torch.no_grad():
+        assert torch.allclose(frozen(x[:37]), trained_cnn(x[:37]), atol=1e-4)
+
+
+def test_the_inference_form_is_never_made_of_a_users_model_or_a_failed_trace(data):
+    from sirobust import fastpath
+    x = data[0][:8]
+
+    class FixedBatch(nn.Module):  # int() of a size: the trace bakes in the batch size it saw
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(784, 10)
+
+        def forward(self, z):
+            return self.lin(z.reshape(int(z.shape[0]), -1))
+
+    users = FixedBatch().eval()
+    assert fastpath.inference_copy(users, x) is users          # not a private copy: never traced
+    fastpath._PRIVATE.add(users)                               # as if it were one: its trace fails the probe
+    assert fastpath.inference_copy(users, x) is users
+
+
+def test_square_with_the_inference_form_breaks_what_the_copy_breaks(trained_cnn, data, monkeypatch):
+    import sirobust.attacks.square as square
+    x, y, keys = data
+    robust_by = {}
+    for form in ("inference", "copy"):
+        if form == "copy":
+            monkeypatch.setattr(square, "inference_copy", lambda model, probe: model)
+        x_adv = sirobust.attacks.build_attack("square", trained_cnn, eps=0.05, queries=100)(x, y, keys=keys)
+        assert (x_adv - x).abs().max() <= 0.05 + 1e-6
+        robust_by[form] = robust(trained_cnn, x_adv, y)
+    assert (robust_by["inference"] != robust_by["copy"]).sum() <= 1
+    assert robust_by["copy"].sum() < (trained_cnn(x).argmax(1) == y).sum()  # Square breaks some points
