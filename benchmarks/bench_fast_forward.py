@@ -1,6 +1,7 @@
 """One forward of the benchmark model (PGD-AT cnn-small of bench_pgd.py) on 60 and 290 images: the model as
 given against the attacks' private copy (BatchNorm folded, channels_last), and against the copy's inference
 form for forwards without gradient (traced, frozen, oneDNN: ``fastpath.inference_copy``, Square's queries);
+and one forward and backward pass to the input (APGD's and FAB's step), the model as given against the copy;
 the figures docs/speed.md quotes.
 
     python benchmarks/bench_fast_forward.py
@@ -27,6 +28,16 @@ def per_call_ms(fn, x, repeats: int = 300) -> float:
     return (time.perf_counter() - t0) / repeats * 1e3
 
 
+def grad_pass_ms(fn, x, repeats: int = 40) -> float:
+    """A forward and a backward pass to the input only, as an attack step makes them."""
+    for i in range(repeats + 5):
+        if i == 5:
+            t0 = time.perf_counter()
+        xa = x.detach().requires_grad_(True)
+        torch.autograd.grad(fn(xa)[:, 0].sum(), xa)
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
 def main():
     model = trained_small_model(Path("runs/bench-cnn-small-at"), torch.device("cpu")).eval()
     fast, note = attack_model(model, resolve_precision("auto", "cpu"), probe=torch.rand(8, 1, 28, 28))
@@ -38,6 +49,10 @@ def main():
         given, copy, inference = per_call_ms(model, x), per_call_ms(fast, x), per_call_ms(frozen, x)
         print(f"batch {batch}: model as given {given:.2f} ms, private copy {copy:.2f} ms ({given / copy:.1f}×), "
               f"inference form {inference:.2f} ms ({copy / inference:.2f}× the copy)")
+    x = torch.rand(290, 1, 28, 28)
+    given, copy = grad_pass_ms(model, x), grad_pass_ms(fast, x)
+    print(f"batch 290, forward and backward to the input: model as given {given:.1f} ms, private copy "
+          f"{copy:.1f} ms ({given / copy:.2f}×)")
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,9 @@ Three levers, each a change of how the model is run, never of what is computed:
   eval-mode BN is an affine map, so the folded model is the same function up to float rounding; its
   gradient is the same too.
 
+On a CPU, forwards that need logits and no gradient (Square's queries) can also run the private copy's
+**inference form** (:func:`inference_copy`): traced, frozen and optimised for inference by TorchScript.
+
 The fp32 islands inside an autocast region (losses, margins, verdicts) are one context manager,
 :func:`fp32_island`.
 
@@ -252,7 +255,7 @@ _INFERENCE: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyD
 def inference_copy(prepared: nn.Module, probe: torch.Tensor) -> nn.Module:
     """The model to run for logits without gradient (Square's queries): on a CPU, the attack's private copy
     traced with ``torch.jit``, frozen and optimised for inference (oneDNN convolutions with pre-packed
-    weights, convolution and ReLU fused): the same function up to float rounding, measured 1.3× faster than
+    weights, convolution and ReLU fused): the same function up to float rounding, measured 1.17-1.28× faster than
     the copy on the PGD-AT cnn-small at batch 60 and 290 (benchmarks/bench_fast_forward.py).
 
     Anything else is returned as it is: a model that is not a private copy (a user's model is never traced:

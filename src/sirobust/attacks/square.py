@@ -136,7 +136,7 @@ class Square(Attack):
             x_best = (x + self.eps * signs).clamp(0, 1)
         else:
             x_best = (x + self._l2_init(x, noise.derive("init"))).clamp(0, 1)
-        query = inference_copy(self.model, x[:8])  # the copy traced and frozen on a CPU (1.3× faster)
+        query = inference_copy(self.model, x[:8])  # the copy traced and frozen on a CPU (1.2× faster)
         m_best = self._margin(query, x_best, y)
         queries = torch.ones(b, device=x.device)
         act = (m_best > 0).nonzero().squeeze(1)
