@@ -410,3 +410,22 @@ def test_a_nan_gradient_stops_apgd_when_its_checks_are_deferred(monkeypatch):
     with pytest.raises(loop.NonFiniteGradientError):
         build_attack("apgd-ce", NanAfterThreeCalls(), eps=0.1, steps=8, precision="fp32")(
             x, torch.zeros(3, dtype=torch.long))
+
+
+def test_square_asking_every_few_queries_gives_the_same_points_and_query_counts(trained_cnn, fmnist_test,
+                                                                                monkeypatch):
+    """On a GPU Square asks whether an example finished only every k queries (a host sync), and a finished
+    example is frozen meanwhile: the points and the queries each example made are those of asking every query."""
+    import sirobust.attacks.loop as loop
+    import sirobust.attacks.square as square
+    # on the copy, whose per-row arithmetic does not depend on the batch; the inference form's oneDNN kernels
+    # round a row differently when the batch around it differs (a frozen example stays in the batch here)
+    monkeypatch.setattr(square, "inference_copy", lambda model, probe: model)
+    x, y = fmnist_test[0][:64], fmnist_test[1][:64]
+    out = {}
+    for every in (1, 4):
+        monkeypatch.setitem(loop.SYNC_EVERY, "cpu", every)
+        out[every] = build_attack("square", trained_cnn, eps=0.1, queries=60).perturb(x, y, keys=torch.arange(64))
+    assert torch.equal(out[1].x_adv, out[4].x_adv)
+    assert torch.equal(out[1].queries, out[4].queries)
+    assert len(set(out[4].queries.tolist())) > 2  # examples finished after different numbers of queries

@@ -23,7 +23,7 @@ from torch import nn
 from ..checks import check_float, check_int, logits_of
 from ..fastpath import inference_copy
 from .base import Attack
-from .loop import margin_checked
+from .loop import margin_checked, sync_every
 from .result import AttackOutput
 
 
@@ -141,9 +141,11 @@ class Square(Attack):
         queries = torch.ones(b, device=x.device)
         act = (m_best > 0).nonzero().squeeze(1)
         draws = _QueryDraws(noise.derive("queries"), b, 2 + c if self.norm == "Linf" else 5 + c, x)
-        # the working set, gathered again only when an example finishes (most queries finish none)
+        # the working set, gathered again only when an example finishes (most queries finish none); on a GPU,
+        # whether one did is asked only every few queries (a host sync): a finished example is frozen meanwhile
         xc, xb, mb, yc = x[act], x_best[act], m_best[act], y[act]
-        spent = 0  # queries the working set made since it was gathered
+        spent = torch.zeros(act.numel(), device=x.device)  # queries each example made since the gathering
+        every = sync_every(x.device)
         for it in range(self.queries):
             if act.numel() == 0:
                 break
@@ -155,16 +157,16 @@ class Square(Attack):
             else:
                 x_new = self._l2_step(xc, xb, s, u)
             m = self._margin(query, x_new, yc)
-            better = m < mb  # the margin is the loss (the reference's default): keep improvements
+            live = mb > 0  # not fooled yet: a fooled example makes no more queries
+            better = (m < mb) & live  # the margin is the loss (the reference's default): keep improvements
             xb = torch.where(better.view(-1, 1, 1, 1), x_new, xb)
             mb = torch.where(better, m, mb)
-            spent += 1
-            done = mb <= 0
-            if it + 1 == self.queries or done.any():  # write the working set back, keep the unfinished
-                x_best[act], m_best[act] = xb, mb
+            spent += live
+            if it + 1 == self.queries or ((it + 1) % every == 0 and bool((mb <= 0).any())):
+                x_best[act], m_best[act] = xb, mb  # write the working set back, keep the unfinished
                 queries[act] += spent
-                spent, keep = 0, ~done
-                act, xc, xb, mb, yc = act[keep], xc[keep], xb[keep], mb[keep], yc[keep]
+                keep = mb > 0
+                act, xc, xb, mb, yc, spent = act[keep], xc[keep], xb[keep], mb[keep], yc[keep], spent[keep] * 0
         return AttackOutput(x_best, queries=queries)
 
     def _margin(self, model, x, y):
