@@ -341,16 +341,38 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
     device = a.device
     check, state = Check(device), {}
+    out = a.out or (None if a.quick else str(HERE / "gpu.md"))
+    command = f"bash benchmarks/gpu_check.sh {' '.join(argv if argv is not None else sys.argv[1:])}"
+    steps = [
+        (f"PGD-{a.pgd_steps}, {a.model}, {a.pgd_n:,} images: sirobust fp32, bf16 and torchattacks",
+         lambda: pgd_speed(a, device, state)),
+        (f"One PGD-{a.train_steps} AT epoch, {a.model}, {a.train_n:,} images", lambda: train_speed(a, device, state)),
+        (f"bf16 against fp32 robust accuracy on a trained {a.model}", lambda: bf16_accuracy(a, device, state, work)),
+        (f"Standard AutoAttack, {a.aa_n:,} images", lambda: autoattack(a, device, state, work)),
+        ("CUDA-only branches", lambda: branches(a, device, state, work)),
+    ]
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(tmp)
-        check.step(f"PGD-{a.pgd_steps}, {a.model}, {a.pgd_n:,} images: sirobust fp32, bf16 and torchattacks",
-                   lambda: pgd_speed(a, device, state))
-        check.step(f"One PGD-{a.train_steps} AT epoch, {a.model}, {a.train_n:,} images",
-                   lambda: train_speed(a, device, state))
-        check.step(f"bf16 against fp32 robust accuracy on a trained {a.model}",
-                   lambda: bf16_accuracy(a, device, state, work))
-        check.step(f"Standard AutoAttack, {a.aa_n:,} images", lambda: autoattack(a, device, state, work))
-        check.step("CUDA-only branches", lambda: branches(a, device, state, work))
+        for i, (title, fn) in enumerate(steps):
+            check.step(title, fn)
+            if out:  # after every step: a check stopped by a time limit still leaves the steps it finished
+                write_atomically(Path(out), render(a, check, state, command, left=len(steps) - i - 1))
+    text = render(a, check, state, command, left=0)
+    print(text)
+    if out:
+        write_atomically(Path(out), text)
+    return 1 if check.failures else 0
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def render(a, check: Check, state: dict, command: str, left: int) -> str:
+    """gpu.md: the verdicts, then every step's section; ``left`` steps not run yet say so in the title."""
+    device = a.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
     verdicts = []
     if "pgd_speedup" in state:
@@ -360,19 +382,14 @@ def main(argv=None) -> int:
     if "aa_ratio" in state:
         verdicts.append(f"AutoAttack time vs the reference: {state['aa_ratio']:.2f}× (target ≤ 0.5×)")
     status = "every step ran" if not check.failures else f"FAILED: {', '.join(check.failures)}"
+    if left:
+        status = f"stopped or still running, {left} step(s) not finished; {status}"
     lines = [f"# GPU check{' (quick smoke test)' if a.quick else ''}: {status}", "",
              f"Device {name}, torch {torch.__version__} (CUDA {torch.version.cuda}), sirobust {sirobust.__version__}, "
              f"torchattacks {'present' if have('torchattacks') else 'absent'}, reference AutoAttack "
              f"{'present' if have('autoattack') else 'absent'}; {time.perf_counter() - check.t0:.0f} s in all.", "",
-             *[f"- {v}" for v in verdicts], *check.sections, "",
-             f"command: `bash benchmarks/gpu_check.sh {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
-    text = "\n".join(lines)
-    print(text)
-    out = a.out or (None if a.quick else str(HERE / "gpu.md"))
-    if out:
-        Path(out).write_text(text)
-    return 1 if check.failures else 0
-
+             *[f"- {v}" for v in verdicts], *check.sections, "", f"command: `{command}`", ""]
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -55,3 +55,27 @@ def test_the_full_check_refuses_to_run_without_cuda(capsys):
         gpu_check.main(["--device", "cpu"])
     assert e.value.code == 2
     assert "--quick" in capsys.readouterr().err
+
+
+def test_a_check_stopped_midway_leaves_the_steps_it_finished(tmp_path, monkeypatch):
+    """A device window ends when it ends: gpu.md is rewritten after every step, so a check killed by a time
+    limit still leaves what it measured, and says how many steps did not finish."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for step in ("pgd_speed", "train_speed", "bf16_accuracy"):
+        monkeypatch.setattr(gpu_check, step, lambda *a, name=step: [f"{name} measured"])
+
+    def killed(*a):
+        raise KeyboardInterrupt  # what a time limit's signal becomes
+
+    monkeypatch.setattr(gpu_check, "autoattack", killed)
+    out = tmp_path / "gpu.md"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--quick", "--device", "cpu", "--out", str(out)])
+    text = out.read_text()
+    assert "2 step(s) not finished" in text
+    assert all(f"{s} measured" in text for s in ("pgd_speed", "train_speed", "bf16_accuracy"))
+    assert not (tmp_path / "gpu.md.tmp").exists()
