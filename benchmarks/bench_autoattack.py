@@ -40,9 +40,10 @@ def reference(model, x, y, eps, attacks, bs, device):
     return robust.float().mean().item(), seconds
 
 
-def ours(model, x, y, eps, attack, bs, device):
+def ours(model, x, y, eps, attack, bs, device, precision="auto"):
     t0 = time.perf_counter()
-    rep = sirobust.evaluate(model, (x, y), attacks=[attack], eps=eps, batch_size=bs, device=device, progress=False)
+    rep = sirobust.evaluate(model, (x, y), attacks=[attack], eps=eps, batch_size=bs, device=device, progress=False,
+                            precision=precision)
     return rep.attacks[attack].robust_acc, rep.attacks[attack].seconds, time.perf_counter() - t0
 
 
@@ -58,6 +59,9 @@ def main():
     p.add_argument("--repeats", type=int, default=1,
                    help="pairs (reference, then ours) per row; the table shows the median times and the range of "
                         "the pairs' ratios (this machine's timings drift by 20 %% or more between runs)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp32-fast", "bf16"),
+                   help="sirobust's precision (default auto: fp32-fast on a CPU, bf16 on CUDA); the verdicts are "
+                        "always taken in fp32 on the model as given")
     p.add_argument("--write", action="store_true", help="write benchmarks/autoattack.md")
     a = p.parse_args()
     if a.repeats < 1:
@@ -76,7 +80,7 @@ def main():
         pairs = []
         for _ in range(a.repeats):
             ref = reference(model, x, y, a.eps, ref_attacks, a.batch_size, device) if ref_attacks else (None, None)
-            pairs.append((*ref, *ours(model, x, y, a.eps, ours_name, a.batch_size, device)))
+            pairs.append((*ref, *ours(model, x, y, a.eps, ours_name, a.batch_size, device, a.precision)))
         ref_acc, our_acc = pairs[0][0], pairs[0][2]
         ref_s = None if ref_acc is None else statistics.median(p[1] for p in pairs)
         ratios = [] if ref_acc is None else sorted(p[4] / p[1] for p in pairs)
@@ -95,7 +99,8 @@ def main():
     lines = ["# sirobust AutoAttack vs the reference", "",
              f"cnn-small, PGD-AT 2 epochs on fashion-mnist-mini; the first {a.n} test images (clean accuracy "
              f"{100 * clean:.2f}%), L∞ ε = {a.eps:g}, batch {a.batch_size}, device {device.type} "
-             f"({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}. Each component "
+             f"({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}, sirobust precision "
+             f"{a.precision}. Each component "
              "alone on every clean-correct image, then the standard ensemble (each stage on the images still robust). "
              + (f"Each row is {a.repeats} pairs run back to back: median seconds, and the median ratio with its range."
                 if a.repeats > 1 else "One run per row."),
