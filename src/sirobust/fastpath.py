@@ -255,7 +255,7 @@ _INFERENCE: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyD
 def inference_copy(prepared: nn.Module, probe: torch.Tensor) -> nn.Module:
     """The model to run for logits without gradient (Square's queries): on a CPU, the attack's private copy
     traced with ``torch.jit``, frozen and optimised for inference (oneDNN convolutions with pre-packed
-    weights, convolution and ReLU fused): the same function up to float rounding, measured 1.17-1.28× faster than
+    weights, convolution and ReLU fused): the same function up to float rounding, measured 1.16-1.28× faster than
     the copy on the PGD-AT cnn-small at batch 60 and 290 (benchmarks/bench_fast_forward.py).
 
     Anything else is returned as it is: a model that is not a private copy (a user's model is never traced:
