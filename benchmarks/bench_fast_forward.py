@@ -2,7 +2,8 @@
 given against the attacks' private copy (BatchNorm folded, channels_last), and against the copy's inference
 form for forwards without gradient (traced, frozen, oneDNN: ``fastpath.inference_copy``, Square's queries);
 and one forward and backward pass to the input (APGD's and FAB's step), the model as given against the copy;
-the figures docs/speed.md quotes.
+the figures docs/speed.md quotes. It also prints each forward's rate in GFLOP/s (FLOPs counted by
+``torch.utils.flop_counter``) beside a large matrix product's, the practical ceiling of this CPU in fp32.
 
     python benchmarks/bench_fast_forward.py
 """
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench_pgd import trained_small_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -38,6 +40,23 @@ def grad_pass_ms(fn, x, repeats: int = 40) -> float:
     return (time.perf_counter() - t0) / repeats * 1e3
 
 
+def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """fp32 GFLOP/s of an n×n matrix product: what this CPU's BLAS reaches on the easiest dense work."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def forward_flops(model, x) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
 def main():
     model = trained_small_model(Path("runs/bench-cnn-small-at"), torch.device("cpu")).eval()
     fast, note = attack_model(model, resolve_precision("auto", "cpu"), probe=torch.rand(8, 1, 28, 28))
@@ -49,6 +68,12 @@ def main():
         given, copy, inference = per_call_ms(model, x), per_call_ms(fast, x), per_call_ms(frozen, x)
         print(f"batch {batch}: model as given {given:.2f} ms, private copy {copy:.2f} ms ({given / copy:.1f}×), "
               f"inference form {inference:.2f} ms ({copy / inference:.2f}× the copy)")
+        if batch == 290:
+            flops, ceiling = forward_flops(model, x), sgemm_gflops()
+            rates = ", ".join(f"{name} {flops / ms / 1e6:.0f}" for name, ms in
+                              (("as given", given), ("copy", copy), ("inference form", inference)))
+            print(f"batch 290: {flops / batch / 1e6:.2f} MFLOP per image; GFLOP/s: {rates}; a 2048² fp32 "
+                  f"matrix product: {ceiling:.0f} (inference form at {flops / inference / 1e6 / ceiling:.0%} of it)")
     x = torch.rand(290, 1, 28, 28)
     given, copy = grad_pass_ms(model, x), grad_pass_ms(fast, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # --precision bf16 (fast only where the CPU has native bf16)

@@ -72,14 +72,15 @@ def test_square_window_schedule():
     assert square_side(0.0015625, 3072, 3, 32, 32, "L2") == 3 and square_side(0.2, 3072, 3, 32, 32, "L2") % 2 == 1
 
 
+@pytest.mark.parametrize("solver", ["newton", "sort"])
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
-def test_the_hyperplane_projection_is_the_exact_minimum_within_the_box(norm):
+def test_the_hyperplane_projection_is_the_exact_minimum_within_the_box(norm, solver):
     g = torch.Generator().manual_seed(0)
     for trial in range(6):
         t = torch.rand(1, 8, generator=g, dtype=torch.float64)
         w = torch.randn(1, 8, generator=g, dtype=torch.float64)
         b = (w * t).sum(1) + (0.1 if trial % 2 else 1.5) * torch.randn(1, generator=g, dtype=torch.float64)
-        d = project_onto_hyperplane(t, w, b, norm)
+        d = project_onto_hyperplane(t, w, b, norm, solver=solver)
         assert (t + d).min() >= -1e-12 and (t + d).max() <= 1 + 1e-12
         reachable = torch.where(w > 0, w, 0).sum() >= b and torch.where(w < 0, w, 0).sum() <= b
         if not reachable:
@@ -101,6 +102,46 @@ def test_the_hyperplane_projection_is_the_exact_minimum_within_the_box(norm):
             best = minimize(obj, x0, bounds=bounds, constraints=cons, method="SLSQP", tol=1e-14).fun
             got = float(d.abs().max())
         assert got <= best * (1 + 1e-6) + 1e-9, (norm, trial, got, best)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_the_projections_two_solvers_agree_on_hard_rows(norm):
+    """Newton's level and the sorted one give the same projection on rows built to be awkward: images with
+    most pixels at 0 or 1 (ties among the breakpoints), zero weights, a hyperplane through the point (c = 0),
+    hyperplanes out of the box's reach, and, with one Newton step allowed, rows that fall back to sorting."""
+    import sirobust.attacks.fab as fab
+    g = torch.Generator().manual_seed(1)
+    B, D = 64, 200
+    t = torch.rand(B, D, generator=g, dtype=torch.float64)
+    t[t < 0.4] = 0.0
+    t[t > 0.8] = 1.0                                       # many equal breakpoints
+    w = torch.randn(B, D, generator=g, dtype=torch.float64) * (torch.rand(B, D, generator=g) < 0.7)
+    reach = torch.where(w > 0, w * (1 - t), -w * t).sum(1)  # the most w·x can rise (by symmetry, fall) ≈
+    b = (w * t).sum(1) + torch.linspace(-1.2, 1.2, B, dtype=torch.float64) * reach
+    b[0] = (w[0] * t[0]).sum()                             # c = 0: the point is on the hyperplane
+    b[1] = (w[1] * t[1]).sum() + 10 * reach[1]             # far out of reach
+    assert (b - (w * t).sum(1)).abs().gt(reach).any()      # some rows really are out of reach
+    want = project_onto_hyperplane(t, w, b, norm, solver="sort")
+    got = project_onto_hyperplane(t, w, b, norm, solver="newton")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (got[0] == 0).all()
+    d1 = project_onto_hyperplane(t, w, b, norm)            # auto on a CPU: Newton
+    torch.testing.assert_close(d1, got, rtol=0, atol=0)
+    steps = []
+    real = fab._level_by_newton
+    def capped(*a, **k):
+        mu = real(*a, max_steps=1)
+        steps.append(int(mu.isnan().sum()))
+        return mu
+    fab._level_by_newton = capped
+    try:
+        capped_d = project_onto_hyperplane(t, w, b, norm)
+    finally:
+        fab._level_by_newton = real
+    assert steps[0] > 0                                    # one step leaves rows unsettled: they are sorted
+    torch.testing.assert_close(capped_d, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="solver"):
+        project_onto_hyperplane(t, w, b, norm, solver="bisect")
 
 
 @pytest.mark.parametrize("norm,dual", [("Linf", 1), ("L2", 2)])

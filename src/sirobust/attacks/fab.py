@@ -25,21 +25,46 @@ from .robust import attack_still_robust
 
 # --------------------------------------------------------------------------- projections
 
-def project_onto_hyperplane(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
+def project_onto_hyperplane(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str,
+                            solver: str = "auto") -> torch.Tensor:
     """The smallest ``d`` (in ``norm``, "Linf" or "L2") with ``w·(t + d) = b`` and ``0 ≤ t + d ≤ 1``, per row.
 
     ``t``, ``w``: (B, D); ``b``: (B,). Where the box keeps the hyperplane out of reach, the ``d`` that comes
-    closest (every coordinate at its bound). Exact: the constraint is ``g(μ) = c`` for a piecewise-linear
-    nondecreasing ``g``, solved by sorting its breakpoints, with no iteration.
+    closest (every coordinate at its bound). Exact: ``d_i = min(μ·speed_i, room_i)`` (oriented), where the
+    level ``μ`` solves ``g(μ) = c`` for a piecewise-linear, concave, nondecreasing ``g``.
+
+    ``solver`` finds ``μ``: "sort" sorts each row's breakpoints (no iteration, no host sync: a GPU's choice);
+    "newton" runs Newton's method (:func:`_level_by_newton`: a few passes over the row instead of a sort and
+    four gathers; rows it has not settled in 32 steps are sorted); on this project's 2-core CPU it took half
+    the time over a FAB-T run's projections, 0.77 against 1.47 s, an ad hoc measurement); "auto" is
+    "newton" on a CPU, where its host syncs are free, else "sort". Both give the same ``d`` up to float
+    rounding (tests/test_autoattack.py).
     """
+    if solver not in ("auto", "newton", "sort"):
+        raise ValueError(f"solver must be 'auto', 'newton' or 'sort', got {solver!r}")
     c = b - (w * t).sum(1)                                  # the change in w·x still needed, (B,)
-    wo = w * torch.where(c >= 0, 1.0, -1.0).to(w.dtype)[:, None]  # oriented: every useful move raises w·x
+    wo = torch.where((c < 0)[:, None], -w, w)               # oriented: every useful move raises w·x
     c = c.abs()
     room = torch.where(wo > 0, 1 - t, t).clamp_min(0) * (wo != 0)  # how far each coordinate may move usefully
     gain = wo.abs()                                         # increase of w·x per unit of movement
     speed = torch.ones_like(gain) if norm == "Linf" else gain  # d_i = min(μ·speed_i, room_i)
-    active = speed > 0
-    bp = torch.where(active, room / speed.clamp_min(1e-30), torch.zeros_like(room))  # μ where i saturates
+    bp = torch.where(speed > 0, room / speed.clamp_min(1e-30), torch.zeros_like(room))  # μ where i saturates
+    if solver == "sort" or (solver == "auto" and t.device.type != "cpu"):
+        mu = _level_by_sorting(bp, room, gain, speed, c)
+    else:
+        mu = _level_by_newton(bp, room, gain, speed, c)
+        unsettled = mu.isnan()
+        if unsettled.any():
+            mu[unsettled] = _level_by_sorting(bp[unsettled], room[unsettled], gain[unsettled], speed[unsettled],
+                                              c[unsettled])
+    d = torch.minimum(mu[:, None] * speed, room) * wo.sign()
+    return torch.where(torch.isfinite(d), d, torch.zeros_like(d))
+
+
+def _level_by_sorting(bp, room, gain, speed, c) -> torch.Tensor:
+    """``μ`` with ``g(μ) = Σ_i gain_i·min(μ·speed_i, room_i) = c`` per row (inf where ``c`` is out of reach):
+    sort the breakpoints ``bp``, evaluate ``g`` at each with cumulative sums, and solve on the segment where
+    it first reaches ``c``."""
     order = bp.argsort(1)
     bp_s, room_s, gain_s, speed_s = (v.gather(1, order) for v in (bp, room, gain, speed))
     sat = torch.cumsum(gain_s * room_s, 1) - gain_s * room_s  # Σ_{j<k} gain·room: coordinates saturated before k
@@ -48,11 +73,45 @@ def project_onto_hyperplane(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n
     g_at_bp = sat + bp_s * lin                              # g(μ) at each breakpoint
     reach = g_at_bp >= c[:, None]
     k = torch.where(reach.any(1), reach.float().argmax(1), torch.full_like(c, bp.shape[1] - 1, dtype=torch.long))
-    rows = torch.arange(t.shape[0], device=t.device)
+    rows = torch.arange(bp.shape[0], device=bp.device)
     mu = (c - sat[rows, k]) / lin[rows, k].clamp_min(1e-30)
-    mu = torch.where(reach.any(1), mu, torch.full_like(mu, float("inf")))  # out of reach: saturate everything
-    d = torch.minimum(mu[:, None] * speed, room) * wo.sign()
-    return torch.where(torch.isfinite(d), d, torch.zeros_like(d))
+    return torch.where(reach.any(1), mu, torch.full_like(mu, float("inf")))  # out of reach: saturate everything
+
+
+def _level_by_newton(bp, room, gain, speed, c, max_steps: int = 32) -> torch.Tensor:
+    """The same ``μ`` as :func:`_level_by_sorting` by Newton's method from ``μ = 0``; NaN in the rows it has
+    not settled in ``max_steps`` steps.
+
+    ``g`` is concave, so its tangent lies above it: from below the root each step lands at or below the root,
+    and the iterates rise. ``g`` is linear between breakpoints, so a step that saturates no new coordinate
+    has landed on the root, and so has a step after which ``g`` reaches ``c`` (up to rounding). Each step is
+    three masked sums over the row; FAB's projections on the PGD-AT cnn-small settled in 3-5 steps. The
+    host syncs once per step (a CPU's choice, see :func:`project_onto_hyperplane`).
+    """
+    # per coordinate: the slope it adds while free, what it adds once saturated, and 1 (to count the free)
+    parts = torch.stack((gain * speed, gain * room, torch.ones_like(gain)), 1)  # (B, 3, D)
+    total = parts[:, 1].sum(1)                              # g once every coordinate is saturated
+
+    def free_sums(mu):                                      # the three sums over the coordinates free at μ
+        return (parts * (bp > mu[:, None])[:, None]).sum(2)
+
+    def g(mu, s):
+        return total - s[:, 1] + mu * s[:, 0]
+
+    mu = torch.zeros_like(c)
+    s = free_sums(mu)
+    settled = c >= total                                    # out of reach: every coordinate saturates
+    mu = torch.where(settled, torch.full_like(mu, float("inf")), mu)
+    for _ in range(max_steps):
+        if bool(settled.all()):
+            break
+        nxt = mu + (c - g(mu, s)) / s[:, 0].clamp_min(1e-30)
+        nxt = torch.where(settled, mu, nxt)
+        s_nxt = free_sums(torch.where(settled, torch.zeros_like(mu), nxt))
+        landed = (s_nxt[:, 2] == s[:, 2]) | (g(nxt, s_nxt) >= c)
+        mu, s = nxt, torch.where(settled[:, None], s, s_nxt)
+        settled = settled | landed
+    return torch.where(settled, mu, torch.full_like(mu, float("nan")))
 
 
 def _norm(d: torch.Tensor, norm: str) -> torch.Tensor:
