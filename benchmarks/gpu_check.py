@@ -19,7 +19,7 @@ Steps, each timed with ``torch.cuda.synchronize`` around the clock, each recorde
    (verdicts are always fp32), and the standard AutoAttack on the first 1,000: sirobust, and the reference
    when importable, with the same model and points.
 4. The CUDA-only branches: ``torch.compile`` (evaluate and fit), ``deterministic`` (two fits give
-   bit-identical weights), PGD's, APGD-CE's and FAB-T's host sync every ``SYNC_EVERY`` steps (early-stop
+   bit-identical weights), PGD's, APGD-CE's, FAB-T's and Square's host sync every ``SYNC_EVERY`` steps (early-stop
    verdicts equal the every-step ones; the syncs counted with CUDA's sync debug mode), and ``torchrun --nproc_per_node 1`` (NCCL on CUDA) giving the single-process report.
 
 Exit status: 0 when every step ran, 1 when any raised (the traceback is in gpu.md and on stderr), 2 for
@@ -268,17 +268,20 @@ def count_syncs(fn, device):
 
 
 def sync_rows(model, x, y, a, device) -> list:
-    """APGD-CE's and FAB-T's loops with the host sync every ``SYNC_EVERY`` steps against every step: the syncs
-    counted, and the examples broken (equal up to the GPU's batch-dependent rounding)."""
+    """APGD-CE's, FAB-T's and Square's loops with the host sync every ``SYNC_EVERY`` steps (queries, for Square)
+    against every step: the syncs counted, and the examples broken (equal up to the GPU's batch-dependent
+    rounding). Square's row also shows what its fp32 margin check costs under bf16: it still syncs at any query
+    where a margin is within bf16's error of 0 (docs/speed.md)."""
     import sirobust.attacks.loop as loop
     rows, kind = [], device.type
-    for name, extra in (("apgd-ce", {}), ("fab-t", {"n_targets": 2})):
+    for name, extra in (("apgd-ce", {"steps": a.eval_steps}), ("fab-t", {"steps": a.eval_steps, "n_targets": 2}),
+                        ("square", {"queries": 5 * a.eval_steps})):
         broken, syncs = {}, {}
         for every in (1, loop.sync_every(device) if kind != "cpu" else 4):
             saved = loop.SYNC_EVERY.get(kind)
             loop.SYNC_EVERY[kind] = every
             try:
-                atk = sirobust.attacks.build_attack(name, model, eps=0.1, steps=a.eval_steps, **extra)
+                atk = sirobust.attacks.build_attack(name, model, eps=0.1, **extra)
                 syncs[every], x_adv = count_syncs(lambda: atk(x, y), device)
             finally:
                 if saved is None:
@@ -289,7 +292,8 @@ def sync_rows(model, x, y, a, device) -> list:
                 broken[every] = (model(x_adv).argmax(1) != y).sum().item()
         (one, k) = sorted(broken)
         told = "" if syncs[one] is None else f", host syncs {syncs[k]} (every step: {syncs[one]})"
-        rows.append(f"| {name} {a.eval_steps} steps, host sync every {k} steps | broken {broken[k]} / {len(y)} "
+        budget = f"{extra['queries']} queries" if "queries" in extra else f"{extra['steps']} steps"
+        rows.append(f"| {name} {budget}, host sync every {k} steps | broken {broken[k]} / {len(y)} "
                     f"(sync every step: {broken[one]}){told} |")
         if abs(broken[k] - broken[one]) > max(2, len(y) // 200):
             raise AssertionError(f"{name}: syncing every {k} steps broke {broken[k]}, every step {broken[one]}")

@@ -23,6 +23,8 @@ def test_quick_check_runs_every_step_on_a_cpu(tmp_path):
                     "CUDA-only branches"):
         assert f"{section}" in text, section
     assert "FAILED" not in text
+    for name in ("apgd-ce", "fab-t", "square"):                 # each loop's sync-every-k row
+        assert f"| {name} " in text and "host sync every 4" in text, name
     assert "verdicts equal the single process's" in text   # torchrun --nproc_per_node 1 ran and agreed
     assert not (ROOT / "benchmarks" / "gpu.md").exists() or "quick" not in (ROOT / "benchmarks" / "gpu.md").read_text()
 
