@@ -33,12 +33,13 @@ def project_onto_hyperplane(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n
     closest (every coordinate at its bound). Exact: ``d_i = min(μ·speed_i, room_i)`` (oriented), where the
     level ``μ`` solves ``g(μ) = c`` for a piecewise-linear, concave, nondecreasing ``g``.
 
-    ``solver`` finds ``μ``: "sort" sorts each row's breakpoints (no iteration, no host sync: a GPU's choice);
-    "newton" runs Newton's method (:func:`_level_by_newton`: a few passes over the row instead of a sort and
-    four gathers; rows it has not settled in 32 steps are sorted); on this project's 2-core CPU it took half
-    the time over a FAB-T run's projections, 0.77 against 1.47 s, an ad hoc measurement); "auto" is
-    "newton" on a CPU, where its host syncs are free, else "sort". Both give the same ``d`` up to float
-    rounding (tests/test_autoattack.py).
+    ``solver`` finds ``μ``:
+    - "sort" sorts each row's breakpoints: no iteration and no host sync, a GPU's choice;
+    - "newton" runs Newton's method (:func:`_level_by_newton`), a few passes over each row instead of a sort
+      and four gathers, and sorts the rows it has not settled in 32 steps. On this project's 2-core CPU it
+      took half the time over one FAB-T run's projections (0.77 against 1.47 s, an ad hoc measurement);
+    - "auto" is "newton" on a CPU, where its host syncs cost nothing, else "sort".
+    Both give the same ``d`` up to float rounding (tests/test_autoattack.py).
     """
     if solver not in ("auto", "newton", "sort"):
         raise ValueError(f"solver must be 'auto', 'newton' or 'sort', got {solver!r}")
