@@ -263,3 +263,68 @@ def test_spsa_starts_from_the_clean_image_when_asked():
     random_start = SPSA(model, eps=0.1, samples=4, iterations=1, lr=1e-6, early_stop=False)
     assert (random_start(x, y, keys=torch.arange(6)) - x).abs().max() > 0.05
     assert clean_start.params()["random_start"] is False
+
+
+def test_labelled_black_box_attacks_are_known_by_their_class_not_their_name(trained_cnn, fmnist_test):
+    """`sirobust reproduce table9` labels SPSA "spsa[samples=64]". Such a label is still SPSA: it runs on a model
+    that gives no gradient, and it is not a white-box column for RayS to beat (the black-box flag misfired on
+    Table 9's mini run, where SPSA and RayS were the only attacks)."""
+    x, y = fmnist_test[0][:8], fmnist_test[1][:8]
+    rep = evaluate(NoGradients(trained_cnn), (x, y), eps=0.1, progress=False,
+                   attacks=[("spsa[samples=8]", "spsa"), "rays"],
+                   attack_params={"spsa": {"samples": 8, "iterations": 3}, "rays": {"queries": 40}})
+    assert set(rep.attacks) == {"spsa[samples=8]", "rays"}
+    checked = [f for f in rep.flags if f["name"] == "black_box_beats_white_box"]
+    assert len(checked) == 2                # one entry per black-box result: the labelled SPSA is one of them
+    assert all(not f["triggered"] and f["value"] == 0 for f in checked)  # no white-box result to compare with
+
+
+def test_the_black_box_flag_compares_black_box_results_with_white_box_ones_only():
+    from sirobust.report import AttackResult
+    from sirobust.sanity import result_flags
+
+    def res(name, acc):
+        return AttackResult(name=name, robust_acc=acc, n_robust=int(100 * acc), n=100, ci95=[0, 1], seconds=0.0,
+                            max_perturbation=0.1, params={})
+
+    results = {"spsa[samples=64]": res("spsa[samples=64]", 0.60), "rays": res("rays", 0.50)}
+    black = {"spsa[samples=64]", "rays"}
+    assert not any(f["triggered"] for f in result_flags(results, 100, black_box=black))
+    # the same numbers beside a white-box column that the black-box ones undercut: both fire
+    results["pgd"] = res("pgd", 0.65)
+    fired = {f["message"].split(":")[0] for f in result_flags(results, 100, black_box=black) if f["triggered"]}
+    assert fired == {"spsa[samples=64]", "rays"}
+    # by default only registered names count as black-box: the labelled SPSA is then taken for a white-box
+    # column, which is why evaluate passes the set from the attacks' classes
+    fired = {f["message"].split(":")[0] for f in result_flags(results, 100) if f["triggered"]}
+    assert fired == {"rays"}
+
+
+def test_every_registered_attack_says_whether_it_is_black_box(trained_cnn):
+    """sanity.BLACK_BOX (the registered names, used for ensemble stages and for stored reports) and each attack
+    class's ``black_box`` (used by evaluate) must agree."""
+    from sirobust.attacks import build_attack, list_attacks
+    from sirobust.sanity import BLACK_BOX
+    for name in list_attacks():
+        assert build_attack(name, trained_cnn, eps=0.1).black_box == (name in BLACK_BOX), name
+
+
+def test_tables_take_the_black_box_flag_again_from_stored_results():
+    """A report stored before the fix carries a black-box flag that compared RayS with a labelled SPSA; the
+    table built from it takes the flag again from the stored numbers, and drops it. A real one (RayS below a
+    white-box column) still shows."""
+    from sirobust.reproduce.runner import _fired
+    from sirobust.reproduce.schema import Column
+
+    def attack(acc):
+        return {"name": "x", "robust_acc": acc, "n_robust": int(100 * acc), "n": 100, "ci95": [0, 1],
+                "seconds": 0.0, "max_perturbation": 0.1, "params": {}}
+
+    stale = {"name": "black_box_beats_white_box", "triggered": True, "value": 0.03, "message": "rays: stale"}
+    columns = [Column("128", attack="spsa", params={"samples": 64}), Column("Rob.Acc", attack="rays")]
+    report = {"n": 100, "flags": [stale], "attacks": {"spsa[samples=64]": attack(0.80), "rays": attack(0.77)}}
+    assert _fired([{"report": report}], columns) == []
+    report["attacks"]["pgd"] = attack(0.79)
+    columns.append(Column("PGD", attack="pgd"))
+    fired = _fired([{"report": report}], columns)
+    assert [f["name"] for f in fired] == ["black_box_beats_white_box"] and fired[0]["message"].startswith("rays:")

@@ -164,7 +164,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         preflight(model, runners, probe_x[:2], num_classes)
         flags = run_checks(model, probe_x, probe_y, was_training)
         if not gives_gradients(flags):
-            white = [atk.name for atk in runners if atk.name not in BLACK_BOX]
+            white = [atk.name for atk in runners if not getattr(atk, "black_box", False)]
             if white:
                 raise ValueError(f"the model gives no input gradient, so {', '.join(white)} cannot run on it; use "
                                  f"the black-box attacks ({', '.join(BLACK_BOX)}). "
@@ -190,7 +190,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                 log(f"{atk.name:<14} {100 * r.robust_acc:6.2f}%  [{100 * lo:.1f}, {100 * hi:.1f}]  ({r.seconds:.1f}s)"
                     + ("  EXCLUDED: left the threat model" if r.excluded else ""))
 
-        flags += result_flags(results, N)
+        flags += result_flags(results, N, black_box={atk.name for atk in runners if getattr(atk, "black_box", False)})
         if gives_gradients(flags):
             flags.append(check_scale_sensitivity(model, x_all[todo[:64]].to(device), y_all[todo[:64]].to(device),
                                                  eps, norm, seed))

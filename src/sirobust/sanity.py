@@ -6,6 +6,8 @@ robustness number never travels without the warnings that qualify it.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,18 +124,24 @@ def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                  "trust si-pgd, apgd-si, aa-si and the worst case.")
 
 
-BLACK_BOX = ("square", "spsa", "rays")  # attacks that never ask for a gradient
+BLACK_BOX = ("square", "spsa", "rays")  # the registered attacks that never ask for a gradient (Attack.black_box)
 
 
-def result_flags(results: dict, n: int) -> list:
+def result_flags(results: dict, n: int, black_box: Optional[set] = None) -> list:
     """Flags that read the results: a black-box attack beating the white-box ones (Croce & Hein's
-    check_square_sr; Carlini et al. 2019), and ensemble stages skipped for want of classes."""
+    check_square_sr; Carlini et al. 2019), and ensemble stages skipped for want of classes.
+
+    ``black_box``: the names in ``results`` of attacks that ask for no gradient (``evaluate`` passes those of
+    its attacks whose class says so, whatever their label: "spsa[samples=64]" is SPSA); by default, the
+    results whose name is a registered black-box attack's (:data:`BLACK_BOX`). Without any white-box result
+    there is nothing to compare: SPSA is not a white-box attack for RayS to beat."""
+    black_box = {name for name in results if name in BLACK_BOX} if black_box is None else set(black_box)
     flags = []
-    white = [r.robust_acc for name, r in results.items() if name not in BLACK_BOX and not r.excluded
+    white = [r.robust_acc for name, r in results.items() if name not in black_box and not r.excluded
              and not r.stages]
     for name, r in results.items():
         gain = 0.0
-        if name in BLACK_BOX and white:
+        if name in black_box and white:
             gain = min(white) - r.robust_acc  # below every white-box column
         for stage in r.stages:
             if stage["name"] in BLACK_BOX:
@@ -144,7 +152,7 @@ def result_flags(results: dict, n: int) -> list:
                                   "gradient-based attacks could not: a sign of gradient masking, so the white-box "
                                   "numbers overstate robustness. Run the black-box attacks with more queries and "
                                   "restarts, or an adaptive attack (see docs/flags.md).") if triggered else ""} if (
-            name in BLACK_BOX or r.stages) else None)
+            name in black_box or r.stages) else None)
         if r.max_perturbation == 0 and not r.excluded and any(r.robust):
             # every example it attacked came back unchanged (a broken one would have moved): the column is
             # clean accuracy under another name, e.g. a forced step size that overflows after normalisation

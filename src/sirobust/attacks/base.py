@@ -84,6 +84,10 @@ class Attack:
     autocast_ok = False  # may the model run under bf16 autocast? (PGD, APGD, Square: not FAB's, SPSA's or RayS')
     uses_fast_model = True  # False: the attack runs the model as given (ensembles: their stages choose)
     measures: tuple = ()  # what run() measures besides x_adv: "queries", "distances" (see AttackOutput)
+    # never asks the model for a gradient (Square, SPSA, RayS): it may run on a model that gives none, and it is
+    # the black-box side of the check "a black-box attack beat the white-box ones" (sanity.result_flags). A class
+    # attribute, not a name: an evaluation may label an attack anything ("spsa[samples=64]", "my-spsa")
+    black_box = False
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, norm: str = "Linf", restarts: int = 1,
                  seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True,

@@ -53,6 +53,7 @@ class RayS(Attack):
 
     name = "rays"
     measures = ("queries", "distances")
+    black_box = True
     uses_fast_model = False  # decisions on the model as given: its distances are reported
     fixed: tuple = ("steps", "alpha", "restarts", "random_start", "force")
 

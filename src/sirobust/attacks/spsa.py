@@ -56,6 +56,7 @@ class SPSA(Attack):
 
     name = "spsa"
     measures = ("queries",)
+    black_box = True
     fixed: tuple = ("steps", "alpha", "random_start", "force")
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, samples: int = 128, iterations: int = 100,

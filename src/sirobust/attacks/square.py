@@ -109,6 +109,7 @@ class Square(Attack):
 
     name = "square"
     measures = ("queries",)
+    black_box = True
     autocast_ok = True  # bf16 forwards on the fast path; margins near or past 0 are retaken in fp32 (_margin)
     fixed: tuple = ("steps", "alpha", "restarts", "random_start", "force")
     # Part of params(), hence of every stored evaluation's key (see FAB.revision). 2: each query's window and
