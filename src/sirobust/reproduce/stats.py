@@ -106,7 +106,8 @@ def statement(other: str, base: str, column: str, result: dict) -> str:
                   f"{_points(result['high'])}]; McNemar p < 0.05 in {result['significant_seeds']} of {k}"
     else:
         p = result["per_seed"][0]
-        numbers = f"{_points(result['mean'])} points, McNemar p = {_p(p['p'])} ({p['other_only']} points kept by " \
+        kept = f"{p['other_only']} point{'' if p['other_only'] == 1 else 's'}"
+        numbers = f"{_points(result['mean'])} points, McNemar p = {_p(p['p'])} ({kept} kept by " \
                   f"{other} alone, {p['base_only']} by {base} alone, of {p['n']})"
     if result["verdict"] == "no difference detected":
         return f"{other} vs {base} under {column}: no difference detected ({numbers}; {other} above in " \

@@ -237,6 +237,22 @@ def _markdown_grid(summary: dict) -> list[str]:
     return markdown_table(label_row, (cells[keep] for cells in body_rows(summary)), align)
 
 
+def _budget_text(summary: dict) -> str:
+    """"20-step attacks of step ε/4, " for the columns whose attack takes a step count; the others (AutoAttack,
+    SPSA, RayS, Square) run the budgets their description gives, and the caption says which they are."""
+    from ..attacks.registry import attack_parameters
+    attacked = [c for c in summary["columns"] if c.get("attack")]
+    stepped = [c for c in attacked if "steps" in (attack_parameters(c["attack"]) or ["steps"])]  # None: any
+    if not stepped:
+        return ""
+    text = f"{summary['eval']['steps']}-step attacks of step ε/4"
+    own = [c["label"] for c in attacked if c not in stepped]
+    if own:
+        text += (" (" + ", ".join(c["label"] for c in stepped) + "; " + ", ".join(own)
+                 + (" at its own budget)" if len(own) == 1 else " at their own budgets)"))
+    return text + ", "
+
+
 def to_markdown(summary: dict) -> str:
     lines = [f"## {summary['title']}", ""]
     if summary.get("paper"):
@@ -249,8 +265,7 @@ def to_markdown(summary: dict) -> str:
     n = max(r["n"] for r in summary["rows"])
     weights = "the best checkpoint's" if e["which"] == "best" else "the last epoch's"
     lines += ["", f"Accuracy in % on the first {n} test images ({weights} weights), "
-              f"{e['steps']}-step attacks of step ε/4, L∞ ε = {_eps_text(summary)}."
-              + seeds_text(summary)]
+              f"{_budget_text(summary)}L∞ ε = {_eps_text(summary)}." + seeds_text(summary)]
     attacked = {c.get("attack") for c in summary["columns"]}
     caps = {k: v for k, v in (e.get("attack_n") or {}).items() if v < n and k in attacked}
     if caps:
