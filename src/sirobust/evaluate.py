@@ -163,8 +163,9 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         check_labels(y_all, N, num_classes, name="labels")
         preflight(model, runners, probe_x[:2], num_classes)
         flags = run_checks(model, probe_x, probe_y, was_training)
+        black_box = {atk.name for atk in runners if atk.black_box}  # by class: a label may be "spsa[samples=64]"
         if not gives_gradients(flags):
-            white = [atk.name for atk in runners if not getattr(atk, "black_box", False)]
+            white = [atk.name for atk in runners if atk.name not in black_box]
             if white:
                 raise ValueError(f"the model gives no input gradient, so {', '.join(white)} cannot run on it; use "
                                  f"the black-box attacks ({', '.join(BLACK_BOX)}). "
@@ -190,7 +191,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                 log(f"{atk.name:<14} {100 * r.robust_acc:6.2f}%  [{100 * lo:.1f}, {100 * hi:.1f}]  ({r.seconds:.1f}s)"
                     + ("  EXCLUDED: left the threat model" if r.excluded else ""))
 
-        flags += result_flags(results, N, black_box={atk.name for atk in runners if getattr(atk, "black_box", False)})
+        flags += result_flags(results, N, black_box=black_box)
         if gives_gradients(flags):
             flags.append(check_scale_sensitivity(model, x_all[todo[:64]].to(device), y_all[todo[:64]].to(device),
                                                  eps, norm, seed))

@@ -37,6 +37,8 @@ class ExternalAttack:
         evaluate(model, data, attacks=["pgd", torchattacks.APGDT(model, eps=8/255), ("mine", my_fn)], eps=8/255)
     """
 
+    black_box = False  # unknown: a callable may well ask for gradients, so it counts as a white-box attack
+
     def __init__(self, fn: Callable, eps: float, norm: str, name: Optional[str] = None):
         if not callable(fn):
             raise TypeError(f"an attack must be a name, a sirobust Attack or a callable (x, y) -> x_adv, "
