@@ -29,6 +29,7 @@ def render_block(results: Path = RESULTS) -> str:
     from sirobust.reproduce import list_experiments, load_experiment, tables
     from sirobust.reproduce.figures import to_markdown as figure_markdown
     parts = []
+    shown: dict[str, str] = {}  # a table's run keys -> the experiment whose block shows them
     for name in list_experiments():
         path = results / f"{name}-mini.json"
         if not path.exists():
@@ -38,7 +39,10 @@ def render_block(results: Path = RESULTS) -> str:
             text = figure_markdown(summary).replace(f"]({summary['spec']['figure']}.png)", f"](figures/{name}-mini.png)")
         else:  # a result written before configs carried the paper's numbers gets them from the config
             summary.setdefault("paper_tables", load_experiment(name).paper_tables)
-            text = tables.to_markdown(summary)
+            key = json.dumps(sorted(summary.get("runs") or {}))
+            same = shown.get(key) if summary.get("runs") else None
+            text = reused_markdown(summary, same) if same else tables.to_markdown(summary)
+            shown.setdefault(key, name)
         parts.append(text.replace("\n## ", "\n### ").replace("## ", "### ", 1).strip())
     missing = [n for n in list_experiments() if not (results / f"{n}-mini.json").exists() and n != "table5"]
     if not (results / "table5-mini.json").exists():
@@ -49,6 +53,29 @@ def render_block(results: Path = RESULTS) -> str:
         parts.append("Not run here yet (each is one command, `sirobust reproduce NAME --preset mini`; see `--list` "
                      "for its cost): " + ", ".join(missing) + ".")
     return "\n\n".join(parts)
+
+
+def reused_markdown(summary: dict, source: str) -> str:
+    """A table whose runs are all `source`'s (Table 7 is Table 6 at the mini preset): its title, the paper's
+    numbers and its command, and a pointer to `source`'s block instead of the same cells printed twice."""
+    from sirobust.reproduce import tables
+    c = summary["counts"]
+    source = source.replace("table", "Table ", 1) if source.startswith("table") else source
+    lines = [f"## {summary['title']}", ""]
+    if summary.get("paper"):
+        lines += [summary["paper"], ""]
+    lines += [f"Preset **{summary['preset']}**: {summary['protocol']}", "",
+              f"Its runs are {source}'s, every one (the same rows, columns, seeds and settings), so its cells, "
+              f"comparisons and flags are {source}'s block above, and are not repeated here. Computing it added "
+              f"nothing: {c['trained']} runs trained, {c['evaluated']} evaluations computed, "
+              f"{c['reused_evaluations']} reused. Its own files (benchmarks/reproduction/"
+              f"{summary['experiment']}-mini.json) hold the same numbers."]
+    for block in summary.get("paper_tables") or []:
+        lines += tables.paper_markdown(summary, block)
+    env = summary["environment"]
+    lines += ["", f"command: `{summary['command']}`  ",
+              f"sirobust {env['sirobust']}, torch {env['torch']}, commit {env['git_commit']}, {env['gpu'] or 'CPU'}", ""]
+    return "\n".join(lines)
 
 
 def result_folders(out: Path) -> list[Path]:

@@ -291,6 +291,30 @@ def test_collecting_takes_the_finished_seeds_of_a_grid_still_running(tmp_path):
     assert [p.name for p in collect.result_folders(tmp_path)] == ["table6-mini"]
 
 
+def test_a_table_made_of_another_tables_runs_is_shown_once(tmp_path):
+    """Table 7's mini preset is Table 6's runs: the docs show its paper numbers and a pointer, not the same cells
+    twice; a table whose runs differ (even by one) is shown in full."""
+    import importlib.util
+    import shutil
+    spec = importlib.util.spec_from_file_location("collect_reproduction", REPO / "scripts" / "collect_reproduction.py")
+    collect = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collect)
+    committed = REPO / "benchmarks" / "reproduction"
+    for name in ("table6", "table7"):
+        shutil.copyfile(committed / f"{name}-mini.json", tmp_path / f"{name}-mini.json")
+    six = json.loads((tmp_path / "table6-mini.json").read_text())
+    first_cell = f"| AT | {100 * six['rows'][0]['values']['Natural']:.2f} ±"
+    block = collect.render_block(tmp_path)
+    seven = block[block.index("(paper Table 7)"):]
+    assert "Its runs are Table 6's, every one" in seven and "| AT | 92.91 |" in seven  # the paper's SVHN numbers
+    assert first_cell not in seven and block.count(first_cell) == 1
+    seven_json = json.loads((tmp_path / "table7-mini.json").read_text())
+    seven_json["runs"].pop(next(iter(seven_json["runs"])))
+    (tmp_path / "table7-mini.json").write_text(json.dumps(seven_json))
+    block = collect.render_block(tmp_path)
+    assert "Its runs are Table 6's" not in block and block.count(first_cell) == 2
+
+
 def test_cli_collect_of_an_unfinished_grid_exits_1_naming_what_is_missing(tmp_path, capsys):
     from sirobust.cli import main
     cfg = _write(tmp_path, TINY)
