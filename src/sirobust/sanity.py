@@ -120,7 +120,8 @@ def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     return _flag(name, pgd_drop > 0.01 and si_move <= 0.01, value,
                  f"PGD-CE breaks {100 * pgd_drop:.1f} points more examples once the logits are multiplied by "
                  f"{worst_alpha:g} (SI-PGD changes by {100 * si_move:.1f}): at this model's own logit scale the "
-                 "softmax saturates and CE gradients vanish, so CE-based numbers (pgd, apgd-ce, aa) are inflated; "
+                 "softmax saturates and CE gradients vanish, so pgd's and apgd-ce's numbers are inflated, and aa's "
+                 "can be (its DLR, FAB and Square stages may or may not take what APGD-CE misses); "
                  "trust si-pgd, apgd-si, aa-si and the worst case.")
 
 
