@@ -257,6 +257,33 @@ def test_jobs_and_concurrent_shards_train_each_run_once_and_give_the_one_process
     assert len(runs) == 4 and not list((tmp_path / "shards").rglob("*.partial"))
 
 
+def test_a_job_that_finishes_its_part_takes_the_runs_no_other_job_has_started(tmp_path):
+    """--jobs: a static split cannot know which runs are done already, so a job does its shard's units first and
+    then the others' from the end; a unit another process holds is left to it. Alone, job 1 of 2 computes the
+    whole grid, its own runs first, and writes the table (that --jobs 2 gives the one-process table is the
+    test above)."""
+    cfg = _write(tmp_path, TINY)
+    plan = make_plan(load_experiment(str(cfg)), "smoke", {"seeds": [0, 1]})
+    own = shard_runs(plan, 1, 2)
+    assert 0 < len(own) < len(plan.runs)
+    lines = []
+    summary = reproduce(str(cfg), preset="smoke", overrides={"seeds": [0, 1]}, out=str(tmp_path / "out"),
+                        progress=False, log=lambda *a, **k: lines.append(" ".join(map(str, a))), shard=(1, 2),
+                        steal=True)
+    assert summary is not None  # every unit done, the table written
+    order = [m.group(1).split("/runs/")[1] for line in lines for m in re.finditer(r"^\s*\[\d+/\d+\] (\S+)$", line, re.M)]
+    others = [name for name in plan.runs if name not in own]
+    assert order == [name for name in plan.runs if name in own] + others[::-1]
+    assert sum(1 for line in lines if "epoch 1/1 " in line) == len(plan.runs)
+    assert [r["row"] for r in summary["rows"]] == list(dict.fromkeys(c.row.label for c in plan.cells))  # plan order
+    # without stealing, the shard does its part and leaves the rest
+    part = reproduce(str(cfg), preset="smoke", overrides={"seeds": [0, 1]}, out=str(tmp_path / "part"),
+                     progress=False, log=_quiet, shard=(1, 2))
+    assert part is None and len(list((tmp_path / "part" / "runs").rglob("summary.json"))) == len(own)
+    with pytest.raises(ConfigError, match="needs shard"):
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "x"), log=_quiet, steal=True)
+
+
 def test_table8_paper_preset_follows_the_single_step_defenses_own_code():
     plan = make_plan(load_experiment("table8"), "paper")
     by_row = {c.row.label: c.train for c in plan.cells}

@@ -55,7 +55,8 @@ class IncompleteGrid(RuntimeError):
 def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", overrides: Optional[dict] = None,
               device: str = "auto", progress: bool = True, overwrite: bool = False,
               model_dir: Optional[str] = None, accept_unpinned: bool = False, log: Callable = print,
-              shard: Optional[tuple] = None, jobs: int = 1, collect: bool = False) -> Optional[dict]:
+              shard: Optional[tuple] = None, jobs: int = 1, collect: bool = False,
+              steal: bool = False) -> Optional[dict]:
     """Compute experiment ``name`` (a packaged name or a config path) under ``preset`` into ``out``;
     returns the summary written beside the table or figure (``OUT/NAME-PRESET/``, or ``OUT/NAME-PRESET+HASH/``
     when ``overrides`` change what is computed: the preset's own result is never replaced). ``model_dir`` holds
@@ -65,7 +66,8 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     and writes the table only if it finds every part done (else returns None); ``jobs=N`` runs N such shards
     at once on this machine (:mod:`.jobs`: one GPU each, or a share of the CPU threads) and then the table;
     ``collect`` computes nothing and writes the table from what ``out`` holds (:class:`IncompleteGrid` names
-    what is missing)."""
+    what is missing). ``steal`` (what each job of ``jobs`` does): the shard's units first, then any unit of the
+    grid that no other process has claimed, so that no job sits idle while another has a queue."""
     import contextlib
 
     from ..distributed import current as current_group
@@ -78,6 +80,9 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     _check_parallel(shard, jobs, collect, overwrite, device)
     plan = make_plan(exp, preset, overrides, device=device)  # every setting checked before anything runs
     units = shard_runs(plan, *shard) if shard is not None else None
+    if steal and shard is None:
+        raise ConfigError("steal takes work from other shards: it needs shard=(K, N)")
+    prefer, units = (units, None) if steal else (None, units)
     if jobs > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--jobs under torchrun: each process would start its own jobs; use --jobs alone (one "
@@ -105,13 +110,15 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     with contextlib.ExitStack() as stack:
         path = group.broadcast(group.first(claim, stack, share=False))
         target = Path(path) / result_folder(exp.name, preset, plan.overrides)
-        part = f" (shard {shard[0]}/{shard[1]}: {len(units)} of the grid's units)" if shard else ""
+        part = "" if not shard else (
+            f" (job {shard[0]}/{shard[1]}: its {len(prefer)} of the grid's units first, then any no other job has "
+            "started)" if steal else f" (shard {shard[0]}/{shard[1]}: {len(units)} of the grid's units)")
         log(f"sirobust reproduce {exp.name} --preset {preset}: {exp.title}\n"
             f"{len(plan.cells)} cells, {len(plan.runs)} training runs; results in {target}/"
             + (f" ({group.world} processes)" if group.enabled else "") + part
             + (" (collecting: nothing is computed)" if collect else ""))
         runner = Runner(plan, path, device=device, progress=progress, log=log, group=group,
-                        units=set() if collect else units)
+                        units=set() if collect else units, prefer=prefer)
         runner.model_dir = model_dir
         if exp.kind == "figure":
             from .figures import make_figure

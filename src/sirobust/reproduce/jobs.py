@@ -1,6 +1,9 @@
 """``--jobs N``: N shards of one grid at once on this machine, each a process of its own.
 
-Job K runs ``reproduce(..., shard=(K, N))`` (see :func:`.plan.shard_runs`) in a child process:
+Job K runs ``reproduce(..., shard=(K, N), steal=True)`` (see :func:`.plan.shard_runs`) in a child process: its
+shard's runs and evaluations first, then any of the grid's that no other job has started (a split made
+before the grid starts cannot know which runs earlier tables already trained, so a static one left a job
+idle while another still had a queue of runs). Each job is placed:
 
 * on a machine with GPUs (device ``auto`` or ``cuda``), pinned to one of them through
   ``CUDA_VISIBLE_DEVICES`` (job K gets the K-th visible GPU, round robin when N exceeds them);
@@ -64,7 +67,7 @@ def run_jobs(name: str, preset: str, out: str, overrides: Optional[dict], device
     children = []
     for k in range(1, jobs + 1):
         spec = {"name": name, "preset": preset, "out": str(out), "overrides": overrides or {}, "device": device,
-                "shard": [k, jobs], "model_dir": model_dir, "accept_unpinned": accept_unpinned}
+                "shard": [k, jobs], "model_dir": model_dir, "accept_unpinned": accept_unpinned, "steal": True}
         env = job_environment(k, jobs, device)
         where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env and THREADS_ENV not in env \
             else f"{env.get(THREADS_ENV)} CPU thread(s)"
@@ -112,7 +115,8 @@ def main(argv: list[str]) -> int:
     try:
         reproduce(spec["name"], preset=spec["preset"], out=spec["out"], overrides=spec["overrides"],
                   device=spec["device"], progress=False, model_dir=spec["model_dir"],
-                  accept_unpinned=spec["accept_unpinned"], shard=tuple(spec["shard"]), log=_flush_print)
+                  accept_unpinned=spec["accept_unpinned"], shard=tuple(spec["shard"]), log=_flush_print,
+                  steal=bool(spec.get("steal")))
     except RunInterrupted as e:
         print(f"stopped: {e}", flush=True)
         return 128 + int(getattr(e, "signum", signal.SIGTERM) or signal.SIGTERM)

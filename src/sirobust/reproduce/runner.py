@@ -181,12 +181,15 @@ class Runner:
     """Computes a plan's cells into ``out``; see the module docstring."""
 
     def __init__(self, plan: Plan, out, device: str = "auto", progress: bool = True, log: Callable = print,
-                 run_dirs: Optional[dict] = None, group=None, units: Optional[set] = None, claims: bool = True):
+                 run_dirs: Optional[dict] = None, group=None, units: Optional[set] = None, claims: bool = True,
+                 prefer: Optional[set] = None):
         from ..distributed import current
         self.plan, self.out, self.device, self.progress, self.log = plan, Path(out), device, progress, log
         self.run_dirs = run_dirs or {}  # run name -> folder, where a caller keeps its own layout (compare, demo)
         self.group = group or current(device)  # under torchrun: rank 0 decides what is reused and writes
         self.units = units  # the runs and published models this process computes (a shard's); None: all
+        # a job of --jobs: its own shard's units first, then any other that no process has claimed yet
+        self.prefer = prefer
         self.busy: list = []  # what another process held when this one came to it
         self.claims = claims  # lock each run and evaluation (False: a folder no other process shares)
         self._test_sets: dict = {}
@@ -203,7 +206,9 @@ class Runner:
         protocol = {"experiment": self.plan.experiment.name, "preset": self.plan.preset,
                     "protocol": self.plan.experiment.presets[self.plan.preset].description}
         self.place_runs()
-        for i, (name, cfg) in enumerate(self.plan.runs.items(), 1):
+        number = {name: i for i, name in enumerate(self.plan.runs, 1)}
+        for name in self.in_order(list(self.plan.runs)):
+            i, cfg = number[name], self.plan.runs[name]
             if self.units is not None and name not in self.units:
                 continue
             self.log(f"\n[{i}/{len(self.plan.runs)}] {cfg.out}")
@@ -216,6 +221,18 @@ class Runner:
                     self.reused_runs += 1
                 else:
                     self.trained += 1
+
+    def in_order(self, units: list) -> list:
+        """``units`` (run names, or cells) in the order this process takes them: the plan's, or for a job of
+        ``--jobs`` its own shard's first and then the others' from the end of the plan. A static split cannot
+        know which runs are already done (a grid that reuses another table's runs), so a job that finishes its
+        part takes the work another would reach last; the locks give each unit to one process."""
+        if self.prefer is None:
+            return units
+        from .plan import unit_of
+        key = (lambda u: unit_of(u)) if units and isinstance(units[0], Cell) else (lambda u: u)
+        own = [u for u in units if key(u) in self.prefer]
+        return own + [u for u in units if key(u) not in self.prefer][::-1]
 
     def claim(self, key: str):
         """The lock on one unit of work (see :class:`UnitLock`); always held without ``claims``. Under torchrun
@@ -413,8 +430,10 @@ class Runner:
             self.place_runs()
         cells, outcomes, self.missing = [], [], []
         columns = self.plan.experiment.columns
-        for cell in self.plan.cells:
-            reports = self.evaluate_cell(cell, compute=compute and self.mine(cell))
+        found = {id(cell): self.evaluate_cell(cell, compute=compute and self.mine(cell))
+                 for cell in self.in_order(list(self.plan.cells))}
+        for cell in self.plan.cells:  # the table in the plan's order, whatever order the cells were computed in
+            reports = found[id(cell)]
             if reports is None:
                 self.missing.append(cell)
                 continue
