@@ -257,20 +257,34 @@ def test_jobs_and_concurrent_shards_train_each_run_once_and_give_the_one_process
     assert len(runs) == 4 and not list((tmp_path / "shards").rglob("*.partial"))
 
 
-def test_a_job_that_finishes_its_part_takes_the_runs_no_other_job_has_started(tmp_path):
+def test_a_job_that_finishes_its_part_takes_the_runs_no_other_job_has_started(tmp_path, monkeypatch):
     """--jobs: a static split cannot know which runs are done already, so a job does its shard's units first and
-    then the others' from the end; a unit another process holds is left to it. Alone, job 1 of 2 computes the
-    whole grid, its own runs first, and writes the table (that --jobs 2 gives the one-process table is the
-    test above)."""
+    then the others' from the end; a run another process holds is waited for, and taken over once its holder
+    has gone. Alone, job 1 of 2 computes the whole grid, its own runs first, and writes the table (that --jobs 2
+    gives the one-process table is the test above)."""
+    import threading
+    from sirobust.reproduce.runner import Runner, UnitLock
+    monkeypatch.setattr(Runner, "poll_seconds", 0.2)
     cfg = _write(tmp_path, TINY)
     plan = make_plan(load_experiment(str(cfg)), "smoke", {"seeds": [0, 1]})
     own = shard_runs(plan, 1, 2)
     assert 0 < len(own) < len(plan.runs)
-    lines = []
+    held_name = [name for name in plan.runs if name not in own][0]  # "another process" trains it at first
+    held_path = (tmp_path / "out" / "runs" / held_name).resolve()
+    lines, lock = [], {}
+
+    def log(*a, **_k):
+        line = " ".join(map(str, a))
+        lines.append(line)
+        if "runs/" in line and not lock:  # the first run: the folder exists, hold the other's lock
+            lock["unit"] = UnitLock(tmp_path / "out", f"run {held_path}").__enter__()
+            assert lock["unit"].held
+        if line.startswith("[busy]") and held_name in line:  # it went on; the holder ends a moment later
+            threading.Timer(0.5, lock["unit"].__exit__).start()
     summary = reproduce(str(cfg), preset="smoke", overrides={"seeds": [0, 1]}, out=str(tmp_path / "out"),
-                        progress=False, log=lambda *a, **k: lines.append(" ".join(map(str, a))), shard=(1, 2),
-                        steal=True)
-    assert summary is not None  # every unit done, the table written
+                        progress=False, log=log, shard=(1, 2), steal=True)
+    assert summary is not None  # every unit done, the held one too (waited for, then taken over), the table written
+    assert any(line.startswith("[busy]") and held_name in line for line in lines)
     order = [m.group(1).split("/runs/")[1] for line in lines for m in re.finditer(r"^\s*\[\d+/\d+\] (\S+)$", line, re.M)]
     others = [name for name in plan.runs if name not in own]
     assert order == [name for name in plan.runs if name in own] + others[::-1]

@@ -3,7 +3,8 @@
 Job K runs ``reproduce(..., shard=(K, N), steal=True)`` (see :func:`.plan.shard_runs`) in a child process: its
 shard's runs and evaluations first, then any of the grid's that no other job has started (a split made
 before the grid starts cannot know which runs earlier tables already trained, so a static one left a job
-idle while another still had a queue of runs). Each job is placed:
+idle while another still had a queue of runs). A run another job is training is waited for, so that its
+cells' evaluations are shared too. Each job is placed:
 
 * on a machine with GPUs (device ``auto`` or ``cuda``), pinned to one of them through
   ``CUDA_VISIBLE_DEVICES`` (job K gets the K-th visible GPU, round robin when N exceeds them);

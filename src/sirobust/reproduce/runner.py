@@ -207,20 +207,35 @@ class Runner:
                     "protocol": self.plan.experiment.presets[self.plan.preset].description}
         self.place_runs()
         number = {name: i for i, name in enumerate(self.plan.runs, 1)}
+        waiting = []
         for name in self.in_order(list(self.plan.runs)):
             i, cfg = number[name], self.plan.runs[name]
             if self.units is not None and name not in self.units:
                 continue
             self.log(f"\n[{i}/{len(self.plan.runs)}] {cfg.out}")
-            with self.claim(f"run {Path(cfg.out).resolve()}") as claim:
-                if not claim.held:  # another process of the grid trains it
-                    self.log(f"[busy] {cfg.out}: another process is training it; going on with the rest")
-                    self.busy.append(cfg.out)
-                    continue
-                if train_or_reuse(cfg, self.log, protocol, self.group):
-                    self.reused_runs += 1
-                else:
-                    self.trained += 1
+            if not self._train_one(cfg, protocol):
+                self.log(f"[busy] {cfg.out}: another process is training it; going on with the rest")
+                waiting.append(cfg)
+        # a job of --jobs waits for the runs others are training, so that it can share their cells' evaluations
+        # (and trains, resuming, any whose holder has died: its lock is free again) instead of leaving them all
+        # to the trainer; a shard (--shard) leaves them to the other shards
+        while waiting and self.prefer is not None:
+            time.sleep(self.poll_seconds)
+            waiting = [cfg for cfg in waiting if not self._train_one(cfg, protocol)]
+        self.busy.extend(cfg.out for cfg in waiting)
+
+    poll_seconds = 10.0  # how often a job of --jobs looks again at a run another process is training
+
+    def _train_one(self, cfg, protocol: dict) -> bool:
+        """Train, resume or reuse one run; False when another process holds it (it is training it)."""
+        with self.claim(f"run {Path(cfg.out).resolve()}") as claim:
+            if not claim.held:
+                return False
+            if train_or_reuse(cfg, self.log, protocol, self.group):
+                self.reused_runs += 1
+            else:
+                self.trained += 1
+            return True
 
     def in_order(self, units: list) -> list:
         """``units`` (run names, or cells) in the order this process takes them: the plan's, or for a job of
