@@ -117,6 +117,31 @@ def test_sanity_flags_fire_on_the_faults_they_describe(trained_cnn, fmnist_test)
         trained_cnn.eval()
 
 
+def test_the_scale_flag_needs_two_examples_and_a_stored_one_is_judged_again():
+    """One example of 64 is 1.6 points but no evidence that rescaling the logits helps PGD; two are. A table
+    built from a stored evaluation judges its measurement by the current rule (the old one fired on one)."""
+    from sirobust.reproduce.runner import _fired
+    from sirobust.sanity import scale_sensitivity_flag
+
+    def value(broken_more, n=64, si_change=0.0):
+        return {"pgd_accuracy": 0.5, "pgd_accuracy_rescaled": {"0.01": 0.5, "100.0": 0.5 - broken_more / n},
+                "si_pgd_change": si_change, "n": n}
+
+    assert not scale_sensitivity_flag(value(1))["triggered"]
+    fired = scale_sensitivity_flag(value(2))
+    assert fired["triggered"] and "(2 of 64 examples)" in fired["message"] and "multiplied by 100 " in fired["message"]
+    assert not scale_sensitivity_flag(value(2, n=256))["triggered"]  # 0.8 points: within a point
+    assert scale_sensitivity_flag(value(3, n=256))["triggered"]
+    assert not scale_sensitivity_flag(value(10, si_change=0.05))["triggered"]  # SI-PGD moved too: not the scale
+
+    stored = {"name": "scale_sensitivity", "triggered": True, "value": value(1),
+              "message": "PGD-CE breaks 1.6 points more examples once the logits are multiplied by 100 ..."}
+    report = {"n": 64, "attacks": {}, "flags": [stored]}
+    assert _fired([{"report": report}], []) == []
+    report["flags"] = [{**stored, "value": value(3)}]
+    assert [f["message"][:45] for f in _fired([{"report": report}], [])] == ["PGD-CE breaks 4.7 points (3 of 64 examples) m"]
+
+
 def test_bad_arguments_are_named(trained_cnn, fmnist_test):
     x, y = fmnist_test[0][:8], fmnist_test[1][:8]
     with pytest.raises(ValueError, match="valid attacks"):

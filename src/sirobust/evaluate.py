@@ -44,7 +44,8 @@ from .provenance import environment_info, model_description, precision_of, weigh
 from .report import AttackResult, Report, accuracy
 from .evaluation_inputs import as_tensors, build_runners, preflight
 from .runfolder import command_line, utc_now
-from .sanity import BLACK_BOX, check_scale_sensitivity, gives_gradients, result_flags, run_checks
+from .sanity import (BLACK_BOX, SCALE_CHECK_EXAMPLES, check_scale_sensitivity, gives_gradients, result_flags,
+                     run_checks)
 from .threat import canonical_norm, make_threat
 
 DEFAULT_ATTACKS = ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")
@@ -193,8 +194,9 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
 
         flags += result_flags(results, N, black_box=black_box)
         if gives_gradients(flags):
-            flags.append(check_scale_sensitivity(model, x_all[todo[:64]].to(device), y_all[todo[:64]].to(device),
-                                                 eps, norm, seed))
+            some = todo[:SCALE_CHECK_EXAMPLES]
+            flags.append(check_scale_sensitivity(model, x_all[some].to(device), y_all[some].to(device), eps, norm,
+                                                 seed))
 
     worst = clean.clone()
     broken_by: list = [None if c else "clean" for c in clean.tolist()]

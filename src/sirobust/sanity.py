@@ -87,9 +87,10 @@ def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
                             seed: int = 0, steps: int = 5, alphas=(1e-2, 1e2)) -> dict:
     """Does rescaling the logits change what PGD-CE measures, while SI-PGD's number stays (paper Sec. 4.1)?
 
-    On the clean-correct examples given (evaluate passes up to 64): PGD-CE and SI-PGD accuracy of ``model`` and of ``α·model`` for
-    each α. A change of more than a point for PGD while SI-PGD moves by at most a point means the CE
-    gradients of this model depend on the logit scale: its PGD numbers may be inflated by saturation."""
+    On the clean-correct examples given (evaluate passes up to :data:`SCALE_CHECK_EXAMPLES`): PGD-CE and
+    SI-PGD accuracy of ``model`` and of ``α·model`` for each α. PGD breaking more examples at another scale
+    while SI-PGD does not move means the CE gradients of this model depend on the logit scale: its PGD numbers
+    may be inflated by saturation (the rule: :func:`scale_sensitivity_flag`)."""
     from .attacks import PGD, SIPGD
     from .features import FeatureAccessError
     from .models import ScaledLogits
@@ -109,20 +110,35 @@ def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     except FeatureAccessError:
         return {"name": name, "triggered": False, "value": None, "message": "",
                 "note": "not checked: SI-PGD cannot run on this model (no linear head)"}
-    # what matters is PGD finding MORE adversarial examples at another scale: then the number measured at
-    # the model's own scale is inflated (a larger α only saturates further, which every model shows)
-    drops = {a: base[PGD] - v for a, v in zip(alphas, scaled[PGD])}
-    worst_alpha = max(drops, key=drops.get)
-    pgd_drop = drops[worst_alpha]
-    si_move = max(abs(v - base[SIPGD]) for v in scaled[SIPGD])
     value = {"pgd_accuracy": base[PGD], "pgd_accuracy_rescaled": dict(zip(map(str, alphas), scaled[PGD])),
-             "si_pgd_change": si_move, "n": int(x.shape[0])}
-    return _flag(name, pgd_drop > 0.01 and si_move <= 0.01, value,
-                 f"PGD-CE breaks {100 * pgd_drop:.1f} points more examples once the logits are multiplied by "
-                 f"{worst_alpha:g} (SI-PGD changes by {100 * si_move:.1f}): at this model's own logit scale the "
-                 "softmax saturates and CE gradients vanish, so pgd's and apgd-ce's numbers are inflated, and aa's "
-                 "can be (its DLR, FAB and Square stages may or may not take what APGD-CE misses); "
-                 "trust si-pgd, apgd-si, aa-si and the worst case.")
+             "si_pgd_change": max(abs(v - base[SIPGD]) for v in scaled[SIPGD]), "n": int(x.shape[0])}
+    return scale_sensitivity_flag(value)
+
+
+SCALE_CHECK_EXAMPLES = 256  # clean-correct examples evaluate gives the check: 1 point is 2.6 of them
+
+
+def scale_sensitivity_flag(value: dict) -> dict:
+    """The ``scale_sensitivity`` flag judged from its measured ``value`` (also a stored one: a table built
+    from evaluations stored under an earlier rule judges them by this one, :func:`sirobust.reproduce.runner`).
+
+    It fires when PGD-CE, at some rescaling α, breaks more than one point more of the examples, and at least
+    two examples more, while SI-PGD moves by at most a point. What matters is PGD finding MORE adversarial
+    examples at another scale: then the number measured at the model's own scale is inflated. One example is
+    not evidence: on 64 examples it is 1.6 points, and PGD's CE at α = 100 is close to a margin loss, which
+    breaks a different example now and then on any model (the rule before this one fired so on Table 4's
+    TRADES-SI β = 0.1 and 0.3)."""
+    name, n = "scale_sensitivity", int(value["n"])
+    drops = {a: value["pgd_accuracy"] - v for a, v in value["pgd_accuracy_rescaled"].items()}
+    worst_alpha = max(drops, key=drops.get)
+    pgd_drop, si_move = drops[worst_alpha], value["si_pgd_change"]
+    more = round(pgd_drop * n)  # examples PGD breaks at α and not at the model's scale, net
+    return _flag(name, pgd_drop > 0.01 and more >= 2 and si_move <= 0.01, value,
+                 f"PGD-CE breaks {100 * pgd_drop:.1f} points ({more} of {n} examples) more once the logits are "
+                 f"multiplied by {float(worst_alpha):g} (SI-PGD changes by {100 * si_move:.1f}): at this model's own "
+                 "logit scale the softmax saturates and CE gradients vanish, so pgd's and apgd-ce's numbers are "
+                 "inflated, and aa's can be (its DLR, FAB and Square stages may or may not take what APGD-CE "
+                 "misses); trust si-pgd, apgd-si, aa-si and the worst case.")
 
 
 BLACK_BOX = ("square", "spsa", "rays")  # the registered attacks that never ask for a gradient (Attack.black_box)

@@ -528,9 +528,12 @@ def _fired(reports: list, columns: list) -> list:
     "A black-box attack beat the white-box ones" is a function of the stored results alone, and it is taken
     again here, with the columns' black-box attacks known by their attack, not their label. Evaluations stored
     before this was fixed took a labelled SPSA ("spsa[samples=64]") for a white-box column, so that on Table 9's
-    mini run the flag compared RayS with SPSA."""
+    mini run the flag compared RayS with SPSA.
+
+    "Rescaling the logits helps PGD" is judged again from its stored measurement by the current rule
+    (:func:`~sirobust.sanity.scale_sensitivity_flag`): the rule before it fired on one example of 64."""
     from ..report import AttackResult
-    from ..sanity import BLACK_BOX, result_flags
+    from ..sanity import BLACK_BOX, result_flags, scale_sensitivity_flag
     from .plan import result_name
     black = {result_name(c) for c in columns if c.attack in BLACK_BOX} | set(BLACK_BOX)
     known = {f.name for f in dataclasses.fields(AttackResult)}
@@ -540,7 +543,8 @@ def _fired(reports: list, columns: list) -> list:
                    for k, a in r["report"]["attacks"].items()}
         again = [f for f in result_flags(results, r["report"]["n"], black_box=black & set(results))
                  if f["name"] == "black_box_beats_white_box"]
-        stored = [f for f in r["report"].get("flags", []) if f["name"] != "black_box_beats_white_box"]
+        stored = [scale_sensitivity_flag(f["value"]) if f["name"] == "scale_sensitivity" and f.get("value") else f
+                  for f in r["report"].get("flags", []) if f["name"] != "black_box_beats_white_box"]
         for f in stored + again:
             if f.get("triggered") and f["name"] not in out:
                 out[f["name"]] = {"name": f["name"], "message": f.get("message", "")}
