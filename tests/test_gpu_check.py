@@ -20,12 +20,16 @@ def test_quick_check_runs_every_step_on_a_cpu(tmp_path):
     text = out.read_text()
     assert text.startswith("# GPU check (quick smoke test): every step ran")
     for section in ("sirobust fp32, bf16 and torchattacks", "AT epoch", "bf16 against fp32", "Standard AutoAttack",
-                    "CUDA-only branches"):
+                    "Host sync every k steps", "Deterministic training", "torchrun and the process group",
+                    "torch.compile in evaluate", "torch.compile in fit"):
         assert f"{section}" in text, section
     assert "FAILED" not in text
     for name in ("apgd-ce", "fab-t", "square"):                 # each loop's sync-every-k row
         assert f"| {name} " in text and "host sync every 4" in text, name
-    assert "verdicts equal the single process's" in text   # torchrun --nproc_per_node 1 ran and agreed
+    assert "verdicts differ from the single process's on 0 of 16" in text   # torchrun --nproc_per_node 1 agreed
+    # the collectives ran through a real (gloo) process group under torchrun
+    assert ("a gloo process group of 1: Group's gather, broadcast, any, sum, barrier, broadcast_buffers, first "
+            "returned what they should, through ") in text
     assert not (ROOT / "benchmarks" / "gpu.md").exists() or "quick" not in (ROOT / "benchmarks" / "gpu.md").read_text()
 
 
@@ -78,6 +82,6 @@ def test_a_check_stopped_midway_leaves_the_steps_it_finished(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         gpu_check.main(["--quick", "--device", "cpu", "--out", str(out)])
     text = out.read_text()
-    assert "2 step(s) not finished" in text
+    assert "6 step(s) not finished" in text  # AutoAttack and the five branch steps
     assert all(f"{s} measured" in text for s in ("pgd_speed", "train_speed", "bf16_accuracy"))
     assert not (tmp_path / "gpu.md.tmp").exists()
