@@ -120,7 +120,7 @@ SCALE_CHECK_EXAMPLES = 256  # clean-correct examples evaluate gives the check: 1
 
 def scale_sensitivity_flag(value: dict) -> dict:
     """The ``scale_sensitivity`` flag judged from its measured ``value`` (also a stored one: a table built
-    from evaluations stored under an earlier rule judges them by this one, :func:`sirobust.reproduce.runner`).
+    from evaluations stored under an earlier rule judges them by this one, :mod:`sirobust.reproduce.runner`).
 
     It fires when PGD-CE, at some rescaling α, breaks more than one point more of the examples, and at least
     two examples more, while SI-PGD moves by at most a point. What matters is PGD finding MORE adversarial
