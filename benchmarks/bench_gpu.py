@@ -20,7 +20,8 @@ AT = k input-gradient passes + 1 update; TRADES = 1 forward (f(x) for the attack
 2 updates (f(x) and f(x') both carry gradient). Achieved TFLOP/s = those FLOPs / seconds; the floor = those
 FLOPs / the stated peak; "× floor" = seconds / floor.
 
-    python benchmarks/bench_gpu.py --write                    # on the GPU (H200): writes benchmarks/gpu.md
+    python benchmarks/bench_gpu.py --write                    # on the GPU: writes benchmarks/gpu-bench.md
+                                                              # (gpu.md is the GPU check's: gpu_check.sh)
     python benchmarks/bench_gpu.py --device cpu --quick       # smoke test: tiny sizes, 2 steps
 
 torchattacks is a benchmark dependency only: ``pip install --no-deps torchattacks``.
@@ -259,7 +260,7 @@ def main():
     p.add_argument("--peak-cpu", type=float, default=None, help="the peak to use on a CPU (default: no floor)")
     p.add_argument("--repeats", type=int, default=1, help="PGD rows: best of this many runs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--write", action="store_true", help="write benchmarks/gpu.md")
+    p.add_argument("--write", action="store_true", help="write benchmarks/gpu-bench.md (benchmarks/gpu.md is gpu_check.sh's)")
     a = p.parse_args()
     sizes = dict(pgd_n=(10000, 2), pgd_batch_size=(500, 2), pgd_steps=(20, 2), train_n=(50000, 16),
                  train_batch_size=(128, 8), train_steps=(10, 2))
@@ -344,7 +345,7 @@ def main():
                   *table(train, "mean training loss")]
     if notes:
         lines += ["", *[f"- {n}" for n in dict.fromkeys(notes)]]
-    publish(lines, "bench_gpu.py", "gpu.md", a.write)
+    publish(lines, "bench_gpu.py", "gpu-bench.md", a.write)
 
 
 if __name__ == "__main__":

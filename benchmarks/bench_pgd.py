@@ -40,8 +40,11 @@ def publish(lines: list, script: str, md_name: str, write: bool) -> None:
     """Print a benchmark's Markdown with the command that made it; with ``write``, save it as benchmarks/<md_name>."""
     text = "\n".join([*lines, "", f"command: `python benchmarks/{script} {' '.join(sys.argv[1:])}`", ""])
     print(text)
-    if write:
-        Path(__file__).with_name(md_name).write_text(text)
+    if write:  # atomically (here, not sirobust.io: these scripts also time older sirobust versions)
+        path = Path(__file__).with_name(md_name)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # a benchmark killed while writing leaves the last table whole
 
 
 def timed(fn, device, repeats):

@@ -112,13 +112,21 @@ def training_images(dataset: ImageDataset, cfg: TrainConfig) -> ImageDataset:
     return train_ds
 
 
+def warmup_size(n: int, batch_size: int) -> int:
+    """Images for a warm-up that meets every batch shape of an epoch over ``n`` images: one full batch, and the
+    last, partial one when there is one (on a GPU with ``cudnn.benchmark``, a shape met for the first time
+    inside the timed epoch is autotuned there)."""
+    return min(n, batch_size + n % batch_size)
+
+
 # ----------------------------------------------------------------------------- sirobust
 def sirobust_epoch(dataset: ImageDataset, cfg: TrainConfig, warmup: bool = True) -> dict:
     """One epoch with ``fit``; returns its metrics row (``train_seconds``, ``loss``, ...)."""
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp, fit_reads(dataset):
-        if warmup:
-            fit(dataclasses.replace(cfg, out=str(Path(tmp) / "warmup"), train_n=cfg.batch_size), overwrite=True,
-                log=lambda *_: None)
+        if warmup:  # a full batch and, when the epoch ends with one, a partial batch of the same size
+            fit(dataclasses.replace(cfg, out=str(Path(tmp) / "warmup"),
+                                    train_n=warmup_size(len(training_images(dataset, cfg)), cfg.batch_size)),
+                overwrite=True, log=lambda *_: None)
         summary = fit(dataclasses.replace(cfg, out=str(Path(tmp) / "run")), overwrite=True, log=lambda *_: None)
     return summary["last"]
 
@@ -187,9 +195,11 @@ def plain_epoch(train_ds: ImageDataset, cfg: TrainConfig, device: torch.device, 
         return images[idx].to(torch.float32).div_(255.0), labels[idx]
 
     args = (cfg.defense, cfg.eps, cfg.attack_alpha, cfg.attack_steps)
-    if warmup:  # on a copy: the timed epoch starts from the same initialisation as fit's
+    if warmup:  # on a copy: the timed epoch starts from the same initialisation as fit's; the same shapes
         spare = copy.deepcopy(model)
-        plain_step(spare, make_opt(spare), *batch(torch.arange(min(bs, n), device=device)), *args)
+        opt_spare, m = make_opt(spare), warmup_size(n, bs)
+        for start in range(0, m, bs):
+            plain_step(spare, opt_spare, *batch(torch.arange(start, min(start + bs, m), device=device)), *args)
         del spare
     opt = make_opt(model)
     sync(device)

@@ -85,3 +85,19 @@ def test_a_check_stopped_midway_leaves_the_steps_it_finished(tmp_path, monkeypat
     assert "6 step(s) not finished" in text  # AutoAttack and the five branch steps
     assert all(f"{s} measured" in text for s in ("pgd_speed", "train_speed", "bf16_accuracy"))
     assert not (tmp_path / "gpu.md.tmp").exists()
+
+
+@pytest.mark.parametrize("n,batch_size", [(10000, 128), (1024, 128), (100, 128), (130, 128), (16, 8)])
+def test_the_training_warmup_meets_every_batch_shape_of_the_epoch(n, batch_size):
+    """The timed AT epoch must not autotune (cudnn.benchmark) a shape the warm-up never met: 10,000 images in
+    batches of 128 end with a batch of 16."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def shapes(m):
+        return {min(batch_size, m - start) for start in range(0, m, batch_size)}
+    m = bench_train.warmup_size(n, batch_size)
+    assert shapes(m) == shapes(n) and m <= n and m < 2 * batch_size
