@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_pgd import publish  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from bench_pgd import import_torchattacks, publish  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from bench_train import (VAL_N, device_name, plain_epoch, random_cifar_like, sirobust_epoch, sync,  # noqa: E402
                          train_config, train_precision_api, training_images)
 
@@ -146,7 +146,7 @@ def timed(fn, device, repeats: int = 1):
 def pgd_rows(name: str, a, device, has_api: bool, notes: list) -> tuple[list, dict]:
     """The PGD rows (and the model's FLOPs per image); without torchattacks, sirobust's rows alone."""
     try:
-        import torchattacks
+        torchattacks = import_torchattacks(notes)
     except ImportError:  # the GPU check still times sirobust and says the peer is missing
         torchattacks = None
         notes.append("torchattacks is not importable: no torchattacks row (docs/speed.md says how to fetch it)")
@@ -279,9 +279,9 @@ def main():
     if a.no_tf32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    import torchattacks
-
     notes = []
+    torchattacks = import_torchattacks(notes)
+
     pgd_api, train_api = pgd_precision_api(), train_precision_api()
     for ok, where in ((pgd_api, "sirobust.PGD"), (train_api, "TrainConfig")):
         if not ok:

@@ -101,3 +101,33 @@ def test_the_training_warmup_meets_every_batch_shape_of_the_epoch(n, batch_size)
         return {min(batch_size, m - start) for start in range(0, m, batch_size)}
     m = bench_train.warmup_size(n, batch_size)
     assert shapes(m) == shapes(n) and m <= n and m < 2 * batch_size
+
+
+def test_torchattacks_imports_without_scipy(tmp_path, monkeypatch):
+    """The device's image has no scipy, which torchattacks' package imports at the top (TIFGSM, OnePixel): the
+    check imports it with stand-ins that raise if used, says so, and leaves no fake scipy behind."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_pgd
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    package = tmp_path / "torchattacks"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from scipy import stats as st\n"
+        "from scipy.optimize import OptimizeResult, minimize\n"
+        "from scipy._lib._util import check_random_state\n"
+        "def PGD():\n    return 'pgd'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torchattacks", raising=False)
+    for name in ("scipy", "scipy.stats", "scipy.optimize", "scipy._lib", "scipy._lib._util"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: "import scipy" raises ImportError
+    notes = []
+    torchattacks = bench_pgd.import_torchattacks(notes)
+    assert torchattacks.PGD() == "pgd" and any("scipy is not installed" in n for n in notes)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        torchattacks.minimize()
+    with pytest.raises(RuntimeError, match="stand-in"):
+        torchattacks.st.norm()
+    assert "scipy" not in sys.modules and "scipy.optimize" not in sys.modules
+    monkeypatch.delitem(sys.modules, "torchattacks")
