@@ -95,6 +95,16 @@ def clock(fn, device):
     return time.perf_counter() - t0, out
 
 
+def have_torchattacks() -> bool:
+    """Importable, with scipy's stand-ins where scipy is missing (bench_pgd.import_torchattacks), as step 1 does."""
+    from bench_pgd import import_torchattacks
+    try:
+        import_torchattacks()
+        return True
+    except ImportError:
+        return False
+
+
 def have(module: str) -> bool:
     try:
         __import__(module)
@@ -508,7 +518,7 @@ def render(a, check: Check, state: dict, command: str, left: int) -> str:
         status = f"stopped or still running, {left} step(s) not finished; {status}"
     lines = [f"# GPU check{' (quick smoke test)' if a.quick else ''}: {status}", "",
              f"Device {name}, torch {torch.__version__} (CUDA {torch.version.cuda}), sirobust {sirobust.__version__}, "
-             f"torchattacks {'present' if have('torchattacks') else 'absent'}, reference AutoAttack "
+             f"torchattacks {'present' if have_torchattacks() else 'absent'}, reference AutoAttack "
              f"{'present' if have('autoattack') else 'absent'}; {time.perf_counter() - check.t0:.0f} s in all.", "",
              *[f"- {v}" for v in verdicts], *check.sections, "", f"command: `{command}`", ""]
     return "\n".join(lines)
