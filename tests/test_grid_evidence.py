@@ -14,7 +14,7 @@ from scipy import stats as sps
 
 from sirobust.reproduce import ConfigError, IncompleteGrid, load_experiment, reproduce
 from sirobust.reproduce.plan import make_plan, shard_runs
-from sirobust.reproduce.stats import compare, default_pairs, mcnemar_exact, mean_interval, statement
+from sirobust.reproduce.stats import compare, default_pairs, mcnemar_exact, mean_interval, paired_values, statement
 
 from test_reproduce import TINY, _quiet, _write
 
@@ -48,6 +48,23 @@ def test_mean_interval_is_students_t_interval():
     assert got["sd"] == pytest.approx(statistics.stdev(diffs))
     one = mean_interval([0.7])
     assert one["low"] is None and one["sd"] is None and one["mean"] == 0.7
+
+
+def test_paired_values_test_the_per_image_differences():
+    """Fig. 5's comparison: the same images under two models. Six positive differences: Wilcoxon's exact
+    two-sided p is 2/2^6; the interval is the t interval of the differences."""
+    base = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    other = [b + d for b, d in zip(base, [0.01, 0.02, 0.03, 0.04, 0.05, 0.06])]
+    got = paired_values(base, other)
+    diffs = [o - b for b, o in zip(base, other)]
+    low, high = sps.t.interval(0.95, 5, loc=statistics.fmean(diffs), scale=sps.sem(diffs))
+    assert got["p"] == pytest.approx(2 / 2 ** 6) and got["larger"] == 6 and got["smaller"] == 0
+    assert got["low"] == pytest.approx(low) and got["high"] == pytest.approx(high) and got["low"] > 0
+    mixed = paired_values(base, [b + d for b, d in zip(base, [0.01, -0.02, 0.03, -0.04, 0.05, -0.06])])
+    assert mixed["p"] > 0.5 and mixed["low"] < 0 < mixed["high"] and (mixed["larger"], mixed["smaller"]) == (3, 3)
+    assert paired_values(base, base)["p"] == 1.0  # no difference at all
+    with pytest.raises(ValueError, match="same images"):
+        paired_values(base, other[:5])
 
 
 def test_statements_say_only_what_the_numbers_support():
@@ -98,8 +115,8 @@ def test_seeds_are_an_axis_over_every_run_and_seed_0_keeps_its_runs(tmp_path):
     for bad, words in (([], "at least one seed"), ([0, 0], "given twice"), ([-1], "integer >= 0")):
         with pytest.raises(ConfigError, match=words):
             make_plan(exp, "mini", {"seeds": bad})
-    with pytest.raises(ConfigError, match="a figure is drawn from one seed"):
-        make_plan(load_experiment("fig5"), "smoke", {"seeds": [0, 1]})
+    with pytest.raises(ConfigError, match="fig3 is drawn from one seed's runs"):
+        make_plan(load_experiment("fig3"), "smoke", {"seeds": [0, 1]})
     bad_cfg = _write(tmp_path, TINY + '\n[[comparisons]]\nbase = "AT"\nother = "HE"\n')
     with pytest.raises(ConfigError, match=r"comparisons\[0\].other: no row is labelled 'HE'"):
         load_experiment(str(bad_cfg))

@@ -723,3 +723,30 @@ def test_docs_results_are_generated_from_the_committed_results():
         assert summary["preset"] == "mini"
         if "data" in summary:
             assert (collect.FIGURES / path.name.replace(".json", ".png")).exists()
+
+
+def test_fig5_over_training_seeds_compares_the_methods_across_seeds(tmp_path, monkeypatch):
+    """Fig. 5 compares two methods, so it may have a seed axis: every seed's models on the same images, a
+    paired test per seed and the t interval across seeds in the summary; each seed's data is what a figure of
+    that seed alone computes (the same weights, the same attack). Figures of one model refuse seeds."""
+    from sirobust.reproduce.figures import to_markdown
+    cfg = _write(tmp_path, TINY_FIGURE, "tinyfig.toml")
+    out = str(tmp_path / "out")
+    summary = reproduce(str(cfg), preset="smoke", out=out, progress=False, log=_quiet, overrides={"seeds": [0, 1]})
+    data = summary["data"]
+    assert data["seeds"] == [0, 1] and set(data["per_seed"]) == {"0", "1"}
+    assert set(summary["runs"]) == {"AT (seed 0)", "AT (seed 1)", "AT-SI (seed 0)", "AT-SI (seed 1)"}
+    assert data["per_seed"]["0"]["models"]["AT"]["values"] != data["per_seed"]["1"]["models"]["AT"]["values"]
+    one = reproduce(str(cfg), preset="smoke", out=out, progress=False, log=_quiet, overrides={"seeds": [1]})
+    assert one["data"]["models"] == data["per_seed"]["1"]["models"]  # seed 1's runs, reused, the same numbers
+    text = to_markdown(summary)
+    assert "| AT-SI | 1 |" in text and "over 2 seeds, 95 % interval" in text and "seed 1:" in text
+    assert any(p.parent.name.startswith("tinyfig-smoke+") for p in (tmp_path / "out").rglob("fig5.png"))
+
+    import sirobust.experiments.figures as computations
+    monkeypatch.setattr(computations, "cos_theta_histograms",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("computed again")))
+    again = reproduce(str(cfg), preset="smoke", out=out, progress=False, log=_quiet, overrides={"seeds": [0, 1]})
+    assert again["data"] == json.loads(json.dumps(data))
+    with pytest.raises(ConfigError, match="fig1 is drawn from one seed's runs"):
+        make_plan(load_experiment("fig1"), "smoke", {"seeds": [0, 1]})

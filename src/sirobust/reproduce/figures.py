@@ -51,10 +51,15 @@ def make_figure(runner, target: Path) -> dict:
     kind = plan.experiment.figure_kind
     fig = plan.figure
     cells = _rows(runner, fig.get("models") or ([fig["model"]] if fig.get("model") else None))
+    seeds = sorted({c.seed for c in cells if c.seed is not None})
+    seeded = len(seeds) > 1  # a seed axis (plan.SEEDED_FIGURES): the data of every seed's models
+
+    def key(c) -> str:  # one seed keeps the keys it always had, so its stored data is still found
+        return c.row.label + (f" (seed {c.seed})" if seeded else "")
     group = runner.group
     # an HE row's cosine view is another model than its logits (a logits row keeps the key it always had)
-    weights = group.first(lambda: {c.row.label: {**runner.job_spec(c, c.jobs[0])["weights"],
-                                                 **({"view": c.row.view} if c.row.view != "logits" else {})}
+    weights = group.first(lambda: {key(c): {**runner.job_spec(c, c.jobs[0])["weights"],
+                                            **({"view": c.row.view} if c.row.view != "logits" else {})}
                                    for c in cells})
     used = FIGURE_EVAL_KEYS[kind]
     spec = {"figure": kind, "settings": fig, "eval": {k: plan.eval[k] for k in used if k in plan.eval},
@@ -67,18 +72,26 @@ def make_figure(runner, target: Path) -> dict:
         runner.reused_evals += 1
         data, computed = saved["data"], saved.get("computed")
     if data is None:
-        data = COMPUTE[kind](runner, cells, fig)
+        if seeded:
+            data = {"figure": kind, "seeds": seeds,
+                    "per_seed": {str(s): COMPUTE[kind](runner, [c for c in cells if c.seed == s], fig) for s in seeds}}
+        else:
+            data = COMPUTE[kind](runner, cells, fig)
         runner.evaluated += 1
         computed = {"seconds": time.time() - t0, "command": command_line()}
     summary = {"experiment": plan.experiment.name, "title": plan.experiment.title, "paper": plan.experiment.paper,
                "preset": plan.preset, "protocol": plan.experiment.presets[plan.preset].description,
                "overrides": plan.overrides, "spec": spec,
-               "data": data, "runs": {c.row.label: c.train.out for c in cells}}
+               "data": data, "runs": {key(c): c.train.out for c in cells}}
     if not group.main:  # every process computed the data (figures are not sharded); rank 0 writes it
         return summary
     target.mkdir(parents=True, exist_ok=True)
     eps = _eps(runner, cells[0].dataset)
-    files = PLOT[kind](data, target / kind, cells, eps)
+    if seeded:  # the image shows the first seed's models; the summary compares every seed's
+        files = PLOT[kind](data["per_seed"][str(seeds[0])], target / kind, [c for c in cells if c.seed == seeds[0]],
+                           eps, f"seed {seeds[0]} of {', '.join(map(str, seeds))}")
+    else:
+        files = PLOT[kind](data, target / kind, cells, eps)
     summary.update(files=[str(f) for f in files], seconds=time.time() - t0, command=command_line(),
                    computed=computed, environment=environment_info())
     write_json(data_path, summary)
@@ -91,7 +104,7 @@ def to_markdown(summary: dict) -> str:
     data, kind = summary["data"], summary["spec"]["figure"]
     lines = [f"## {summary['title']}", "", summary["paper"], "", f"Preset **{summary['preset']}**: "
              f"{summary['protocol']}", ""] + overrides_lines(summary) + [f"![{kind}]({kind}.png)", ""]
-    lines += SUMMARIES[kind](data)
+    lines += SEEDED_SUMMARIES[kind](data) if "per_seed" in data else SUMMARIES[kind](data)
     env = summary["environment"]
     made = summary.get("computed") or summary
     lines += ["", f"command: `{made['command']}`  ", f"{made['seconds']:.0f} s; sirobust {env['sirobust']}, "
@@ -130,10 +143,55 @@ def _summary5(data) -> list:
             for m, r in ((m, data["models"][m]) for m in data["labels"])]
     lines = markdown_table(["model", "mean cos θ_y", "median", "robust accuracy under PGD-10"], rows, "lrrr")
     n = data["models"][data["labels"][0]]["n"]
-    return [f"cos θ_y on PGD-10 examples of {n} test images:", "", *lines]
+    return [f"cos θ_y on PGD-10 examples of {n} test images:", "", *lines, *_paired5(data)]
+
+
+def _paired5(data) -> list:
+    """Each model against the first, image by image (the same test images, each attacked on its own model)."""
+    from .stats import p_text, paired_values
+    base = data["labels"][0]
+    lines = []
+    for other in data["labels"][1:]:
+        r = paired_values(data["models"][base]["values"], data["models"][other]["values"])
+        lines.append(f"- {other} − {base}, image by image: mean {r['mean']:+.3f} (95 % interval [{r['low']:+.3f}, "
+                     f"{r['high']:+.3f}]), larger on {r['larger']} of {r['n']} images and smaller on "
+                     f"{r['smaller']}; Wilcoxon signed-rank p = {p_text(r['p'])}. One model of each: this compares "
+                     "these two trained models, not the methods over training seeds.")
+    return ["", *lines] if lines else []
+
+
+def _summary5_seeds(data) -> list:
+    """Fig. 5 over training seeds: each seed's models, then each model against the first across the seeds (the
+    mean of the per-seed mean differences with its t interval; a difference only where it excludes 0)."""
+    from .stats import mean_interval, p_text, paired_values
+    seeds, per = data["seeds"], data["per_seed"]
+    labels = per[str(seeds[0])]["labels"]
+    rows = [[m, str(s), f"{r['mean']:.3f}", f"{r['median']:.3f}", f"{100 * r['robust_accuracy']:.1f} %"]
+            for m in labels for s in seeds for r in [per[str(s)]["models"][m]]]
+    n = per[str(seeds[0])]["models"][labels[0]]["n"]
+    lines = [f"cos θ_y on PGD-10 examples of the same {n} test images, for each training seed's models (the "
+             f"histogram shows seed {seeds[0]}'s):", "",
+             *markdown_table(["model", "seed", "mean cos θ_y", "median", "robust accuracy under PGD-10"], rows,
+                             "lrrrr"), ""]
+    base = labels[0]
+    for other in labels[1:]:
+        tests = [paired_values(per[str(s)]["models"][base]["values"], per[str(s)]["models"][other]["values"])
+                 for s in seeds]
+        across = mean_interval([t["mean"] for t in tests])
+        detected = across["low"] > 0 or across["high"] < 0
+        each = "; ".join(f"seed {s}: {t['mean']:+.3f}, larger on {t['larger']} of {t['n']}, Wilcoxon p = "
+                         f"{p_text(t['p'])}" for s, t in zip(seeds, tests))
+        numbers = (f"mean difference {across['mean']:+.3f} over {len(seeds)} seeds, 95 % interval "
+                   f"[{across['low']:+.3f}, {across['high']:+.3f}]; {other} larger in "
+                   f"{sum(t['mean'] > 0 for t in tests)} of {len(seeds)} seeds")
+        verdict = (f"{other}'s mean cos θ_y is {'above' if across['mean'] > 0 else 'below'} {base}'s"
+                   if detected else f"{other} vs {base}: no difference detected in mean cos θ_y")
+        lines.append(f"- {verdict} ({numbers}). Image by image, per seed: {each}.")
+    return lines
 
 
 SUMMARIES = {"fig1": _summary1, "fig3": _summary3, "fig4": _summary4, "fig5": _summary5}
+SEEDED_SUMMARIES = {"fig5": _summary5_seeds}
 
 
 # ---------------------------------------------------------------- Fig. 1
@@ -201,10 +259,10 @@ def _fig5(runner, cells, fig) -> dict:
                                         seed=fig.get("seed", 0), log=runner.log)
 
 
-def _plot5(data, stem: Path, cells, eps) -> list:
+def _plot5(data, stem: Path, cells, eps, note: str = "") -> list:
     from ..experiments import figures
-    saved = figures.plot_cos_histogram(data, stem.with_suffix(".png"),
-                                       title=_title(cells[0], eps, "cos θ_y on PGD-10 examples"))
+    saved = figures.plot_cos_histogram(data, stem.with_suffix(".png"), title=_title(
+        cells[0], eps, "cos θ_y on PGD-10 examples" + (f" ({note})" if note else "")))
     return [saved.png, saved.pdf]
 
 

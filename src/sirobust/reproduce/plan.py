@@ -99,6 +99,11 @@ class Plan:
         return list(dict.fromkeys(c.row_group for c in self.cells))
 
 
+# The figures that compare methods, whose data is computed for each training seed and compared across the seeds
+# (Fig. 5: cos θ_y of TRADES and TRADES-SI); the others describe one model (Figs. 1, 3) or draw curves (Fig. 4).
+SEEDED_FIGURES = ("fig5",)
+
+
 def preset_of(exp: Experiment, name: str) -> Preset:
     if name not in exp.presets:
         raise ConfigError(f"{exp.name} has no preset {name!r} (it has: {', '.join(exp.presets) or 'none'})")
@@ -126,9 +131,9 @@ def make_plan(exp: Experiment, preset: str, overrides: Optional[dict] = None, de
         # --seed S on a config with a seed axis: that one seed (a change the result folder's name records)
         overrides = {**overrides, "seeds": [overrides["train"]["seed"]]}
     seeds = overrides.get("seeds") or configured_seeds
-    if seeds is not None and exp.kind == "figure" and len(seeds) > 1:
-        raise ConfigError(f"{exp.source}: seeds = {seeds}: a figure is drawn from one seed's runs (give one seed, "
-                          "or --seed)")
+    if seeds is not None and exp.kind == "figure" and len(seeds) > 1 and exp.figure_kind not in SEEDED_FIGURES:
+        raise ConfigError(f"{exp.source}: seeds = {seeds}: {exp.figure_kind} is drawn from one seed's runs (give one "
+                          f"seed, or --seed; a seed axis is for {', '.join(SEEDED_FIGURES)}: a comparison of methods)")
     eval_cfg = {**EVAL_DEFAULTS, **exp.eval, **p.eval, **overrides.get("eval", {})}
     for key in ("attack_params", "attack_n"):
         eval_cfg[key] = attack_table({**exp.eval.get(key, {}), **p.eval.get(key, {}),

@@ -92,6 +92,24 @@ def compare(base: dict, other: dict) -> dict:
             "significant_seeds": sum(p["p"] < ALPHA for p in per_seed), "verdict": verdict}
 
 
+def paired_values(base: Sequence[float], other: Sequence[float]) -> dict:
+    """Two models' values on the same images, in the same order (Fig. 5's cos θ_y): the mean of the per-image
+    differences (other − base) with its 95 % t interval over the images, how many images each model has the
+    larger value on, and the two-sided Wilcoxon signed-rank p-value (zero differences dropped). It compares
+    these two trained models on these images: with one model per method it says nothing of the spread between
+    training seeds."""
+    if len(base) != len(other):
+        raise ValueError(f"paired values need the same images: {len(base)} against {len(other)}")
+    if len(base) < 2:
+        raise ValueError(f"paired values need at least 2 images, got {len(base)}")
+    diffs = [o - b for b, o in zip(base, other)]
+    from scipy.stats import wilcoxon
+    nonzero = [d for d in diffs if d != 0]
+    p = float(wilcoxon(nonzero).pvalue) if nonzero else 1.0
+    return {"n": len(diffs), **mean_interval(diffs), "larger": sum(d > 0 for d in diffs),
+            "smaller": sum(d < 0 for d in diffs), "p": p}
+
+
 def _points(x: float) -> str:
     return f"{x:+.2f}".replace("-", "−")
 
@@ -107,7 +125,7 @@ def statement(other: str, base: str, column: str, result: dict) -> str:
     else:
         p = result["per_seed"][0]
         kept = f"{p['other_only']} point{'' if p['other_only'] == 1 else 's'}"
-        numbers = f"{_points(result['mean'])} points, McNemar p = {_p(p['p'])} ({kept} kept by " \
+        numbers = f"{_points(result['mean'])} points, McNemar p = {p_text(p['p'])} ({kept} kept by " \
                   f"{other} alone, {p['base_only']} by {base} alone, of {p['n']})"
     if result["verdict"] == "no difference detected":
         return f"{other} vs {base} under {column}: no difference detected ({numbers}; {other} above in " \
@@ -117,7 +135,7 @@ def statement(other: str, base: str, column: str, result: dict) -> str:
     return f"{other} {word} {base} under {column} in {count} of {seeds} ({numbers})"
 
 
-def _p(p: float) -> str:
+def p_text(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
