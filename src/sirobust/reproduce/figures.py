@@ -184,10 +184,15 @@ def _summary5_seeds(data) -> list:
         numbers = (f"mean difference {across['mean']:+.3f} over {len(seeds)} seeds, 95 % interval "
                    f"[{across['low']:+.3f}, {across['high']:+.3f}]; {other} larger in "
                    f"{sum(t['mean'] > 0 for t in tests)} of {len(seeds)} seeds")
-        verdict = (f"{other}'s mean cos θ_y is {'above' if across['mean'] > 0 else 'below'} {base}'s"
+        verdict = (f"{_possessive(other)} mean cos θ_y is {'above' if across['mean'] > 0 else 'below'} "
+                   f"{_possessive(base)}"
                    if detected else f"{other} vs {base}: no difference detected in mean cos θ_y")
         lines.append(f"- {verdict} ({numbers}). Image by image, per seed: {each}.")
     return lines
+
+
+def _possessive(name: str) -> str:
+    return name + ("'" if name[-1:] in "sS" else "'s")  # TRADES', TRADES-SI's
 
 
 SUMMARIES = {"fig1": _summary1, "fig3": _summary3, "fig4": _summary4, "fig5": _summary5}
