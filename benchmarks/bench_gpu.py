@@ -147,9 +147,10 @@ def pgd_rows(name: str, a, device, has_api: bool, notes: list) -> tuple[list, di
     """The PGD rows (and the model's FLOPs per image); without torchattacks, sirobust's rows alone."""
     try:
         torchattacks = import_torchattacks(notes)
-    except ImportError:  # the GPU check still times sirobust and says the peer is missing
+    except Exception as e:  # noqa: BLE001 — the GPU check still times sirobust and says the peer is missing
         torchattacks = None
-        notes.append("torchattacks is not importable: no torchattacks row (docs/speed.md says how to fetch it)")
+        notes.append(f"torchattacks is not importable ({type(e).__name__}: {e}): no torchattacks row "
+                     "(docs/speed.md says how to fetch it)")
 
     torch.manual_seed(a.seed)
     model = build_model(name, num_classes=10, in_channels=3).to(device).eval()

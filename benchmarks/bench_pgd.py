@@ -41,25 +41,38 @@ def import_torchattacks(notes: Optional[list] = None):
     """torchattacks, the benchmarks' peer. Its package imports scipy at the top (for TIFGSM's kernel and
     OnePixel's optimiser), and its PGD, APGD, FAB and Square use none of it; a GPU image without scipy (the
     device's) would otherwise lose the torchattacks rows. There, scipy's modules are stand-ins while torchattacks
-    imports (any use of them raises), removed from ``sys.modules`` right after, and ``notes`` says so."""
+    imports (any use of them raises), removed from ``sys.modules`` right after, and ``notes`` says so. A scipy
+    that is installed but broken is not replaced: its error is raised."""
     import importlib
     import types
     try:
         importlib.import_module("scipy")
-    except ImportError:
-        pass
+    except ModuleNotFoundError as e:
+        if e.name != "scipy":
+            raise
     else:
         return importlib.import_module("torchattacks")
+
+    class Unavailable:
+        """Whatever is taken from a stand-in: calling it, or anything taken from it, raises."""
+
+        def __init__(self, name: str):
+            self._name = name
+
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Unavailable(f"{self._name}.{name}")
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError(f"scipy is not installed: {self._name} is a stand-in (benchmarks/bench_pgd.py "
+                               "import_torchattacks); this torchattacks attack needs scipy")
 
     class StandIn(types.ModuleType):
         def __getattr__(self, name):
             if name.startswith("__"):
                 raise AttributeError(name)
-
-            def unavailable(*args, **kwargs):
-                raise RuntimeError(f"scipy is not installed: {self.__name__}.{name} is a stand-in (benchmarks/"
-                                   "bench_pgd.py import_torchattacks); this torchattacks attack needs scipy")
-            return unavailable
+            return Unavailable(f"{self.__name__}.{name}")
     names = ("scipy", "scipy.stats", "scipy.optimize", "scipy._lib", "scipy._lib._util")
     stand_ins = {name: StandIn(name) for name in names}
     for name, module in stand_ins.items():
@@ -69,6 +82,10 @@ def import_torchattacks(notes: Optional[list] = None):
     sys.modules.update(stand_ins)
     try:
         torchattacks = importlib.import_module("torchattacks")
+    except BaseException:  # no half-imported torchattacks left behind either
+        for name in [m for m in sys.modules if m == "torchattacks" or m.startswith("torchattacks.")]:
+            del sys.modules[name]
+        raise
     finally:  # nothing else in the process may take them for scipy (torch looks for it, optionally)
         for name in names:
             if sys.modules.get(name) is stand_ins[name]:

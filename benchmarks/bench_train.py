@@ -105,8 +105,8 @@ def train_config(dataset_name: str, model: str, defense: str, n: int, batch_size
 
 
 def training_images(dataset: ImageDataset, cfg: TrainConfig) -> ImageDataset:
-    """The images fit trains on: the same calls as sirobust.train._fit."""
-    train_ds, _, _ = train_val_split(dataset, cfg.val_size, seed=cfg.seed)
+    """The images fit trains on: the same calls as sirobust.train._data (val_size 0: the whole set)."""
+    train_ds = dataset if cfg.val_size == 0 else train_val_split(dataset, cfg.val_size, seed=cfg.seed)[0]
     if cfg.train_n is not None:
         train_ds = train_ds.subset(torch.arange(min(cfg.train_n, len(train_ds))))
     return train_ds

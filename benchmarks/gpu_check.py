@@ -101,7 +101,7 @@ def have_torchattacks() -> bool:
     try:
         import_torchattacks()
         return True
-    except ImportError:
+    except Exception:  # noqa: BLE001 — a peer that fails to import is absent, it must not stop the report
         return False
 
 

@@ -87,20 +87,44 @@ def test_a_check_stopped_midway_leaves_the_steps_it_finished(tmp_path, monkeypat
     assert not (tmp_path / "gpu.md.tmp").exists()
 
 
-@pytest.mark.parametrize("n,batch_size", [(10000, 128), (1024, 128), (100, 128), (130, 128), (16, 8)])
-def test_the_training_warmup_meets_every_batch_shape_of_the_epoch(n, batch_size):
-    """The timed AT epoch must not autotune (cudnn.benchmark) a shape the warm-up never met: 10,000 images in
-    batches of 128 end with a batch of 16."""
+def _bench_train():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_train
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_train
 
+
+@pytest.mark.parametrize("n,batch_size", [(10000, 128), (1024, 128), (100, 128), (130, 128), (16, 8)])
+def test_the_training_warmup_size_meets_every_batch_shape_of_the_epoch(n, batch_size):
+    """The timed AT epoch must not autotune (cudnn.benchmark) a shape the warm-up never met: 10,000 images in
+    batches of 128 end with a batch of 16."""
     def shapes(m):
         return {min(batch_size, m - start) for start in range(0, m, batch_size)}
-    m = bench_train.warmup_size(n, batch_size)
+    m = _bench_train().warmup_size(n, batch_size)
     assert shapes(m) == shapes(n) and m <= n and m < 2 * batch_size
+
+
+def test_both_epochs_warm_up_on_every_batch_shape(monkeypatch):
+    """fit's warm-up trains on warmup_size images of the same split, and the plain loop's warm-up steps on a
+    full batch and the epoch's last, partial one (20 images in batches of 8: 8, 8 and 4)."""
+    import torch
+    bench_train = _bench_train()
+    dataset = bench_train.random_cifar_like(20 + bench_train.VAL_N)
+    cfg = bench_train.train_config("cifar10", "cnn-small", "at", 20, 8, "cpu", attack_steps=1)
+    fits = []
+    monkeypatch.setattr(bench_train, "fit", lambda c, **kw: fits.append(c.train_n) or {"last": {}})
+    bench_train.sirobust_epoch(dataset, cfg)
+    assert fits == [12, 20]
+    whole = bench_train.train_config("cifar10", "cnn-small", "at", None, 8, "cpu", attack_steps=1)
+    fits.clear()
+    bench_train.sirobust_epoch(dataset, bench_train.dataclasses.replace(whole, val_size=0))  # fit's whole set
+    assert fits == [8 + len(dataset) % 8, None]
+    steps = []
+    monkeypatch.setattr(bench_train, "plain_step", lambda model, opt, x, y, *a: steps.append(len(y)) or torch.zeros(()))
+    bench_train.plain_epoch(bench_train.training_images(dataset, cfg), cfg.resolved(), torch.device("cpu"))
+    assert steps == [8, 4, 8, 8, 4]  # the warm-up, then the timed epoch
 
 
 def test_torchattacks_imports_without_scipy(tmp_path, monkeypatch):
@@ -131,3 +155,21 @@ def test_torchattacks_imports_without_scipy(tmp_path, monkeypatch):
         torchattacks.st.norm()
     assert "scipy" not in sys.modules and "scipy.optimize" not in sys.modules
     monkeypatch.delitem(sys.modules, "torchattacks")
+
+
+def test_the_real_torchattacks_imports_without_scipy_and_its_scipy_attacks_say_why_they_fail():
+    pytest.importorskip("torchattacks")
+    code = ("import sys; sys.modules['scipy'] = None\n"  # as on an image without scipy
+            f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+            "import torch, bench_pgd\n"
+            "notes = []\n"
+            "ta = bench_pgd.import_torchattacks(notes)\n"
+            "assert notes and 'scipy' not in sys.modules, notes\n"
+            "model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))\n"
+            "x, y = torch.rand(2, 3, 2, 2), torch.tensor([0, 1])\n"
+            "adv = ta.PGD(model, eps=0.1, alpha=0.05, steps=2)(x, y)\n"
+            "assert (adv - x).abs().max() <= 0.1 + 1e-6\n"
+            "try:\n    ta.TIFGSM(model)\nexcept RuntimeError as e:\n    print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: scipy is not installed" in done.stdout

@@ -750,3 +750,35 @@ def test_fig5_over_training_seeds_compares_the_methods_across_seeds(tmp_path, mo
     assert again["data"] == json.loads(json.dumps(data))
     with pytest.raises(ConfigError, match="fig1 is drawn from one seed's runs"):
         make_plan(load_experiment("fig1"), "smoke", {"seeds": [0, 1]})
+
+
+def test_fig5_seed_summary_states_a_difference_only_when_the_seeds_interval_excludes_0():
+    from sirobust.reproduce.figures import _summary5_seeds
+
+    def figure(diffs_by_seed):
+        per = {}
+        for s, diffs in diffs_by_seed.items():
+            base = [0.1 * (k % 7) for k in range(len(diffs))]
+            models = {"A": {"values": base}, "A-SI": {"values": [b + d for b, d in zip(base, diffs)]}}
+            for m in models.values():
+                m.update(n=len(diffs), mean=sum(m["values"]) / len(diffs), median=0.0, robust_accuracy=0.5)
+            per[str(s)] = {"labels": ["A", "A-SI"], "models": models}
+        return {"seeds": sorted(diffs_by_seed), "per_seed": per}
+    up = _summary5_seeds(figure({0: [0.05, 0.04, 0.06, 0.05] * 5, 1: [0.03, 0.05, 0.04, 0.04] * 5,
+                                 2: [0.06, 0.05, 0.05, 0.07] * 5}))[-1]
+    assert up.startswith("- A-SI's mean cos θ_y is above A's") and "larger in 3 of 3 seeds" in up
+    mixed = _summary5_seeds(figure({0: [0.05] * 20, 1: [-0.06] * 20, 2: [0.01] * 20}))[-1]
+    assert mixed.startswith("- A-SI vs A: no difference detected") and "larger in 2 of 3 seeds" in mixed
+    down = _summary5_seeds(figure({0: [-0.05] * 20, 1: [-0.04] * 20, 2: [-0.06] * 20}))[-1]
+    assert down.startswith("- A-SI's mean cos θ_y is below A's")
+
+
+def test_fig5_rows_that_set_their_own_seeds_stay_one_figure(tmp_path):
+    """A seed axis makes Fig. 5 per-seed; rows trained with seeds of their own (no axis) are compared as they
+    always were, in one figure."""
+    text = TINY_FIGURE.replace('train = { defense = "at" }', 'train = { defense = "at", seed = 0 }') \
+                      .replace('train = { defense = "at", si = true }', 'train = { defense = "at", si = true, seed = 1 }')
+    cfg = _write(tmp_path, text, "tinyfig.toml")
+    summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), progress=False, log=_quiet)
+    assert "per_seed" not in summary["data"] and summary["data"]["labels"] == ["AT", "AT-SI"]
+    assert set(summary["runs"]) == {"AT", "AT-SI"}

@@ -14,7 +14,7 @@ from ..io import atomic_write_text, read_json, write_json
 from ..markdown import markdown_table
 from ..provenance import environment_info
 from ..runfolder import command_line
-from .plan import FIGURE_EVAL_KEYS, display
+from .plan import FIGURE_EVAL_KEYS, SEEDED_FIGURES, display
 from .tables import overrides_lines
 from .runner import EVAL_VERSION
 
@@ -52,7 +52,10 @@ def make_figure(runner, target: Path) -> dict:
     fig = plan.figure
     cells = _rows(runner, fig.get("models") or ([fig["model"]] if fig.get("model") else None))
     seeds = sorted({c.seed for c in cells if c.seed is not None})
-    seeded = len(seeds) > 1  # a seed axis (plan.SEEDED_FIGURES): the data of every seed's models
+    # a seed axis over a figure that compares methods: every seed has each row once (rows that set their own
+    # seed, or a published model, are the one-seed figure they always were)
+    seeded = kind in SEEDED_FIGURES and len(seeds) > 1 and all(
+        sorted(c.row.label for c in cells if c.seed == s) == sorted({c.row.label for c in cells}) for s in seeds)
 
     def key(c) -> str:  # one seed keeps the keys it always had, so its stored data is still found
         return c.row.label + (f" (seed {c.seed})" if seeded else "")
@@ -152,7 +155,13 @@ def _paired5(data) -> list:
     base = data["labels"][0]
     lines = []
     for other in data["labels"][1:]:
-        r = paired_values(data["models"][base]["values"], data["models"][other]["values"])
+        if data["models"][base]["n"] < 2:  # a paired test needs two images
+            continue
+        try:
+            r = paired_values(data["models"][base]["values"], data["models"][other]["values"])
+        except ImportError:  # the test's quantiles are scipy's; the figure and its table stand without them
+            lines.append(f"- {other} − {base}, image by image: not tested (scipy is not installed).")
+            continue
         lines.append(f"- {other} − {base}, image by image: mean {r['mean']:+.3f} (95 % interval [{r['low']:+.3f}, "
                      f"{r['high']:+.3f}]), larger on {r['larger']} of {r['n']} images and smaller on "
                      f"{r['smaller']}; Wilcoxon signed-rank p = {p_text(r['p'])}. One model of each: this compares "
@@ -175,9 +184,15 @@ def _summary5_seeds(data) -> list:
                              "lrrrr"), ""]
     base = labels[0]
     for other in labels[1:]:
-        tests = [paired_values(per[str(s)]["models"][base]["values"], per[str(s)]["models"][other]["values"])
-                 for s in seeds]
-        across = mean_interval([t["mean"] for t in tests])
+        if n < 2:  # a paired test needs two images
+            continue
+        try:
+            tests = [paired_values(per[str(s)]["models"][base]["values"], per[str(s)]["models"][other]["values"])
+                     for s in seeds]
+            across = mean_interval([t["mean"] for t in tests])
+        except ImportError:  # the tests' quantiles are scipy's; the table above stands without them
+            lines.append(f"- {other} against {base}: not tested (scipy is not installed).")
+            continue
         detected = across["low"] > 0 or across["high"] < 0
         each = "; ".join(f"seed {s}: {t['mean']:+.3f}, larger on {t['larger']} of {t['n']}, Wilcoxon p = "
                          f"{p_text(t['p'])}" for s, t in zip(seeds, tests))
