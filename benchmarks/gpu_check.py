@@ -2,6 +2,7 @@
 
     bash benchmarks/gpu_check.sh              # on the device, from the repository root: writes benchmarks/gpu.md
     bash benchmarks/gpu_check.sh --quick      # tiny sizes, on a CPU too (tests/test_gpu_check.py runs it)
+    bash benchmarks/gpu_check.sh --steps compile-evaluate,compile-fit --out rest.md   # some steps only
 
 It needs no install: ``PYTHONPATH=src`` (gpu_check.sh sets it), torch ≥ 2.10, safetensors, tqdm, numpy. The
 peers are optional and found on the path: torchattacks (a wheel under ``benchmarks/peers/``, see
@@ -53,6 +54,10 @@ sys.path.insert(0, str(HERE))
 import sirobust  # noqa: E402
 from sirobust.data import load_dataset  # noqa: E402
 from sirobust.train import TrainConfig, fit  # noqa: E402
+
+# the steps, in the order they run (--steps picks some); the compile steps last: they are the slowest
+STEP_NAMES = ["pgd", "train", "bf16", "autoattack", "sync", "deterministic", "torchrun", "compile-evaluate",
+              "compile-fit"]
 
 # full size (the device) and --quick (a CPU smoke test) of every step
 SIZES = {
@@ -458,8 +463,15 @@ def main(argv=None) -> int:
                    help="tiny sizes and cnn-small instead of ResNet-18 (a smoke test that also runs on a CPU)")
     p.add_argument("--device", default=None, help="default: cuda when available, else (with --quick) cpu")
     p.add_argument("--out", default=None, help="the Markdown written (default benchmarks/gpu.md; --quick: none)")
+    p.add_argument("--steps", default=None, metavar="NAMES",
+                   help=f"comma-separated: run these steps only (default all: {', '.join(STEP_NAMES)}); after a "
+                        "device window cut a check short, the steps it did not finish, written to another --out")
     p.add_argument("--collectives-probe", default=None, metavar="JSON", help=argparse.SUPPRESS)  # torchrun's child
     a = p.parse_args(argv)
+    wanted = STEP_NAMES if a.steps is None else [name.strip() for name in a.steps.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in STEP_NAMES]
+    if unknown or not wanted:
+        p.error(f"--steps: unknown step {', '.join(unknown) or '(none given)'} (allowed: {', '.join(STEP_NAMES)})")
     a.device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.collectives_probe:
         return collectives_probe(a.collectives_probe, a.device)
@@ -472,17 +484,22 @@ def main(argv=None) -> int:
     out = a.out or (None if a.quick else str(HERE / "gpu.md"))
     command = f"bash benchmarks/gpu_check.sh {' '.join(argv if argv is not None else sys.argv[1:])}"
     steps = [
-        (f"PGD-{a.pgd_steps}, {a.model}, {a.pgd_n:,} images: sirobust fp32, bf16 and torchattacks",
+        ("pgd", f"PGD-{a.pgd_steps}, {a.model}, {a.pgd_n:,} images: sirobust fp32, bf16 and torchattacks",
          lambda: pgd_speed(a, device, state)),
-        (f"One PGD-{a.train_steps} AT epoch, {a.model}, {a.train_n:,} images", lambda: train_speed(a, device, state)),
-        (f"bf16 against fp32 robust accuracy on a trained {a.model}", lambda: bf16_accuracy(a, device, state, work)),
-        (f"Standard AutoAttack, {a.aa_n:,} images", lambda: autoattack(a, device, state, work)),
-        ("Host sync every k steps: PGD, APGD-CE, FAB-T, Square", lambda: host_sync_branch(a, device, state, work)),
-        ("Deterministic training (CUDA)", lambda: deterministic_branch(a, device, state, work)),
-        ("torchrun and the process group's collectives", lambda: torchrun_branch(a, device, state, work)),
-        ("torch.compile in evaluate (CUDA)", lambda: compile_evaluate_branch(a, device, state, work)),
-        ("torch.compile in fit (CUDA)", lambda: compile_fit_branch(a, device, state, work)),
+        ("train", f"One PGD-{a.train_steps} AT epoch, {a.model}, {a.train_n:,} images",
+         lambda: train_speed(a, device, state)),
+        ("bf16", f"bf16 against fp32 robust accuracy on a trained {a.model}",
+         lambda: bf16_accuracy(a, device, state, work)),
+        ("autoattack", f"Standard AutoAttack, {a.aa_n:,} images", lambda: autoattack(a, device, state, work)),
+        ("sync", "Host sync every k steps: PGD, APGD-CE, FAB-T, Square",
+         lambda: host_sync_branch(a, device, state, work)),
+        ("deterministic", "Deterministic training (CUDA)", lambda: deterministic_branch(a, device, state, work)),
+        ("torchrun", "torchrun and the process group's collectives", lambda: torchrun_branch(a, device, state, work)),
+        ("compile-evaluate", "torch.compile in evaluate (CUDA)", lambda: compile_evaluate_branch(a, device, state, work)),
+        ("compile-fit", "torch.compile in fit (CUDA)", lambda: compile_fit_branch(a, device, state, work)),
     ]
+    assert [name for name, _, _ in steps] == STEP_NAMES
+    steps = [(title, fn) for name, title, fn in steps if name in wanted]
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(tmp)
         for i, (title, fn) in enumerate(steps):
@@ -513,7 +530,8 @@ def render(a, check: Check, state: dict, command: str, left: int) -> str:
         verdicts.append(f"bf16 vs fp32 robust accuracy: {state['bf16_gap']:.2f} points (target ≤ 0.5)")
     if "aa_ratio" in state:
         verdicts.append(f"AutoAttack time vs the reference: {state['aa_ratio']:.2f}× (target ≤ 0.5×)")
-    status = "every step ran" if not check.failures else f"FAILED: {', '.join(check.failures)}"
+    only = "" if a.steps is None else f" (--steps {a.steps} only)"
+    status = f"every step ran{only}" if not check.failures else f"FAILED: {', '.join(check.failures)}{only}"
     if left:
         status = f"stopped or still running, {left} step(s) not finished; {status}"
     lines = [f"# GPU check{' (quick smoke test)' if a.quick else ''}: {status}", "",

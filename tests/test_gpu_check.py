@@ -87,6 +87,28 @@ def test_a_check_stopped_midway_leaves_the_steps_it_finished(tmp_path, monkeypat
     assert not (tmp_path / "gpu.md.tmp").exists()
 
 
+def test_steps_runs_only_the_steps_named_and_refuses_unknown_ones(tmp_path, monkeypatch, capsys):
+    """After a device window cut the check short, a second call runs the steps it did not finish."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    ran = []
+    for step in ("pgd_speed", "train_speed", "bf16_accuracy", "autoattack", "host_sync_branch",
+                 "deterministic_branch", "torchrun_branch", "compile_evaluate_branch", "compile_fit_branch"):
+        monkeypatch.setattr(gpu_check, step, lambda *a, name=step: ran.append(name) or [f"{name} measured"])
+    out = tmp_path / "rest.md"
+    assert gpu_check.main(["--quick", "--device", "cpu", "--out", str(out),
+                           "--steps", "compile-evaluate,compile-fit"]) == 0
+    assert ran == ["compile_evaluate_branch", "compile_fit_branch"]
+    text = out.read_text()
+    assert "every step ran (--steps compile-evaluate,compile-fit only)" in text and "pgd_speed" not in text
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--quick", "--device", "cpu", "--steps", "pgd,compile"])
+    assert e.value.code == 2 and "unknown step compile (allowed: pgd, train" in capsys.readouterr().err
+
+
 def _bench_train():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
