@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 19's evidence at the mini preset, in the issue's order: Table 6 seed 0 (a table of its own), Table 6's
 # three seeds, Table 7 (= Table 6 at this scale: all reused), Table 9 (black-box attacks on Table 6's seed-0
-# runs), Tables 2-4 (seed 0; their TRADES and TRADES-SI s=15/m=0.2/β=0.2 rows are Table 6's runs), then Table 10
+# runs), Tables 2-4 (Table 2: seeds 0-2, Tables 3-4: seed 0; their TRADES and TRADES-SI s=15/m=0.2/β=0.2 rows
+# are Table 6's runs), then Table 10
 # (TRADES-HE trained; TRADES and TRADES-SI are Table 6's seed-0 runs), then Table 8 (the single-step defenses).
 # Every step resumes where it stopped: run the same command again. After each table:
 #   python scripts/collect_reproduction.py OUT && git add benchmarks/reproduction docs && git commit
