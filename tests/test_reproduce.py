@@ -782,3 +782,18 @@ def test_fig5_rows_that_set_their_own_seeds_stay_one_figure(tmp_path):
     summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), progress=False, log=_quiet)
     assert "per_seed" not in summary["data"] and summary["data"]["labels"] == ["AT", "AT-SI"]
     assert set(summary["runs"]) == {"AT", "AT-SI"}
+
+
+def test_a_figure_of_a_published_model(tmp_path):
+    """Fig. 1's rescaling study on a model brought from elsewhere (RobustBench's layout, pinned by sha256)."""
+    cfg, model_dir = _published_table(tmp_path)
+    text = cfg.read_text().replace('kind = "table"', 'kind = "figure"\nfigure_kind = "fig1"')
+    text = text.replace("[presets.smoke]", "[figure]\npoints = 3\n\n[presets.smoke]")
+    text = text.replace('name = "pub"', 'name = "pubfig"')
+    text = re.sub(r"\[\[columns\]\].*?(?=\[\[models\]\])", "", text, flags=re.S)  # a figure has no columns
+    text = text.replace('[[rows]]\nlabel = "Beta2"\nmodel = "Beta2021Wrapped"\n', "")
+    cfg = _write(tmp_path, text, "pubfig.toml")
+    summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), model_dir=str(model_dir),
+                        progress=False, log=_quiet)
+    assert summary["runs"] == {"Alpha": "published: Alpha2020Small"}
+    assert len(summary["data"]["alphas"]) == 3 and (tmp_path / "out" / "pubfig-smoke" / "fig1.png").exists()

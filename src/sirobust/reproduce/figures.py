@@ -39,8 +39,8 @@ def _eps(runner, dataset: str) -> float:
 
 
 def _title(cell, eps: float, what: str) -> str:
-    t = cell.train
-    return f"{what}\n{display('dataset', t.dataset)}, {display('model', t.model)}, L∞ ε = {eps:.4g}"
+    model = cell.published.architecture if cell.train is None else display("model", cell.train.model)
+    return f"{what}\n{display('dataset', cell.dataset)}, {model}, L∞ ε = {eps:.4g}"
 
 
 def make_figure(runner, target: Path) -> dict:
@@ -85,7 +85,8 @@ def make_figure(runner, target: Path) -> dict:
     summary = {"experiment": plan.experiment.name, "title": plan.experiment.title, "paper": plan.experiment.paper,
                "preset": plan.preset, "protocol": plan.experiment.presets[plan.preset].description,
                "overrides": plan.overrides, "spec": spec,
-               "data": data, "runs": {key(c): c.train.out for c in cells}}
+               "data": data, "runs": {key(c): c.train.out if c.train is not None else f"published: {c.published.name}"
+                                      for c in cells}}
     if not group.main:  # every process computed the data (figures are not sharded); rank 0 writes it
         return summary
     target.mkdir(parents=True, exist_ok=True)
