@@ -14,7 +14,9 @@ from scipy import stats as sps
 
 from sirobust.reproduce import ConfigError, IncompleteGrid, load_experiment, reproduce
 from sirobust.reproduce.plan import make_plan, shard_runs
-from sirobust.reproduce.stats import compare, default_pairs, mcnemar_exact, mean_interval, paired_values, statement
+from sirobust.reproduce.stats import (compare, default_pairs, holm, mcnemar_exact, mean_interval, paired_values, statement,
+                                      t_test_p)
+from sirobust.reproduce.tables import comparison_lines
 
 from test_reproduce import TINY, _quiet, _write
 
@@ -84,6 +86,50 @@ def test_statements_say_only_what_the_numbers_support():
     small = compare({0: [True] * 50 + [False] * 50}, {0: [True] * 52 + [False] * 48})
     assert small["verdict"] == "no difference detected" and small["k"] == 1
     assert "McNemar p = 0.5" in statement("X-SI", "X", "PGD", small)
+
+
+def test_holm_rejects_step_down_and_stops_at_the_first_failure():
+    # m = 4: thresholds 0.0125, 0.0167, 0.025, 0.05 for the sorted p-values
+    assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]  # 0.03 > 0.025 stops it: 0.04 fails too
+    assert holm([0.001, 0.012, 0.02, 0.049]) == [True, True, True, True]
+    assert holm([0.03, 0.02]) == [True, True]  # step-down: Bonferroni (0.025 each) would keep 0.02 alone
+    assert holm([0.026, 0.04]) == [False, False]  # the first fails, so 0.04 < 0.05 fails too
+    assert holm([]) == []
+
+
+def test_the_t_test_p_value_agrees_with_scipy_and_with_the_interval():
+    for diffs in ([1.2, 2.0, 2.2], [0.3, -0.1, 0.9, 0.4], [-1.5, -1.4, -1.7], [0.5, 0.6]):
+        mi = mean_interval(diffs)
+        p = t_test_p(mi["mean"], mi["sd"], mi["k"])
+        assert p == pytest.approx(sps.ttest_1samp(diffs, 0.0).pvalue)
+        assert (p < 0.05) == (mi["low"] > 0 or mi["high"] < 0)  # the verdict and its p-value agree
+    assert t_test_p(0.0, 0.0, 3) == 1.0 and t_test_p(0.4, 0.0, 3) == 0.0  # every seed the same difference
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        t_test_p(1.0, 1.0, 1)
+
+
+def test_each_stated_difference_says_whether_it_survives_holm_over_the_table():
+    def outcomes(kept):
+        return [True] * kept + [False] * (1000 - kept)
+    # a large gap in each of 3 seeds, nearly equal: t-test p tiny; a small unequal one: p ~ 0.03
+    strong = compare({s: outcomes(600) for s in range(3)}, {0: outcomes(700), 1: outcomes(701), 2: outcomes(699)})
+    weak = compare({s: outcomes(600) for s in range(3)}, {0: outcomes(610), 1: outcomes(620), 2: outcomes(615)})
+    none = compare({s: outcomes(600) for s in range(3)}, {0: outcomes(610), 1: outcomes(590), 2: outcomes(600)})
+    assert strong["verdict"] == weak["verdict"] == "higher" and none["verdict"] == "no difference detected"
+    assert strong["p"] < 0.05 / 3 and 0.05 / 2 < weak["p"] < 0.05
+    found = [{**c, "row_group": None, "column_group": None, "statement": statement("B", "A", col, c)}
+             for c, col in ((strong, "PGD"), (weak, "CW"), (none, "AA"))]
+    text = "\n".join(comparison_lines({"seeds": [0, 1, 2], "comparisons": found}))
+    assert "Holm's correction for the 3 comparisons" in text
+    line = {col: next(x for x in text.splitlines() if f"under {col}" in x) for col in ("PGD", "CW", "AA")}
+    assert line["PGD"].endswith("over the 3 seeds: holds under Holm's correction for the 3 comparisons)")
+    assert "over the 3 seeds: does not hold under Holm's correction" in line["CW"]
+    assert "Holm" not in line["AA"]  # nothing stated, nothing to correct
+    # one seed: McNemar's p (already in the statement) is the one corrected
+    one = compare({0: outcomes(600)}, {0: outcomes(640)})
+    found = [{**one, "row_group": None, "column_group": None, "statement": statement("B", "A", "PGD", one)}]
+    text = "\n".join(comparison_lines({"seeds": [0], "comparisons": found}))
+    assert one["p"] == one["per_seed"][0]["p"] < 0.05 and "holds under Holm's correction for the 1 comparisons" in text
 
 
 def test_every_si_row_is_compared_with_its_base_by_default():
@@ -201,7 +247,7 @@ def test_two_seed_grid_cells_and_tests_equal_a_direct_computation(tmp_path):
             assert one["p"] == pytest.approx(p)
             diffs.append(100 * (sum(map(bool, o)) - sum(map(bool, b))) / len(b))
         assert c["mean"] == pytest.approx(statistics.fmean(diffs))
-        assert c["statement"] in md
+        assert c["statement"][:-1] in md  # Holm's note goes inside its closing parenthesis
     csv = (out / [p.name for p in out.iterdir() if p.name.startswith("tiny-smoke+")][0] / "table.csv").read_text()
     assert csv.splitlines()[0].endswith(",seed,value,unit")
     assert len(csv.splitlines()) == 1 + 2 * 4 * 4  # 2 rows, 4 columns, (seed 0, seed 1, mean, sd)

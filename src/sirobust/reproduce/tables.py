@@ -17,6 +17,7 @@ from typing import Optional
 from ..markdown import markdown_table
 from .plan import changed_settings, result_name
 from .schema import Column
+from .stats import holm, holm_note, verdict_p
 
 
 def column_key(col) -> str:
@@ -320,16 +321,26 @@ def comparison_lines(summary: dict) -> list[str]:
            "with its 95 % t interval; a difference is stated when that interval excludes 0" if k > 1 else
            "McNemar's exact test on the same test points; one seed, so a difference is stated when p < 0.05, and "
            "it says nothing of another seed's run")
-    lines = ["", f"**Paired comparisons** ({how}; p-values not corrected for the {len(found)} comparisons here). "
-             "Generated from the numbers:"]
+    # Holm over every comparison of the table, from the stored numbers (a table written before this existed
+    # gets it too): many comparisons at 5 % each make some false statements likely.
+    holds = holm([verdict_p(c) for c in found])
+    notes = {id(c): holm_note(c, h, len(found)) for c, h in zip(found, holds)}
+    lines = ["", f"**Paired comparisons** ({how}; each stated difference says whether it survives Holm's correction "
+             f"for the {len(found)} comparisons here, family-wise error 5 %). Generated from the numbers:"]
     settings = list(dict.fromkeys((c["row_group"], c["column_group"]) for c in found))
     for setting in settings:
         where = ", ".join(x for x in setting if x)
         if where and len(settings) > 1:
             lines.append(f"- {where}:")
         indent = "  " if where and len(settings) > 1 else ""
-        lines += [f"{indent}- {c['statement']}" for c in found if (c["row_group"], c["column_group"]) == setting]
+        lines += [f"{indent}- {_with_note(c['statement'], notes[id(c)])}" for c in found
+                  if (c["row_group"], c["column_group"]) == setting]
     return lines
+
+
+def _with_note(statement: str, note: str) -> str:
+    """The statement with Holm's verdict inside its closing parenthesis."""
+    return statement[:-1] + note + ")" if note and statement.endswith(")") else statement + note
 
 
 def overrides_lines(summary: dict) -> list[str]:
