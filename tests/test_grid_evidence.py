@@ -71,7 +71,7 @@ def test_paired_values_test_the_per_image_differences():
 
 def test_statements_say_only_what_the_numbers_support():
     # 3 seeds, all above, interval above 0: a detected difference
-    up = {s: [True] * 60 + [False] * 40 for s in range(3)}
+    up = {s: [True] * (60 + d) + [False] * (40 - d) for s, d in ((0, 0), (1, 1), (2, -1))}
     down = {s: [True] * 50 + [False] * 50 for s in range(3)}
     res = compare(down, up)
     assert res["verdict"] == "higher" and res["above"] == 3
@@ -103,9 +103,28 @@ def test_the_t_test_p_value_agrees_with_scipy_and_with_the_interval():
         p = t_test_p(mi["mean"], mi["sd"], mi["k"])
         assert p == pytest.approx(sps.ttest_1samp(diffs, 0.0).pvalue)
         assert (p < 0.05) == (mi["low"] > 0 or mi["high"] < 0)  # the verdict and its p-value agree
-    assert t_test_p(0.0, 0.0, 3) == 1.0 and t_test_p(0.4, 0.0, 3) == 0.0  # every seed the same difference
+    assert t_test_p(0.0, 0.0, 3) == 1.0 and t_test_p(0.4, 0.0, 3) == 0.25  # every seed the same: sign test
     with pytest.raises(ValueError, match="at least 2 seeds"):
         t_test_p(1.0, 1.0, 1)
+
+
+def test_the_same_difference_in_every_seed_is_not_a_certainty():
+    # AutoAttack on 200 images moves in steps of 0.5 points: three seeds each 2 images lower is sd 0, an
+    # infinite t; the sign test (three of three the same way: p = 0.25) decides instead
+    base = {s: [True] * (120 + s) + [False] * (80 - s) for s in range(3)}
+    other = {s: [True] * (118 + s) + [False] * (82 - s) for s in range(3)}
+    res = compare(base, other)
+    assert res["sd"] == 0 and res["mean"] == -1.0 and res["p"] == 0.25
+    assert res["verdict"] == "no difference detected"
+    text = statement("B", "A", "AA", res)
+    assert "−1.00 points in every seed, so no t interval: sign test p = 0.25" in text
+    # and the difference is exact from the counts, whatever the accuracies' float rounding
+    assert {p["diff"] for p in res["per_seed"]} == {-1.0}
+    # six seeds the same way: 2 / 64 < 0.05, a difference
+    six = compare({s: [True] * 120 + [False] * 80 for s in range(6)}, {s: [True] * 118 + [False] * 82 for s in range(6)})
+    assert six["p"] == 2 / 64 and six["verdict"] == "lower"
+    # a float sd of 1e-15 (results stored before the counts were used) is the same case
+    assert t_test_p(-1.0, 1e-15, 3) == 0.25 and t_test_p(1e-16, 1e-16, 3) == 1.0
 
 
 def test_each_stated_difference_says_whether_it_survives_holm_over_the_table():

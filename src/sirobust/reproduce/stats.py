@@ -11,7 +11,8 @@ attacks, so each comparison is paired:
   Student-t interval ``mean ± t(0.975, k−1) · sd / √k`` over the ``k`` seeds.
 
 A difference is *detected* when, with two seeds or more, the interval excludes 0, and with one seed, when
-McNemar's p < 0.05; otherwise the statement says "no difference detected". Each comparison's p-value is the
+McNemar's p < 0.05 (when every seed gave the same difference, the interval is a point and an exact sign test
+decides instead: :func:`t_test_p`); otherwise the statement says "no difference detected". Each comparison's p-value is the
 one its verdict rests on (with seeds: the one-sample t-test of the per-seed differences, which is below 0.05
 exactly when the interval excludes 0; with one seed: McNemar's). A table makes many comparisons, so each
 stated difference also says whether it survives Holm's step-down correction over all of the table's
@@ -71,14 +72,25 @@ def mean_interval(diffs: Sequence[float]) -> dict:
 
 
 def t_test_p(mean: float, sd: float, k: int) -> float:
-    """Two-sided p-value of the one-sample t-test of ``k`` per-seed differences against 0. With ``sd == 0``
-    every seed gave the same difference: p is 1 when it is 0 and 0 otherwise (the interval is that point)."""
+    """Two-sided p-value of the one-sample t-test of ``k`` per-seed differences against 0.
+
+    With ``sd == 0`` every seed gave the same difference, and the t statistic is undefined (infinite). That
+    happens by chance on a small test set, where a difference moves in steps of one image (three seeds each
+    at −1.00 point on 200 images: 2 images each). An infinite t would call it certain, so it falls back to
+    the exact two-sided sign test of ``k`` differences of one sign, ``2 · 0.5 ** k`` (0.25 for three seeds),
+    and to 1 when the difference is 0."""
     if k < 2:
         raise ValueError(f"a t-test needs at least 2 seeds, got {k}")
-    if sd == 0:
-        return 1.0 if mean == 0 else 0.0
+    if same_in_every_seed(sd, mean):
+        return 1.0 if abs(mean) < 1e-9 else min(1.0, 2 * 0.5 ** k)
     from scipy.stats import t
     return float(2 * t.sf(abs(mean) / (sd / math.sqrt(k)), k - 1))
+
+
+def same_in_every_seed(sd: float, mean: float) -> bool:
+    """True when the per-seed differences are equal (up to float rounding: results stored before the
+    differences were computed from integer counts carry an sd of about 1e-15 there)."""
+    return sd <= 1e-9 * max(1.0, abs(mean))
 
 
 def verdict_p(result: dict) -> float:
@@ -124,18 +136,18 @@ def compare(base: dict, other: dict) -> dict:
     for s in seeds:
         test = mcnemar_exact(base[s], other[s])
         n = test["n"]
-        acc_b, acc_o = sum(map(bool, base[s])) / n, sum(map(bool, other[s])) / n
-        per_seed.append({"seed": s, "base": acc_b, "other": acc_o, "diff": 100 * (acc_o - acc_b), **test})
-    summary = mean_interval([p["diff"] for p in per_seed])
-    if summary["k"] >= 2:
-        detected = summary["low"] > 0 or summary["high"] < 0
-    else:
-        detected = per_seed[0]["p"] < ALPHA
-    verdict = ("higher" if summary["mean"] > 0 else "lower") if detected else "no difference detected"
-    result = {"seeds": seeds, "per_seed": per_seed, **summary,
+        kept_b, kept_o = sum(map(bool, base[s])), sum(map(bool, other[s]))
+        # from the integer counts: equal differences in images are equal floats, whatever the accuracies
+        per_seed.append({"seed": s, "base": kept_b / n, "other": kept_o / n, "diff": 100 * (kept_o - kept_b) / n,
+                         **test})
+    result = {"seeds": seeds, "per_seed": per_seed, **mean_interval([p["diff"] for p in per_seed]),
               "above": sum(p["diff"] > 0 for p in per_seed), "below": sum(p["diff"] < 0 for p in per_seed),
-              "significant_seeds": sum(p["p"] < ALPHA for p in per_seed), "verdict": verdict}
-    return {**result, "p": verdict_p(result)}
+              "significant_seeds": sum(p["p"] < ALPHA for p in per_seed)}
+    # p < 0.05 is "the interval excludes 0" with seeds (and McNemar's with one), except where every seed gave
+    # the same difference: then the interval is a point and the sign test decides (see t_test_p)
+    p = verdict_p(result)
+    verdict = ("higher" if result["mean"] > 0 else "lower") if p < ALPHA else "no difference detected"
+    return {**result, "p": p, "verdict": verdict}
 
 
 def paired_values(base: Sequence[float], other: Sequence[float]) -> dict:
@@ -165,7 +177,10 @@ def statement(other: str, base: str, column: str, result: dict) -> str:
     "TRADES-SI above TRADES under worst case in 3 of 3 seeds, mean +1.20 points [+0.40, +2.00]"."""
     k = result["k"]
     seeds = f"{k} seed{'s' if k > 1 else ''}"
-    if k >= 2:
+    if k >= 2 and same_in_every_seed(result["sd"], result["mean"]):
+        numbers = f"{_points(result['mean'])} points in every seed, so no t interval: sign test p = " \
+                  f"{p_text(verdict_p(result))}; McNemar p < 0.05 in {result['significant_seeds']} of {k}"
+    elif k >= 2:
         numbers = f"mean {_points(result['mean'])} points, 95 % interval [{_points(result['low'])}, " \
                   f"{_points(result['high'])}]; McNemar p < 0.05 in {result['significant_seeds']} of {k}"
     else:
