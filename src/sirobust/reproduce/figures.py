@@ -190,15 +190,20 @@ def _summary5_seeds(data) -> list:
         try:
             tests = [paired_values(per[str(s)]["models"][base]["values"], per[str(s)]["models"][other]["values"])
                      for s in seeds]
-            across = mean_interval([t["mean"] for t in tests])
+            # as for the tables' comparisons: the seeds' spread is not believed below one seed's own standard
+            # error over its images (see stats' module docstring)
+            across = mean_interval([t["mean"] for t in tests],
+                                   floor=sum(t["sd"] / t["n"] ** 0.5 for t in tests) / len(tests))
         except ImportError:  # the tests' quantiles are scipy's; the table above stands without them
             lines.append(f"- {other} against {base}: not tested (scipy is not installed).")
             continue
         detected = across["low"] > 0 or across["high"] < 0
         each = "; ".join(f"seed {s}: {t['mean']:+.3f}, larger on {t['larger']} of {t['n']}, Wilcoxon p = "
                          f"{p_text(t['p'])}" for s, t in zip(seeds, tests))
+        floored = (f" (the seeds' sd, {across['sd']:.3f}, is below one seed's standard error over its images: "
+                   f"{across['spread']:.3f} is used)" if across["floored"] else "")
         numbers = (f"mean difference {across['mean']:+.3f} over {len(seeds)} seeds, 95 % interval "
-                   f"[{across['low']:+.3f}, {across['high']:+.3f}]; {other} larger in "
+                   f"[{across['low']:+.3f}, {across['high']:+.3f}]{floored}; {other} larger in "
                    f"{sum(t['mean'] > 0 for t in tests)} of {len(seeds)} seeds")
         verdict = (f"{_possessive(other)} mean cos θ_y is {'above' if across['mean'] > 0 else 'below'} "
                    f"{_possessive(base)}"

@@ -8,15 +8,19 @@ attacks, so each comparison is paired:
   discordant points is the other row's with probability 1/2, and the two-sided p-value is
   ``min(1, 2 · P[Binomial(b + c, 1/2) <= min(b, c)])`` (computed exactly, in integers);
 * **across seeds**, the mean of the per-seed differences (other − base, in accuracy points) with a 95 %
-  Student-t interval ``mean ± t(0.975, k−1) · sd / √k`` over the ``k`` seeds.
+  Student-t interval ``mean ± t(0.975, k−1) · spread / √k`` over the ``k`` seeds, and the matching
+  one-sample t-test. The spread is the seeds' sd, but never less than one seed's own sampling error on
+  these test points (:func:`sampling_se`, from McNemar's discordant counts): three seeds can agree more
+  closely than the test set can measure any one of them (on 200 images a difference moves in steps of
+  0.5 points, and three seeds each at −1.00 have sd 0, an infinite t), and the mean of ``k`` seeds is
+  not claimed more precise than ``k`` independent measurements of it would be.
 
-A difference is *detected* when, with two seeds or more, the interval excludes 0, and with one seed, when
-McNemar's p < 0.05 (when every seed gave the same difference, the interval is a point and an exact sign test
-decides instead: :func:`t_test_p`); otherwise the statement says "no difference detected". Each comparison's p-value is the
-one its verdict rests on (with seeds: the one-sample t-test of the per-seed differences, which is below 0.05
-exactly when the interval excludes 0; with one seed: McNemar's). A table makes many comparisons, so each
-stated difference also says whether it survives Holm's step-down correction over all of the table's
-comparisons (family-wise error 5 %): :func:`holm`.
+A difference is *detected* when, with two seeds or more, that interval excludes 0 (the t-test's p < 0.05),
+and with one seed, when McNemar's p < 0.05; otherwise the statement says "no difference detected". A table
+makes many comparisons, so each stated difference also says whether it survives Holm's step-down correction
+over all of the table's comparisons (family-wise error 5 %; :func:`holm`), applied to the p-value its verdict
+rests on. Statements are rebuilt from the stored per-seed counts (:func:`summarise`), so a table written by an
+earlier version is judged by these rules when it is shown.
 """
 from __future__ import annotations
 
@@ -58,53 +62,71 @@ def binomial_two_sided(b: int, c: int) -> float:
     return float(min(Fraction(1), Fraction(2 * tail, 2 ** n)))
 
 
-def mean_interval(diffs: Sequence[float]) -> dict:
-    """Mean, sd and the 95 % t interval of per-seed differences (no interval and sd from one seed)."""
+def mean_interval(diffs: Sequence[float], floor: float = 0.0) -> dict:
+    """Mean, sd and the 95 % t interval of per-seed differences (no interval and sd from one seed), with the
+    matching two-sided t-test p. ``floor``: the least spread believed (each seed's own measurement error, see
+    the module's docstring); the interval and p use ``spread = max(sd, floor)``."""
     k = len(diffs)
     if k == 0:
         raise ValueError("no differences to summarise")
     mean = statistics.fmean(diffs)
     if k == 1:
-        return {"k": 1, "mean": mean, "sd": None, "low": None, "high": None}
+        return {"k": 1, "mean": mean, "sd": None, "spread": None, "floored": False, "low": None, "high": None,
+                "p": None}
     sd = statistics.stdev(diffs)
-    half = t_quantile_975(k - 1) * sd / math.sqrt(k)
-    return {"k": k, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+    spread = max(sd, floor)
+    half = t_quantile_975(k - 1) * spread / math.sqrt(k)
+    return {"k": k, "mean": mean, "sd": sd, "spread": spread, "floored": floor > sd, "low": mean - half,
+            "high": mean + half, "p": t_test_p(mean, spread, k)}
 
 
-def t_test_p(mean: float, sd: float, k: int) -> float:
-    """Two-sided p-value of the one-sample t-test of ``k`` per-seed differences against 0.
-
-    With ``sd == 0`` every seed gave the same difference, and the t statistic is undefined (infinite). That
-    happens by chance on a small test set, where a difference moves in steps of one image (three seeds each
-    at −1.00 point on 200 images: 2 images each). An infinite t would call it certain, so it falls back to
-    the exact two-sided sign test of ``k`` differences of one sign, ``2 · 0.5 ** k`` (0.25 for three seeds),
-    and to 1 when the difference is 0."""
+def t_test_p(mean: float, spread: float, k: int) -> float:
+    """Two-sided p-value of the one-sample t-test of ``k`` per-seed differences against 0, with ``spread``
+    as their sd (1 when the spread is 0: then every difference is 0, see :func:`summarise`)."""
     if k < 2:
         raise ValueError(f"a t-test needs at least 2 seeds, got {k}")
-    if same_in_every_seed(sd, mean):
-        return 1.0 if abs(mean) < 1e-9 else min(1.0, 2 * 0.5 ** k)
+    if spread <= 0:
+        return 1.0 if mean == 0 else 0.0
     from scipy.stats import t
-    return float(2 * t.sf(abs(mean) / (sd / math.sqrt(k)), k - 1))
+    return float(2 * t.sf(abs(mean) / (spread / math.sqrt(k)), k - 1))
 
 
-def same_in_every_seed(sd: float, mean: float) -> bool:
-    """True when the per-seed differences are equal (up to float rounding: results stored before the
-    differences were computed from integer counts carry an sd of about 1e-15 there)."""
-    return sd <= 1e-9 * max(1.0, abs(mean))
+def sampling_se(seed: dict) -> float:
+    """One seed's standard error of its difference (points) on its ``n`` test points: with ``b`` and ``c`` the
+    points only the base or only the other row keeps, ``100 · √(b + c − (c − b)² / n) / n``, the paired
+    difference of two proportions (the variance McNemar's test is built on)."""
+    n, b, c = seed["n"], seed["base_only"], seed["other_only"]
+    return 100 * math.sqrt(max(0.0, b + c - (c - b) ** 2 / n)) / n
+
+
+def summarise(per_seed: list) -> dict:
+    """The across-seed result of per-seed comparisons (each ``{"seed", "n", "base", "other", "diff",
+    "base_only", "other_only", "p"}``): mean, sd, the spread used (the sd floored at the seeds' mean
+    sampling error), the 95 % interval, the p-value the verdict rests on, and the verdict."""
+    diffs = [p["diff"] for p in per_seed]
+    k = len(diffs)
+    if k == 0:
+        raise ValueError("no seeds to summarise")
+    out = {**mean_interval(diffs, floor=statistics.fmean(sampling_se(p) for p in per_seed)),
+           "above": sum(d > 0 for d in diffs), "below": sum(d < 0 for d in diffs),
+           "significant_seeds": sum(p["p"] < ALPHA for p in per_seed)}
+    if k == 1:
+        out["p"] = per_seed[0]["p"]
+    out["verdict"] = ("higher" if out["mean"] > 0 else "lower") if out["p"] < ALPHA else "no difference detected"
+    return out
 
 
 def verdict_p(result: dict) -> float:
-    """The p-value a comparison's verdict rests on: the t-test over seeds, or McNemar's with one seed.
-    Computed from the stored numbers, so tables written before it existed get it too."""
-    if result["k"] >= 2:
-        return t_test_p(result["mean"], result["sd"], result["k"])
-    return result["per_seed"][0]["p"]
+    """The p-value a comparison's verdict rests on (the t-test over seeds, or McNemar's with one seed), from its
+    stored per-seed counts: a result stored by an earlier version is judged by the current rule."""
+    return summarise(result["per_seed"])["p"]
 
 
 def holm(ps: Sequence[float], alpha: float = ALPHA) -> list[bool]:
     """Holm's step-down correction: which of these p-values are rejections at family-wise error ``alpha``.
     Sorted ascending, the i-th (from 0) is compared with ``alpha / (m - i)``; the first that fails stops it,
-    and it and every larger p fail. Holds for any dependence between the tests (Holm 1979)."""
+    and it and every larger p fail. Holds for any dependence between the tests (Holm 1979). A NaN is 1."""
+    ps = [1.0 if math.isnan(p) else p for p in ps]
     order = sorted(range(len(ps)), key=lambda i: ps[i])
     keep = [False] * len(ps)
     for rank, i in enumerate(order):
@@ -120,15 +142,15 @@ def holm_note(result: dict, holds: bool, m: int) -> str:
         return ""
     # with seeds the p-value is not printed elsewhere in the statement: say it, so the reader sees how far
     # from Holm's threshold it is (3 seeds need t > 20 for p < 0.05 / 20)
-    p = f"t-test p = {p_text(verdict_p(result))} over the {result['k']} seeds: " if result["k"] >= 2 else ""
-    return f"; {p}{'holds' if holds else 'does not hold'} under Holm's correction for the {m} comparisons"
+    p = f"t-test p = {p_text(result['p'])} over the {result['k']} seeds: " if result["k"] >= 2 else ""
+    return f"; {p}{'holds' if holds else 'does not hold'} under Holm's correction for the {m} " \
+           f"comparison{'s' if m != 1 else ''}"
 
 
 def compare(base: dict, other: dict) -> dict:
     """One comparison under one column: ``base`` and ``other`` map seed -> per-example outcomes (the same
     points for both rows of a seed). Per seed: the two accuracies, their difference in points and McNemar's
-    test; across seeds: the mean difference with its interval, how many seeds favour each row, and the
-    verdict ("higher", "lower" or "no difference detected")."""
+    test; across seeds: :func:`summarise`."""
     seeds = sorted(set(base) & set(other))
     if not seeds:
         raise ValueError("the two rows share no seed")
@@ -140,14 +162,7 @@ def compare(base: dict, other: dict) -> dict:
         # from the integer counts: equal differences in images are equal floats, whatever the accuracies
         per_seed.append({"seed": s, "base": kept_b / n, "other": kept_o / n, "diff": 100 * (kept_o - kept_b) / n,
                          **test})
-    result = {"seeds": seeds, "per_seed": per_seed, **mean_interval([p["diff"] for p in per_seed]),
-              "above": sum(p["diff"] > 0 for p in per_seed), "below": sum(p["diff"] < 0 for p in per_seed),
-              "significant_seeds": sum(p["p"] < ALPHA for p in per_seed)}
-    # p < 0.05 is "the interval excludes 0" with seeds (and McNemar's with one), except where every seed gave
-    # the same difference: then the interval is a point and the sign test decides (see t_test_p)
-    p = verdict_p(result)
-    verdict = ("higher" if result["mean"] > 0 else "lower") if p < ALPHA else "no difference detected"
-    return {**result, "p": p, "verdict": verdict}
+    return {"seeds": seeds, "per_seed": per_seed, **summarise(per_seed)}
 
 
 def paired_values(base: Sequence[float], other: Sequence[float]) -> dict:
@@ -177,12 +192,11 @@ def statement(other: str, base: str, column: str, result: dict) -> str:
     "TRADES-SI above TRADES under worst case in 3 of 3 seeds, mean +1.20 points [+0.40, +2.00]"."""
     k = result["k"]
     seeds = f"{k} seed{'s' if k > 1 else ''}"
-    if k >= 2 and same_in_every_seed(result["sd"], result["mean"]):
-        numbers = f"{_points(result['mean'])} points in every seed, so no t interval: sign test p = " \
-                  f"{p_text(verdict_p(result))}; McNemar p < 0.05 in {result['significant_seeds']} of {k}"
-    elif k >= 2:
+    if k >= 2:
+        floored = f" (the seeds' sd, {result['sd']:.2f}, is below one seed's sampling error on these points: " \
+                  f"{result['spread']:.2f} is used)" if result.get("floored") else ""
         numbers = f"mean {_points(result['mean'])} points, 95 % interval [{_points(result['low'])}, " \
-                  f"{_points(result['high'])}]; McNemar p < 0.05 in {result['significant_seeds']} of {k}"
+                  f"{_points(result['high'])}]{floored}; McNemar p < 0.05 in {result['significant_seeds']} of {k}"
     else:
         p = result["per_seed"][0]
         kept = f"{p['other_only']} point{'' if p['other_only'] == 1 else 's'}"

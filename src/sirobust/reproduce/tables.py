@@ -17,7 +17,7 @@ from typing import Optional
 from ..markdown import markdown_table
 from .plan import changed_settings, result_name
 from .schema import Column
-from .stats import holm, holm_note, verdict_p
+from .stats import holm, holm_note, statement, summarise
 
 
 def column_key(col) -> str:
@@ -110,7 +110,7 @@ def _mean_sd(values: list):
 def aggregate(plan, cells: list[dict], outcomes: list[dict]) -> tuple[list, list]:
     """The table's rows (one per row and setting: the mean over its seeds, with each seed's values kept in
     ``per_seed``) and the paired comparisons of ``plan.comparisons`` (see :mod:`.stats`)."""
-    from .stats import compare, statement
+    from .stats import compare
     groups: dict = {}
     for cell, outcome in zip(cells, outcomes):
         groups.setdefault((cell["row"], cell["row_group"], cell["column_group"]), []).append((cell, outcome))
@@ -318,12 +318,15 @@ def comparison_lines(summary: dict) -> list[str]:
         return []
     k = len(summary.get("seeds") or [None])
     how = ("McNemar's exact test on the same test points for each seed, and the mean difference over the seeds "
-           "with its 95 % t interval; a difference is stated when that interval excludes 0" if k > 1 else
+           "with its 95 % t interval (the seeds' spread taken as at least one seed's sampling error on these "
+           "points); a difference is stated when that interval excludes 0" if k > 1 else
            "McNemar's exact test on the same test points; one seed, so a difference is stated when p < 0.05, and "
            "it says nothing of another seed's run")
-    # Holm over every comparison of the table, from the stored numbers (a table written before this existed
-    # gets it too): many comparisons at 5 % each make some false statements likely.
-    holds = holm([verdict_p(c) for c in found])
+    # Every statement is rebuilt from the stored per-seed counts, so a table written by an earlier version is
+    # judged by the current rules; then Holm over all of them: many comparisons at 5 % each make some false
+    # statements likely.
+    found = [{**c, **summarise(c["per_seed"])} for c in found]
+    holds = holm([c["p"] for c in found])
     notes = {id(c): holm_note(c, h, len(found)) for c, h in zip(found, holds)}
     lines = ["", f"**Paired comparisons** ({how}; each stated difference says whether it survives Holm's correction "
              f"for the {len(found)} comparisons here, family-wise error 5 %). Generated from the numbers:"]
@@ -333,14 +336,14 @@ def comparison_lines(summary: dict) -> list[str]:
         if where and len(settings) > 1:
             lines.append(f"- {where}:")
         indent = "  " if where and len(settings) > 1 else ""
-        lines += [f"{indent}- {_with_note(c['statement'], notes[id(c)])}" for c in found
-                  if (c["row_group"], c["column_group"]) == setting]
+        lines += [f"{indent}- {_with_note(statement(c['other'], c['base'], c['column'], c), notes[id(c)])}"
+                  for c in found if (c["row_group"], c["column_group"]) == setting]
     return lines
 
 
-def _with_note(statement: str, note: str) -> str:
+def _with_note(text: str, note: str) -> str:
     """The statement with Holm's verdict inside its closing parenthesis."""
-    return statement[:-1] + note + ")" if note and statement.endswith(")") else statement + note
+    return text[:-1] + note + ")" if note and text.endswith(")") else text + note
 
 
 def overrides_lines(summary: dict) -> list[str]:
