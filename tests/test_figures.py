@@ -185,6 +185,24 @@ def fig4(model, other, data):
     return res
 
 
+def test_weight_surfaces_along_several_directions(model, other, data, fig4):
+    """Direction 1 is the one-direction figure's (the same stream, the same numbers); the others are new draws,
+    the same for every model; ``rise`` is the mean loss change over δ ≠ 0."""
+    x, y = data
+    res = figures.weight_loss_surfaces({"TRADES": model, "TRADES-SI": other}, (x, y), eps=EPS,
+                                       deltas=[-0.5, 0.0, 0.5], n=N, steps=3, seed=0, directions=3)
+    assert res["models"] == fig4["models"] and len(res["more_directions"]) == 2
+    for j, more in enumerate(res["more_directions"], start=1):
+        assert set(more) == {"TRADES", "TRADES-SI"}
+        assert more["TRADES"]["direction"]["seed_stream"] == f"fig4/weight-direction/{j}"
+        assert more["TRADES"]["loss"][1] == res["models"]["TRADES"]["loss"][1]  # δ = 0: the same model
+        assert more["TRADES"]["loss"] != res["models"]["TRADES"]["loss"]       # elsewhere: another direction
+    r = res["more_directions"][0]["TRADES-SI"]
+    assert figures.rise(r) == pytest.approx((r["loss_change"][0] + r["loss_change"][2]) / 2)
+    with pytest.raises(ValueError, match="directions must be at least 1"):
+        figures.weight_loss_surfaces({"TRADES": model}, (x, y), eps=EPS, directions=0)
+
+
 def test_weight_surface_values(model, data, fig4):
     x, y = data[0][:N], data[1][:N]
     r = fig4["models"]["TRADES"]

@@ -773,6 +773,48 @@ def test_fig5_seed_summary_states_a_difference_only_when_the_seeds_interval_excl
     assert down.startswith("- A-SI's mean cos θ_y is below A's")
 
 
+def test_fig4_over_training_seeds_and_directions_compares_how_fast_the_loss_rises(tmp_path):
+    """Fig. 4 takes a seed axis and several random directions: each seed's models along the same draws, the
+    rise per direction in a table, the per-seed mean differences and their interval across seeds."""
+    from sirobust.experiments.figures import rise
+    from sirobust.reproduce.figures import to_markdown
+    text = TINY_FIGURE.replace('figure_kind = "fig5"', 'figure_kind = "fig4"').replace(
+        "n = 20\nbins = 10\nsteps = 2", "n = 8\nsteps = 2\ndeltas = [-0.5, 0.0, 0.5]\ndirections = 2")
+    assert "directions = 2" in text
+    cfg = _write(tmp_path, text, "tinyfig4.toml")
+    summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out"), progress=False, log=_quiet,
+                        overrides={"seeds": [0, 1]})
+    data = summary["data"]
+    assert data["seeds"] == [0, 1]
+    for s in ("0", "1"):
+        assert len(data["per_seed"][s]["more_directions"]) == 1
+    md = to_markdown(summary)
+    r = rise(data["per_seed"]["1"]["more_directions"][0]["AT-SI"])
+    assert f"| AT-SI | 1 | {rise(data['per_seed']['1']['models']['AT-SI']):.3f} | {r:.3f} |" in md
+    assert "over 2 seeds, 95 % interval" in md and "flatter along" in md
+    with pytest.raises(ConfigError, match=r"directions: expected an integer >= 1"):
+        make_plan(load_experiment(str(_write(tmp_path, text.replace("directions = 2", "directions = 0"),
+                                              "bad.toml"))), "smoke")
+
+
+def test_fig4_seed_summary_states_flatter_only_when_the_seeds_interval_excludes_0():
+    from sirobust.reproduce.figures import _summary4_seeds
+
+    def figure(rises_by_seed):  # {seed: (base rises, other rises)}, one per direction, at δ = ±1
+        per = {}
+        for s, (b, o) in rises_by_seed.items():
+            curve = lambda r: {"deltas": [-1.0, 0.0, 1.0], "loss_change": [r, 0.0, r]}  # noqa: E731
+            per[str(s)] = {"labels": ["A", "A-SI"], "models": {"A": curve(b[0]), "A-SI": curve(o[0])},
+                           "more_directions": [{"A": curve(x), "A-SI": curve(y)} for x, y in zip(b[1:], o[1:])]}
+        return {"seeds": sorted(rises_by_seed), "per_seed": per}
+    flat = _summary4_seeds(figure({0: ([1.0, 1.2, 0.9], [0.8, 1.0, 0.7]), 1: ([1.1, 1.0, 1.3], [0.85, 0.8, 1.05]),
+                                   2: ([0.9, 1.1, 1.0], [0.7, 0.85, 0.8])}))[-1]
+    assert flat.startswith("- A-SI's weight loss surface is flatter than A's") and "flatter in 3 of 3 seeds" in flat
+    mixed = _summary4_seeds(figure({0: ([1.0, 1.2], [0.8, 1.0]), 1: ([1.0, 1.1], [1.3, 1.4]),
+                                    2: ([1.0, 0.9], [0.95, 0.9])}))[-1]
+    assert mixed.startswith("- A-SI vs A: no difference detected")
+
+
 def test_fig5_rows_that_set_their_own_seeds_stay_one_figure(tmp_path):
     """A seed axis makes Fig. 5 per-seed; rows trained with seeds of their own (no axis) are compared as they
     always were, in one figure."""

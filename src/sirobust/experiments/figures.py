@@ -306,11 +306,13 @@ def _adversarial_loss(model, x, y, idx, eps, steps, alpha, seed, batch_size) -> 
 def weight_loss_surface(model: nn.Module, data, eps: Optional[float] = None, deltas: Optional[Sequence[float]] = None,
                         n: int = 1000, seed: int = 0, steps: int = 10, alpha: Optional[float] = None,
                         batch_size: int = 256, indices: Optional[Sequence[int]] = None,
-                        direction: Optional[Mapping[str, torch.Tensor]] = None, log: Log = None) -> dict:
+                        direction: Optional[Mapping[str, torch.Tensor]] = None, direction_index: int = 0,
+                        log: Log = None) -> dict:
     """Fig. 4 (paper Sec. 5.4.3, following Wu et al. 2020): the adversarial loss along a weight direction.
 
     For each ``δ`` in ``deltas`` (default 21 points on [-1, 1]) the weights are set to ``w + δ·d``, ``d``
-    from :func:`filter_normalized_direction` (seeded from ``seed``, or given as ``direction``), PGD-10
+    from :func:`filter_normalized_direction` (seeded from ``seed`` and ``direction_index``, the ``direction_index``-th
+    random direction of that seed, or given as ``direction``), PGD-10
     examples are generated against *that* perturbed model, and their mean CE over the first ``n`` images
     is the adversarial loss. ``loss_change`` is that minus the loss at δ = 0 (what the paper plots);
     computed separately when 0 is not among ``deltas``. The weights are restored bit for bit afterwards,
@@ -325,8 +327,10 @@ def weight_loss_surface(model: nn.Module, data, eps: Optional[float] = None, del
         raise ValueError(f"deltas must be a non-empty list of finite numbers, got {deltas}")
     x, y, idx, name = examples(data, n, indices)
     params = dict(model.named_parameters())
+    # direction 0 keeps the stream it always had, so a one-direction figure draws the direction it always drew
+    stream = "fig4/weight-direction" + (f"/{direction_index}" if direction_index else "")
     if direction is None:
-        direction = filter_normalized_direction(model, stream_key(seed, "fig4/weight-direction"))
+        direction = filter_normalized_direction(model, stream_key(seed, stream))
     elif set(direction) - set(params) or any(direction[k].shape != params[k].shape for k in direction):
         raise ValueError("direction must map parameter names of the model to tensors of their shapes")
     moved = {k: d for k, d in direction.items() if bool(d.ne(0).any())}  # parameters that actually move
@@ -360,24 +364,44 @@ def weight_loss_surface(model: nn.Module, data, eps: Optional[float] = None, del
             "clean_loss": clean, "robust_accuracy": acc, "loss_at_zero": at_zero, "n": len(y), "eps": eps,
             "steps": steps, "alpha": eps / 4 if alpha is None else alpha, "seed": seed,
             "direction": {"kind": "gaussian, filter-normalised (Li et al. 2018); biases and batch norm: 0",
-                          "perturbed_parameters": sorted(moved), "seed_stream": "fig4/weight-direction"},
+                          "perturbed_parameters": sorted(moved), "seed_stream": stream},
             **_provenance(model, name)}
 
 
 def weight_loss_surfaces(models: Mapping[str, nn.Module], data, eps: Optional[float] = None, log: Log = None,
-                         **kw) -> dict:
+                         directions: int = 1, **kw) -> dict:
     """:func:`weight_loss_surface` for several models (label -> model) with the same seed, so models of one
     architecture move along the same direction pattern and see the same examples and random starts.
-    Returns {"figure": "fig4", "labels": [...], "deltas", "eps", "models": {label: result}}."""
+
+    One random direction is one draw: with ``directions`` > 1 each model is also moved along the 2nd, 3rd, ...
+    direction of the seed (the same draws for every model, each filter-normalised to its own weights), so
+    "flatter" can be judged over several directions, paired draw by draw (:func:`rise`).
+    Returns {"figure": "fig4", "labels": [...], "deltas", "eps", "models": {label: result along direction 0},
+    "more_directions": [{label: result along direction j} for j = 1 .. directions - 1]}."""
     if not models:
         raise ValueError("models is empty: give at least one {label: model}")
-    out = {}
+    if directions < 1:
+        raise ValueError(f"directions must be at least 1, got {directions}")
+    out, more = {}, [{} for _ in range(directions - 1)]
     for label, model in models.items():
-        if log:
-            log(f"fig4: {label}")
-        out[label] = weight_loss_surface(model, data, eps, log=log, **kw)
+        for j in range(directions):
+            if log:
+                log(f"fig4: {label}" + (f", direction {j + 1} of {directions}" if directions > 1 else ""))
+            result = weight_loss_surface(model, data, eps, log=log, direction_index=j, **kw)
+            (out if j == 0 else more[j - 1])[label] = result
     first = next(iter(out.values()))
-    return {"figure": "fig4", "labels": list(out), "deltas": first["deltas"], "eps": first["eps"], "models": out}
+    return {"figure": "fig4", "labels": list(out), "deltas": first["deltas"], "eps": first["eps"], "models": out,
+            "more_directions": more}
+
+
+def rise(result: Mapping) -> float:
+    """How fast the adversarial loss rises along one direction: the mean of ``loss_change`` over the offsets
+    δ ≠ 0 (an area above the loss at δ = 0, for a grid symmetric about it). Smaller is flatter, the paper's
+    Fig. 4 claim for TRADES-SI."""
+    changes = [c for d, c in zip(result["deltas"], result["loss_change"]) if d != 0]
+    if not changes:
+        raise ValueError("no offset δ ≠ 0 to measure a rise along")
+    return sum(changes) / len(changes)
 
 
 def _by_label(result: dict) -> dict:

@@ -79,8 +79,8 @@ def figure_flops(plan) -> float:
     if kind == "fig3":
         return fig.get("images", 10) * (fig.get("grid", 21) ** 2 + 3 * fig.get("steps", 10)) * per_forward
     if kind == "fig4":
-        return len(cells) * len(fig.get("deltas", [0] * 11)) * fig.get("n", 1000) * 3 * fig.get("steps", 10) \
-            * per_forward
+        return len(cells) * fig.get("directions", 1) * len(fig.get("deltas", [0] * 11)) * fig.get("n", 1000) * 3 \
+            * fig.get("steps", 10) * per_forward
     return len(cells) * fig.get("n", 1000) * 3 * fig.get("steps", 10) * per_forward
 
 

@@ -17,6 +17,7 @@ from ..runfolder import command_line
 from .plan import FIGURE_EVAL_KEYS, SEEDED_FIGURES, display
 from .tables import overrides_lines
 from .runner import EVAL_VERSION
+from .stats import paired_values
 
 
 def _rows(runner, wanted) -> list:
@@ -135,11 +136,79 @@ def _summary3(data) -> list:
 
 def _summary4(data) -> list:
     deltas = data["deltas"]
+    more = data.get("more_directions") or []
     lines = markdown_table(["δ", *data["labels"]],
                            ([f"{d:g}", *(f"{data['models'][m]['loss_change'][i]:+.3f}" for m in data["labels"])]
                             for i, d in enumerate(deltas)), "r" * (1 + len(data["labels"])))
-    return ["Change of the adversarial loss (CE on PGD-10 examples against the perturbed weights) along a random "
-            "filter-normalised direction:", "", *lines]
+    out = ["Change of the adversarial loss (CE on PGD-10 examples against the perturbed weights) along a random "
+           "filter-normalised direction" + (f" (the first of {1 + len(more)}, plotted)" if more else "") + ":", "",
+           *lines]
+    if not more:
+        return out
+    rises = _rises(data)
+    rows = [[str(j + 1), *(f"{rises[m][j]:.3f}" for m in data["labels"])] for j in range(1 + len(more))]
+    out += ["", f"Mean rise of the adversarial loss over δ ≠ 0 along each of the {1 + len(more)} directions (the same "
+            "random draws for every model, each filter-normalised to its weights; smaller is flatter):", "",
+            *markdown_table(["direction", *data["labels"]], rows, "r" * (1 + len(data["labels"])))]
+    base = data["labels"][0]
+    for other in data["labels"][1:]:
+        try:
+            r = paired_values(rises[base], rises[other])
+        except ImportError:  # the test's quantiles are scipy's; the table above stands without them
+            continue
+        out.append(f"- {other} − {base}, direction by direction: mean {r['mean']:+.3f} (95 % interval "
+                   f"[{r['low']:+.3f}, {r['high']:+.3f}]), smaller rise along {r['smaller']} of {r['n']} directions. "
+                   "One model of each: this compares these two trained models, not the methods over training seeds.")
+    return out
+
+
+def _rises(data) -> dict:
+    """{label: [rise along each direction]} (see :func:`sirobust.experiments.figures.rise`)."""
+    from ..experiments.figures import rise
+    every = [data["models"], *(data.get("more_directions") or [])]
+    return {m: [rise(d[m]) for d in every] for m in data["labels"]}
+
+
+def _summary4_seeds(data) -> list:
+    """Fig. 4 over training seeds: each seed's models' rise along the directions, then each model against the first
+    across the seeds (the mean of the per-seed mean differences with its t interval; the seeds' spread taken as at
+    least one seed's standard error over its directions, when there are several)."""
+    from .stats import mean_interval
+    seeds, per = data["seeds"], data["per_seed"]
+    labels = per[str(seeds[0])]["labels"]
+    rises = {s: _rises(per[str(s)]) for s in seeds}
+    k = len(rises[seeds[0]][labels[0]])
+    rows = [[m, str(s), *(f"{v:.3f}" for v in rises[s][m]), f"{sum(rises[s][m]) / k:.3f}"] for m in labels
+            for s in seeds]
+    lines = [f"Mean rise of the adversarial loss over δ ≠ 0 (CE on PGD-10 examples against the perturbed weights; "
+             f"smaller is flatter) along {k} random filter-normalised direction{'s' if k > 1 else ''}, the same draws "
+             f"for every model, for each training seed's models (the image shows seed {seeds[0]}'s, along the "
+             "first direction):", "",
+             *markdown_table(["model", "seed", *(f"direction {j + 1}" for j in range(k)), "mean"], rows,
+                             "lr" + "r" * (k + 1)), ""]
+    base = labels[0]
+    for other in labels[1:]:
+        diffs = {s: [o - b for b, o in zip(rises[s][base], rises[s][other])] for s in seeds}
+        try:
+            tests = {s: mean_interval(d) for s, d in diffs.items()}
+            floor = sum(t["sd"] / k ** 0.5 for t in tests.values()) / len(seeds) if k > 1 else 0.0
+            across = mean_interval([t["mean"] for t in tests.values()], floor=floor)
+        except ImportError:
+            lines.append(f"- {other} against {base}: not tested (scipy is not installed).")
+            continue
+        detected = across["p"] < 0.05
+        floored = (f" (the seeds' sd, {across['sd']:.3f}, is below one seed's standard error over its directions: "
+                   f"{across['spread']:.3f} is used)" if across["floored"] else "")
+        numbers = (f"mean difference in rise {across['mean']:+.3f} over {len(seeds)} seeds, 95 % interval "
+                   f"[{across['low']:+.3f}, {across['high']:+.3f}]{floored}; {other} flatter in "
+                   f"{sum(t['mean'] < 0 for t in tests.values())} of {len(seeds)} seeds")
+        verdict = (f"{_possessive(other)} weight loss surface is {'steeper' if across['mean'] > 0 else 'flatter'} "
+                   f"than {_possessive(base)}" if detected else f"{other} vs {base}: no difference detected in how "
+                   "fast the adversarial loss rises")
+        each = "; ".join(f"seed {s}: {t['mean']:+.3f}, flatter along {sum(d < 0 for d in diffs[s])} of {k}"
+                         for s, t in tests.items())
+        lines.append(f"- {verdict} ({numbers}). Per seed, the mean difference over the directions: {each}.")
+    return lines
 
 
 def _summary5(data) -> list:
@@ -152,7 +221,7 @@ def _summary5(data) -> list:
 
 def _paired5(data) -> list:
     """Each model against the first, image by image (the same test images, each attacked on its own model)."""
-    from .stats import p_text, paired_values
+    from .stats import p_text
     base = data["labels"][0]
     lines = []
     for other in data["labels"][1:]:
@@ -173,7 +242,7 @@ def _paired5(data) -> list:
 def _summary5_seeds(data) -> list:
     """Fig. 5 over training seeds: each seed's models, then each model against the first across the seeds (the
     mean of the per-seed mean differences with its t interval; a difference only where it excludes 0)."""
-    from .stats import mean_interval, p_text, paired_values
+    from .stats import mean_interval, p_text
     seeds, per = data["seeds"], data["per_seed"]
     labels = per[str(seeds[0])]["labels"]
     rows = [[m, str(s), f"{r['mean']:.3f}", f"{r['median']:.3f}", f"{100 * r['robust_accuracy']:.1f} %"]
@@ -217,7 +286,7 @@ def _possessive(name: str) -> str:
 
 
 SUMMARIES = {"fig1": _summary1, "fig3": _summary3, "fig4": _summary4, "fig5": _summary5}
-SEEDED_SUMMARIES = {"fig5": _summary5_seeds}
+SEEDED_SUMMARIES = {"fig4": _summary4_seeds, "fig5": _summary5_seeds}
 
 
 # ---------------------------------------------------------------- Fig. 1
@@ -267,13 +336,15 @@ def _fig4(runner, cells, fig) -> dict:
     dataset = cells[0].dataset
     return figures.weight_loss_surfaces(_models(runner, cells), runner.test_set(dataset), eps=_eps(runner, dataset),
                                         deltas=fig.get("deltas"), n=fig.get("n", 1000), seed=fig.get("seed", 0),
-                                        steps=fig.get("steps", 10), log=runner.log)
+                                        steps=fig.get("steps", 10), directions=fig.get("directions", 1),
+                                        log=runner.log)
 
 
-def _plot4(data, stem: Path, cells, eps) -> list:
+def _plot4(data, stem: Path, cells, eps, note: str = "") -> list:
     from ..experiments import figures
-    saved = figures.plot_weight_loss_surface(data, stem.with_suffix(".png"),
-                                             title=_title(cells[0], eps, "Weight loss surfaces"))
+    what = "Weight loss surfaces" + (" along the first direction" if data.get("more_directions") else "")
+    saved = figures.plot_weight_loss_surface(data, stem.with_suffix(".png"), title=_title(
+        cells[0], eps, what + (f" ({note})" if note else "")))
     return [saved.png, saved.pdf]
 
 

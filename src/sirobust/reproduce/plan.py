@@ -100,8 +100,9 @@ class Plan:
 
 
 # The figures that compare methods, whose data is computed for each training seed and compared across the seeds
-# (Fig. 5: cos θ_y of TRADES and TRADES-SI); the others describe one model (Figs. 1, 3) or draw curves (Fig. 4).
-SEEDED_FIGURES = ("fig5",)
+# (Fig. 4: how fast TRADES' and TRADES-SI's adversarial loss rises along random weight directions; Fig. 5: their
+# cos θ_y); the others describe one model (Figs. 1, 3).
+SEEDED_FIGURES = ("fig4", "fig5")
 
 
 def preset_of(exp: Experiment, name: str) -> Preset:
@@ -367,7 +368,7 @@ def _check_figure(exp: Experiment, figure: dict, labels: list, cli: dict, preset
     grid = figure.get("grid")
     if grid is not None and (grid < 3 or grid % 2 == 0):
         raise ConfigError(f"{where('grid')}: must be odd and at least 3 (0 on the grid), got {grid}")
-    lows = {"images": 1, "n": 1, "steps": 1, "seed": 0, "points": 2, "bins": 2}
+    lows = {"images": 1, "n": 1, "steps": 1, "seed": 0, "points": 2, "bins": 2, "directions": 1}
     for key, low in lows.items():
         if key in figure and figure[key] < low:
             raise ConfigError(f"{where(key)}: expected an integer >= {low}, got {figure[key]}")

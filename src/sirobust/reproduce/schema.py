@@ -263,7 +263,8 @@ PRESET_SCHEMA = {
 FIGURE_SCHEMAS = {
     "fig1": {"alpha_min": float, "alpha_max": float, "points": int, "attacks": ("list", str), "model": str},
     "fig3": {"images": int, "grid": int, "steps": int, "seed": int, "model": str},
-    "fig4": {"n": int, "deltas": ("list", float), "steps": int, "seed": int, "models": ("list", str)},
+    "fig4": {"n": int, "deltas": ("list", float), "steps": int, "seed": int, "models": ("list", str),
+             "directions": int},
     "fig5": {"n": int, "bins": int, "steps": int, "seed": int, "models": ("list", str)},
 }
 TOP_SCHEMA = {
