@@ -197,10 +197,7 @@ def _summary4_seeds(data) -> list:
             lines.append(f"- {other} against {base}: not tested (scipy is not installed).")
             continue
         detected = across["p"] < 0.05
-        floored = (f" (the seeds' sd, {across['sd']:.3f}, is below one seed's standard error over its directions: "
-                   f"{across['spread']:.3f} is used)" if across["floored"] else "")
-        numbers = (f"mean difference in rise {across['mean']:+.3f} over {len(seeds)} seeds, 95 % interval "
-                   f"[{across['low']:+.3f}, {across['high']:+.3f}]{floored}; {other} flatter in "
+        numbers = (f"{_across_text(across, 'mean difference in rise', 'directions')}; {other} flatter in "
                    f"{sum(t['mean'] < 0 for t in tests.values())} of {len(seeds)} seeds")
         verdict = (f"{_possessive(other)} weight loss surface is {'steeper' if across['mean'] > 0 else 'flatter'} "
                    f"than {_possessive(base)}" if detected else f"{other} vs {base}: no difference detected in how "
@@ -269,16 +266,21 @@ def _summary5_seeds(data) -> list:
         detected = across["low"] > 0 or across["high"] < 0
         each = "; ".join(f"seed {s}: {t['mean']:+.3f}, larger on {t['larger']} of {t['n']}, Wilcoxon p = "
                          f"{p_text(t['p'])}" for s, t in zip(seeds, tests))
-        floored = (f" (the seeds' sd, {across['sd']:.3f}, is below one seed's standard error over its images: "
-                   f"{across['spread']:.3f} is used)" if across["floored"] else "")
-        numbers = (f"mean difference {across['mean']:+.3f} over {len(seeds)} seeds, 95 % interval "
-                   f"[{across['low']:+.3f}, {across['high']:+.3f}]{floored}; {other} larger in "
+        numbers = (f"{_across_text(across, 'mean difference', 'images')}; {other} larger in "
                    f"{sum(t['mean'] > 0 for t in tests)} of {len(seeds)} seeds")
         verdict = (f"{_possessive(other)} mean cos θ_y is {'above' if across['mean'] > 0 else 'below'} "
                    f"{_possessive(base)}"
                    if detected else f"{other} vs {base}: no difference detected in mean cos θ_y")
         lines.append(f"- {verdict} ({numbers}). Image by image, per seed: {each}.")
     return lines
+
+
+def _across_text(across: dict, what: str, units: str) -> str:
+    """"mean difference +0.071 over 3 seeds, 95 % interval [...]" (saying when the spread was floored)."""
+    floored = (f" (the seeds' sd, {across['sd']:.3f}, is below one seed's standard error over its {units}: "
+               f"{across['spread']:.3f} is used)" if across["floored"] else "")
+    return (f"{what} {across['mean']:+.3f} over {across['k']} seeds, 95 % interval [{across['low']:+.3f}, "
+            f"{across['high']:+.3f}]{floored}")
 
 
 def _possessive(name: str) -> str:
