@@ -186,21 +186,34 @@ def fig4(model, other, data):
 
 
 def test_weight_surfaces_along_several_directions(model, other, data, fig4):
-    """Direction 1 is the one-direction figure's (the same stream, the same numbers); the others are new draws,
-    the same for every model; ``rise`` is the mean loss change over δ ≠ 0."""
+    """The first direction (index 0) is the one-direction figure's (the same stream, the same numbers); the
+    others (index 1, 2) are new draws, the same for every model; ``rise`` is the mean loss change over δ ≠ 0."""
     x, y = data
     res = figures.weight_loss_surfaces({"TRADES": model, "TRADES-SI": other}, (x, y), eps=EPS,
                                        deltas=[-0.5, 0.0, 0.5], n=N, steps=3, seed=0, directions=3)
     assert res["models"] == fig4["models"] and len(res["more_directions"]) == 2
     for j, more in enumerate(res["more_directions"], start=1):
         assert set(more) == {"TRADES", "TRADES-SI"}
-        assert more["TRADES"]["direction"]["seed_stream"] == f"fig4/weight-direction/{j}"
-        assert more["TRADES"]["loss"][1] == res["models"]["TRADES"]["loss"][1]  # δ = 0: the same model
-        assert more["TRADES"]["loss"] != res["models"]["TRADES"]["loss"]       # elsewhere: another direction
+        for label in more:
+            assert more[label]["direction"]["seed_stream"] == f"fig4/weight-direction/{j}"
+            assert more[label]["loss"][1] == res["models"][label]["loss"][1]  # δ = 0: the same model
+            assert more[label]["loss"] != res["models"][label]["loss"]       # elsewhere: another direction
+    # the pairing: each model's 2nd direction is the same draw, filter-normalised to that model, rebuilt by hand
+    for label, net in (("TRADES", model), ("TRADES-SI", other)):
+        d = figures.filter_normalized_direction(net, stream_key(0, "fig4/weight-direction/1"))
+        moved = copy.deepcopy(net)
+        with torch.no_grad():
+            for name, p in moved.named_parameters():
+                p.add_(-0.5 * d[name])
+        _, ref = _pgd_ce(moved, x[:N], y[:N], steps=3)
+        assert res["more_directions"][0][label]["loss"][0] == pytest.approx(ref, rel=1e-5)
     r = res["more_directions"][0]["TRADES-SI"]
     assert figures.rise(r) == pytest.approx((r["loss_change"][0] + r["loss_change"][2]) / 2)
     with pytest.raises(ValueError, match="directions must be at least 1"):
         figures.weight_loss_surfaces({"TRADES": model}, (x, y), eps=EPS, directions=0)
+    with pytest.raises(ValueError, match="give one or the other"):  # one given direction, k draws: refused
+        figures.weight_loss_surfaces({"TRADES": model}, (x, y), eps=EPS, directions=2,
+                                     direction=figures.filter_normalized_direction(model, 0))
 
 
 def test_weight_surface_values(model, data, fig4):

@@ -809,10 +809,33 @@ def test_fig4_seed_summary_states_flatter_only_when_the_seeds_interval_excludes_
         return {"seeds": sorted(rises_by_seed), "per_seed": per}
     flat = _summary4_seeds(figure({0: ([1.0, 1.2, 0.9], [0.8, 1.0, 0.7]), 1: ([1.1, 1.0, 1.3], [0.85, 0.8, 1.05]),
                                    2: ([0.9, 1.1, 1.0], [0.7, 0.85, 0.8])}))[-1]
-    assert flat.startswith("- A-SI's weight loss surface is flatter than A's") and "flatter in 3 of 3 seeds" in flat
+    assert flat.startswith("- A-SI's adversarial loss rises less than A's along these 3 random directions")
+    assert "flatter in 3 of 3 seeds" in flat
     mixed = _summary4_seeds(figure({0: ([1.0, 1.2], [0.8, 1.0]), 1: ([1.0, 1.1], [1.3, 1.4]),
                                     2: ([1.0, 0.9], [0.95, 0.9])}))[-1]
     assert mixed.startswith("- A-SI vs A: no difference detected")
+    # the seeds agree exactly (sd 0) but each seed's directions scatter: the floor, one seed's standard error over
+    # its directions, decides, and it is no difference (without it: t infinite, "less")
+    noisy = ([1.0, 1.0, 1.0, 1.0], [0.4, 1.3, 0.5, 1.2])
+    floored = _summary4_seeds(figure({0: noisy, 1: noisy, 2: noisy}))[-1]
+    assert floored.startswith("- A-SI vs A: no difference detected") and "the seeds' sd, 0.000" in floored
+    # one direction, the same draw in every seed: said, not generalised
+    one = _summary4_seeds(figure({0: ([1.0], [0.8]), 1: ([1.1], [0.85]), 2: ([0.9], [0.7])}))[-1]
+    assert "along the one random direction drawn (the same in every seed)" in one
+
+
+def test_fig4_one_seed_several_directions_and_a_grid_without_offsets():
+    from sirobust.reproduce.figures import _summary4
+    curve = lambda r: {"deltas": [-1.0, 0.0, 1.0], "loss_change": [r, 0.0, r]}  # noqa: E731
+    data = {"labels": ["A", "A-SI"], "deltas": [-1.0, 0.0, 1.0], "models": {"A": curve(1.0), "A-SI": curve(0.7)},
+            "more_directions": [{"A": curve(1.2), "A-SI": curve(0.9)}, {"A": curve(0.9), "A-SI": curve(0.8)}]}
+    text = "\n".join(_summary4(data))
+    assert "| 2 | 1.200 | 0.900 |" in text and "smaller rise along 3 of 3 directions" in text
+    assert "\n\n- A-SI − A, direction by direction" in text  # a paragraph of its own after the table
+    del data["more_directions"]  # a figure stored before directions existed
+    assert "Mean rise" not in "\n".join(_summary4(data))
+    with pytest.raises(ConfigError, match="at least one step δ ≠ 0"):
+        make_plan(load_experiment("fig4"), "smoke", {"figure": {"deltas": [0.0]}})
 
 
 def test_fig5_rows_that_set_their_own_seeds_stay_one_figure(tmp_path):

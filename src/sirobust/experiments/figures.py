@@ -374,14 +374,18 @@ def weight_loss_surfaces(models: Mapping[str, nn.Module], data, eps: Optional[fl
     architecture move along the same direction pattern and see the same examples and random starts.
 
     One random direction is one draw: with ``directions`` > 1 each model is also moved along the 2nd, 3rd, ...
-    direction of the seed (the same draws for every model, each filter-normalised to its own weights), so
-    "flatter" can be judged over several directions, paired draw by draw (:func:`rise`).
+    direction of the seed (``direction_index`` 1, 2, ...; the same draws for every model, each filter-normalised
+    to its own weights), so "flatter" can be judged over several directions, paired draw by draw (:func:`rise`).
+    The draws depend on ``seed`` alone: models of several training seeds, given the same ``seed``, share them.
     Returns {"figure": "fig4", "labels": [...], "deltas", "eps", "models": {label: result along direction 0},
     "more_directions": [{label: result along direction j} for j = 1 .. directions - 1]}."""
     if not models:
         raise ValueError("models is empty: give at least one {label: model}")
     if directions < 1:
         raise ValueError(f"directions must be at least 1, got {directions}")
+    if directions > 1 and kw.get("direction") is not None:
+        raise ValueError("direction is one given direction: with directions > 1 each is drawn from the seed; give "
+                         "one or the other")
     out, more = {}, [{} for _ in range(directions - 1)]
     for label, model in models.items():
         for j in range(directions):

@@ -151,6 +151,7 @@ def _summary4(data) -> list:
             "random draws for every model, each filter-normalised to its weights; smaller is flatter):", "",
             *markdown_table(["direction", *data["labels"]], rows, "r" * (1 + len(data["labels"])))]
     base = data["labels"][0]
+    out.append("")
     for other in data["labels"][1:]:
         try:
             r = paired_values(rises[base], rises[other])
@@ -199,9 +200,13 @@ def _summary4_seeds(data) -> list:
         detected = across["p"] < 0.05
         numbers = (f"{_across_text(across, 'mean difference in rise', 'directions')}; {other} flatter in "
                    f"{sum(t['mean'] < 0 for t in tests.values())} of {len(seeds)} seeds")
-        verdict = (f"{_possessive(other)} weight loss surface is {'steeper' if across['mean'] > 0 else 'flatter'} "
-                   f"than {_possessive(base)}" if detected else f"{other} vs {base}: no difference detected in how "
-                   "fast the adversarial loss rises")
+        # what was measured: the mean rise along these draws (one draw, the same in every seed, says nothing of
+        # other directions)
+        along = f"along these {k} random directions" if k > 1 else "along the one random direction drawn (the same " \
+                "in every seed)"
+        verdict = (f"{_possessive(other)} adversarial loss rises {'more' if across['mean'] > 0 else 'less'} than "
+                   f"{_possessive(base)} {along}" if detected else
+                   f"{other} vs {base}: no difference detected in how fast the adversarial loss rises {along}")
         each = "; ".join(f"seed {s}: {t['mean']:+.3f}, flatter along {sum(d < 0 for d in diffs[s])} of {k}"
                          for s, t in tests.items())
         lines.append(f"- {verdict} ({numbers}). Per seed, the mean difference over the directions: {each}.")

@@ -372,8 +372,9 @@ def _check_figure(exp: Experiment, figure: dict, labels: list, cli: dict, preset
     for key, low in lows.items():
         if key in figure and figure[key] < low:
             raise ConfigError(f"{where(key)}: expected an integer >= {low}, got {figure[key]}")
-    if "deltas" in figure and not figure["deltas"]:
-        raise ConfigError(f"{where('deltas')}: give at least one step along the direction")
+    if "deltas" in figure and not any(d != 0 for d in figure["deltas"]):
+        raise ConfigError(f"{where('deltas')}: give at least one step δ ≠ 0 along the direction (the figure is "
+                          f"the loss's change away from δ = 0), got {figure['deltas']}")
     lo, hi = figure.get("alpha_min"), figure.get("alpha_max")
     if (lo is not None and lo <= 0) or (hi is not None and hi <= 0) or (lo and hi and lo >= hi):
         raise ConfigError(f"{where('alpha_min' if 'alpha_min' in cli else 'alpha_max')}: expected 0 < alpha_min < "
