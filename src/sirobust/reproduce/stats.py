@@ -116,12 +116,6 @@ def summarise(per_seed: list) -> dict:
     return out
 
 
-def verdict_p(result: dict) -> float:
-    """The p-value a comparison's verdict rests on (the t-test over seeds, or McNemar's with one seed), from its
-    stored per-seed counts: a result stored by an earlier version is judged by the current rule."""
-    return summarise(result["per_seed"])["p"]
-
-
 def holm(ps: Sequence[float], alpha: float = ALPHA) -> list[bool]:
     """Holm's step-down correction: which of these p-values are rejections at family-wise error ``alpha``.
     Sorted ascending, the i-th (from 0) is compared with ``alpha / (m - i)``; the first that fails stops it,
