@@ -17,7 +17,7 @@ from typing import Optional
 from ..markdown import markdown_table
 from .plan import changed_settings, result_name
 from .schema import Column
-from .stats import holm, holm_note, statement, summarise
+from .stats import compare, holm, holm_note, statement, summarise
 
 
 def column_key(col) -> str:
@@ -110,7 +110,6 @@ def _mean_sd(values: list):
 def aggregate(plan, cells: list[dict], outcomes: list[dict]) -> tuple[list, list]:
     """The table's rows (one per row and setting: the mean over its seeds, with each seed's values kept in
     ``per_seed``) and the paired comparisons of ``plan.comparisons`` (see :mod:`.stats`)."""
-    from .stats import compare
     groups: dict = {}
     for cell, outcome in zip(cells, outcomes):
         groups.setdefault((cell["row"], cell["row_group"], cell["column_group"]), []).append((cell, outcome))
