@@ -47,6 +47,17 @@ from sirobust.models import build_model
 
 # H100/H200 SXM (same Hopper tensor cores, H200 only has more and faster memory), dense, no sparsity
 PEAKS = {"bf16": 989.0, "tf32": 495.0, "fp32": 67.0}
+# the other Hopper boards run slower clocks or fewer SMs (NVIDIA's data sheets, dense): the floor follows the board
+PEAKS_BY_BOARD = {"PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0},
+                  "NVL": {"bf16": 835.0, "tf32": 418.0, "fp32": 60.0}}
+
+
+def peaks_for(device_name: str) -> tuple[dict, str]:
+    """(the peaks, which board they are for) for a CUDA device's name: SXM unless the name says PCIe or NVL."""
+    for board, peaks in PEAKS_BY_BOARD.items():
+        if board.lower() in device_name.lower():
+            return peaks, f"Hopper {board}"
+    return PEAKS, "H100/H200 SXM"
 
 
 def pgd_precision_api() -> bool:
@@ -187,9 +198,15 @@ def pgd_rows(name: str, a, device, has_api: bool, notes: list) -> tuple[list, di
 
     rows = []
     for impl, prec, make in contenders:
-        attack = make(copy.deepcopy(model))  # its own copy: a fast path may fold BN or change memory format
-        attack(x_all[:a.pgd_batch_size], y_all[:a.pgd_batch_size])  # warm-up (cuDNN autotuning, allocator)
-        sec, acc = timed(lambda: run(attack), device, a.repeats)
+        try:
+            attack = make(copy.deepcopy(model))  # its own copy: a fast path may fold BN or change memory format
+            attack(x_all[:a.pgd_batch_size], y_all[:a.pgd_batch_size])  # warm-up (cuDNN autotuning, allocator)
+            sec, acc = timed(lambda: run(attack), device, a.repeats)
+        except Exception as e:  # noqa: BLE001 — a peer that fails leaves a note; sirobust's rows are still timed
+            if impl.startswith("sirobust"):
+                raise
+            notes.append(f"{impl} raised {type(e).__name__}: {str(e)[:300]} (no row)")
+            continue
         ran_as = getattr(attack, "ran_as", None)
         if not has_api and impl.startswith("sirobust"):
             prec = f"{ran_as['precision']} (default; no precision keyword)" if ran_as else "fp32 (no precision API)"

@@ -11,6 +11,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench(module: str):
+    """A module of benchmarks/ (which is not a package), imported with that folder on the path for the import."""
+    import importlib
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 def test_quick_check_runs_every_step_on_a_cpu(tmp_path):
     out = tmp_path / "gpu.md"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -34,11 +44,7 @@ def test_quick_check_runs_every_step_on_a_cpu(tmp_path):
 
 
 def test_a_failing_step_is_recorded_and_fails_the_check(monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_check = _bench("gpu_check")
     import torch
     check = gpu_check.Check(torch.device("cpu"))
     check.step("fine", lambda: ["ok"])
@@ -51,26 +57,19 @@ def test_a_failing_step_is_recorded_and_fails_the_check(monkeypatch):
     assert "**FAILED**" in text and "a CUDA path raised" in text and "ok" in text
 
 
-def test_the_full_check_refuses_to_run_without_cuda(capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def test_the_full_check_refuses_to_run_without_cuda(capsys, tmp_path):
+    gpu_check = _bench("gpu_check")
     with pytest.raises(SystemExit) as e:
-        gpu_check.main(["--device", "cpu"])
+        gpu_check.main(["--device", "cpu", "--out", str(tmp_path / "gpu.md")])
     assert e.value.code == 2
     assert "--quick" in capsys.readouterr().err
+    assert "No CUDA device" in (tmp_path / "gpu.md").read_text()  # a caller that reads only the file learns why
 
 
 def test_a_check_stopped_midway_leaves_the_steps_it_finished(tmp_path, monkeypatch):
     """A device window ends when it ends: gpu.md is rewritten after every step, so a check killed by a time
     limit still leaves what it measured, and says how many steps did not finish."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_check = _bench("gpu_check")
     for step in ("pgd_speed", "train_speed", "bf16_accuracy"):
         monkeypatch.setattr(gpu_check, step, lambda *a, name=step: [f"{name} measured"])
 
@@ -82,21 +81,104 @@ def test_a_check_stopped_midway_leaves_the_steps_it_finished(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         gpu_check.main(["--quick", "--device", "cpu", "--out", str(out)])
     text = out.read_text()
-    assert "6 step(s) not finished" in text  # AutoAttack and the five branch steps
+    assert "7 step(s) not finished" in text  # AutoAttack, the five branch steps and the reference
+    assert ("`bash benchmarks/gpu_check.sh --steps autoattack,sync,deterministic,torchrun,compile-evaluate,"
+            "compile-fit,aa-reference --out rest.md`") in text  # what to run in the next window
     assert all(f"{s} measured" in text for s in ("pgd_speed", "train_speed", "bf16_accuracy"))
     assert not (tmp_path / "gpu.md.tmp").exists()
 
 
+def _gpu_check():
+    return _bench("gpu_check")
+
+
+STEP_FUNCTIONS = ("pgd_speed", "train_speed", "bf16_accuracy", "autoattack", "host_sync_branch",
+                  "deterministic_branch", "torchrun_branch", "compile_evaluate_branch", "compile_fit_branch",
+                  "aa_reference")
+
+
+def test_a_check_killed_in_its_first_step_leaves_the_device_and_what_to_run(tmp_path, monkeypatch):
+    gpu_check = _gpu_check()
+
+    def killed(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gpu_check, "pgd_speed", killed)
+    out = tmp_path / "gpu.md"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--quick", "--device", "cpu", "--out", str(out)])
+    text = out.read_text()
+    assert "10 step(s) not finished" in text and "Device CPU" in text and "--steps pgd,train," in text
+
+
+def test_the_budget_leaves_out_the_steps_that_would_end_past_it(tmp_path, monkeypatch):
+    """A step is not started when its estimate would end past --budget: the report names it and the command that
+    runs it, and the exit status (3) says the check is incomplete. --quick scales the estimates by 0.1."""
+    gpu_check = _gpu_check()
+    ran = []
+    for step in STEP_FUNCTIONS:
+        monkeypatch.setattr(gpu_check, step, lambda *a, name=step: ran.append(name) or [f"{name} measured"])
+    out = tmp_path / "gpu.md"
+    assert gpu_check.main(["--quick", "--device", "cpu", "--out", str(out), "--budget", "10"]) == 3
+    assert "autoattack" not in ran and "aa_reference" not in ran and "pgd_speed" in ran  # 12 s each > 10 s
+    text = out.read_text()
+    assert text.startswith("# GPU check (quick smoke test): 2 step(s) left out by the time budget; the others ran")
+    assert "--steps autoattack,aa-reference --out rest.md" in text and "would end past the budget (10 s)" in text
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--quick", "--device", "cpu", "--budget", "0"])
+
+
+def test_a_peer_that_raises_leaves_sirobusts_rows(monkeypatch):
+    """torchattacks failing at run time (not at import) costs its row, not the step: sirobust's rows stand."""
+    gpu_check = _gpu_check()
+    import types
+    import torch
+    import bench_gpu
+
+    class Broken:
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, *a):
+            raise RuntimeError("CUDA error: an illegal memory access")
+    monkeypatch.setattr(bench_gpu, "import_torchattacks", lambda notes=None: types.SimpleNamespace(PGD=Broken))
+    a = types.SimpleNamespace(device=torch.device("cpu"), quick=True,
+                              **{k: quick for k, (_full, quick) in gpu_check.SIZES.items()})
+    state = {}
+    text = "\n".join(gpu_check.pgd_speed(a, torch.device("cpu"), state))
+    assert "torchattacks PGD raised RuntimeError: CUDA error: an illegal memory access (no row)" in text
+    assert "| sirobust PGD (all steps) |" in text and "no torchattacks row to compare with" in text
+
+
+def test_torch_compile_that_cannot_run_on_the_image_says_why(monkeypatch, tmp_path):
+    gpu_check = _gpu_check()
+    import shutil
+    import sysconfig
+    import torch
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert "no C compiler" in gpu_check.compile_blocker(torch.device("cpu"), {})
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})  # no Python.h there
+    assert "no Python.h" in gpu_check.compile_blocker(torch.device("cpu"), {})
+    state = {"compile_blocker": "found before"}
+    assert gpu_check.compile_blocker(torch.device("cpu"), state) == "found before"  # once per check
+
+
+def test_a_torchrun_that_hangs_is_killed_with_its_worker():
+    gpu_check = _gpu_check()
+    import time
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="did not finish in 1 s"):
+        gpu_check.run_group([sys.executable, "-c", "import subprocess, sys, time; "
+                             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"],
+                            dict(os.environ), timeout=1)
+    assert time.perf_counter() - t0 < 30  # the grandchild holding the pipe was killed too
+
+
 def test_steps_runs_only_the_steps_named_and_refuses_unknown_ones(tmp_path, monkeypatch, capsys):
     """After a device window cut the check short, a second call runs the steps it did not finish."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_check = _bench("gpu_check")
     ran = []
-    for step in ("pgd_speed", "train_speed", "bf16_accuracy", "autoattack", "host_sync_branch",
-                 "deterministic_branch", "torchrun_branch", "compile_evaluate_branch", "compile_fit_branch"):
+    for step in STEP_FUNCTIONS:
         monkeypatch.setattr(gpu_check, step, lambda *a, name=step: ran.append(name) or [f"{name} measured"])
     out = tmp_path / "rest.md"
     assert gpu_check.main(["--quick", "--device", "cpu", "--out", str(out),
@@ -110,12 +192,7 @@ def test_steps_runs_only_the_steps_named_and_refuses_unknown_ones(tmp_path, monk
 
 
 def _bench_train():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_train
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return bench_train
+    return _bench("bench_train")
 
 
 @pytest.mark.parametrize("n,batch_size", [(10000, 128), (1024, 128), (100, 128), (130, 128), (16, 8)])
@@ -152,11 +229,7 @@ def test_both_epochs_warm_up_on_every_batch_shape(monkeypatch):
 def test_torchattacks_imports_without_scipy(tmp_path, monkeypatch):
     """The device's image has no scipy, which torchattacks' package imports at the top (TIFGSM, OnePixel): the
     check imports it with stand-ins that raise if used, says so, and leaves no fake scipy behind."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_pgd
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench_pgd = _bench("bench_pgd")
     package = tmp_path / "torchattacks"
     package.mkdir()
     (package / "__init__.py").write_text(
