@@ -222,9 +222,12 @@ def test_an_evaluation_key_holds_the_arithmetic_really_used(tmp_path):
 def test_plan_precedence_and_shared_runs():
     exp = load_experiment("table10")
     plan = make_plan(exp, "mini")
-    # the two HE rows (two views of one model) share one training run
-    he = [c for c in plan.cells if c.train.defense == "he"]
-    assert len(he) == 2 and he[0].train == he[1].train and len(plan.runs) == 3
+    # the two HE rows (two views of one model) share one training run, in each of the preset's seeds
+    assert plan.seeds == [0, 1, 2]
+    for seed in plan.seeds:
+        he = [c for c in plan.cells if c.train.defense == "he" and c.seed == seed]
+        assert len(he) == 2 and he[0].train == he[1].train
+    assert len(plan.runs) == 3 * 3  # TRADES, TRADES-HE and TRADES-SI, each seed
     # the command line beats the preset's force, and replaces an axis rather than repeating it
     plan = make_plan(load_experiment("table6"), "paper", {"train": {"dataset": "svhn", "epochs": 2}})
     assert {c.train.dataset for c in plan.cells} == {"svhn"} and {c.train.epochs for c in plan.cells} == {2}
