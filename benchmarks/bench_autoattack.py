@@ -40,6 +40,12 @@ def reference(model, x, y, eps, attacks, bs, device):
     return robust.float().mean().item(), seconds
 
 
+def _isa(device) -> str:
+    """The CPU's vector instructions as torch uses them (AVX2, AVX512): the ratios depend on them (the small
+    convolutions' kernels are another story on each), so the report names them."""
+    return f" {torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" else ""
+
+
 def ours(model, x, y, eps, attack, bs, device, precision="auto"):
     t0 = time.perf_counter()
     rep = sirobust.evaluate(model, (x, y), attacks=[attack], eps=eps, batch_size=bs, device=device, progress=False,
@@ -99,7 +105,7 @@ def main():
     lines = ["# sirobust AutoAttack vs the reference", "",
              f"cnn-small, PGD-AT 2 epochs on fashion-mnist-mini; the first {a.n} test images (clean accuracy "
              f"{100 * clean:.2f}%), L∞ ε = {a.eps:g}, batch {a.batch_size}, device {device.type} "
-             f"({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}, sirobust precision "
+             f"({platform.machine()}{_isa(device)}, {torch.get_num_threads()} threads), torch {torch.__version__}, sirobust precision "
              f"{a.precision}. Each component "
              "alone on every clean-correct image, then the standard ensemble (each stage on the images still robust). "
              + (f"Each row is {a.repeats} pairs run back to back: median seconds, and the median ratio with its range."

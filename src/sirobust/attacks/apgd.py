@@ -51,14 +51,15 @@ def halve_step(increases: torch.Tensor, window: int, rho: float, reduced_last: t
 def _value_and_grad(model, x_adv, y, loss, target, head, eot_iter):
     """Loss per example, its input gradient (averaged over ``eot_iter`` passes for randomised models), logits,
     and the rows whose gradient is NaN/inf (on the device: the loop raises at its next host sync)."""
-    grad = torch.zeros_like(x_adv)
+    grad = None
     for _ in range(eot_iter):
         xa = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
             value, logits = objective(model, xa, y, loss, target, head)
             g, = torch.autograd.grad(value.sum(), xa)
-        grad += g
-    grad = grad / eot_iter
+        grad = g if grad is None else grad + g
+    if eot_iter > 1:
+        grad = grad / eot_iter
     return value.detach(), grad, logits.detach(), _nonfinite(grad)
 
 
@@ -76,7 +77,12 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
     The host is synchronised only every :func:`~sirobust.attacks.loop.sync_every` steps (every step on a CPU,
     where it is free): in between, the working set stays the same, every per-example update is a
     ``torch.where``, a fooled example keeps stepping (its answer is already kept), and under bf16 the fp32
-    verdicts wait for the sync (:class:`~sirobust.attacks.loop.DeferredVerdicts`)."""
+    verdicts wait for the sync (:class:`~sirobust.attacks.loop.DeferredVerdicts`).
+
+    The state of the examples still attacked is kept compact (:class:`_WorkingSet`): gathered again only when
+    an example leaves it, written back at that moment and at the end. Indexing the full-batch tensors at every
+    step instead (a gather and a scatter per tensor) was a tenth of APGD-T's time on cnn-small on a CPU.
+    """
     x = x.detach()
     n = x.shape[0]
     goal = target if targeted_success else None
@@ -85,63 +91,84 @@ def apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, 
     _raise_if(bad, loss)
     out = x_adv.clone()                      # the answer per example (first fooling point, or best point)
     fooled = fooled_checked(model, x_adv, logits, y, goal, head)  # fp32 where bf16 is unsure
-    best, best_x, best_grad = value.clone(), x_adv.clone(), grad.clone()
-    step = torch.full((n,) + (1,) * (x.dim() - 1), 2.0 * threat.eps, dtype=x.dtype, device=x.device)
+    best_x = x_adv.clone()
     checks = set(apgd_checkpoints(steps))
     window_starts = [0] + sorted(checks)
-    increases = torch.zeros(n, device=x.device)
-    reduced_last = torch.ones(n, dtype=torch.bool, device=x.device)
-    best_at_last = best.clone()
-    prev_value = value.clone()
-    x_prev = x_adv.clone()
     every = sync_every(x.device)
     verdicts = DeferredVerdicts(model, y, goal, head)
     act = torch.arange(n, device=x.device)   # examples still attacked (all of them without early stop)
     if early_stop:
         act = act[~fooled]
+    w = _WorkingSet(act, x=x, y=y, target=target, x_adv=x_adv, x_prev=x_adv.clone(), grad=grad, out=out,
+                    fooled=fooled, best=value, best_x=best_x, best_grad=grad, prev_value=value,
+                    step=torch.full((n,) + (1,) * (x.dim() - 1), 2.0 * threat.eps, dtype=x.dtype, device=x.device),
+                    increases=torch.zeros(n, device=x.device),
+                    reduced_last=torch.ones(n, dtype=torch.bool, device=x.device), best_at_last=value)
+    s = w.state
 
     def keep_fooling(hit: torch.Tensor, points: torch.Tensor) -> None:
-        hit = hit & ~fooled[act]             # the first fooling iterate is the answer
-        out[act] = _where(hit, points, out[act])
-        fooled[act] = fooled[act] | hit
+        s["out"] = _where(hit & ~s["fooled"], points, s["out"])  # the first fooling iterate is the answer
+        s["fooled"] = s["fooled"] | hit
 
     for i in range(steps):
-        if act.numel() == 0:
+        if w.act.numel() == 0:
             break
-        xa, xp, xc = x_adv[act], x_prev[act], x[act]
+        xa = s["x_adv"]
         with torch.no_grad():
             a = 0.75 if i > 0 else 1.0
-            z = threat.project(xa + step[act] * threat.direction(grad[act]), xc)
-            x_new = threat.project(xa + a * (z - xa) + (1 - a) * (xa - xp), xc)
-        x_prev[act] = xa
-        x_adv[act] = x_new
-        t = None if target is None else target[act]
-        v, g, lg, nonfinite = _value_and_grad(model, x_new, y[act], loss, t, head, eot_iter)
-        bad[act] = bad[act] | nonfinite
-        grad[act] = g
-        keep_fooling(verdicts.now(x_new, lg, act), x_new)
-        increases[act] += (v > prev_value[act]).float()
-        prev_value[act] = v
-        better = v > best[act]
-        best[act] = torch.where(better, v, best[act])
-        best_x[act] = _where(better, x_new, best_x[act])
-        best_grad[act] = _where(better, g, best_grad[act])
+            z = threat.project(xa + s["step"] * threat.direction(s["grad"]), s["x"])
+            x_new = threat.project(xa + a * (z - xa) + (1 - a) * (xa - s["x_prev"]), s["x"])
+        s["x_prev"], s["x_adv"] = xa, x_new
+        v, g, lg, nonfinite = _value_and_grad(model, x_new, s["y"], loss, s["target"], head, eot_iter)
+        s["bad"] = s["bad"] | nonfinite
+        s["grad"] = g
+        keep_fooling(verdicts.now(x_new, lg, w.act), x_new)
+        s["increases"] = s["increases"] + (v > s["prev_value"]).float()
+        s["prev_value"] = v
+        better = v > s["best"]
+        s["best"] = torch.where(better, v, s["best"])
+        s["best_x"] = _where(better, x_new, s["best_x"])
+        s["best_grad"] = _where(better, g, s["best_grad"])
         if i + 1 in checks:  # a checkpoint: halve where the loss stalled, restart those from their best point
             window = (i + 1) - window_starts[window_starts.index(i + 1) - 1]
-            halve = halve_step(increases[act], window, rho, reduced_last[act], best_at_last[act], best[act])
-            step[act] = _where(halve, step[act] / 2, step[act])
-            x_adv[act] = _where(halve, best_x[act], x_adv[act])
-            grad[act] = _where(halve, best_grad[act], grad[act])
-            reduced_last[act] = halve
-            best_at_last[act] = best[act]
-            increases[act] = 0
+            halve = halve_step(s["increases"], window, rho, s["reduced_last"], s["best_at_last"], s["best"])
+            s["step"] = _where(halve, s["step"] / 2, s["step"])
+            s["x_adv"] = _where(halve, s["best_x"], s["x_adv"])
+            s["grad"] = _where(halve, s["best_grad"], s["grad"])
+            s["reduced_last"] = halve
+            s["best_at_last"] = s["best"]
+            s["increases"] = torch.zeros_like(s["increases"])
         if (i + 1) % every == 0 or i + 1 == steps:  # the host sync
-            _raise_if(bad, loss)
-            for hit, points in verdicts.resolve(act):
+            _raise_if(s["bad"], loss)
+            for hit, points in verdicts.resolve(w.act):
                 keep_fooling(hit, points)
             if early_stop:
-                act = act[~fooled[act]]
+                w.keep(~s["fooled"], {"out": out, "fooled": fooled})
+    w.write_back({"out": out, "fooled": fooled, "best_x": best_x})
     return torch.where(fooled.view(-1, *([1] * (x.dim() - 1))), out, best_x).detach()
+
+
+class _WorkingSet:
+    """The per-example state of APGD's examples still attacked, gathered from the full batch (``state``, rows
+    aligned with ``act``); :meth:`keep` drops rows, writing the named tensors' dropped rows back first."""
+
+    def __init__(self, act: torch.Tensor, **full):
+        self.act = act
+        self.state = {k: None if v is None else v[act] for k, v in full.items()}
+        self.state["bad"] = torch.zeros(act.numel(), dtype=torch.bool, device=act.device)
+
+    def keep(self, rows: torch.Tensor, back: dict) -> None:
+        if bool(rows.all()):  # the host sync; most steps finish no example
+            return
+        gone = ~rows
+        for k, full in back.items():
+            full[self.act[gone]] = self.state[k][gone]
+        self.act = self.act[rows]
+        self.state.update({k: None if v is None else v[rows] for k, v in self.state.items()})  # in place: callers hold it
+
+    def write_back(self, back: dict) -> None:
+        for k, full in back.items():
+            full[self.act] = self.state[k]
 
 
 class APGD(Attack):
