@@ -418,6 +418,21 @@ def test_apgd_syncing_every_few_steps_returns_what_checking_every_step_returns(t
     assert _robust(trained_cnn, out[4, "apgd-ce"], y).sum() < clean - 10  # the attack breaks a good share
 
 
+def test_apgd_early_stop_saves_work_and_changes_no_answer(trained_cnn, fmnist_test):
+    """Early stopping only drops finished examples from APGD's working set (gathered again and written back as
+    they leave): every example's answer, fooled or not, is exactly the one of the run where all examples take
+    every step (CPU, fp32: per-row arithmetic does not depend on the batch)."""
+    x, y = fmnist_test[0][:96], fmnist_test[1][:96]
+    clean = _robust(trained_cnn, x, y)  # a misclassified example is not attacked at all with early stopping
+    for name, extra in (("apgd-ce", {}), ("apgd-t", {"n_targets": 2}), ("apgd-dlr", {})):
+        out = {stop: build_attack(name, trained_cnn, eps=0.1, steps=12, precision="fp32", early_stop=stop,
+                                  **extra)(x, y, keys=torch.arange(96)) for stop in (True, False)}
+        assert torch.equal(out[True][clean], out[False][clean]), name
+        assert torch.equal(out[True][~clean], x[~clean])
+    robust = _robust(trained_cnn, out[True], y)
+    assert 0 < robust.sum() < clean.sum() - 10  # many examples left the working set, some stayed to the end
+
+
 def test_fab_syncing_every_few_steps_breaks_the_same_examples(trained_cnn, fmnist_test, monkeypatch):
     """FAB-T with its working set shrunk only every k steps: an example within ε keeps stepping until the sync
     (its point may only get closer), so the examples broken within ε are the same as with a check each step."""

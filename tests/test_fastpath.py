@@ -103,6 +103,61 @@ def test_folded_copy_computes_the_same_function_and_leaves_the_model_alone(train
             model.head.bias.sub_(1.0)
 
 
+def _values_and_input_grads(model, x):
+    xa = x.clone().requires_grad_(True)
+    out = model(xa)
+    g, = torch.autograd.grad(out.sum() + (out * torch.linspace(-1, 1, out.shape[1])).pow(2).sum(), xa)
+    return out.detach(), g
+
+
+def test_pool_before_relu_and_the_identity_pool_change_no_bit(trained_cnn, data, monkeypatch):
+    """The copy's graph passes (max-pool before ReLU; cnn-small's adaptive pool skipped at 28×28) are exact:
+    the same logits and input gradients, bit for bit, as the folded copy without them; and the pool still
+    pools an input of another size."""
+    import sirobust.fastpath as fp
+    body = trained_cnn.eval().body
+    simplified = fp._fold(body)
+    order = " ".join(type(simplified.get_submodule(n.target)).__name__ for n in simplified.graph.nodes
+                     if n.op == "call_module")
+    assert order.count("MaxPool2d ReLU") == 2 and "ReLU MaxPool2d" not in order  # cnn-small's two pools
+    assert any(isinstance(m, fp._SameSizeIdentity) for m in simplified.modules())
+    monkeypatch.setattr(fp, "_pool_before_relu", lambda *a: None)
+    monkeypatch.setattr(fp, "_skip_identity_pools", lambda *a: None)
+    plain = fp._fold(body)
+    for x in (data[0][:48], torch.nn.functional.interpolate(data[0][:8], size=32)):  # 32×32: 5×5 pooled to 4×4
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            a = _values_and_input_grads(simplified.to(memory_format=fmt), x.contiguous(memory_format=fmt))
+            b = _values_and_input_grads(plain.to(memory_format=fmt), x.contiguous(memory_format=fmt))
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            assert a[1].abs().sum() > 0
+
+
+def test_the_graph_passes_leave_what_they_cannot_prove_alone():
+    """A ReLU that rectifies in place a tensor read elsewhere keeps its place, and a pool whose output is then
+    changed in place is not skipped (the identity would hand the layer before to an in-place write)."""
+    import sirobust.fastpath as fp
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu, self.pool = nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+            self.avg, self.after = nn.AdaptiveAvgPool2d(4), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            c = self.conv(x)
+            p = self.pool(self.relu(c))                       # c is rectified in place, then read again
+            return self.after(self.avg(p)).flatten(1) + c.amin((1, 2, 3))[:, None]
+
+    torch.manual_seed(0)
+    model, x = Shared().eval(), torch.randn(6, 1, 10, 10)
+    folded = fp._fold(model)
+    names = [n.target for n in folded.graph.nodes if n.op == "call_module"]
+    assert names.index("relu") < names.index("pool")
+    assert not any(isinstance(m, fp._SameSizeIdentity) for m in folded.modules())
+    with torch.no_grad():
+        assert torch.equal(folded(x), Shared.forward(model, x.clone()))
+
+
 def test_models_that_cannot_be_folded_safely_are_attacked_as_given(trained_cnn, data):
     x = data[0][:8]
     fast = resolve_precision("fp32-fast", "cpu")

@@ -145,10 +145,68 @@ def _fold(module: nn.Module) -> nn.Module:
         setattr(gm.get_submodule(parent) if parent else gm, name, fuse_conv_bn_eval(modules[conv_node.target], bn))
         node.replace_all_uses_with(conv_node)
         gm.graph.erase_node(node)
+    _pool_before_relu(gm, modules)
+    _skip_identity_pools(gm, modules)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     return gm
+
+
+def _pool_before_relu(gm, modules: dict) -> None:
+    """``ReLU → MaxPool2d`` becomes ``MaxPool2d → ReLU``: the same values and the same input gradient (ReLU is
+    monotone, so it commutes with a max, ties included: where the max is 0 or below, both give 0 and gradient
+    0), with the ReLU and its backward on a quarter of the elements (VGG-style nets, ``cnn-small``)."""
+    from torch import fx
+    for node in list(gm.graph.nodes):
+        pool = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(pool, nn.MaxPool2d) or pool.return_indices or len(node.args) != 1 or node.kwargs:
+            continue
+        relu = node.args[0]
+        if (not isinstance(relu, fx.Node) or relu.op != "call_module" or type(modules.get(relu.target)) is not nn.ReLU
+                or len(relu.users) != 1 or len(relu.args) != 1 or relu.kwargs or not isinstance(relu.args[0], fx.Node)):
+            continue
+        if modules[relu.target].inplace and len(relu.args[0].users) != 1:
+            continue  # its input is read elsewhere too, after being rectified in place: keep that
+        node.replace_all_uses_with(relu)
+        node.args = (relu.args[0],)
+        relu.args = (node,)
+        node.append(relu)  # the ReLU now runs right after the pool
+
+
+def _in_place(node, modules: dict) -> bool:
+    """Might this graph node write into its input (an in-place module, method or ``inplace=True``)?"""
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    return bool(node.kwargs.get("inplace", False))
+
+
+class _SameSizeIdentity(nn.Module):
+    """An ``AdaptiveAvgPool2d`` that returns its input when it is already of the output size (the average of one
+    element is that element): cnn-small's pool is the identity at 28×28 and still rescales other sizes."""
+
+    def __init__(self, pool: nn.AdaptiveAvgPool2d, size: tuple):
+        super().__init__()
+        self.pool, self.size = pool, size
+
+    def forward(self, x):
+        return x if tuple(x.shape[-2:]) == self.size else self.pool(x)
+
+
+def _skip_identity_pools(gm, modules: dict) -> None:
+    """Each ``AdaptiveAvgPool2d`` of a fixed output size, wrapped in :class:`_SameSizeIdentity`, unless a user of
+    its output works in place (it would then write into the layer before)."""
+    for node in gm.graph.nodes:
+        pool = modules.get(node.target) if node.op == "call_module" else None
+        if type(pool) is not nn.AdaptiveAvgPool2d:
+            continue
+        size = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
+        if None in size or any(_in_place(u, modules) for u in node.users):
+            continue
+        parent, _, name = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, name, _SameSizeIdentity(pool, tuple(size)))
 
 
 def _fold_sequential(module: nn.Module) -> tuple[nn.Module, int]:
