@@ -113,7 +113,7 @@ def main():
              "", "| attack | reference robust acc. (%) | sirobust (%) | sirobust − reference (points) | reference s | "
              "sirobust attack s | sirobust call s | time vs reference |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r, o, rs, oas, os_, ratios in rows:
-        diff = "–" if r is None else f"{100 * (o - r):+.2f}"
+        diff = "–" if r is None else f"{round(100 * (o - r), 2) + 0.0:+.2f}"  # the reference reports float32: no -0.00
         ratio = ("–" if not ratios else f"{ratios[0]:.2f}×" if len(ratios) == 1
                  else f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}-{ratios[-1]:.2f})")
         lines.append(f"| {name} | {pct(r)} | {pct(o)} | {diff} | {'–' if rs is None else f'{rs:.1f}'} | {oas:.1f} | "

@@ -1,14 +1,18 @@
 """One forward of the benchmark model (PGD-AT cnn-small of bench_pgd.py) on 60 and 290 images: the model as
 given against the attacks' private copy (BatchNorm folded, channels_last), and against the copy's inference
 form for forwards without gradient (traced, frozen, oneDNN: ``fastpath.inference_copy``, Square's queries);
-and one forward and backward pass to the input (APGD's and FAB's step), the model as given against the copy;
-the figures docs/speed.md quotes. It also prints each forward's rate in GFLOP/s (FLOPs counted by
+and one forward and backward pass to the input (APGD's and FAB's step), the model as given against the copy,
+and the copy against the copy without its graph passes (max-pool before ReLU, the identity adaptive pool
+skipped: ``fastpath._pool_before_relu``, ``fastpath._skip_identity_pools``), timed in turns; the figures
+docs/speed.md quotes. It also prints each forward's rate in GFLOP/s (FLOPs counted by
 ``torch.utils.flop_counter``) beside a large matrix product's, the practical ceiling of this CPU in fp32.
 
     python benchmarks/bench_fast_forward.py
 """
 from __future__ import annotations
 
+from copy import deepcopy
+import statistics
 import time
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench_pgd import trained_small_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+import sirobust.fastpath as fastpath
 from sirobust.fastpath import attack_model, inference_copy, resolve_precision
 
 
@@ -57,6 +62,18 @@ def forward_flops(model, x) -> int:
     return counter.get_total_flops()
 
 
+def without_graph_passes(model, fast):
+    """The private copy as it was before its graph passes: batch norm folded, channels_last, nothing else."""
+    passes = fastpath._pool_before_relu, fastpath._skip_identity_pools
+    fastpath._pool_before_relu = fastpath._skip_identity_pools = lambda *a: None
+    try:
+        old = deepcopy(fast)
+        old.body = fastpath._fold(model.body).requires_grad_(False).to(memory_format=torch.channels_last)
+    finally:
+        fastpath._pool_before_relu, fastpath._skip_identity_pools = passes
+    return old
+
+
 def main():
     model = trained_small_model(Path("runs/bench-cnn-small-at"), torch.device("cpu")).eval()
     fast, note = attack_model(model, resolve_precision("auto", "cpu"), probe=torch.rand(8, 1, 28, 28))
@@ -81,6 +98,15 @@ def main():
     print(f"batch 290, forward and backward to the input: model as given {given:.1f} ms, private copy "
           f"{copy:.1f} ms ({given / copy:.2f}×), the copy under bf16 autocast {bf16:.1f} ms ({copy / bf16:.2f}× "
           "the copy in fp32)")
+    old = without_graph_passes(model, fast)
+    for batch in (150, 290):
+        x = torch.rand(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+        turns = [(grad_pass_ms(fast, x, 20), grad_pass_ms(old, x, 20)) for _ in range(6)]
+        new_ms, old_ms = statistics.median(t[0] for t in turns), statistics.median(t[1] for t in turns)
+        ratios = sorted(t[0] / t[1] for t in turns)
+        print(f"batch {batch}, forward and backward to the input, 6 turns: the copy {new_ms:.1f} ms, without its graph "
+              f"passes {old_ms:.1f} ms (median ratio {statistics.median(ratios):.2f}, range {ratios[0]:.2f}-"
+              f"{ratios[-1]:.2f})")
 
 if __name__ == "__main__":
     main()

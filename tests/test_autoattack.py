@@ -424,10 +424,11 @@ def test_apgd_early_stop_saves_work_and_changes_no_answer(trained_cnn, fmnist_te
     every step (CPU, fp32: per-row arithmetic does not depend on the batch)."""
     x, y = fmnist_test[0][:96], fmnist_test[1][:96]
     clean = _robust(trained_cnn, x, y)  # a misclassified example is not attacked at all with early stopping
-    for name, extra in (("apgd-ce", {}), ("apgd-t", {"n_targets": 2}), ("apgd-dlr", {})):
-        out = {stop: build_attack(name, trained_cnn, eps=0.1, steps=12, precision="fp32", early_stop=stop,
-                                  **extra)(x, y, keys=torch.arange(96)) for stop in (True, False)}
-        assert torch.equal(out[True][clean], out[False][clean]), name
+    from sirobust.attacks.apgd import APGDCE, APGDDLR, APGDT
+    for cls, extra in ((APGDCE, {}), (APGDT, {"n_targets": 2}), (APGDDLR, {})):
+        out = {stop: cls(trained_cnn, eps=0.1, steps=12, precision="fp32", early_stop=stop, **extra)(
+            x, y, keys=torch.arange(96)) for stop in (True, False)}
+        assert torch.equal(out[True][clean], out[False][clean]), cls.__name__
         assert torch.equal(out[True][~clean], x[~clean])
     robust = _robust(trained_cnn, out[True], y)
     assert 0 < robust.sum() < clean.sum() - 10  # many examples left the working set, some stayed to the end

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import weakref
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -145,8 +146,9 @@ def _fold(module: nn.Module) -> nn.Module:
         setattr(gm.get_submodule(parent) if parent else gm, name, fuse_conv_bn_eval(modules[conv_node.target], bn))
         node.replace_all_uses_with(conv_node)
         gm.graph.erase_node(node)
-    _pool_before_relu(gm, modules)
-    _skip_identity_pools(gm, modules)
+    if _writes_only_fresh_tensors(gm, modules):  # else an in-place write could reach what the passes move
+        _pool_before_relu(gm, modules)
+        _skip_identity_pools(gm, modules)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -156,31 +158,63 @@ def _fold(module: nn.Module) -> nn.Module:
 def _pool_before_relu(gm, modules: dict) -> None:
     """``ReLU → MaxPool2d`` becomes ``MaxPool2d → ReLU``: the same values and the same input gradient (ReLU is
     monotone, so it commutes with a max, ties included: where the max is 0 or below, both give 0 and gradient
-    0), with the ReLU and its backward on a quarter of the elements (VGG-style nets, ``cnn-small``)."""
+    0), with the ReLU and its backward on a quarter of the elements (VGG-style nets, ``cnn-small``). Pools
+    with padding are left alone (a window of padding alone gives -inf before the ReLU and 0 after it)."""
     from torch import fx
     for node in list(gm.graph.nodes):
         pool = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(pool, nn.MaxPool2d) or pool.return_indices or len(node.args) != 1 or node.kwargs:
-            continue
+        if (type(pool) is not nn.MaxPool2d or pool.return_indices or _pairs(pool.padding) != (0, 0)
+                or len(node.args) != 1 or node.kwargs):
+            continue  # padding: a window of padding alone is -inf before the ReLU, 0 after it
         relu = node.args[0]
         if (not isinstance(relu, fx.Node) or relu.op != "call_module" or type(modules.get(relu.target)) is not nn.ReLU
                 or len(relu.users) != 1 or len(relu.args) != 1 or relu.kwargs or not isinstance(relu.args[0], fx.Node)):
             continue
-        if modules[relu.target].inplace and len(relu.args[0].users) != 1:
-            continue  # its input is read elsewhere too, after being rectified in place: keep that
         node.replace_all_uses_with(relu)
         node.args = (relu.args[0],)
         relu.args = (node,)
         node.append(relu)  # the ReLU now runs right after the pool
 
 
+# modules whose output is a new tensor, never a view of their input or of a tensor kept elsewhere
+_FRESH = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.BatchNorm2d)
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _pairs(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 def _in_place(node, modules: dict) -> bool:
-    """Might this graph node write into its input (an in-place module, method or ``inplace=True``)?"""
+    """Might this graph node write into a tensor it is given (an in-place module, method, function or
+    operator)?"""
     if node.op == "call_module":
         return bool(getattr(modules.get(node.target), "inplace", False))
     if node.op == "call_method":
         return str(node.target).endswith("_")
-    return bool(node.kwargs.get("inplace", False))
+    if node.op == "call_function":
+        return (node.target in _IN_PLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_")
+                or bool(node.kwargs.get("inplace", False)))
+    return False
+
+
+def _writes_only_fresh_tensors(gm, modules: dict) -> bool:
+    """May the graph passes run? Only if every in-place write is an ``nn.ReLU`` rectifying the output of a
+    convolution, linear layer, pool or batch norm that nothing else reads (``cnn-small``'s and VGG's
+    pattern). Moving a ReLU after a pool makes it keep the pool's output for its backward, and skipping an
+    identity pool hands on the layer before's output: an in-place write anywhere else (a ``Hardtanh`` after
+    the pool, ``torch.relu_``, a ReLU behind a view or an ``Identity``) could then change a value or break
+    the backward."""
+    from torch import fx
+    for node in gm.graph.nodes:
+        if not _in_place(node, modules):
+            continue
+        src = node.args[0] if node.args else None
+        if (node.op != "call_module" or type(modules.get(node.target)) is not nn.ReLU or len(node.args) != 1
+                or not isinstance(src, fx.Node) or src.op != "call_module"
+                or not isinstance(modules.get(src.target), _FRESH) or len(src.users) != 1):
+            return False
+    return True
 
 
 class _SameSizeIdentity(nn.Module):
@@ -196,14 +230,14 @@ class _SameSizeIdentity(nn.Module):
 
 
 def _skip_identity_pools(gm, modules: dict) -> None:
-    """Each ``AdaptiveAvgPool2d`` of a fixed output size, wrapped in :class:`_SameSizeIdentity`, unless a user of
-    its output works in place (it would then write into the layer before)."""
+    """Each ``AdaptiveAvgPool2d`` of a fixed output size, wrapped in :class:`_SameSizeIdentity` (only in a graph
+    whose in-place writes all land on fresh tensors: the identity hands on the layer before's own output)."""
     for node in gm.graph.nodes:
         pool = modules.get(node.target) if node.op == "call_module" else None
         if type(pool) is not nn.AdaptiveAvgPool2d:
             continue
         size = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
-        if None in size or any(_in_place(u, modules) for u in node.users):
+        if None in size:
             continue
         parent, _, name = node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, _SameSizeIdentity(pool, tuple(size)))
