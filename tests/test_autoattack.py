@@ -409,7 +409,7 @@ def test_apgd_syncing_every_few_steps_returns_what_checking_every_step_returns(t
         monkeypatch.setitem(loop.SYNC_EVERY, "cpu", every)
         for name in ("apgd-ce", "apgd-t"):
             extra = {"n_targets": 2} if name == "apgd-t" else {}
-            atk = build_attack(name, trained_cnn, eps=0.1, steps=10, precision=precision, **extra)
+            atk = build_attack(name, trained_cnn, overrides={"steps": 10, **extra}, eps=0.1, precision=precision)
             out[every, name] = atk(x, y, keys=torch.arange(96))
     for name in ("apgd-ce", "apgd-t"):
         assert (out[4, name] - x).abs().amax() <= 0.1 + 1e-6
@@ -442,7 +442,8 @@ def test_fab_syncing_every_few_steps_breaks_the_same_examples(trained_cnn, fmnis
     out = {}
     for every in (1, 4):
         monkeypatch.setitem(loop.SYNC_EVERY, "cpu", every)
-        out[every] = build_attack("fab-t", trained_cnn, eps=0.1, steps=20, n_targets=2, precision="fp32")(x, y)
+        out[every] = build_attack("fab-t", trained_cnn, overrides={"steps": 20, "n_targets": 2}, eps=0.1,
+                                  precision="fp32")(x, y)
         assert (out[every] - x).abs().amax() <= 0.1 + 1e-6
     assert torch.equal(_robust(trained_cnn, out[1], y), _robust(trained_cnn, out[4], y))
     assert not _robust(trained_cnn, out[4], y).all()
