@@ -348,6 +348,9 @@ def _table(out: Path) -> dict:
             json.loads((folder / "table.json").read_text())["rows"]}
 
 
+# 44 s on this project's 2-core CPU (seven CLI processes, three grids of four runs): in the slow set; the lock that
+# gives each unit to one process is also tested in-process by the next test, in the default set
+@pytest.mark.slow
 def test_jobs_and_concurrent_shards_train_each_run_once_and_give_the_one_process_table(tmp_path):
     cfg = _write(tmp_path, TINY)
     common = [str(cfg), "--preset", "smoke", "--seeds", "0,1", "--no-progress"]

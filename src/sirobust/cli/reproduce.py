@@ -27,7 +27,8 @@ def cmd_reproduce(a) -> int:
     try:
         reproduce(a.name, preset=a.preset, out=a.out, overrides=overrides, device=a.device,
                   progress=not a.no_progress and a.jobs == 1, overwrite=a.overwrite, model_dir=a.model_dir,
-                  accept_unpinned=a.accept_unpinned, shard=a.shard, jobs=a.jobs, collect=a.collect)
+                  accept_unpinned=a.accept_unpinned, shard=a.shard, jobs=a.jobs, collect=a.collect,
+                  ledger=a.ledger)
     except (IncompleteGrid, JobsFailed) as e:  # nothing is lost: what finished is in --out
         print(f"sirobust reproduce: {e}", file=sys.stderr)
         return 1
@@ -178,6 +179,10 @@ def register(sub) -> None:
                    help="compute the K-th of N deterministic parts of the grid (1 <= K <= N; a SLURM array: "
                         "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=1-N); the shard that "
                         "finds every part done writes the table")
+    p.add_argument("--ledger", metavar="DIR",
+                   help="a folder (one you may commit) that keeps a copy of every finished evaluation of a table, "
+                        "a few KB each with every example's outcome; a run whose evaluations are all there is not "
+                        "trained, so a grid continues on another machine (figures need the weights: not used)")
     p.add_argument("--collect", action="store_true",
                    help="compute nothing: write the table (or figure) from what --out holds, naming what is missing")
     p.add_argument("--precision", choices=["auto", "fp32", "fp32-fast", "bf16"], help="arithmetic (sirobust.fastpath)")

@@ -56,7 +56,7 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
               device: str = "auto", progress: bool = True, overwrite: bool = False,
               model_dir: Optional[str] = None, accept_unpinned: bool = False, log: Callable = print,
               shard: Optional[tuple] = None, jobs: int = 1, collect: bool = False,
-              steal: bool = False) -> Optional[dict]:
+              steal: bool = False, ledger: Optional[str] = None) -> Optional[dict]:
     """Compute experiment ``name`` (a packaged name or a config path) under ``preset`` into ``out``;
     returns the summary written beside the table or figure (``OUT/NAME-PRESET/``, or ``OUT/NAME-PRESET+HASH/``
     when ``overrides`` change what is computed: the preset's own result is never replaced). ``model_dir`` holds
@@ -67,7 +67,9 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     at once on this machine (:mod:`.jobs`: one GPU each, or a share of the CPU threads) and then the table;
     ``collect`` computes nothing and writes the table from what ``out`` holds (:class:`IncompleteGrid` names
     what is missing). ``steal`` (what each job of ``jobs`` does): the shard's units first, then any unit of the
-    grid that no other process has claimed, so that no job sits idle while another has a queue."""
+    grid that no other process has claimed, so that no job sits idle while another has a queue. ``ledger`` (a
+    folder, :mod:`.ledger`): every finished evaluation of a table is filed there too, and a run whose
+    evaluations are all there is not trained."""
     import contextlib
 
     from ..distributed import current as current_group
@@ -89,9 +91,10 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
                               "GPU per job), or torchrun alone (one large run over the GPUs)")
         from .jobs import run_jobs
         run_jobs(name, preset=preset, out=out, overrides=overrides, device=device, jobs=jobs, overwrite=overwrite,
-                 model_dir=model_dir, accept_unpinned=accept_unpinned, log=log)
+                 model_dir=model_dir, accept_unpinned=accept_unpinned, log=log, ledger=ledger)
         return reproduce(name, preset=preset, out=out, overrides=overrides, device=device, progress=progress,
-                         model_dir=model_dir, accept_unpinned=accept_unpinned, log=log, collect=True)
+                         model_dir=model_dir, accept_unpinned=accept_unpinned, log=log, collect=True,
+                         ledger=ledger)
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR).expanduser()
     group = current_group(device)  # under torchrun: rank 0 writes, every process trains and attacks its share
     if not group.main:
@@ -120,6 +123,12 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
         runner = Runner(plan, path, device=device, progress=progress, log=log, group=group,
                         units=set() if collect else units, prefer=prefer)
         runner.model_dir = model_dir
+        if ledger is not None:
+            if exp.kind == "figure":  # its data is computed from the weights, which a ledger does not hold
+                log(f"{exp.name} is a figure: it is computed from its runs' weights, so --ledger is not used")
+            else:
+                from .ledger import Ledger
+                runner.ledger = Ledger(ledger)
         if exp.kind == "figure":
             from .figures import make_figure
             if beside_others:
@@ -146,7 +155,9 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
             if group.main:
                 write_outputs(summary, target)
         log(f"\n{exp.name} ({preset}) written to {target}/: {runner.trained} runs trained, {runner.reused_runs} "
-            f"reused; {runner.evaluated} evaluations computed, {runner.reused_evals} reused")
+            f"reused; {runner.evaluated} evaluations computed, {runner.reused_evals} reused"
+            + (f"; from the ledger {runner.ledger_evals} evaluations ({runner.ledger_runs} runs not trained), "
+               f"{runner.filed} filed in it" if runner.ledger is not None else ""))
         return summary
 
 

@@ -439,13 +439,18 @@ def _group(by: Optional[str], cell: Cell) -> str:
     return display(by, getattr(cell.published, by, ""))
 
 
-def run_name(cfg) -> str:
-    """The folder of a training run under OUT/runs: readable, and unique to its resolved config."""
+def run_key(cfg) -> dict:
+    """What makes a training run the one it is (its resolved config, without where and how it is computed)."""
     key = {"identity": cfg.identity(), "epochs": cfg.epochs}
     if cfg.accept_checksum_mismatch:  # trained on files that failed their checksum: never the genuine run's folder
         key["data"] = "checksum mismatch accepted"
+    return key
+
+
+def run_name(cfg) -> str:
+    """The folder of a training run under OUT/runs: readable, and unique to its resolved config."""
     tag = cfg.defense + ("-si" if cfg.si else "")
-    return f"{cfg.dataset}/{cfg.model}/{tag}-e{cfg.epochs}-{digest(key)}"
+    return f"{cfg.dataset}/{cfg.model}/{tag}-e{cfg.epochs}-{digest(run_key(cfg))}"
 
 
 def eval_jobs(columns: list[Column], eval_cfg: dict) -> list[EvalJob]:

@@ -32,7 +32,7 @@ from .._version import __version__
 from ..io import file_sha256, read_json, write_json
 from ..provenance import environment_info
 from ..runfolder import RUN_FILE, RunFolder, command_line
-from .plan import Cell, EvalJob, Plan, digest, resolved_dict, runs_root
+from .plan import Cell, EvalJob, Plan, digest, resolved_dict, run_name, runs_root
 
 KIND = "reproduce"
 # Part of every evaluation's and figure's key, beside each attack's full parameters: results computed by
@@ -193,16 +193,23 @@ class Runner:
         self.busy: list = []  # what another process held when this one came to it
         self.claims = claims  # lock each run and evaluation (False: a folder no other process shares)
         self._test_sets: dict = {}
+        self._early: dict = {}  # id(cell) -> its reports, computed right after its run was trained
         self._hashes: dict = {}
         self.trained = 0
         self.reused_runs = 0
         self.evaluated = 0
         self.reused_evals = 0
+        self.ledger = None  # a Ledger (--ledger): evaluations kept beyond OUT; tables only (figures need weights)
+        self.ledger_runs = 0   # runs not trained: the ledger held every evaluation their cells need
+        self.ledger_evals = 0  # evaluations taken from it
+        self.filed = 0         # evaluations added to it
 
     # ---------------------------------------------------------------- training
-    def train_all(self) -> None:
-        """Every training run of the plan, in order (each once, whatever number of cells share it)."""
-        root = runs_root(self.out)
+    def train_all(self, evaluate: bool = False) -> None:
+        """Every training run of the plan, in order (each once, whatever number of cells share it). With
+        ``evaluate`` (a table), the cells of each run are evaluated as soon as it is trained or found finished,
+        so that a grid stopped halfway holds (and has filed in the ledger) every evaluation of the runs it
+        finished, not only their weights."""
         protocol = {"experiment": self.plan.experiment.name, "preset": self.plan.preset,
                     "protocol": self.plan.experiment.presets[self.plan.preset].description}
         self.place_runs()
@@ -216,18 +223,40 @@ class Runner:
             if not self._train_one(cfg, protocol):
                 self.log(f"[busy] {cfg.out}: another process is training it; going on with the rest")
                 waiting.append(cfg)
+            elif evaluate:
+                self._evaluate_run(name)
         # a job of --jobs waits for the runs others are training, so that it can share their cells' evaluations
         # (and trains, resuming, any whose holder has died: its lock is free again) instead of leaving them all
         # to the trainer; a shard (--shard) leaves them to the other shards
         while waiting and self.prefer is not None:
             time.sleep(self.poll_seconds)
-            waiting = [cfg for cfg in waiting if not self._train_one(cfg, protocol)]
+            still = []
+            for cfg in waiting:
+                if not self._train_one(cfg, protocol):
+                    still.append(cfg)
+                elif evaluate:
+                    self._evaluate_run(run_name(cfg))
+            waiting = still
         self.busy.extend(cfg.out for cfg in waiting)
+
+    def _evaluate_run(self, name: str) -> None:
+        """The cells of run ``name`` that this process computes, evaluated now; their reports are kept for
+        :meth:`run` (one another process is computing is left for it, and looked at again there)."""
+        for cell in self.plan.cells:
+            if cell.train is None or id(cell) in self._early or not self.mine(cell) or run_name(cell.train) != name:
+                continue
+            reports = self.evaluate_cell(cell)
+            if reports is not None:
+                self._early[id(cell)] = reports
 
     poll_seconds = 10.0  # how often a job of --jobs looks again at a run another process is training
 
     def _train_one(self, cfg, protocol: dict) -> bool:
         """Train, resume or reuse one run; False when another process holds it (it is training it)."""
+        if self.ledger is not None and self.group.first(self.ledger_covers, cfg):
+            self.log(f"[ledger] {cfg.out}: not trained, every evaluation its cells need is in {self.ledger.folder}")
+            self.ledger_runs += 1
+            return True
         with self.claim(f"run {Path(cfg.out).resolve()}") as claim:
             if not claim.held:
                 return False
@@ -268,7 +297,6 @@ class Runner:
                                                        device=self.device, progress=self.progress)
         for cell in self.plan.cells:
             if cell.train is not None:
-                from .plan import run_name
                 cell.train = self.plan.runs[run_name(cell.train)]
 
     # ---------------------------------------------------------------- models and data
@@ -322,10 +350,14 @@ class Runner:
         return Path(cell.train.out) / "reproduce"
 
     def evaluate_cell(self, cell: Cell, compute: bool = True) -> Optional[list]:
-        """The reports of the cell's evaluation jobs (each reused when already computed); None when one is
-        missing and ``compute`` is False, or another process is computing it."""
+        """The reports of the cell's evaluation jobs (each reused when already computed, or taken from the
+        ledger when the run is not finished here); None when one is missing and ``compute`` is False, or
+        another process is computing it."""
         if cell.train is not None and self.group.first(run_state, cell.train) != "finished":
-            return None  # trained by another process (a shard), not yet finished
+            taken = self.group.first(self.from_ledger, cell)
+            if taken is not None:
+                self.ledger_evals += len(taken)
+            return taken  # None: trained by another process (a shard), not yet finished
         model = None
         reports = []
         for job in cell.jobs:
@@ -337,6 +369,7 @@ class Runner:
                     self.log(f"[reuse] {cell.row.label}: {path}")
                 self.reused_evals += 1
                 reports.append({**saved, "path": str(path)})
+                self.group.first(self.keep, cell, job, saved)
                 continue
             if not compute:
                 return None
@@ -345,6 +378,7 @@ class Runner:
                 if saved is not None:
                     self.reused_evals += 1
                     reports.append({**saved, "path": str(path)})
+                    self.group.first(self.keep, cell, job, saved)
                     continue
                 if not claim.held:
                     self.log(f"[busy] {cell.row.label}: another process is computing {path}")
@@ -353,10 +387,51 @@ class Runner:
                 if model is None:
                     model, _weights, _sha, prov = self.model_of(cell)
                 reports.append(self.run_job(cell, job, spec, model, prov, path))
+                self.group.first(self.keep, cell, job, reports[-1])
         return reports
+
+    # ---------------------------------------------------------------- the ledger (see .ledger)
+    def ledger_key(self, cell: Cell, job: EvalJob) -> dict:
+        from .ledger import entry_key
+        from .plan import run_key
+        return entry_key(run_key(cell.train), self.plan.eval["which"], self.attack_spec(cell, job))
+
+    def from_ledger(self, cell: Cell) -> Optional[list]:
+        """The reports of a trained cell from the ledger, when it holds every one of the cell's evaluations
+        (and the cell has at least one); else None."""
+        if self.ledger is None or cell.train is None or not cell.jobs:
+            return None
+        entries = []
+        for job in cell.jobs:
+            entry = self.ledger.get(run_name(cell.train), self.ledger_key(cell, job))
+            if entry is None:
+                return None
+            entries.append(entry)
+        return [{**e["result"], "path": e["path"], "ledger": e["run"]} for e in entries]
+
+    def ledger_covers(self, cfg) -> bool:
+        """Whether a run need not be trained here: not finished in OUT, and every cell it serves (one at
+        least) finds all its evaluations in the ledger."""
+        if run_state(cfg) == "finished":
+            return False
+        cells = [c for c in self.plan.cells if c.train is not None and run_name(c.train) == run_name(cfg)]
+        return bool(cells) and all(self.from_ledger(c) is not None for c in cells)
+
+    def keep(self, cell: Cell, job: EvalJob, result: dict) -> None:
+        """File a finished evaluation of a run finished in OUT in the ledger, where its key is free."""
+        if self.ledger is None or cell.train is None:
+            return
+        run = Path(cell.train.out)
+        if self.ledger.add(run_name(cell.train), self.ledger_key(cell, job), result,
+                           read_json(run / "summary.json"), train_seconds(run)):
+            self.filed += 1
 
     def job_spec(self, cell: Cell, job: EvalJob) -> dict:
         """What an evaluation depends on; its hash names the result file."""
+        return {"weights": self.weights_spec(cell), **self.attack_spec(cell, job)}
+
+    def weights_spec(self, cell: Cell) -> dict:
+        """The model file(s) an evaluation attacks, by digest."""
         if cell.published is not None:  # the entry (definition, arguments, normalisation) and both files
             from ..foreign.published import definition_path, weights_path
             spec = cell.published
@@ -369,9 +444,13 @@ class Runner:
         else:
             weights = {"sha256": self.sha256(weights_of(cell.train, self.plan.eval["which"])),
                        "which": self.plan.eval["which"]}
+        return weights
+
+    def attack_spec(self, cell: Cell, job: EvalJob) -> dict:
+        """Everything else an evaluation depends on: the view, the data, ε and every attack's parameters."""
         e = self.plan.eval
         eps = self.eps_of(cell.dataset)
-        return {"weights": weights, "view": cell.row.view, "dataset": cell.dataset, "n": job.n,
+        return {"view": cell.row.view, "dataset": cell.dataset, "n": job.n,
                 "restarts": job.restarts, "steps": e["steps"], "eps": eps, "seed": e["seed"],
                 "attacks": [list(a) for a in job.attacks], "precision": self.resolved_precision(),
                 "resolved": resolved_attacks(job, e, eps), "version": EVAL_VERSION,
@@ -419,12 +498,12 @@ class Runner:
         self.evaluated += 1
         return {**result, "path": str(path)}
 
-    def weights_epoch(self, cell: Cell) -> Optional[int]:
+    def weights_epoch(self, cell: Cell, ledger: Optional[dict] = None) -> Optional[int]:
         """The epoch whose weights the cell's evaluations attacked (the best one's, or the last); None for a
-        published model."""
+        published model. ``ledger``: the run's record in the ledger, where its reports came from."""
         if cell.train is None:
             return None
-        done = read_json(Path(cell.train.out) / "summary.json")
+        done = ledger["summary"] if ledger else read_json(Path(cell.train.out) / "summary.json")
         return done["best"]["epoch"] if self.plan.eval["which"] == "best" else done["last"]["epoch"]
 
     # ---------------------------------------------------------------- the whole plan
@@ -440,32 +519,39 @@ class Runner:
         from .tables import aggregate, cell_outcomes, cell_values, shared_values
         t0 = time.time()
         if compute:
-            self.train_all()
+            self.train_all(evaluate=True)
         else:
             self.place_runs()
         cells, outcomes, self.missing = [], [], []
         columns = self.plan.experiment.columns
-        found = {id(cell): self.evaluate_cell(cell, compute=compute and self.mine(cell))
+        found = {id(cell): self._early.pop(id(cell)) if id(cell) in self._early
+                 else self.evaluate_cell(cell, compute=compute and self.mine(cell))
                  for cell in self.in_order(list(self.plan.cells))}
         for cell in self.plan.cells:  # the table in the plan's order, whatever order the cells were computed in
             reports = found[id(cell)]
             if reports is None:
                 self.missing.append(cell)
                 continue
+            ledger = reports[0].get("ledger") if reports else None
             cells.append({"row": cell.row.label, "row_group": cell.row_group, "column_group": cell.column_group,
                           "combo": cell.combo, "architecture": _architecture(cell), "seed": cell.seed,
                           "values": cell_values(columns, reports), "shared": shared_values(columns, reports),
                           "run": cell.train.out if cell.train is not None else None,
-                          "epoch": self.group.first(self.weights_epoch, cell),
+                          "epoch": self.group.first(self.weights_epoch, cell, ledger),
                           "flags": _fired(reports, columns) + _unfound(columns, reports),
                           "n": max(r["report"]["n"] for r in reports), "reports": [r["path"] for r in reports],
-                          "evaluations": [r["spec"] for r in reports]})
+                          "evaluations": [r["spec"] for r in reports],
+                          **({"ledger": {"train_seconds": ledger["train_seconds"]}} if ledger else {})})
             outcomes.append(cell_outcomes(columns, reports))
         if self.missing:
             return None
         rows, comparisons = aggregate(self.plan, cells, outcomes)
         summary = self.summary(rows, time.time() - t0, comparisons)
         summary["work"] = self.group.first(work_seconds, cells)
+        if self.ledger is not None:
+            taken = [c for c in cells if c.get("ledger")]
+            summary["ledger"] = {"folder": str(self.ledger.folder), "cells": len(taken), "of": len(cells),
+                                 "runs": sorted({c["run"] for c in taken})}
         return summary
 
     def missing_text(self) -> str:
@@ -486,19 +572,29 @@ class Runner:
                 "paper_tables": exp.paper_tables, "eval": self.plan.eval, "overrides": self.plan.overrides,
                 "runs": {k: resolved_dict(v) for k, v in self.plan.runs.items()},
                 "counts": {"trained": self.trained, "reused_runs": self.reused_runs, "evaluated": self.evaluated,
-                           "reused_evaluations": self.reused_evals},
+                           "reused_evaluations": self.reused_evals,
+                           **({"ledger_runs": self.ledger_runs, "ledger_evaluations": self.ledger_evals,
+                               "filed": self.filed} if self.ledger is not None else {})},
                 "seconds": seconds, "command": command_line(), "environment": environment_info()}
 
 
-def work_seconds(cells: list) -> dict:
-    """The time the table's results took, whichever process and session computed them: the training epochs of
-    its runs (metrics.jsonl) and its evaluations (each result's own time), summed."""
+def train_seconds(run) -> float:
+    """The time a run's training epochs took (metrics.jsonl), over every session that trained it."""
     from ..io import read_jsonl
     from ..train import METRICS_NAME
-    runs = {c["run"] for c in cells if c["run"]}
-    train = sum(float(r.get("seconds", 0.0)) for run in runs if (Path(run) / METRICS_NAME).exists()
-                for r in read_jsonl(Path(run) / METRICS_NAME))
-    evaluations = {p: read_json(p).get("seconds", 0.0) for c in cells for p in c["reports"]}
+    path = Path(run) / METRICS_NAME
+    return sum(float(r.get("seconds", 0.0)) for r in read_jsonl(path)) if path.exists() else 0.0
+
+
+def work_seconds(cells: list) -> dict:
+    """The time the table's results took, whichever process, session or machine computed them: the training
+    epochs of its runs (metrics.jsonl, or the ledger's record) and its evaluations (each result's own time),
+    summed."""
+    from .ledger import SUFFIX, read_entry
+    runs = {c["run"]: (c.get("ledger") or {}).get("train_seconds") for c in cells if c["run"]}
+    train = sum(float(kept) if kept is not None else train_seconds(run) for run, kept in runs.items())
+    evaluations = {p: (read_entry(p)["result"] if p.endswith(SUFFIX) else read_json(p)).get("seconds", 0.0)
+                   for c in cells for p in c["reports"]}
     return {"train_seconds": train, "eval_seconds": float(sum(evaluations.values())), "runs": len(runs),
             "evaluations": len(evaluations)}
 

@@ -286,6 +286,7 @@ def to_markdown(summary: dict) -> str:
         lines.append(f"Best checkpoint (by validation PGD accuracy): {epochs}.")
     lines += [f"- {note}" for note in summary.get("notes", [])]
     lines += flag_lines(summary)
+    lines += ledger_lines(summary)
     for block in summary.get("paper_tables") or []:
         lines += paper_markdown(summary, block)
     env = summary["environment"]
@@ -299,6 +300,17 @@ def to_markdown(summary: dict) -> str:
               *([made] if made else []),
               f"sirobust {env['sirobust']}, torch {env['torch']}, commit {env['git_commit']}, {env['gpu'] or 'CPU'}", ""]
     return "\n".join(lines)
+
+
+def ledger_lines(summary: dict) -> list[str]:
+    """Which cells were taken from a ledger (:mod:`.ledger`) rather than from runs in the output folder."""
+    led = summary.get("ledger")
+    if not led or not led.get("cells"):
+        return []
+    return ["", f"{led['cells']} of {led['of']} cells were taken from the ledger `{led['folder']}` "
+                f"({len(led['runs'])} runs): evaluations computed elsewhere (another machine or output folder), whose "
+                "runs' weights are not in this one. Each entry names the sha256 of the weights it attacked and holds "
+                "every example's outcome, on which the paired tests are computed as for the others."]
 
 
 def seeds_text(summary: dict) -> str:
