@@ -152,3 +152,15 @@ def test_each_run_is_evaluated_and_filed_before_the_next_is_trained(tmp_path, mo
     cfg = _write(tmp_path, TINY)
     reproduce(str(cfg), preset="smoke", out=str(tmp_path / "o"), progress=False, log=_quiet, ledger=str(ledger))
     assert order == [("fit", 0), ("evaluate", 0), ("fit", 1), ("evaluate", 1)]
+
+
+def test_of_two_processes_filing_one_evaluation_at_once_the_first_keeps_its_entry(tmp_path, monkeypatch):
+    from pathlib import Path
+    ledger = Ledger(tmp_path)
+    key = {"run": {"identity": {"seed": 1}}, "which": "last", "n": 10}
+    first = ledger.add("d/m/at-e1-y", key, {"spec": {"a": 1}, "report": {}}, {}, 1.0)
+    before = first.read_bytes()
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # the second looked before the first had filed
+    assert ledger.add("d/m/at-e1-y", key, {"spec": {"a": 2}, "report": {}}, {}, 2.0) is None
+    monkeypatch.undo()
+    assert first.read_bytes() == before and [p.name for p in first.parent.iterdir()] == [first.name]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -75,9 +76,16 @@ class Ledger:
                                                         "train_seconds": float(train_seconds)},
                  "result": {k: v for k, v in result.items() if k != "path"},
                  "filed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # mtime=0: the same entry compresses to the same bytes wherever it is written
-        atomic_write_bytes(path, gzip.compress(dumps_json(entry).encode("utf-8"), mtime=0))
+        # written whole beside it, then linked into place: a link never replaces a file, so of two processes
+        # filing the same evaluation at once the first keeps its entry (mtime=0: no date in the gzip header)
+        staged = atomic_write_bytes(path.with_name(f".{path.name}.{os.getpid()}.new"),
+                                    gzip.compress(dumps_json(entry).encode("utf-8"), mtime=0))
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            return None
+        finally:
+            staged.unlink(missing_ok=True)
         return path
 
 
