@@ -336,7 +336,10 @@ def test_fab_points_fool_the_model_as_given_on_the_fast_path(trained_cnn, fmnist
     x, y = fmnist_test[0][:120], fmnist_test[1][:120]
     out = {}
     for precision in ("fp32", "auto"):
-        atk = build_attack("fab-t", trained_cnn, eps=0.1, steps=20, n_targets=2, precision=precision)
+        # FAB's own step count (a `steps=` among the shared settings is dropped): 100, its default, with which
+        # this test caught the fault; 20 was written here, and never ran
+        atk = build_attack("fab-t", trained_cnn, overrides={"steps": 100, "n_targets": 2}, eps=0.1,
+                           precision=precision)
         x_adv = atk(x, y)
         assert (x_adv - x).abs().amax() <= 0.1 + 1e-6
         out[precision] = _robust(trained_cnn, x_adv, y)
