@@ -9,7 +9,13 @@ import pytest
 from sirobust.reproduce import reproduce
 from sirobust.reproduce.ledger import Ledger, read_entry
 
-from test_reproduce import TINY, _quiet, _write
+from test_reproduce import TINY, TINY_FIGURE, _quiet, _write
+
+
+def _copy(ledger, to):
+    import shutil
+    shutil.copytree(ledger, to)
+    return to
 
 
 def _forbid(monkeypatch, what="work"):
@@ -48,7 +54,10 @@ def test_every_finished_evaluation_is_filed_with_its_run_and_every_outcome(filed
         assert entry["run"]["summary"]["last"]["epoch"] == 1 and entry["run"]["train_seconds"] > 0
         # the key holds the run's configuration where OUT's key holds the weights' digest
         assert "weights" not in entry["key"] and entry["key"]["run"]["identity"]["defense"] == "at"
-        assert entry["result"]["spec"]["weights"]["sha256"]
+        # the run is represented by the weights these evaluations attacked
+        sha = entry["result"]["spec"]["weights"]["sha256"]
+        assert json.loads((path.parent / "weights-last.json").read_text())["sha256"] == sha
+    assert (ledger / ".gitignore").read_text().splitlines()[1:] == [".*", "!.gitignore"]  # a killed write's files
     # the same entry is the same bytes wherever it is written (no timestamp in the gzip header)
     assert gzip.compress(gzip.decompress(entries[0].read_bytes()), mtime=0) == entries[0].read_bytes()
 
@@ -84,7 +93,8 @@ def test_a_run_missing_from_the_ledger_is_trained_and_filed(filed, tmp_path):
     partial = tmp_path / "partial"
     kept, dropped = sorted(ledger.rglob("eval-*.json.gz"))
     (partial / kept.parent.relative_to(ledger)).mkdir(parents=True)
-    (partial / kept.relative_to(ledger)).write_bytes(kept.read_bytes())
+    for name in (kept.name, "weights-last.json"):  # one run's entry and the weights that represent it
+        (partial / kept.parent.relative_to(ledger) / name).write_bytes((kept.parent / name).read_bytes())
     summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "o"), progress=False, log=_quiet,
                         ledger=str(partial))
     c = summary["counts"]
@@ -97,70 +107,122 @@ def test_a_run_missing_from_the_ledger_is_trained_and_filed(filed, tmp_path):
 
 def test_a_damaged_entry_is_named(filed, tmp_path):
     cfg, ledger, _ = filed
-    broken = tmp_path / "broken"
-    for p in ledger.rglob("eval-*.json.gz"):
-        (broken / p.parent.relative_to(ledger)).mkdir(parents=True, exist_ok=True)
-        (broken / p.relative_to(ledger)).write_bytes(p.read_bytes()[:-20])
+    broken = _copy(ledger, tmp_path / "broken")
+    for p in broken.rglob("eval-*.json.gz"):
+        p.write_bytes(p.read_bytes()[:-20])
     with pytest.raises(ValueError, match="is not a ledger entry .*remove it"):
         reproduce(str(cfg), preset="smoke", out=str(tmp_path / "o"), progress=False, log=_quiet, ledger=str(broken))
 
 
-def test_an_entry_whose_stored_key_differs_is_not_taken(tmp_path):
-    ledger = Ledger(tmp_path)
-    key = {"run": {"identity": {"seed": 0}}, "which": "last", "n": 10}
-    assert ledger.add("d/m/at-e1-x", key, {"spec": {}, "report": {}}, {"last": {"epoch": 1}}, 1.0) is not None
-    assert ledger.get("d/m/at-e1-x", key)["run"]["summary"] == {"last": {"epoch": 1}}
-    assert ledger.add("d/m/at-e1-x", key, {"spec": {"x": 1}, "report": {}}, {}, 2.0) is None  # never replaced
-    path = ledger.path("d/m/at-e1-x", key)
-    entry = read_entry(path)
-    entry["key"]["n"] = 11  # a hand-edited file, or a hash collision
-    path.write_bytes(gzip.compress(json.dumps(entry).encode()))
-    assert ledger.get("d/m/at-e1-x", key) is None
-    with pytest.raises(NotADirectoryError, match="--ledger"):
-        Ledger(path)
+def test_a_run_the_ledger_holds_from_another_training_is_trained_here_and_nothing_of_it_is_filed(filed, tmp_path):
+    """Training differs between machines: one cell must never combine two trainings' evaluations (a worst case
+    no model has). Here the ledger represents the AT run by other weights than its entries attacked (as when
+    another machine filed first): its entries are not taken, this machine trains the run, uses its own
+    evaluations for the whole cell, files none of them, and says why."""
+    cfg, ledger, first = filed
+    book = _copy(ledger, tmp_path / "book")
+    (record,) = [p for p in book.rglob("weights-last.json") if "/at-e1-" in str(p)]
+    record.write_text(json.dumps({"sha256": "0" * 64, "which": "last"}))
+    before = {p: p.read_bytes() for p in book.rglob("*") if p.is_file()}
+    lines = []
+    summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "o"), progress=False,
+                        log=lambda *a, **k: lines.append(" ".join(map(str, a))), ledger=str(book))
+    c = summary["counts"]
+    assert (c["trained"], c["ledger_runs"], c["evaluated"], c["ledger_evaluations"], c["filed"]) == (1, 1, 1, 1, 0)
+    assert any("differs from the one the ledger holds (000000000000)" in line for line in lines)
+    assert {p: p.read_bytes() for p in book.rglob("*") if p.is_file()} == before
+    at = [r for r in summary["rows"] if r["row"] == "AT"][0]
+    assert not at["reports"][0].startswith(str(book))  # this machine's own evaluation
 
 
-def test_a_figure_does_not_use_the_ledger_and_jobs_pass_it_on(tmp_path, monkeypatch):
+def test_collect_writes_the_table_from_the_ledger_and_overwrite_takes_nothing_from_it(filed, tmp_path, monkeypatch):
+    cfg, ledger, first = filed
+    collected = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "c"), progress=False, log=_quiet,
+                          collect=True, ledger=str(ledger))
+    assert [r["values"] for r in collected["rows"]] == [r["values"] for r in first["rows"]]
+    _forbid(monkeypatch, "training")
+    with pytest.raises(AssertionError, match="training was redone"):  # --overwrite: everything computed again
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "c"), progress=False, log=_quiet, overwrite=True,
+                  ledger=str(ledger))
+
+
+def test_a_figure_does_not_use_the_ledger(filed):
+    cfg, ledger, _ = filed
+    fig = _write(cfg.parent, TINY_FIGURE, "tinyfig.toml")
+    before = sorted(ledger.rglob("*"))
+    lines = []
+    summary = reproduce(str(fig), preset="smoke", out=str(cfg.parent / "out"), progress=False,
+                        log=lambda *a, **k: lines.append(" ".join(map(str, a))), ledger=str(ledger))
+    assert summary["data"]["labels"] == ["AT", "AT-SI"]
+    assert any("is a figure: it is computed from its runs' weights, so --ledger is not used" in ln for ln in lines)
+    assert sorted(ledger.rglob("*")) == before
+
+
+def test_jobs_pass_the_ledger_on_and_a_file_given_as_the_ledger_stops_before_any_work(tmp_path, monkeypatch):
     from sirobust.cli import build_parser
     from sirobust.reproduce import jobs
     args = build_parser().parse_args(["reproduce", "table6", "--ledger", str(tmp_path / "L"), "--jobs", "2"])
     assert args.ledger == str(tmp_path / "L")
     seen = {}
+    real = sys.modules["sirobust.reproduce"].reproduce
     monkeypatch.setattr(sys.modules["sirobust.reproduce"], "reproduce", lambda *a, **k: seen.update(k))
     spec = {"name": "table6", "preset": "smoke", "out": "o", "overrides": {}, "device": "cpu", "shard": [1, 2],
-            "model_dir": None, "accept_unpinned": False, "steal": True, "ledger": str(tmp_path / "L")}
-    assert jobs.main([json.dumps(spec)]) == 0 and seen["ledger"] == str(tmp_path / "L")
+            "model_dir": None, "accept_unpinned": False, "steal": True, "ledger": str(tmp_path / "L"),
+            "ledger_read": False}
+    assert jobs.main([json.dumps(spec)]) == 0
+    assert (seen["ledger"], seen["ledger_read"]) == (str(tmp_path / "L"), False)
+    monkeypatch.undo()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="--ledger .*afile: not a folder"):
+        real("table6", preset="smoke", out=str(tmp_path / "o"), jobs=2, ledger=str(tmp_path / "afile"), log=_quiet)
+    assert not (tmp_path / "o").exists()
 
 
-def test_each_run_is_evaluated_and_filed_before_the_next_is_trained(tmp_path, monkeypatch):
-    """A grid stopped halfway keeps the evaluations of the runs it finished (and has filed them), not only
-    their weights: a table's runs were all trained before the first was attacked."""
-    train_module, evaluate_module = sys.modules["sirobust.train"], sys.modules["sirobust.evaluate"]
-    order = []
-    fit, evaluate = train_module.fit, evaluate_module.evaluate
-    ledger = tmp_path / "ledger"
-
-    def fit_and_note(cfg, *a, **k):
-        order.append(("fit", len(list(ledger.rglob("*.gz")))))
-        return fit(cfg, *a, **k)
-
-    def evaluate_and_note(*a, **k):
-        order.append(("evaluate", len(list(ledger.rglob("*.gz")))))
-        return evaluate(*a, **k)
-    monkeypatch.setattr(train_module, "fit", fit_and_note)
-    monkeypatch.setattr(evaluate_module, "evaluate", evaluate_and_note)
-    cfg = _write(tmp_path, TINY)
-    reproduce(str(cfg), preset="smoke", out=str(tmp_path / "o"), progress=False, log=_quiet, ledger=str(ledger))
-    assert order == [("fit", 0), ("evaluate", 0), ("fit", 1), ("evaluate", 1)]
+def _entry(sha="a" * 64, n=10):
+    key = {"run": {"identity": {"seed": 0}, "epochs": 1}, "training": 1, "which": "last", "n": n}
+    result = {"spec": {"weights": {"sha256": sha, "which": "last"}, "n": n}, "report": {"n": n}}
+    return key, result
 
 
-def test_of_two_processes_filing_one_evaluation_at_once_the_first_keeps_its_entry(tmp_path, monkeypatch):
+def test_entries_are_checked_when_read(tmp_path):
+    ledger = Ledger(tmp_path)
+    key, result = _entry()
+    assert ledger.file("d/m/at-e1-x", "last", [(key, result)], {"last": {"epoch": 1}}, 1.0) == (1, "a" * 64)
+    assert ledger.cell("d/m/at-e1-x", "last", [key])[0]["run"]["summary"] == {"last": {"epoch": 1}}
+    path = ledger.path("d/m/at-e1-x", key)
+    entry = read_entry(path)
+    collision = {**entry, "key": {**key, "n": 11},  # another evaluation's entry under this one's name
+                 "result": {**entry["result"], "spec": {**entry["result"]["spec"], "n": 11}}}
+    path.write_bytes(gzip.compress(json.dumps(collision).encode()))
+    assert Ledger(tmp_path).get("d/m/at-e1-x", key) is None
+    entry["result"]["spec"]["n"] = 11  # a result edited away from its key
+    path.write_bytes(gzip.compress(json.dumps(entry).encode()))
+    with pytest.raises(ValueError, match="or was edited"):
+        Ledger(tmp_path).get("d/m/at-e1-x", key)
+    for bad in (b"[" * 200000, json.dumps({"format": 1, "key": {}, "run": "x", "result": 5}).encode()):
+        path.write_bytes(gzip.compress(bad))
+        with pytest.raises(ValueError, match="is not a ledger entry"):
+            Ledger(tmp_path).get("d/m/at-e1-x", key)
+    with pytest.raises(NotADirectoryError, match="--ledger"):
+        Ledger(path)
+    assert Ledger(tmp_path, read=False).cell("d/m/at-e1-x", "last", [key]) is None
+
+
+def test_a_run_is_represented_by_the_first_weights_filed_and_an_entry_is_never_replaced(tmp_path, monkeypatch):
     from pathlib import Path
     ledger = Ledger(tmp_path)
-    key = {"run": {"identity": {"seed": 1}}, "which": "last", "n": 10}
-    first = ledger.add("d/m/at-e1-y", key, {"spec": {"a": 1}, "report": {}}, {}, 1.0)
-    before = first.read_bytes()
+    key, result = _entry("a" * 64)
+    assert ledger.file("d/m/at-e1-y", "last", [(key, result)], {}, 1.0) == (1, "a" * 64)
+    path = ledger.path("d/m/at-e1-y", key)
+    before = path.read_bytes()
+    key2, other = _entry("b" * 64, n=20)
+    assert ledger.file("d/m/at-e1-y", "last", [(key2, other)], {}, 1.0) == (0, "a" * 64)  # another training
+    assert not ledger.path("d/m/at-e1-y", key2).exists()
+    with pytest.raises(ValueError, match="different weights"):
+        ledger.file("d/m/at-e1-y", "last", [(key, result), (key2, other)], {}, 1.0)
+    # of two processes filing one evaluation at once, the first keeps its entry
     monkeypatch.setattr(Path, "exists", lambda self: False)  # the second looked before the first had filed
-    assert ledger.add("d/m/at-e1-y", key, {"spec": {"a": 2}, "report": {}}, {}, 2.0) is None
+    assert ledger.file("d/m/at-e1-y", "last", [(key, {**result, "seconds": 9})], {}, 2.0) == (0, "a" * 64)
     monkeypatch.undo()
-    assert first.read_bytes() == before and [p.name for p in first.parent.iterdir()] == [first.name]
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, "weights-last.json"])

@@ -56,7 +56,7 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
               device: str = "auto", progress: bool = True, overwrite: bool = False,
               model_dir: Optional[str] = None, accept_unpinned: bool = False, log: Callable = print,
               shard: Optional[tuple] = None, jobs: int = 1, collect: bool = False,
-              steal: bool = False, ledger: Optional[str] = None) -> Optional[dict]:
+              steal: bool = False, ledger: Optional[str] = None, ledger_read: bool = True) -> Optional[dict]:
     """Compute experiment ``name`` (a packaged name or a config path) under ``preset`` into ``out``;
     returns the summary written beside the table or figure (``OUT/NAME-PRESET/``, or ``OUT/NAME-PRESET+HASH/``
     when ``overrides`` change what is computed: the preset's own result is never replaced). ``model_dir`` holds
@@ -69,7 +69,8 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     what is missing). ``steal`` (what each job of ``jobs`` does): the shard's units first, then any unit of the
     grid that no other process has claimed, so that no job sits idle while another has a queue. ``ledger`` (a
     folder, :mod:`.ledger`): every finished evaluation of a table is filed there too, and a run whose
-    evaluations are all there is not trained."""
+    evaluations are all there is not trained (with ``overwrite``, or ``ledger_read`` False, nothing is taken
+    from it: everything is computed again, and filed where the ledger has nothing yet)."""
     import contextlib
 
     from ..distributed import current as current_group
@@ -81,6 +82,10 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
         raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     _check_parallel(shard, jobs, collect, overwrite, device)
     plan = make_plan(exp, preset, overrides, device=device)  # every setting checked before anything runs
+    if ledger is not None:
+        from .ledger import Ledger
+        ledger_read = ledger_read and not overwrite
+        book = Ledger(ledger, read=ledger_read)  # a bad --ledger stops here, before any job starts
     units = shard_runs(plan, *shard) if shard is not None else None
     if steal and shard is None:
         raise ConfigError("steal takes work from other shards: it needs shard=(K, N)")
@@ -91,10 +96,11 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
                               "GPU per job), or torchrun alone (one large run over the GPUs)")
         from .jobs import run_jobs
         run_jobs(name, preset=preset, out=out, overrides=overrides, device=device, jobs=jobs, overwrite=overwrite,
-                 model_dir=model_dir, accept_unpinned=accept_unpinned, log=log, ledger=ledger)
+                 model_dir=model_dir, accept_unpinned=accept_unpinned, log=log, ledger=ledger,
+                 ledger_read=ledger_read)
         return reproduce(name, preset=preset, out=out, overrides=overrides, device=device, progress=progress,
                          model_dir=model_dir, accept_unpinned=accept_unpinned, log=log, collect=True,
-                         ledger=ledger)
+                         ledger=ledger, ledger_read=ledger_read)
     model_dir = Path(model_dir or DEFAULT_MODEL_DIR).expanduser()
     group = current_group(device)  # under torchrun: rank 0 writes, every process trains and attacks its share
     if not group.main:
@@ -127,8 +133,7 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
             if exp.kind == "figure":  # its data is computed from the weights, which a ledger does not hold
                 log(f"{exp.name} is a figure: it is computed from its runs' weights, so --ledger is not used")
             else:
-                from .ledger import Ledger
-                runner.ledger = Ledger(ledger)
+                runner.ledger = book
         if exp.kind == "figure":
             from .figures import make_figure
             if beside_others:

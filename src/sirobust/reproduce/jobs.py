@@ -58,7 +58,7 @@ def _visible_gpus() -> list[str]:
 
 def run_jobs(name: str, preset: str, out: str, overrides: Optional[dict], device: str, jobs: int,
              overwrite: bool = False, model_dir: Optional[str] = None, accept_unpinned: bool = False,
-             log: Callable = print, ledger: Optional[str] = None) -> None:
+             log: Callable = print, ledger: Optional[str] = None, ledger_read: bool = True) -> None:
     """Run the ``jobs`` shards of the grid as child processes and wait for all of them; raises
     :class:`JobsFailed` naming the jobs that failed (after the others have finished their parts)."""
     from .runner import open_root
@@ -69,7 +69,7 @@ def run_jobs(name: str, preset: str, out: str, overrides: Optional[dict], device
     for k in range(1, jobs + 1):
         spec = {"name": name, "preset": preset, "out": str(out), "overrides": overrides or {}, "device": device,
                 "shard": [k, jobs], "model_dir": model_dir, "accept_unpinned": accept_unpinned, "steal": True,
-                "ledger": None if ledger is None else str(ledger)}
+                "ledger": None if ledger is None else str(ledger), "ledger_read": ledger_read}
         env = job_environment(k, jobs, device)
         where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env and THREADS_ENV not in env \
             else f"{env.get(THREADS_ENV)} CPU thread(s)"
@@ -118,7 +118,8 @@ def main(argv: list[str]) -> int:
         reproduce(spec["name"], preset=spec["preset"], out=spec["out"], overrides=spec["overrides"],
                   device=spec["device"], progress=False, model_dir=spec["model_dir"],
                   accept_unpinned=spec["accept_unpinned"], shard=tuple(spec["shard"]), log=_flush_print,
-                  steal=bool(spec.get("steal")), ledger=spec.get("ledger"))
+                  steal=bool(spec.get("steal")), ledger=spec.get("ledger"),
+                  ledger_read=spec.get("ledger_read", True))
     except RunInterrupted as e:
         print(f"stopped: {e}", flush=True)
         return 128 + int(getattr(e, "signum", signal.SIGTERM) or signal.SIGTERM)

@@ -194,6 +194,7 @@ class Runner:
         self.claims = claims  # lock each run and evaluation (False: a folder no other process shares)
         self._test_sets: dict = {}
         self._early: dict = {}  # id(cell) -> its reports, computed right after its run was trained
+        self._differs: set = set()  # runs whose training here differs from the ledger's (said once each)
         self._hashes: dict = {}
         self.trained = 0
         self.reused_runs = 0
@@ -360,6 +361,7 @@ class Runner:
             return taken  # None: trained by another process (a shard), not yet finished
         model = None
         reports = []
+        reused = 0  # counted once the cell is whole: a cell looked at again (one of its jobs was busy) counts once
         for job in cell.jobs:
             spec = self.group.first(self.job_spec, cell, job)  # rank 0 hashes the files
             path = self.eval_folder(cell) / f"eval-{digest(spec, 16)}.json"
@@ -367,18 +369,16 @@ class Runner:
             if saved is not None:
                 if compute:  # (a shard looking at another shard's cell only checks it is there)
                     self.log(f"[reuse] {cell.row.label}: {path}")
-                self.reused_evals += 1
+                reused += 1
                 reports.append({**saved, "path": str(path)})
-                self.group.first(self.keep, cell, job, saved)
                 continue
             if not compute:
                 return None
             with self.claim(f"evaluation {path.resolve()}") as claim:
                 saved = self.group.first(saved_result, path, spec)  # finished while this process waited?
                 if saved is not None:
-                    self.reused_evals += 1
+                    reused += 1
                     reports.append({**saved, "path": str(path)})
-                    self.group.first(self.keep, cell, job, saved)
                     continue
                 if not claim.held:
                     self.log(f"[busy] {cell.row.label}: another process is computing {path}")
@@ -387,7 +387,8 @@ class Runner:
                 if model is None:
                     model, _weights, _sha, prov = self.model_of(cell)
                 reports.append(self.run_job(cell, job, spec, model, prov, path))
-                self.group.first(self.keep, cell, job, reports[-1])
+        self.reused_evals += reused
+        self.group.first(self.keep, cell, reports)  # a cell's evaluations are filed together, once all are done
         return reports
 
     # ---------------------------------------------------------------- the ledger (see .ledger)
@@ -397,16 +398,14 @@ class Runner:
         return entry_key(run_key(cell.train), self.plan.eval["which"], self.attack_spec(cell, job))
 
     def from_ledger(self, cell: Cell) -> Optional[list]:
-        """The reports of a trained cell from the ledger, when it holds every one of the cell's evaluations
-        (and the cell has at least one); else None."""
-        if self.ledger is None or cell.train is None or not cell.jobs:
+        """The reports of a trained cell from the ledger, when it holds every one of the cell's evaluations (and
+        the cell has at least one), all of the weights the ledger represents the run by; else None."""
+        if self.ledger is None or cell.train is None:
             return None
-        entries = []
-        for job in cell.jobs:
-            entry = self.ledger.get(run_name(cell.train), self.ledger_key(cell, job))
-            if entry is None:
-                return None
-            entries.append(entry)
+        entries = self.ledger.cell(run_name(cell.train), self.plan.eval["which"],
+                                   [self.ledger_key(cell, job) for job in cell.jobs])
+        if entries is None:
+            return None
         return [{**e["result"], "path": e["path"], "ledger": e["run"]} for e in entries]
 
     def ledger_covers(self, cfg) -> bool:
@@ -417,14 +416,30 @@ class Runner:
         cells = [c for c in self.plan.cells if c.train is not None and run_name(c.train) == run_name(cfg)]
         return bool(cells) and all(self.from_ledger(c) is not None for c in cells)
 
-    def keep(self, cell: Cell, job: EvalJob, result: dict) -> None:
-        """File a finished evaluation of a run finished in OUT in the ledger, where its key is free."""
-        if self.ledger is None or cell.train is None:
+    def keep(self, cell: Cell, results: list) -> None:
+        """File the finished evaluations of a cell whose run is finished in OUT in the ledger, where their keys
+        are free, unless the ledger represents the run by another training (said once per run)."""
+        if self.ledger is None or cell.train is None or not results:
             return
+        name, which = run_name(cell.train), self.plan.eval["which"]
+        items = [(self.ledger_key(cell, job), result) for job, result in zip(cell.jobs, results)]
+        sha = results[0]["spec"]["weights"]["sha256"]
+        owner = self.ledger.weights(name, which)
         run = Path(cell.train.out)
-        if self.ledger.add(run_name(cell.train), self.ledger_key(cell, job), result,
-                           read_json(run / "summary.json"), train_seconds(run)):
-            self.filed += 1
+        if owner in (None, sha) and not all(self.ledger.path(name, key).exists() for key, _result in items):
+            try:
+                filed, owner = self.ledger.file(name, which, items, read_json(run / "summary.json"),
+                                                train_seconds(run))
+            except OSError as e:  # a read-only checkout, a full disk: the results are safe in OUT
+                self.log(f"[ledger] {name}: not filed in {self.ledger.folder} ({e}); the results are kept in {run}")
+                return
+            self.filed += filed
+        if owner not in (None, sha) and name not in self._differs:
+            self._differs.add(name)
+            self.log(f"[ledger] {name}: this machine's training of the run (weights sha256 {sha[:12]}) differs from "
+                     f"the one the ledger holds ({owner[:12]}), so none of its evaluations are filed and this table "
+                     f"uses this machine's own for every cell of the run. To file these instead, remove "
+                     f"{self.ledger.folder / name}.")
 
     def job_spec(self, cell: Cell, job: EvalJob) -> dict:
         """What an evaluation depends on; its hash names the result file."""
