@@ -3,6 +3,7 @@ table is written on a machine that does not have its runs' weights, and nothing 
 import gzip
 import json
 import sys
+import textwrap
 
 import pytest
 
@@ -36,7 +37,7 @@ def filed(tmp_path_factory):
     return cfg, ledger, summary
 
 
-def test_every_finished_evaluation_is_filed_with_its_run_and_every_outcome(filed):
+def test_every_finished_evaluation_is_filed_with_its_run_and_every_outcome(filed, tmp_path):
     cfg, ledger, summary = filed
     assert summary["counts"] == {"trained": 2, "reused_runs": 0, "evaluated": 2, "reused_evaluations": 0,
                                  "ledger_runs": 0, "ledger_evaluations": 0, "filed": 2}
@@ -45,21 +46,22 @@ def test_every_finished_evaluation_is_filed_with_its_run_and_every_outcome(filed
     assert len(entries) == 2
     for path in entries:
         entry = read_entry(path)
-        # filed under the run's folder name, with the result exactly as OUT keeps it
-        run_dir = path.parent.relative_to(ledger)
+        # filed under the run's folder name and its training, with the result exactly as OUT keeps it
+        run_dir = path.parent.parent.relative_to(ledger)
         out_eval = json.loads(next((cfg.parent / "out" / "runs" / run_dir / "reproduce").glob("eval-*.json"))
                               .read_text())
         assert entry["result"] == out_eval
+        assert path.parent.name == out_eval["spec"]["weights"]["sha256"][:16]
         assert len(entry["result"]["report"]["clean_correct"]) == 24  # every example's outcome, for the tests
         assert entry["run"]["summary"]["last"]["epoch"] == 1 and entry["run"]["train_seconds"] > 0
         # the key holds the run's configuration where OUT's key holds the weights' digest
         assert "weights" not in entry["key"] and entry["key"]["run"]["identity"]["defense"] == "at"
-        # the run is represented by the weights these evaluations attacked
-        sha = entry["result"]["spec"]["weights"]["sha256"]
-        assert json.loads((path.parent / "weights-last.json").read_text())["sha256"] == sha
     assert (ledger / ".gitignore").read_text().splitlines()[1:] == [".*", "!.gitignore"]  # a killed write's files
-    # the same entry is the same bytes wherever it is written (no timestamp in the gzip header)
-    assert gzip.compress(gzip.decompress(entries[0].read_bytes()), mtime=0) == entries[0].read_bytes()
+    # the same evaluation of the same training is the same bytes wherever it is filed: ledgers merge in git
+    again = tmp_path / "again"
+    reproduce(str(cfg), preset="smoke", out=str(cfg.parent / "out"), progress=False, log=_quiet, ledger=str(again))
+    assert {p.relative_to(again): p.read_bytes() for p in again.rglob("*.gz")} == \
+        {p.relative_to(ledger): p.read_bytes() for p in entries}
 
 
 def test_another_output_folder_writes_the_same_table_from_the_ledger_alone(filed, tmp_path, monkeypatch):
@@ -93,8 +95,7 @@ def test_a_run_missing_from_the_ledger_is_trained_and_filed(filed, tmp_path):
     partial = tmp_path / "partial"
     kept, dropped = sorted(ledger.rglob("eval-*.json.gz"))
     (partial / kept.parent.relative_to(ledger)).mkdir(parents=True)
-    for name in (kept.name, "weights-last.json"):  # one run's entry and the weights that represent it
-        (partial / kept.parent.relative_to(ledger) / name).write_bytes((kept.parent / name).read_bytes())
+    (partial / kept.relative_to(ledger)).write_bytes(kept.read_bytes())  # one run's training, whole
     summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "o"), progress=False, log=_quiet,
                         ledger=str(partial))
     c = summary["counts"]
@@ -114,25 +115,61 @@ def test_a_damaged_entry_is_named(filed, tmp_path):
         reproduce(str(cfg), preset="smoke", out=str(tmp_path / "o"), progress=False, log=_quiet, ledger=str(broken))
 
 
-def test_a_run_the_ledger_holds_from_another_training_is_trained_here_and_nothing_of_it_is_filed(filed, tmp_path):
-    """Training differs between machines: one cell must never combine two trainings' evaluations (a worst case
-    no model has). Here the ledger represents the AT run by other weights than its entries attacked (as when
-    another machine filed first): its entries are not taken, this machine trains the run, uses its own
-    evaluations for the whole cell, files none of them, and says why."""
-    cfg, ledger, first = filed
-    book = _copy(ledger, tmp_path / "book")
-    (record,) = [p for p in book.rglob("weights-last.json") if "/at-e1-" in str(p)]
-    record.write_text(json.dumps({"sha256": "0" * 64, "which": "last"}))
-    before = {p: p.read_bytes() for p in book.rglob("*") if p.is_file()}
-    lines = []
-    summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "o"), progress=False,
-                        log=lambda *a, **k: lines.append(" ".join(map(str, a))), ledger=str(book))
-    c = summary["counts"]
-    assert (c["trained"], c["ledger_runs"], c["evaluated"], c["ledger_evaluations"], c["filed"]) == (1, 1, 1, 1, 0)
-    assert any("differs from the one the ledger holds (000000000000)" in line for line in lines)
-    assert {p: p.read_bytes() for p in book.rglob("*") if p.is_file()} == before
-    at = [r for r in summary["rows"] if r["row"] == "AT"][0]
-    assert not at["reports"][0].startswith(str(book))  # this machine's own evaluation
+HE_TWO_VIEWS = TINY.split("[[rows]]")[0].replace('name = "tiny"', 'name = "tinyhe"') + textwrap.dedent('''
+    [[rows]]
+    label = "HE"
+    train = { defense = "he" }
+    [[rows]]
+    label = "HE cos"
+    train = { defense = "he" }
+    view = "cosine"
+
+    [presets.smoke]
+    description = "seconds"
+    eval = { n = 24, steps = 2 }
+''')
+
+
+def test_a_run_is_taken_whole_from_one_training_or_trained_here(tmp_path, monkeypatch):
+    """Training differs between machines, and a cell (or a table's two views of one model) must never combine two
+    trainings' evaluations. One HE run serves two cells (its logits and its cos θ view): a training in the ledger
+    that holds one of them is not taken; one that holds both is, for both."""
+    cfg = _write(tmp_path, HE_TWO_VIEWS, "he.toml")
+    ledger = tmp_path / "L"
+    first = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "a"), progress=False, log=_quiet,
+                      ledger=str(ledger))
+    (run,) = [p for p in ledger.rglob("*") if p.is_dir() and p.name.startswith("he-e1-")]
+    (training,) = [p.name for p in run.iterdir()]
+    entries = sorted((run / training).iterdir())
+    assert len(entries) == 2  # one evaluation per view
+    # another machine's training, with only one of the two cells filed: sorted first, and not taken
+    other = run / ("0" * 16)
+    other.mkdir()
+    entry = read_entry(entries[0])
+    entry["result"]["spec"]["weights"]["sha256"] = "0" * 64
+    (other / entries[0].name).write_bytes(gzip.compress(json.dumps(entry).encode()))
+    _forbid(monkeypatch)
+    again = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "b"), progress=False, log=_quiet,
+                      ledger=str(ledger))
+    assert all(path.startswith(str(run / training)) for row in again["rows"] for path in row["reports"])
+    assert [r["values"] for r in again["rows"]] == [r["values"] for r in first["rows"]]
+    # with the complete training's cos θ entry gone, no training covers the run: it is trained here
+    entries[1].unlink()
+    with pytest.raises(AssertionError, match="work was redone"):
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "c"), progress=False, log=_quiet, ledger=str(ledger))
+
+
+def test_a_table_whose_cells_of_one_run_attacked_two_trainings_is_refused():
+    from types import SimpleNamespace
+
+    from sirobust.reproduce.runner import one_training_per_run
+    train = SimpleNamespace(dataset="d", model="m", defense="he", si=False, epochs=1, accept_checksum_mismatch=False,
+                            identity=lambda: {"defense": "he"})
+    cells = [SimpleNamespace(train=train), SimpleNamespace(train=train)]
+    report = lambda sha: [{"spec": {"weights": {"sha256": sha}}}]  # noqa: E731
+    one_training_per_run(cells, {id(cells[0]): report("a" * 64), id(cells[1]): report("a" * 64)})
+    with pytest.raises(ValueError, match="run d/m/he-e1-.* attacked different weights \\(aaaaaaaaaaaa, bbbbbbbbbbbb\\)"):
+        one_training_per_run(cells, {id(cells[0]): report("a" * 64), id(cells[1]): report("b" * 64)})
 
 
 def test_collect_writes_the_table_from_the_ledger_and_overwrite_takes_nothing_from_it(filed, tmp_path, monkeypatch):
@@ -187,42 +224,47 @@ def _entry(sha="a" * 64, n=10):
 def test_entries_are_checked_when_read(tmp_path):
     ledger = Ledger(tmp_path)
     key, result = _entry()
-    assert ledger.file("d/m/at-e1-x", "last", [(key, result)], {"last": {"epoch": 1}}, 1.0) == (1, "a" * 64)
-    assert ledger.cell("d/m/at-e1-x", "last", [key])[0]["run"]["summary"] == {"last": {"epoch": 1}}
-    path = ledger.path("d/m/at-e1-x", key)
+    assert ledger.file("d/m/at-e1-x", [(key, result)], {"last": {"epoch": 1}}, 1.0) == 1
+    assert ledger.covering("d/m/at-e1-x", [key])[0]["run"]["summary"] == {"last": {"epoch": 1}}
+    path = ledger.path("d/m/at-e1-x", "a" * 16, key)
     entry = read_entry(path)
     collision = {**entry, "key": {**key, "n": 11},  # another evaluation's entry under this one's name
                  "result": {**entry["result"], "spec": {**entry["result"]["spec"], "n": 11}}}
     path.write_bytes(gzip.compress(json.dumps(collision).encode()))
-    assert Ledger(tmp_path).get("d/m/at-e1-x", key) is None
+    assert ledger.covering("d/m/at-e1-x", [key]) is None
+    moved = {**entry, "result": {**entry["result"], "spec": {**entry["result"]["spec"],
+                                                             "weights": {"sha256": "b" * 64, "which": "last"}}}}
+    path.write_bytes(gzip.compress(json.dumps(moved).encode()))  # filed under another training's folder
+    with pytest.raises(ValueError, match="other weights than its folder names"):
+        ledger.covering("d/m/at-e1-x", [key])
     entry["result"]["spec"]["n"] = 11  # a result edited away from its key
     path.write_bytes(gzip.compress(json.dumps(entry).encode()))
     with pytest.raises(ValueError, match="or was edited"):
-        Ledger(tmp_path).get("d/m/at-e1-x", key)
-    for bad in (b"[" * 200000, json.dumps({"format": 1, "key": {}, "run": "x", "result": 5}).encode()):
+        ledger.covering("d/m/at-e1-x", [key])
+    for bad in (b"[" * 200000, json.dumps({"format": 1, "key": {}, "run": "x", "result": 5}).encode(),
+                b"<<<<<<< HEAD\n"):
         path.write_bytes(gzip.compress(bad))
         with pytest.raises(ValueError, match="is not a ledger entry"):
-            Ledger(tmp_path).get("d/m/at-e1-x", key)
+            ledger.covering("d/m/at-e1-x", [key])
     with pytest.raises(NotADirectoryError, match="--ledger"):
         Ledger(path)
-    assert Ledger(tmp_path, read=False).cell("d/m/at-e1-x", "last", [key]) is None
+    assert Ledger(tmp_path, read=False).covering("d/m/at-e1-x", [key]) is None
 
 
-def test_a_run_is_represented_by_the_first_weights_filed_and_an_entry_is_never_replaced(tmp_path, monkeypatch):
+def test_each_training_files_under_its_own_folder_and_an_entry_is_never_replaced(tmp_path, monkeypatch):
     from pathlib import Path
     ledger = Ledger(tmp_path)
     key, result = _entry("a" * 64)
-    assert ledger.file("d/m/at-e1-y", "last", [(key, result)], {}, 1.0) == (1, "a" * 64)
-    path = ledger.path("d/m/at-e1-y", key)
+    assert ledger.file("d/m/at-e1-y", [(key, result)], {}, 1.0) == 1
+    path = ledger.path("d/m/at-e1-y", "a" * 16, key)
     before = path.read_bytes()
-    key2, other = _entry("b" * 64, n=20)
-    assert ledger.file("d/m/at-e1-y", "last", [(key2, other)], {}, 1.0) == (0, "a" * 64)  # another training
-    assert not ledger.path("d/m/at-e1-y", key2).exists()
+    _key, other = _entry("b" * 64)  # another machine's training of the run: its own folder, never blocked
+    assert ledger.file("d/m/at-e1-y", [(key, other)], {}, 1.0) == 1
+    assert ledger.trainings("d/m/at-e1-y") == ["a" * 16, "b" * 16]
     with pytest.raises(ValueError, match="different weights"):
-        ledger.file("d/m/at-e1-y", "last", [(key, result), (key2, other)], {}, 1.0)
+        ledger.file("d/m/at-e1-y", [(key, result), (key, other)], {}, 1.0)
     # of two processes filing one evaluation at once, the first keeps its entry
     monkeypatch.setattr(Path, "exists", lambda self: False)  # the second looked before the first had filed
-    assert ledger.file("d/m/at-e1-y", "last", [(key, {**result, "seconds": 9})], {}, 2.0) == (0, "a" * 64)
+    assert ledger.file("d/m/at-e1-y", [(key, {**result, "seconds": 9})], {}, 2.0) == 0
     monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, "weights-last.json"])
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [path.name]

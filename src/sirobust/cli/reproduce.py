@@ -180,9 +180,10 @@ def register(sub) -> None:
                         "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=1-N); the shard that "
                         "finds every part done writes the table")
     p.add_argument("--ledger", metavar="DIR",
-                   help="a folder (one you may commit) that keeps a copy of every finished evaluation of a table, "
-                        "a few KB each with every example's outcome; a run whose evaluations are all there is not "
-                        "trained, so a grid continues on another machine (figures need the weights: not used)")
+                   help="a folder (one you may commit) that keeps a copy of every finished evaluation of a table "
+                        "with every example's outcome, under the training that made the weights it attacked; a run "
+                        "one training there covers whole is not trained, so a grid continues on another machine "
+                        "(figures need the weights: not used)")
     p.add_argument("--collect", action="store_true",
                    help="compute nothing: write the table (or figure) from what --out holds, naming what is missing")
     p.add_argument("--precision", choices=["auto", "fp32", "fp32-fast", "bf16"], help="arithmetic (sirobust.fastpath)")

@@ -194,7 +194,8 @@ class Runner:
         self.claims = claims  # lock each run and evaluation (False: a folder no other process shares)
         self._test_sets: dict = {}
         self._early: dict = {}  # id(cell) -> its reports, computed right after its run was trained
-        self._differs: set = set()  # runs whose training here differs from the ledger's (said once each)
+        self._sources: dict = {}  # run name -> "ledger" or "out": where all of its cells are taken from
+        self._ledger_runs: dict = {}  # run name -> its cells' reports from one training in the ledger, or None
         self._hashes: dict = {}
         self.trained = 0
         self.reused_runs = 0
@@ -354,11 +355,19 @@ class Runner:
         """The reports of the cell's evaluation jobs (each reused when already computed, or taken from the
         ledger when the run is not finished here); None when one is missing and ``compute`` is False, or
         another process is computing it."""
-        if cell.train is not None and self.group.first(run_state, cell.train) != "finished":
-            taken = self.group.first(self.from_ledger, cell)
-            if taken is not None:
+        if cell.train is not None:
+            name = run_name(cell.train)
+            if name not in self._sources:  # decided once per run: all its cells from the ledger, or all from OUT
+                if self.group.first(run_state, cell.train) == "finished":
+                    self._sources[name] = "out"
+                elif self.group.first(self.ledger_run, cell.train) is not None:
+                    self._sources[name] = "ledger"
+                else:
+                    return None  # trained by another process (a shard), not yet finished
+            if self._sources[name] == "ledger":
+                taken = self.group.first(self.ledger_run, cell.train)[self.place(cell)]
                 self.ledger_evals += len(taken)
-            return taken  # None: trained by another process (a shard), not yet finished
+                return taken
         model = None
         reports = []
         reused = 0  # counted once the cell is whole: a cell looked at again (one of its jobs was busy) counts once
@@ -397,49 +406,53 @@ class Runner:
         from .plan import run_key
         return entry_key(run_key(cell.train), self.plan.eval["which"], self.attack_spec(cell, job))
 
-    def from_ledger(self, cell: Cell) -> Optional[list]:
-        """The reports of a trained cell from the ledger, when it holds every one of the cell's evaluations (and
-        the cell has at least one), all of the weights the ledger represents the run by; else None."""
-        if self.ledger is None or cell.train is None:
+    def cells_of(self, name: str) -> list:
+        return [c for c in self.plan.cells if c.train is not None and run_name(c.train) == name]
+
+    def place(self, cell: Cell) -> int:
+        return next(i for i, c in enumerate(self.plan.cells) if c is cell)
+
+    def ledger_run(self, cfg) -> Optional[dict]:
+        """The reports of every cell of a run from one training in the ledger that holds them all (the cell's
+        :meth:`place` -> reports), or None; looked up once per run, so that all its cells come from one source."""
+        if self.ledger is None:
             return None
-        entries = self.ledger.cell(run_name(cell.train), self.plan.eval["which"],
-                                   [self.ledger_key(cell, job) for job in cell.jobs])
-        if entries is None:
-            return None
-        return [{**e["result"], "path": e["path"], "ledger": e["run"]} for e in entries]
+        name = run_name(cfg)
+        if name not in self._ledger_runs:
+            cells = self.cells_of(name)
+            keys = [(cell, self.ledger_key(cell, job)) for cell in cells for job in cell.jobs]
+            entries = (self.ledger.covering(name, [key for _cell, key in keys])
+                       if cells and all(cell.jobs for cell in cells) else None)
+            found = None
+            if entries is not None:
+                found = {}  # keyed by the cell's place in the plan, the same in every process of a torchrun group
+                for (cell, _key), e in zip(keys, entries):
+                    found.setdefault(self.place(cell), []).append({**e["result"], "path": e["path"],
+                                                                   "ledger": e["run"]})
+            self._ledger_runs[name] = found
+        return self._ledger_runs[name]
 
     def ledger_covers(self, cfg) -> bool:
-        """Whether a run need not be trained here: not finished in OUT, and every cell it serves (one at
-        least) finds all its evaluations in the ledger."""
-        if run_state(cfg) == "finished":
-            return False
-        cells = [c for c in self.plan.cells if c.train is not None and run_name(c.train) == run_name(cfg)]
-        return bool(cells) and all(self.from_ledger(c) is not None for c in cells)
+        """Whether a run need not be trained here: not finished in OUT, and one training in the ledger holds every
+        evaluation of every cell it serves (one at least)."""
+        return run_state(cfg) != "finished" and self.ledger_run(cfg) is not None
 
     def keep(self, cell: Cell, results: list) -> None:
-        """File the finished evaluations of a cell whose run is finished in OUT in the ledger, where their keys
-        are free, unless the ledger represents the run by another training (said once per run)."""
+        """File the finished evaluations of a cell whose run is finished in OUT in the ledger, under this
+        training, where their keys are free."""
         if self.ledger is None or cell.train is None or not results:
             return
-        name, which = run_name(cell.train), self.plan.eval["which"]
+        from .ledger import training_of
+        name = run_name(cell.train)
+        training = training_of(results[0]["spec"]["weights"]["sha256"])
         items = [(self.ledger_key(cell, job), result) for job, result in zip(cell.jobs, results)]
-        sha = results[0]["spec"]["weights"]["sha256"]
-        owner = self.ledger.weights(name, which)
+        if all(self.ledger.path(name, training, key).exists() for key, _result in items):
+            return  # filed already
         run = Path(cell.train.out)
-        if owner in (None, sha) and not all(self.ledger.path(name, key).exists() for key, _result in items):
-            try:
-                filed, owner = self.ledger.file(name, which, items, read_json(run / "summary.json"),
-                                                train_seconds(run))
-            except OSError as e:  # a read-only checkout, a full disk: the results are safe in OUT
-                self.log(f"[ledger] {name}: not filed in {self.ledger.folder} ({e}); the results are kept in {run}")
-                return
-            self.filed += filed
-        if owner not in (None, sha) and name not in self._differs:
-            self._differs.add(name)
-            self.log(f"[ledger] {name}: this machine's training of the run (weights sha256 {sha[:12]}) differs from "
-                     f"the one the ledger holds ({owner[:12]}), so none of its evaluations are filed and this table "
-                     f"uses this machine's own for every cell of the run. To file these instead, remove "
-                     f"{self.ledger.folder / name}.")
+        try:
+            self.filed += self.ledger.file(name, items, read_json(run / "summary.json"), train_seconds(run))
+        except (OSError, ValueError) as e:  # a read-only checkout, a full disk: the results are safe in OUT
+            self.log(f"[ledger] {name}: not filed in {self.ledger.folder} ({e}); the results are kept in {run}")
 
     def job_spec(self, cell: Cell, job: EvalJob) -> dict:
         """What an evaluation depends on; its hash names the result file."""
@@ -542,6 +555,7 @@ class Runner:
         found = {id(cell): self._early.pop(id(cell)) if id(cell) in self._early
                  else self.evaluate_cell(cell, compute=compute and self.mine(cell))
                  for cell in self.in_order(list(self.plan.cells))}
+        one_training_per_run(self.plan.cells, found)
         for cell in self.plan.cells:  # the table in the plan's order, whatever order the cells were computed in
             reports = found[id(cell)]
             if reports is None:
@@ -591,6 +605,22 @@ class Runner:
                            **({"ledger_runs": self.ledger_runs, "ledger_evaluations": self.ledger_evals,
                                "filed": self.filed} if self.ledger is not None else {})},
                 "seconds": seconds, "command": command_line(), "environment": environment_info()}
+
+
+def one_training_per_run(cells: list, found: dict) -> None:
+    """Every cell of one run attacked the same weights: a table never mixes two trainings of a run (as a run that
+    another process finished while this one read the ledger could otherwise make it)."""
+    shas: dict = {}
+    for cell in cells:
+        for r in found.get(id(cell)) or []:
+            if cell.train is not None:
+                shas.setdefault(run_name(cell.train), set()).add(r["spec"]["weights"]["sha256"])
+    mixed = {name: sorted(s) for name, s in shas.items() if len(s) > 1}
+    if mixed:
+        raise ValueError("the cells of " + "; ".join(f"run {n} attacked different weights ({', '.join(x[:12] for x in s)})"
+                                                     for n, s in mixed.items())
+                         + ": one training each was taken from the ledger and another from OUT (finished there "
+                           "meanwhile); run the same command again")
 
 
 def train_seconds(run) -> float:
