@@ -268,3 +268,28 @@ def test_each_training_files_under_its_own_folder_and_an_entry_is_never_replaced
     assert ledger.file("d/m/at-e1-y", [(key, {**result, "seconds": 9})], {}, 2.0) == 0
     monkeypatch.undo()
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_shards_file_their_runs_and_another_folder_collects_the_table_from_the_ledger(tmp_path, monkeypatch):
+    cfg = _write(tmp_path, TINY)
+    ledger, out = tmp_path / "L", tmp_path / "o"
+    done = [reproduce(str(cfg), preset="smoke", out=str(out), progress=False, log=_quiet, shard=(k, 2),
+                      ledger=str(ledger)) for k in (1, 2)]
+    assert done[0] is None and done[1] is not None  # the last shard to finish writes the table
+    # before the second shard, another folder with the ledger finds one cell of two, and says so
+    from sirobust.reproduce import IncompleteGrid
+    partial = tmp_path / "partial"
+    import shutil
+    shutil.copytree(ledger, partial)
+    for run in [p for p in partial.rglob("*") if p.is_dir() and p.name.startswith("at-si-")]:
+        shutil.rmtree(run)
+    with pytest.raises(IncompleteGrid, match=r"\(1 of its 2 cells are done, 1 of them from the ledger .*partial; "
+                                             r"missing:\)\n  AT-SI"):
+        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "p"), progress=False, log=_quiet, collect=True,
+                  ledger=str(partial))
+    assert len(list(ledger.rglob("eval-*.json.gz"))) == 2
+    _forbid(monkeypatch)
+    collected = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "elsewhere"), progress=False, log=_quiet,
+                          collect=True, ledger=str(ledger))
+    assert [r["values"] for r in collected["rows"]] == [r["values"] for r in done[1]["rows"]]
+    assert collected["ledger"]["cells"] == 2

@@ -204,6 +204,7 @@ class Runner:
         self.ledger = None  # a Ledger (--ledger): evaluations kept beyond OUT; tables only (figures need weights)
         self.ledger_runs = 0   # runs not trained: the ledger held every evaluation their cells need
         self.ledger_evals = 0  # evaluations taken from it
+        self.ledger_cells = 0  # cells taken from it
         self.filed = 0         # evaluations added to it
 
     # ---------------------------------------------------------------- training
@@ -367,6 +368,7 @@ class Runner:
             if self._sources[name] == "ledger":
                 taken = self.group.first(self.ledger_run, cell.train)[self.place(cell)]
                 self.ledger_evals += len(taken)
+                self.ledger_cells += 1
                 return taken
         model = None
         reports = []
@@ -584,8 +586,13 @@ class Runner:
         return summary
 
     def missing_text(self) -> str:
-        """What the table still waits for, one line per cell (for --collect and a shard's last words)."""
-        return "\n".join(f"  {c.row.label}" + (f" ({', '.join(f'{k}={v}' for k, v in c.combo.items())})"
+        """What the table still waits for, one line per cell (for --collect and a shard's last words), after how
+        many of its cells are done (and how many of those the ledger gave)."""
+        total = len(self.plan.cells)
+        done = (f"  ({total - len(self.missing)} of its {total} cells are done"
+                + (f", {self.ledger_cells} of them from the ledger {self.ledger.folder}" if self.ledger else "")
+                + "; missing:)\n")
+        return done + "\n".join(f"  {c.row.label}" + (f" ({', '.join(f'{k}={v}' for k, v in c.combo.items())})"
                                                 if c.combo else "")
                          + (f", seed {c.seed}" if c.seed is not None else "")
                          + (f": {c.train.out}" if c.train is not None else "") for c in self.missing)
