@@ -19,8 +19,9 @@ evaluation of every cell the table needs of the run (the first such in sorted or
 that no training covers is trained here, and all its cells are evaluated here. The runner checks, when it writes
 a table, that all the cells of each run attacked one set of weights.
 
-An entry is never replaced, and the same evaluation of the same training is the same bytes wherever it is
-filed, so ledgers from several machines merge in git without conflicts. Figures attack or perturb the weights
+An entry is never replaced, and an evaluation filed again from the same result is the same bytes: different
+trainings never share a path, so ledgers from several machines merge in git without conflicts, unless two
+machines trained a run bit for bit alike and each evaluated it (their timings differ; keep either). Figures attack or perturb the weights
 themselves, so they never use a ledger. Entries are a results cache, not a substitute for the weights: the
 sha256 in each names the file that was attacked, which only the machine that trained it had.
 """
@@ -119,8 +120,8 @@ class Ledger:
             path = self.path(run_name, training, key)
             if path.exists():
                 continue
-            # no date in it, nor in the gzip header (mtime=0): the same evaluation of the same training is the
-            # same bytes wherever it is filed, so two machines' ledgers merge without conflicts
+            # no date in it, nor in the gzip header (mtime=0): the same result is the same bytes wherever it is
+            # filed, so a ledger re-filed from OUT (or merged with a copy of itself) changes nothing
             entry = {"format": FORMAT, "key": key, "run": {"name": run_name, "summary": summary,
                                                             "train_seconds": float(train_seconds)},
                      "result": {k: v for k, v in result.items() if k != "path"}}
