@@ -166,14 +166,14 @@ def test_split_val_with_a_config_without_the_split_is_a_clear_error(tmp_path):
     assert "KeyError" not in done.stderr
 
 
-def test_resume_without_run_json_says_it_is_missing(tmp_path):
+def test_resume_without_run_json_says_it_is_missing(tmp_path, capsys):
     """A deleted run.json was reported as a list of config differences, as if the flags were wrong."""
+    from sirobust.cli import main
     out = tmp_path / "run"
-    common = [sys.executable, "-m", "sirobust", "train", "--out", str(out), "--no-progress"]
-    done = subprocess.run(common + ["--epochs", "1", "--train-n", "64", "--val-n", "16", "--lr", "0.02"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    common = ["train", "--out", str(out), "--no-progress"]
+    assert main(common + ["--epochs", "1", "--train-n", "64", "--val-n", "16", "--lr", "0.02"]) == 0
     (out / "run.json").unlink()
-    again = subprocess.run(common + ["--epochs", "2", "--resume"], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2
-    assert f"{out / 'run.json'} is missing" in again.stderr and "lr" in again.stderr
+    capsys.readouterr()
+    assert main(common + ["--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'run.json'} is missing" in err and "lr" in err

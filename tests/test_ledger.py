@@ -26,15 +26,37 @@ def _forbid(monkeypatch, what="work"):
     monkeypatch.setattr(sys.modules["sirobust.evaluate"], "evaluate", must_not_run)
 
 
+ORDER: list = []  # ("fit" | "evaluate", entries in the ledger at that moment), while `filed` computes its table
+
+
 @pytest.fixture(scope="module")
 def filed(tmp_path_factory):
-    """The tiny table computed once into OUT, every evaluation filed in a ledger."""
+    """The tiny table computed once into OUT, every evaluation filed in a ledger (the order of the trainings and
+    evaluations noted in ORDER)."""
     tmp = tmp_path_factory.mktemp("ledger")
     cfg = _write(tmp, TINY)
     ledger = tmp / "ledger"
-    summary = reproduce(str(cfg), preset="smoke", out=str(tmp / "out"), progress=False, log=_quiet,
-                        ledger=str(ledger))
+    train_module, evaluate_module = sys.modules["sirobust.train"], sys.modules["sirobust.evaluate"]
+    fit, evaluate = train_module.fit, evaluate_module.evaluate
+
+    def noted(name, fn):
+        def call(*a, **k):
+            ORDER.append((name, len(list(ledger.rglob("*.json.gz")))))
+            return fn(*a, **k)
+        return call
+    train_module.fit, evaluate_module.evaluate = noted("fit", fit), noted("evaluate", evaluate)
+    try:
+        summary = reproduce(str(cfg), preset="smoke", out=str(tmp / "out"), progress=False, log=_quiet,
+                            ledger=str(ledger))
+    finally:
+        train_module.fit, evaluate_module.evaluate = fit, evaluate
     return cfg, ledger, summary
+
+
+def test_each_run_is_evaluated_and_filed_before_the_next_is_trained(filed):
+    """A grid stopped halfway keeps the evaluations of the runs it finished (and has filed them), not only
+    their weights: a table's runs were all trained before the first was attacked."""
+    assert ORDER == [("fit", 0), ("evaluate", 0), ("fit", 1), ("evaluate", 1)]
 
 
 def test_every_finished_evaluation_is_filed_with_its_run_and_every_outcome(filed, tmp_path):
