@@ -172,20 +172,29 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.fixture(scope="module")
+def straight_evaluation(trained_cnn, tmp_path_factory):
+    """The weights, the evaluate arguments (without --out) and the report of a run that was never stopped."""
+    folder = tmp_path_factory.mktemp("straight")
+    weights = folder / "m.safetensors"
+    sirobust.save_model(trained_cnn, weights, model_name="cnn-small", dataset="fashion-mnist-mini")
+    args = ["evaluate", "--weights", str(weights), "-n", "32", "--batch-size", "8", "--attacks", "pgd", "--steps",
+            "2", "--no-progress", "--out"]
+    straight = folder / "straight.json"
+    done = subprocess.run([sys.executable, "-m", "sirobust", *args, str(straight)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return args, straight
+
+
 @pytest.mark.parametrize("killed", ["after the json", "after the md"])
-def test_a_save_killed_halfway_is_completed_by_resume(trained_cnn, tmp_path, killed):
+def test_a_save_killed_halfway_is_completed_by_resume(straight_evaluation, tmp_path, killed):
     """A SIGKILL between the report's two files left a JSON, no .md and the progress folder, and --resume
     refused ("finished"); now the .md is written first, and either leftover is completed (issue 21)."""
-    weights = tmp_path / "m.safetensors"
-    sirobust.save_model(trained_cnn, weights, model_name="cnn-small", dataset="fashion-mnist-mini")
     out = tmp_path / "r.json"
-    args = ["evaluate", "--weights", str(weights), "-n", "32", "--batch-size", "8", "--attacks", "pgd", "--steps",
-            "2", "--no-progress", "--out", str(out)]
+    args, straight = straight_evaluation
+    args = [*args, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = tmp_path / "straight.json"
-    done = subprocess.run([sys.executable, "-m", "sirobust", *args[:-1], str(straight)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
     killed_run = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, killed, *args], env=env, capture_output=True,
                                 text=True, timeout=300)
     assert killed_run.returncode == 9 and (tmp_path / "r.evaluation").is_dir()
