@@ -128,13 +128,23 @@ def test_a_run_missing_from_the_ledger_is_trained_and_filed(filed, tmp_path):
     assert [r["values"] for r in summary["rows"]] == [r["values"] for r in first["rows"]]
 
 
-def test_a_damaged_entry_is_named(filed, tmp_path):
-    cfg, ledger, _ = filed
+def test_a_damaged_entry_is_named_and_spoils_its_training_alone(filed, tmp_path):
+    """A truncated entry, and one whose compressed bytes were flipped (zlib's own error), are named; the
+    training they belong to is not used, and the runs are trained here instead."""
+    cfg, ledger, first = filed
     broken = _copy(ledger, tmp_path / "broken")
-    for p in broken.rglob("eval-*.json.gz"):
-        p.write_bytes(p.read_bytes()[:-20])
-    with pytest.raises(ValueError, match="is not a ledger entry .*remove it"):
-        reproduce(str(cfg), preset="smoke", out=str(tmp_path / "o"), progress=False, log=_quiet, ledger=str(broken))
+    truncated, flipped = sorted(broken.rglob("eval-*.json.gz"))
+    truncated.write_bytes(truncated.read_bytes()[:-20])
+    data = bytearray(flipped.read_bytes())
+    data[20:400] = bytes(b ^ 0x5A for b in data[20:400])
+    flipped.write_bytes(bytes(data))
+    lines = []
+    summary = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "o"), progress=False, ledger=str(broken),
+                        log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert summary["counts"]["trained"] == 2 and summary["counts"]["ledger_runs"] == 0
+    for path in (truncated, flipped):
+        assert any(str(path) in ln and "is not a ledger entry" in ln and "is not used" in ln for ln in lines), path
+    assert [r["values"] for r in summary["rows"]] == [r["values"] for r in first["rows"]]
 
 
 HE_TWO_VIEWS = TINY.split("[[rows]]")[0].replace('name = "tiny"', 'name = "tinyhe"') + textwrap.dedent('''
@@ -244,7 +254,8 @@ def _entry(sha="a" * 64, n=10):
 
 
 def test_entries_are_checked_when_read(tmp_path):
-    ledger = Ledger(tmp_path)
+    lines = []
+    ledger = Ledger(tmp_path, log=lines.append)
     key, result = _entry()
     assert ledger.file("d/m/at-e1-x", [(key, result)], {"last": {"epoch": 1}}, 1.0) == 1
     assert ledger.covering("d/m/at-e1-x", [key])[0]["run"]["summary"] == {"last": {"epoch": 1}}
@@ -253,23 +264,31 @@ def test_entries_are_checked_when_read(tmp_path):
     collision = {**entry, "key": {**key, "n": 11},  # another evaluation's entry under this one's name
                  "result": {**entry["result"], "spec": {**entry["result"]["spec"], "n": 11}}}
     path.write_bytes(gzip.compress(json.dumps(collision).encode()))
-    assert ledger.covering("d/m/at-e1-x", [key]) is None
+    assert ledger.covering("d/m/at-e1-x", [key]) is None and not lines
     moved = {**entry, "result": {**entry["result"], "spec": {**entry["result"]["spec"],
                                                              "weights": {"sha256": "b" * 64, "which": "last"}}}}
     path.write_bytes(gzip.compress(json.dumps(moved).encode()))  # filed under another training's folder
     with pytest.raises(ValueError, match="other weights than its folder names"):
-        ledger.covering("d/m/at-e1-x", [key])
-    entry["result"]["spec"]["n"] = 11  # a result edited away from its key
-    path.write_bytes(gzip.compress(json.dumps(entry).encode()))
-    with pytest.raises(ValueError, match="or was edited"):
-        ledger.covering("d/m/at-e1-x", [key])
+        ledger.get("d/m/at-e1-x", "a" * 16, key)
+    assert ledger.covering("d/m/at-e1-x", [key]) is None  # that training is not used, and the log says why
+    assert "other weights than its folder names" in lines[-1] and f"training {'a' * 16}" in lines[-1]
+    edited = json.loads(json.dumps(entry))
+    edited["result"]["spec"]["n"] = 11  # a result edited away from its key
+    no_epoch = json.loads(json.dumps(entry))
+    del no_epoch["run"]["summary"]["last"]
+    for bad in (edited, no_epoch):
+        path.write_bytes(gzip.compress(json.dumps(bad).encode()))
+        with pytest.raises(ValueError, match="or was edited"):
+            ledger.get("d/m/at-e1-x", "a" * 16, key)
     for bad in (b"[" * 200000, json.dumps({"format": 1, "key": {}, "run": "x", "result": 5}).encode(),
                 b"<<<<<<< HEAD\n"):
         path.write_bytes(gzip.compress(bad))
         with pytest.raises(ValueError, match="is not a ledger entry"):
-            ledger.covering("d/m/at-e1-x", [key])
+            ledger.get("d/m/at-e1-x", "a" * 16, key)
     with pytest.raises(NotADirectoryError, match="--ledger"):
         Ledger(path)
+    path.write_bytes(gzip.compress(json.dumps(entry).encode()))
+    assert Ledger(tmp_path).covering("d/m/at-e1-x", [key]) is not None
     assert Ledger(tmp_path, read=False).covering("d/m/at-e1-x", [key]) is None
 
 

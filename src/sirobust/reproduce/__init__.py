@@ -85,7 +85,7 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
     if ledger is not None:
         from .ledger import Ledger
         ledger_read = ledger_read and not overwrite
-        book = Ledger(ledger, read=ledger_read)  # a bad --ledger stops here, before any job starts
+        book = Ledger(ledger, read=ledger_read, log=log)  # a bad --ledger stops here, before any job starts
     units = shard_runs(plan, *shard) if shard is not None else None
     if steal and shard is None:
         raise ConfigError("steal takes work from other shards: it needs shard=(K, N)")

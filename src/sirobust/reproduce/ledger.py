@@ -30,6 +30,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -62,11 +63,12 @@ class Ledger:
     """The entries under one folder (see the module docstring). ``read`` False: entries are filed, never taken
     (``--overwrite``: everything is computed again)."""
 
-    def __init__(self, folder, read: bool = True):
+    def __init__(self, folder, read: bool = True, log=print):
         self.folder = Path(folder).expanduser()
         if self.folder.exists() and not self.folder.is_dir():
             raise NotADirectoryError(f"--ledger {self.folder}: not a folder")
         self.read = read
+        self.log = log  # says which damaged file kept a training from being used
 
     def path(self, run_name: str, training: str, key: dict) -> Path:
         from .plan import digest
@@ -98,13 +100,16 @@ class Ledger:
             return None
         for training in self.trainings(run_name):
             entries = []
-            for key in keys:
-                entry = self.get(run_name, training, key)
-                if entry is None:
-                    break
-                entries.append(entry)
-            else:
-                return entries
+            try:
+                for key in keys:
+                    entry = self.get(run_name, training, key)
+                    if entry is None:
+                        break
+                    entries.append(entry)
+                else:
+                    return entries
+            except ValueError as e:  # one bad file (a merge gone wrong, a copied folder) spoils its training alone
+                self.log(f"[ledger] {e}; training {training} of {run_name} is not used")
         return None
 
     def file(self, run_name: str, items: list, summary: dict, train_seconds: float) -> int:
@@ -170,7 +175,8 @@ def read_entry(path) -> dict:
         if len(data) > MAX_BYTES:
             raise ValueError(f"larger than {MAX_BYTES} bytes uncompressed")
         entry = json.loads(data.decode("utf-8"))
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError, ValueError,
+            RecursionError) as e:
         raise ValueError(f"{path} is not a ledger entry ({type(e).__name__}: {e}); the file is damaged (or holds a "
                          "merge conflict): remove it, and the evaluation is computed again") from None
     if not _well_formed(entry):
@@ -186,9 +192,14 @@ def _well_formed(entry) -> bool:
     key, run, result = entry.get("key"), entry.get("run"), entry.get("result")
     if not (isinstance(key, dict) and isinstance(run, dict) and isinstance(result, dict)):
         return False
-    spec, report = result.get("spec"), result.get("report")
+    spec, report, summary = result.get("spec"), result.get("report"), run.get("summary")
     if not (isinstance(spec, dict) and isinstance(report, dict) and isinstance(spec.get("weights"), dict)
-            and isinstance(run.get("summary"), dict) and isinstance(run.get("train_seconds"), (int, float))):
+            and isinstance(spec["weights"].get("sha256"), str) and isinstance(report.get("n"), int)
+            and isinstance(report.get("attacks", {}), dict) and isinstance(summary, dict)
+            and isinstance(run.get("train_seconds"), (int, float))):
+        return False
+    last = summary.get("last")
+    if not (isinstance(last, dict) and isinstance(last.get("epoch"), int)):
         return False
     same = {k: v for k, v in spec.items() if k != "weights"} == {k: v for k, v in key.items()
                                                                    if k not in ("run", "training", "which")}

@@ -366,7 +366,7 @@ class Runner:
                 else:
                     return None  # trained by another process (a shard), not yet finished
             if self._sources[name] == "ledger":
-                taken = self.group.first(self.ledger_run, cell.train)[self.place(cell)]
+                taken = self.group.first(self.ledger_cell, cell)
                 self.ledger_evals += len(taken)
                 self.ledger_cells += 1
                 return taken
@@ -433,6 +433,10 @@ class Runner:
                                                                    "ledger": e["run"]})
             self._ledger_runs[name] = found
         return self._ledger_runs[name]
+
+    def ledger_cell(self, cell: Cell) -> list:
+        """One cell's reports from its run's training in the ledger (what a torchrun group broadcasts)."""
+        return self.ledger_run(cell.train)[self.place(cell)]
 
     def ledger_covers(self, cfg) -> bool:
         """Whether a run need not be trained here: not finished in OUT, and one training in the ledger holds every
@@ -567,7 +571,9 @@ class Runner:
             cells.append({"row": cell.row.label, "row_group": cell.row_group, "column_group": cell.column_group,
                           "combo": cell.combo, "architecture": _architecture(cell), "seed": cell.seed,
                           "values": cell_values(columns, reports), "shared": shared_values(columns, reports),
-                          "run": cell.train.out if cell.train is not None else None,
+                          # a ledger cell's run: the training's folder in the ledger (OUT has no such run)
+                          "run": (str(Path(reports[0]["path"]).parent) if ledger
+                                  else cell.train.out if cell.train is not None else None),
                           "epoch": self.group.first(self.weights_epoch, cell, ledger),
                           "flags": _fired(reports, columns) + _unfound(columns, reports),
                           "n": max(r["report"]["n"] for r in reports), "reports": [r["path"] for r in reports],
@@ -623,11 +629,10 @@ def one_training_per_run(cells: list, found: dict) -> None:
             if cell.train is not None:
                 shas.setdefault(run_name(cell.train), set()).add(r["spec"]["weights"]["sha256"])
     mixed = {name: sorted(s) for name, s in shas.items() if len(s) > 1}
-    if mixed:
+    if mixed:  # the runner takes each run from one source; this holds whatever a future change does to that
         raise ValueError("the cells of " + "; ".join(f"run {n} attacked different weights ({', '.join(x[:12] for x in s)})"
                                                      for n, s in mixed.items())
-                         + ": one training each was taken from the ledger and another from OUT (finished there "
-                           "meanwhile); run the same command again")
+                         + "; a table must not combine two trainings of one run")
 
 
 def train_seconds(run) -> float:
