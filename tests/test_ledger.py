@@ -147,6 +147,18 @@ def test_a_damaged_entry_is_named_and_spoils_its_training_alone(filed, tmp_path)
     assert [r["values"] for r in summary["rows"]] == [r["values"] for r in first["rows"]]
 
 
+def test_a_damaged_entry_of_this_machines_own_training_is_filed_again(filed, tmp_path):
+    cfg, ledger, _ = filed
+    book = _copy(ledger, tmp_path / "book")
+    victim = sorted(book.rglob("eval-*.json.gz"))[0]
+    good = victim.read_bytes()
+    victim.write_bytes(good[:-20])
+    summary = reproduce(str(cfg), preset="smoke", out=str(cfg.parent / "out"), progress=False, log=_quiet,
+                        ledger=str(book))  # OUT holds the runs: nothing is trained, the entry is filed again
+    assert summary["counts"]["trained"] == 0 and summary["counts"]["filed"] == 1
+    assert victim.read_bytes() == good
+
+
 HE_TWO_VIEWS = TINY.split("[[rows]]")[0].replace('name = "tiny"', 'name = "tinyhe"') + textwrap.dedent('''
     [[rows]]
     label = "HE"

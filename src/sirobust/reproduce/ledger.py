@@ -124,7 +124,10 @@ class Ledger:
         for key, result in items:
             path = self.path(run_name, training, key)
             if path.exists():
-                continue
+                if self.intact(path):
+                    continue
+                path.unlink(missing_ok=True)  # damaged (a file is linked whole: not one being written); this
+                # training's own result, from OUT, takes its place
             # no date in it, nor in the gzip header (mtime=0): the same result is the same bytes wherever it is
             # filed, so a ledger re-filed from OUT (or merged with a copy of itself) changes nothing
             entry = {"format": FORMAT, "key": key, "run": {"name": run_name, "summary": summary,
@@ -132,6 +135,17 @@ class Ledger:
                      "result": {k: v for k, v in result.items() if k != "path"}}
             filed += _create(path, gzip.compress(dumps_json(entry).encode("utf-8"), mtime=0))
         return filed
+
+    @staticmethod
+    def intact(path: Path) -> bool:
+        """Whether an entry is there and reads as one."""
+        if not path.exists():
+            return False
+        try:
+            read_entry(path)
+            return True
+        except ValueError:
+            return False
 
     def _ignore_temporary_files(self) -> None:
         """A .gitignore in the ledger's root, so that a write killed halfway leaves nothing to commit."""

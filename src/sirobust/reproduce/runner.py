@@ -452,8 +452,8 @@ class Runner:
         name = run_name(cell.train)
         training = training_of(results[0]["spec"]["weights"]["sha256"])
         items = [(self.ledger_key(cell, job), result) for job, result in zip(cell.jobs, results)]
-        if all(self.ledger.path(name, training, key).exists() for key, _result in items):
-            return  # filed already
+        if all(self.ledger.intact(self.ledger.path(name, training, key)) for key, _result in items):
+            return  # filed already (a damaged entry of this training is filed again)
         run = Path(cell.train.out)
         try:
             self.filed += self.ledger.file(name, items, read_json(run / "summary.json"), train_seconds(run))
