@@ -19,9 +19,10 @@ evaluation of every cell the table needs of the run (the first such in sorted or
 that no training covers is trained here, and all its cells are evaluated here. The runner checks, when it writes
 a table, that all the cells of each run attacked one set of weights.
 
-An entry is never replaced, and an evaluation filed again from the same result is the same bytes: different
-trainings never share a path, so ledgers from several machines merge in git without conflicts, unless two
-machines trained a run bit for bit alike and each evaluated it (their timings differ; keep either). Figures attack or perturb the weights
+An entry is never replaced (a damaged one of this machine's own training is filed again from OUT), and an
+evaluation filed again from the same result is the same bytes. Different trainings never share a path, so
+ledgers from several machines merge in git without conflicts, unless two machines trained a run bit for bit
+alike and each evaluated it (their timings differ; keep either). Figures attack or perturb the weights
 themselves, so they never use a ledger. Entries are a results cache, not a substitute for the weights: the
 sha256 in each names the file that was attacked, which only the machine that trained it had.
 """
