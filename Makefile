@@ -20,11 +20,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/sirobust demo
 
+# One pytest-xdist worker per core (at most 4: each holds its own copies of the trained fixtures), each
+# worker one thread (tests/conftest.py): on CI's two cores this takes the suite from 8.5 to 6 minutes.
+# `pytest` alone still runs everything in one process.
+XDIST = -n auto --maxprocesses 4 --dist load
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 
 test-all: $(STAMP)  # includes the slow tests
-	$(BIN)/python -m pytest -m ''
+	$(BIN)/python -m pytest $(XDIST) -m ''
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pgd.py

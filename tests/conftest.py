@@ -1,11 +1,19 @@
 """Shared fixtures: tiny models and one quickly trained cnn-small on the bundled data."""
 from __future__ import annotations
 
-import pytest
-import torch
-from torch import nn
+import os
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (`make test` runs one worker per core) each worker and every process it starts gets
+    # one thread: two workers of two OpenMP threads each on two cores spin against each other and run many
+    # times slower. Set before torch is imported, so that its thread pool is sized by it.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
 class LinearModel(nn.Module):
