@@ -244,6 +244,12 @@ def test_integer_labels_of_any_width_and_bad_settings():
         PGD(m, eps=0.1, loss="ce", scale=30)
     with pytest.raises(ValueError, match="its parameters: scale"):
         PGD(m, eps=0.1, loss="si", margin=0.1)
+    from sirobust.attacks import APGDCE
+    with pytest.raises(ValueError, match="apgd-ce runs the 'ce' loss and takes no other"):
+        APGDCE(m, eps=0.1, loss="dlr")  # it was dropped without a word
+    with pytest.raises(ValueError, match="si-pgd runs the 'si' loss and takes no other"):
+        SIPGD(m, eps=0.1, loss="ce")
+    assert APGDCE(m, eps=0.1, loss="ce").loss.name == "ce"
 
 
 def test_si_pgd_works_on_a_cosine_head_model_behind_a_wrapper(fmnist_test):

@@ -213,6 +213,16 @@ def test_cli_attack_params_reach_the_attacks_and_bad_ones_are_named(trained_cnn,
                      "--out", str(tmp_path / "x.json"), *bad]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x.json").exists()
+    # the PGD and APGD families name their own parameters and their loss's, before anything is loaded
+    for bad, message in ((["pgd.foo=1"], "attack 'pgd' has no parameter 'foo'; its parameters are eps, alpha"),
+                         (["si-pgd.bogus=3"], "'bogus'; its parameters are eps, alpha, steps, scale"),
+                         (["si-pgd.bogus=3"], "; and those of its loss 'si': scale"),
+                         (["pgd.eps=0.5"], "belong to the whole evaluation; use --eps, --norm"),
+                         (["apgd-ce.loss=dlr"], "attack 'apgd-ce' has no parameter 'loss'")):
+        assert main(["evaluate", "--weights", str(weights), "--attacks", "pgd,si-pgd,apgd-ce", "-n", "4",
+                     "--no-progress", "--out", str(tmp_path / "x.json"), "--attack-param", *bad]) == 2
+        said = capsys.readouterr()
+        assert message in said.err and "evaluating" not in said.out, said
 
 
 def test_spsa_never_sends_more_probes_than_chunk_and_counts_its_queries_exactly():

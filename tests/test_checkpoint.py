@@ -27,7 +27,29 @@ def test_round_trip_rebuilds_the_same_model_from_the_file_alone(tmp_path):
 def test_a_run_folder_loads_its_model_file(tmp_path):
     model = build_model("cnn-small")
     save_model(model, tmp_path / "model.safetensors", model_name="cnn-small")
-    assert isinstance(sirobust.load(tmp_path), type(model))
+    assert isinstance(sirobust.load(tmp_path), type(model))  # no best weights: the last epoch's
+
+
+def test_a_run_folder_gives_the_weights_the_cli_evaluates(tmp_path):
+    """sirobust.load(folder) and `evaluate --model-dir folder` score the same file: the best weights by default
+    (they had differed: Python took the last epoch's, the CLI the best), the last with checkpoint="last"."""
+    from types import SimpleNamespace
+
+    from sirobust.cli.models import resolve_source
+    torch.manual_seed(0)
+    last, best = build_model("cnn-small"), build_model("cnn-small")
+    save_model(last, tmp_path / "model.safetensors", model_name="cnn-small", dataset="fashion-mnist-mini")
+    save_model(best, tmp_path / "best.safetensors", model_name="cnn-small", dataset="fashion-mnist-mini")
+    x = torch.rand(2, 1, 28, 28)
+    for checkpoint, expected in (("best", best), ("last", last)):
+        got = sirobust.load(tmp_path, checkpoint=checkpoint)
+        torch.testing.assert_close(got(x), expected.eval()(x), rtol=0, atol=0)
+        flags = SimpleNamespace(model_dir=str(tmp_path), model_def=None, torchscript=None, weights=None,
+                                mean=None, std=None, model_arg=None, checkpoint=checkpoint, dataset=None)
+        assert resolve_source(flags).path.name == f"{'best' if checkpoint == 'best' else 'model'}.safetensors"
+    torch.testing.assert_close(sirobust.load(tmp_path)(x), best(x), rtol=0, atol=0)  # the default is the best
+    with pytest.raises(ValueError, match="checkpoint must be one of 'last', 'best', got 'final'"):
+        sirobust.load(tmp_path, checkpoint="final")
 
 
 def test_missing_foreign_and_corrupt_files_are_clear_errors(tmp_path):
@@ -133,3 +155,17 @@ def test_two_identical_trainings_in_two_processes_save_byte_identical_files(tmp_
     assert digests[0] == digests[1]
     from sirobust.checkpoint import read_metadata
     assert read_metadata(tmp_path / "run0" / "model.safetensors")["model"] == "cnn-small"  # still a valid file
+
+
+@pytest.mark.parametrize("dataset,said", [("cifar10", "3 channel(s) and 10 classes"),
+                                          ("cifar100", "3 channel(s) and 100 classes")])
+def test_a_dataset_the_model_cannot_take_is_refused_before_it_is_read(tmp_path, capsys, dataset, said):
+    """Not a failed download of CIFAR for a Fashion-MNIST model: the shapes the weights record say no first."""
+    from sirobust.cli import main
+    weights = save_model(build_model("cnn-small", in_channels=1), tmp_path / "w.safetensors", model_name="cnn-small",
+                         dataset="fashion-mnist-mini")
+    assert main(["evaluate", "--weights", str(weights), "--dataset", dataset, "-n", "4", "--data-dir",
+                 str(tmp_path / "nothing"), "--out", str(tmp_path / "r.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--dataset {dataset}: its images have {said}" in err and "(trained on fashion-mnist-mini) takes 1 and 10" in err
+    assert err.count("\n") == 1 and not (tmp_path / "nothing").exists()

@@ -89,7 +89,11 @@ def test_sanity_flags_fire_on_the_faults_they_describe(trained_cnn, fmnist_test)
 
     def flags(model):
         rep = evaluate(model, (x, y), attacks=["fgsm"], eps=0.1, progress=False)
-        return {f["name"]: f["triggered"] for f in rep.flags}
+        fired = {f["name"]: f["triggered"] for f in rep.flags}
+        # the terminal table carries a line for each flag that fired, and none for the others
+        assert {name for name, on in fired.items() if on} == {
+            line.split("]")[0][len("warning ["):] for line in rep.table().splitlines() if line.startswith("warning [")}
+        return fired
 
     clean = flags(trained_cnn)
     assert not any(clean.values()), clean
@@ -133,6 +137,15 @@ def test_the_scale_flag_needs_two_examples_and_a_stored_one_is_judged_again():
     assert not scale_sensitivity_flag(value(2, n=256))["triggered"]  # 0.8 points: within a point
     assert scale_sensitivity_flag(value(3, n=256))["triggered"]
     assert not scale_sensitivity_flag(value(10, si_change=0.05))["triggered"]  # SI-PGD moved too: not the scale
+
+    # the message names the cause the measurement supports: saturation only where CE gradients are zero
+    healthy = scale_sensitivity_flag({**value(10), "zero_gradient_share": 0.0})["message"]
+    assert "not by saturation" in healthy and "saturates" not in healthy and "weaker objective" in healthy
+    saturated = scale_sensitivity_flag({**value(10), "zero_gradient_share": 0.4})["message"]
+    assert "40.0% of these examples have an exactly-zero CE gradient" in saturated and "saturates" in saturated
+    assert "not by saturation" not in saturated
+    unknown = scale_sensitivity_flag(value(10))["message"]  # stored before the share was recorded
+    assert "saturation (vanishing CE gradients) or because CE is a weaker objective" in unknown
 
     stored = {"name": "scale_sensitivity", "triggered": True, "value": value(1),
               "message": "PGD-CE breaks 1.6 points more examples once the logits are multiplied by 100 ..."}

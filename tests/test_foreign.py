@@ -102,8 +102,16 @@ def test_a_definition_file_and_a_wrapped_state_dict_evaluate_from_the_cli(tmp_pa
     assert rep["clean_correct"] == direct
 
 
-def test_mean_and_std_wrap_the_model_and_are_recorded(tmp_path, user_model):
+def test_mean_and_std_wrap_the_model_and_are_recorded(tmp_path, user_model, capsys, monkeypatch):
     d, _ = user_model
+    from sirobust.cli import main
+    monkeypatch.chdir(tmp_path)
+    # the wrapper's "model." prefix stays out of an error about the user's own layer name
+    assert main(["evaluate", "--model-def", f"{d / 'net.py'}:make_net", "--weights", str(d / "net.pt"), "--dataset",
+                 "fashion-mnist-mini", "--mean", "0.5", "--std", "0.25", "--attacks", "si-pgd", "-n", "4",
+                 "--head", "body.3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--head: no layer named 'body.3' in the model; its linear layers: " in err and "model." not in err, err
     out = tmp_path / "r.json"
     r = cli("evaluate", "--model-def", f"{d / 'net.py'}:make_net", "--weights", str(d / "net.pt"), "--dataset",
             "fashion-mnist-mini", "--mean", "0.5", "--std", "0.25", "--attacks", "fgsm", "-n", "20", "--out",

@@ -444,6 +444,21 @@ def test_report_names_are_never_reused_silently(tmp_path, trained_cnn, monkeypat
     assert main(args + ["--out", "report.json", "--overwrite"]) == 0
 
 
+def test_a_report_never_replaces_a_run_folders_own_files(tmp_path, straight, capsys):
+    """--overwrite replaces reports, not the record, configuration or summary of the run a folder holds (a
+    report over run.json left a run that could not be resumed); a report beside them is fine."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    own = {name: (run / name).read_bytes() for name in ("run.json", "config.json", "summary.json")}
+    args = ["evaluate", "--model-dir", str(run), "--attacks", "fgsm", "-n", "8", "--no-progress", "--overwrite"]
+    for name in ("run.json", "config.json", "summary.json", "metrics.json"):
+        assert main(args + ["--out", str(run / name)]) == 2
+        assert f"belongs to the run in {run}" in capsys.readouterr().err
+    assert {name: (run / name).read_bytes() for name in own} == own
+    assert main(args + ["--out", str(run / "report.json")]) == 0 and (run / "report.json").is_file()
+
+
 def test_a_full_disk_during_the_state_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, disk_full):
     import sirobust.train_state as tr  # where the training state is written
     real = tr.save_state

@@ -7,7 +7,7 @@ argument. safetensors stores tensors only: loading never runs code from the file
 Example::
 
     save_model(model, "run/model.safetensors", model_name="resnet18", dataset="cifar10")
-    model = sirobust.load("run/model.safetensors")      # or the run folder
+    model = sirobust.load("run/model.safetensors")      # or the run folder: its best weights, checkpoint="last"
 """
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def canonical_safetensors(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
-def read_metadata(path: PathLike) -> dict[str, str]:
-    path = resolve_weights_path(path)
+def read_metadata(path: PathLike, checkpoint: str = "best") -> dict[str, str]:
+    path = resolve_weights_path(path, checkpoint)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -94,12 +94,20 @@ def read_metadata(path: PathLike) -> dict[str, str]:
     return meta
 
 
-def resolve_weights_path(path: PathLike) -> Path:
+def resolve_weights_path(path: PathLike, checkpoint: str = "best") -> Path:
+    """A weights file, or a run folder's: its best weights (by validation robust accuracy, ``best.safetensors``)
+    with ``checkpoint="best"``, falling back to the last epoch's where the run kept no best (no validation);
+    with ``checkpoint="last"``, the last epoch's (``model.safetensors``). The CLI's ``--model-dir`` and
+    ``--checkpoint`` resolve a folder through this, so Python and the CLI score the same weights."""
+    if checkpoint not in BEST_NAME_ALIASES:
+        raise ValueError(f"checkpoint must be one of {', '.join(map(repr, BEST_NAME_ALIASES))}, got {checkpoint!r}")
     path = Path(path)
     if path.is_dir():
-        path = path / WEIGHTS_NAME
+        best = path / BEST_NAME_ALIASES[checkpoint]
+        path = best if best.is_file() else path / WEIGHTS_NAME
     if not path.is_file():
-        raise CheckpointError(f"no weights file at {path} (expected a .safetensors file or a run folder containing {WEIGHTS_NAME})")
+        raise CheckpointError(f"no weights file at {path} (expected a .safetensors file or a run folder containing "
+                              f"{WEIGHTS_NAME})")
     return path
 
 
@@ -205,8 +213,12 @@ def _device(device) -> torch.device:
     return target
 
 
-def load(path: PathLike, device: Optional[str | torch.device] = None) -> ImageClassifier:
+def load(path: PathLike, device: Optional[str | torch.device] = None, checkpoint: str = "best") -> ImageClassifier:
     """Rebuild a zoo model from a sirobust ``.safetensors`` file or run folder (in eval mode).
+
+    From a run folder, ``checkpoint`` picks the weights as ``sirobust evaluate --model-dir --checkpoint`` does:
+    ``"best"`` (default) the best by validation robust accuracy, or the last epoch's where the run kept no
+    best; ``"last"`` the last epoch's (:func:`resolve_weights_path`). It is ignored for a file.
 
     The file is read once: its sha256, header and tensors all come from the same bytes (a save in
     progress cannot mix two versions). The metadata and every tensor's shape and dtype are checked
@@ -214,7 +226,7 @@ def load(path: PathLike, device: Optional[str | torch.device] = None) -> ImageCl
     are materialised, and the tensors against the checksum recorded when they were saved.
     """
     target = _device(device)
-    path = resolve_weights_path(path)
+    path = resolve_weights_path(path, checkpoint)
     try:
         data = path.read_bytes()
     except OSError as e:

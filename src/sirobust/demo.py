@@ -80,12 +80,12 @@ def si_verdict(reports: list[tuple[str, object]], epochs: int) -> str:
     counts = (f"McNemar p = {test['p']:.2g}: {test['other_only']} images kept by TRADES-SI alone, "
               f"{test['base_only']} by TRADES alone, of {test['n']}")
     if test["p"] < ALPHA:
-        text = (f"Here, after {epochs} epochs, TRADES-SI is {abs(diff):.1f} points {'above' if diff > 0 else 'below'} "
+        text = (f"Here, after {epochs} epoch{'s' * (epochs != 1)}, TRADES-SI is {abs(diff):.1f} points {'above' if diff > 0 else 'below'} "
                 f"TRADES in worst case ({counts}).")
     else:
-        text = (f"Here, after {epochs} epochs, TRADES-SI minus TRADES in worst case is {diff:+.1f} points: no "
+        text = (f"Here, after {epochs} epoch{'s' * (epochs != 1)}, TRADES-SI minus TRADES in worst case is {diff:+.1f} points: no "
                 f"difference detected ({counts}). Other CPUs and torch builds give other digits, and can flip the "
-                f"sign of a gap this size; what holds across such runs is that {epochs} epochs on this data cannot "
+                f"sign of a gap this size; what holds across such runs is that {epochs} epoch{'s' * (epochs != 1)} on this data cannot "
                 "tell the two apart. The paper's gains are for 120-epoch CIFAR-10 ResNet-18 runs.")
     measured = longer_run()
     if measured:
@@ -120,7 +120,7 @@ def render_results(summary: dict) -> str:
     res = summary["rescale"]
     i1 = res["alphas"].index(1.0)
     pgd, si = res["accuracy"]["pgd"], res["accuracy"]["si-pgd"]
-    lines = [f"`sirobust demo` ({summary['epochs']} epochs of cnn-small on {DATASET}, L∞ ε = {summary['eps']:g}, "
+    lines = [f"`sirobust demo` ({summary['epochs']} epoch{'s' * (summary['epochs'] != 1)} of cnn-small on {DATASET}, L∞ ε = {summary['eps']:g}, "
              f"{summary['n_eval']} test images, {summary['steps']} attack steps; {summary['seconds']:.0f} s on "
              f"{summary['device']}):", "", comparison_table(summary["rows"]), "", made_on(summary), "",
              summary["si_verdict"], "",
@@ -147,7 +147,7 @@ def demo_experiment(epochs: int, train_n, val_n: int, n_eval: int, steps: int) -
     train = {"dataset": DATASET, "model": "cnn-small", "epochs": epochs, "train_n": train_n, "val_n": val_n}
     return Experiment(name="demo", kind="table", title="Demo comparison (Table 6 style)", source="sirobust demo",
                       train=train, columns=columns, rows=rows, eval={"n": n_eval, "steps": steps, "which": "last"},
-                      presets={"demo": Preset(description=f"{epochs} epochs of cnn-small on {DATASET}")})
+                      presets={"demo": Preset(description=f"{epochs} epoch{'s' * (epochs != 1)} of cnn-small on {DATASET}")})
 
 
 def _run_demo(out_dir: Path, quick: bool, device: str, progress: bool, log) -> dict:
@@ -163,7 +163,7 @@ def _run_demo(out_dir: Path, quick: bool, device: str, progress: bool, log) -> d
     runner = Runner(plan, out_dir, device=device, progress=progress, log=log, claims=False,
                     run_dirs={run_name(c.train): dirs[c.row.label] for c in plan.cells})
     for label, defense, si in RUNS:
-        log(f"[train] {label}: {epochs} epochs of {defense.upper()}{' + SI' if si else ''} "
+        log(f"[train] {label}: {epochs} epoch{'s' * (epochs != 1)} of {defense.upper()}{' + SI' if si else ''} "
             f"(10-step PGD inside{', SI-PGD examples and the β·CosFace term' if si else ''})")
     runner.train_all()
     reports = []

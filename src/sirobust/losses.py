@@ -72,11 +72,16 @@ def get_loss(name: str, **params) -> Loss:
     if isinstance(name, Loss):
         return name.with_params(**params) if params else name
     loss = LOSSES.get(name)
-    accepted = [p for p in list(inspect.signature(loss.fn).parameters)[2:] if p != "target"]
+    accepted = loss_parameters(name)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(f"loss {name!r} has no parameter {', '.join(unknown)}; its parameters: {', '.join(accepted) or 'none'}")
     return loss.with_params(**params)
+
+
+def loss_parameters(name: str) -> list[str]:
+    """The parameters a registered loss takes (``scale`` for ``si``), besides logits, labels and target."""
+    return [p for p in list(inspect.signature(LOSSES.get(name).fn).parameters)[2:] if p != "target"]
 
 
 # ---------------------------------------------------------------- helpers

@@ -25,8 +25,10 @@ _REQUIRED = object()
 
 
 def first_doc_line(obj) -> str:
-    """The first line of ``obj``'s docstring ("" when it has none)."""
-    return ((obj.__doc__ or "").strip().splitlines() or [""])[0]
+    """The first paragraph of ``obj``'s docstring on one line ("" when it has none): a sentence that goes on to
+    a second line is not cut in the middle (``sirobust list`` printed "... a random step α·sign(N(0, I)), then")."""
+    paragraph = (obj.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in paragraph.splitlines())
 
 
 class Registry(MutableMapping, Generic[T]):

@@ -192,7 +192,8 @@ class Report:
         return "\n".join(lines)
 
     def table(self) -> str:
-        """A plain-text table for the terminal."""
+        """A plain-text table for the terminal, with a line for each sanity flag that fired: a number printed
+        without the warnings that qualify it (to_markdown lists them too) would be read as trustworthy."""
         rows = self.rows()
         w = max(len(r[0]) for r in rows)
         out = [f"{'attack':<{w}}  {'robust/n':>11}  accuracy  95% CI          seconds"]
@@ -202,6 +203,7 @@ class Report:
                        f"[{100 * lo:5.1f}, {100 * hi:5.1f}]  {'' if seconds is None else f'{seconds:8.1f}'}"
                        + (f"  ({note})" if note and label != "worst case" else ""))
         out.append(UPPER_BOUND_NOTE)
+        out += [f"warning [{f['name']}]: {f['message']}" for f in self.flags if f["triggered"]]
         return "\n".join(out)
 
 

@@ -89,8 +89,10 @@ def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
     On the clean-correct examples given (evaluate passes up to :data:`SCALE_CHECK_EXAMPLES`): PGD-CE and
     SI-PGD accuracy of ``model`` and of ``α·model`` for each α. PGD breaking more examples at another scale
-    while SI-PGD does not move means the CE gradients of this model depend on the logit scale: its PGD numbers
-    may be inflated by saturation (the rule: :func:`scale_sensitivity_flag`)."""
+    while SI-PGD does not move means that what PGD-CE measures on this model depends on the logit scale, so its
+    number at the model's own scale is inflated (the rule: :func:`scale_sensitivity_flag`). The share of these
+    examples whose CE input gradient is exactly zero at the model's own scale is recorded too, so that the
+    message can say whether the cause is the saturation of the paper's Fig. 1 or a weaker objective."""
     from .attacks import PGD, SIPGD
     from .features import FeatureAccessError
     from .models import ScaledLogits
@@ -111,7 +113,8 @@ def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         return {"name": name, "triggered": False, "value": None, "message": "",
                 "note": "not checked: SI-PGD cannot run on this model (no linear head)"}
     value = {"pgd_accuracy": base[PGD], "pgd_accuracy_rescaled": dict(zip(map(str, alphas), scaled[PGD])),
-             "si_pgd_change": max(abs(v - base[SIPGD]) for v in scaled[SIPGD]), "n": int(x.shape[0])}
+             "si_pgd_change": max(abs(v - base[SIPGD]) for v in scaled[SIPGD]), "n": int(x.shape[0]),
+             "zero_gradient_share": check_gradients(model, x, y)[1]["value"]}
     return scale_sensitivity_flag(value)
 
 
@@ -135,10 +138,25 @@ def scale_sensitivity_flag(value: dict) -> dict:
     more = round(pgd_drop * n)  # examples PGD breaks at α and not at the model's scale, net
     return _flag(name, pgd_drop > 0.01 and more >= 2 and si_move <= 0.01, value,
                  f"PGD-CE breaks {100 * pgd_drop:.1f} points ({more} of {n} examples) more once the logits are "
-                 f"multiplied by {float(worst_alpha):g} (SI-PGD changes by {100 * si_move:.1f}): at this model's own "
-                 "logit scale the softmax saturates and CE gradients vanish, so pgd's and apgd-ce's numbers are "
-                 "inflated, and aa's can be (its DLR, FAB and Square stages may or may not take what APGD-CE "
-                 "misses); trust si-pgd, apgd-si, aa-si and the worst case.")
+                 f"multiplied by {float(worst_alpha):g} (SI-PGD changes by {100 * si_move:.1f}): what CE measures on "
+                 f"this model depends on the logit scale, {_scale_cause(value.get('zero_gradient_share'))}; so "
+                 "pgd's and apgd-ce's numbers are inflated, and aa's can be (its DLR, FAB and Square stages may or "
+                 "may not take what APGD-CE misses); trust si-pgd, apgd-si, aa-si and the worst case.")
+
+
+def _scale_cause(zero_share) -> str:
+    """Why PGD-CE depends on the scale here, as far as the measurement says. The paper's case (Fig. 1) is a
+    saturated softmax whose CE gradients vanish; on a healthy model the usual cause is that CE at the model's
+    own scale is a weaker objective than CE of rescaled logits (×100 is close to a margin loss, ×0.01 to a
+    linear one). Evaluations stored before the share was recorded say neither."""
+    if zero_share is None:
+        return "by saturation (vanishing CE gradients) or because CE is a weaker objective at the model's own scale"
+    if zero_share > 0.01:
+        return (f"and {100 * zero_share:.1f}% of these examples have an exactly-zero CE gradient at the model's own "
+                "scale: the softmax saturates, as in the paper's Fig. 1")
+    return (f"though not by saturation ({100 * zero_share:.1f}% of these examples have a zero CE gradient): CE at "
+            "the model's own scale is a weaker objective here than CE of rescaled logits (×100 is close to a "
+            "margin loss, ×0.01 to a linear one)")
 
 
 BLACK_BOX = ("square", "spsa", "rays")  # the registered attacks that never ask for a gradient (Attack.black_box)

@@ -22,7 +22,7 @@ from ..features import find_head
 from ..losses import Loss, get_loss
 from ..fastpath import fp32_island
 from ..threat import ThreatModel
-from .base import Attack
+from .base import Attack, fixed_loss
 from .loop import DeferredVerdicts, _nonfinite, _raise_if, fooled_checked, is_fooled, objective, sync_every
 from .robust import attack_still_robust
 
@@ -181,6 +181,7 @@ class APGD(Attack):
     """
 
     name = "apgd"
+    default_loss = "ce"  # the loss it runs when given none (a subclass that fixes its loss names that one)
     # bf16 autocast for the model; every "fooled" near the boundary is decided in fp32 (fooled_checked)
     autocast_ok = True
     # evaluation-wide settings an APGD preset does not take from the PGD family's defaults
@@ -220,10 +221,10 @@ class APGDT(APGD):
     (k = 9, or K − 1 for a model with fewer classes); an example is broken when any target run fools it."""
 
     name = "apgd-t"
+    default_loss = "dlr-targeted"
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, steps: int = 100, n_targets: int = 9, **kw):
-        kw.pop("loss", None)
-        super().__init__(model, eps, steps=steps, loss="dlr-targeted", **kw)
+        super().__init__(model, eps, steps=steps, loss=fixed_loss(self, kw), **kw)
         self.n_targets = check_int("n_targets", n_targets, min=1)
 
     def run(self, x, y, target, noise):
@@ -254,28 +255,28 @@ class APGDCE(APGD):
     """APGD on the cross-entropy (APGD-CE, the first attack of AutoAttack)."""
 
     name = "apgd-ce"
+    default_loss = "ce"
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, **kw):
-        kw.pop("loss", None)
-        super().__init__(model, eps, loss="ce", **kw)
+        super().__init__(model, eps, loss=fixed_loss(self, kw), **kw)
 
 
 class APGDDLR(APGD):
     """APGD on the DLR loss (APGD-DLR), invariant to shifts and rescaling of the logits; needs 3+ classes."""
 
     name = "apgd-dlr"
+    default_loss = "dlr"
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, **kw):
-        kw.pop("loss", None)
-        super().__init__(model, eps, loss="dlr", **kw)
+        super().__init__(model, eps, loss=fixed_loss(self, kw), **kw)
 
 
 class APGDSI(APGD):
     """SI-APGD (ours): APGD on the paper's scale-invariant loss CE(s·cos θ, y), s = 15."""
 
     name = "apgd-si"
+    default_loss = "si"
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, scale: float = 15.0, **kw):
-        kw.pop("loss", None)
         check_float("scale", scale, min=0, min_open=True)
-        super().__init__(model, eps, loss="si", scale=scale, **kw)
+        super().__init__(model, eps, loss=fixed_loss(self, kw), scale=scale, **kw)

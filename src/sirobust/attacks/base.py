@@ -31,6 +31,18 @@ from .robust import attack_still_robust
 _MODES = ("eval", "train", "keep")
 
 
+def fixed_loss(attack: "Attack", kw: dict):
+    """The loss of an attack that fixes its own (SI-PGD runs ``si``, APGD-CE ``ce``: its ``default_loss``), taken
+    out of ``kw``: a ``loss=`` naming another is refused, not silently dropped (it was, for the APGD stages)."""
+    given = kw.pop("loss", None)
+    if given is None:
+        return attack.default_loss
+    if getattr(given, "name", given) != attack.default_loss:
+        raise ValueError(f"{attack.name} runs the {attack.default_loss!r} loss and takes no other (got loss="
+                         f"{getattr(given, 'name', given)!r}); pgd, fgsm, fgsm-rs and rfgsm take loss=")
+    return given
+
+
 def recorded_dataset(model: nn.Module) -> Optional[str]:
     """The dataset a sirobust checkpoint recorded for ``model`` (looking through one wrapper), if any."""
     for m in (model, getattr(model, "model", None)):

@@ -14,7 +14,7 @@ from torch import nn
 from ..checks import check_float, check_int, check_step_size
 from ..features import find_head
 from ..losses import Loss, get_loss
-from .base import Attack
+from .base import Attack, fixed_loss
 from .loop import pgd_loop
 
 
@@ -31,6 +31,7 @@ class PGD(Attack):
     """
 
     name = "pgd"
+    default_loss = "ce"  # the loss it runs when given none (a subclass that fixes its loss names that one)
     autocast_ok = True  # the loss and the step are fp32; only the model runs in bf16 on the fast path
     fixed: tuple = ()  # shared evaluation settings this preset ignores (it fixes them itself)
 
@@ -76,31 +77,34 @@ class SIPGD(PGD):
     """
 
     name = "si-pgd"
+    default_loss = "si"
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 20,
                  scale: float = 15.0, **kw):
         check_float("scale", scale, min=0.0, min_open=True)
-        super().__init__(model, eps, alpha, steps, loss="si", scale=scale, **kw)
+        super().__init__(model, eps, alpha, steps, loss=fixed_loss(self, kw), scale=scale, **kw)
 
 
 class PGDCW(PGD):
     """PGD on the C&W margin max_{i≠y} g_i − g_y (paper Sec. 3.2)."""
 
     name = "pgd-cw"
+    default_loss = "cw"
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 20,
                  **kw):
-        super().__init__(model, eps, alpha, steps, loss="cw", **kw)
+        super().__init__(model, eps, alpha, steps, loss=fixed_loss(self, kw), **kw)
 
 
 class PGDDLR(PGD):
     """PGD on the difference-of-logits-ratio loss (Croce & Hein 2020; paper Sec. 3.2); needs 3+ classes."""
 
     name = "pgd-dlr"
+    default_loss = "dlr"
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, alpha: Optional[float] = None, steps: int = 20,
                  **kw):
-        super().__init__(model, eps, alpha, steps, loss="dlr", **kw)
+        super().__init__(model, eps, alpha, steps, loss=fixed_loss(self, kw), **kw)
 
 
 class FGSM(PGD):

@@ -48,11 +48,7 @@ def build_from(registry: Registry[Type[Attack]], name: str, model: nn.Module, ov
     name = registry.canonical(name)
     cls = registry[name]
     overrides = dict(overrides or {})
-    allowed = parameters_of(cls)
-    unknown = sorted(set(overrides) - set(allowed)) if allowed is not None else []
-    if unknown:
-        raise ValueError(f"attack {name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters are "
-                         f"{', '.join(allowed)}")
+    check_overrides(registry, name, overrides)
     owned = sorted(k for k in ("eps", "norm") if k in overrides and k in shared and overrides[k] != shared[k])
     if owned:  # a per-attack ε or norm would measure another threat model than the report states
         raise ValueError(f"attack {name!r}: {' and '.join(owned)} belong to the whole evaluation (--eps, --norm), "
@@ -62,17 +58,51 @@ def build_from(registry: Registry[Type[Attack]], name: str, model: nn.Module, ov
     return cls(model, **kw)
 
 
-def parameters_of(cls: Type[Attack]) -> Optional[list[str]]:
-    """The keyword arguments an attack class accepts (for ``--attack-param``), None if it takes any."""
+def check_overrides(registry: Registry[Type[Attack]], name: str, overrides: dict) -> None:
+    """Refuse, naming the attack and what it accepts, a parameter the attack ``name`` does not take, before any
+    model exists (the CLI checks ``--attack-param`` with this before loading anything). The PGD and APGD
+    families pass other names on to their loss, so theirs are checked against the loss they will run."""
+    cls = registry[registry.canonical(name)]
+    own, loss_note = named_parameters_of(cls), ""
+    accepted = own
+    if getattr(cls, "default_loss", None):
+        if "loss" not in _own_parameters(cls):  # SI-PGD, PGD-CW, the APGD stages: the loss is the attack's own
+            own = [p for p in own if p != "loss"]
+        loss = overrides.get("loss", cls.default_loss) if "loss" in own else cls.default_loss
+        if not isinstance(loss, str):
+            return  # a Loss object (Python only): get_loss checks its parameters when the attack is built
+        from ..losses import LOSSES, loss_parameters
+        loss = LOSSES.canonical(loss)  # an unknown loss: the registry's error, with the valid names
+        accepted = own + loss_parameters(loss)
+        loss_note = f"; and those of its loss {loss!r}: {', '.join(loss_parameters(loss)) or 'none'}"
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise ValueError(f"attack {name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters are "
+                         f"{', '.join(own)}{loss_note}")
+
+
+def _own_parameters(cls: Type[Attack]) -> list[str]:
+    """The named keyword arguments of the first ``__init__`` along ``cls``'s MRO."""
+    init = next(c for c in cls.__mro__ if "__init__" in vars(c)).__init__
+    return [k for k, p in inspect.signature(init).parameters.items() if k not in ("self", "model")
+            and p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def named_parameters_of(cls: Type[Attack]) -> list[str]:
+    """Every named keyword argument along ``cls``'s chain of ``__init__``s (up to the first without ``**kw``)."""
     names: list[str] = []
-    for c in cls.__mro__:  # **kw passes on to the parent's __init__
+    for c in cls.__mro__:
         if "__init__" not in vars(c):
             continue
         params = inspect.signature(c.__init__).parameters
         names += [k for k, p in params.items() if k not in ("self", "model") and k not in names
                   and p.kind is not inspect.Parameter.VAR_KEYWORD]
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return names
-        if c.__name__ in ("PGD", "APGD"):  # their **loss_params go to the loss: any name may be valid
-            return None
+            break
     return names
+
+
+def parameters_of(cls: Type[Attack]) -> Optional[list[str]]:
+    """The keyword arguments an attack class accepts (for ``--attack-param``), None if it takes any: the PGD and
+    APGD families (those with a ``default_loss``) pass unknown names on to their loss."""
+    return None if getattr(cls, "default_loss", None) else named_parameters_of(cls)

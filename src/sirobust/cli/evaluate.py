@@ -16,6 +16,18 @@ def attacks_arg():
     return names_arg("attack", canonical_attack_name, list_attacks)
 
 
+def refuse_a_run_folders_own_file(out: Path) -> None:
+    """A report may go into a run folder, but never over the files of the run that lives there (its record, its
+    configuration, its summary, their Markdown twins): --overwrite replaces reports, and a report written over
+    run.json would leave a run that can no longer be resumed or reused."""
+    from ..runfolder import RUN_FILE
+    from ..train_files import CONFIG_NAME, METRICS_NAME, SUMMARY_NAME
+    own = {Path(name).stem for name in (RUN_FILE, CONFIG_NAME, SUMMARY_NAME, METRICS_NAME)}
+    if (out.parent / RUN_FILE).is_file() and out.stem in own:
+        raise ValueError(f"--out: {out} (and {out.with_suffix('.md').name} beside it) belongs to the run in "
+                         f"{out.parent}; write the report under another name, e.g. {out.parent / 'report.json'}")
+
+
 def report_path(a) -> Path:
     """Where the report goes, checked before any work: an existing report is replaced only with --overwrite."""
     from ..io import check_output_file
@@ -30,6 +42,7 @@ def report_path(a) -> Path:
             check_output_file(out, "the report")  # "it is a folder": one message for every command
         if out.suffix != ".json":
             raise ValueError(f"--out must name a .json file (the Markdown table goes beside it), got {out}")
+        refuse_a_run_folders_own_file(out)
         taken = [p for p in (out, out.with_suffix(".md")) if p.exists()]
         if out.exists() and a.resume:
             raise ValueError(f"--resume: {out} exists, so that evaluation finished; nothing to resume")
@@ -49,10 +62,20 @@ def attack_settings(a, eps: float, norm: str, model=None) -> dict:
                     batch_size=a.batch_size, seed=a.seed, force_step_size=bool(a.force_step_size))
     params = attack_params(a)
     if a.head:
+        from torch import nn
+
         from ..attacks.registry import attack_parameters
         from ..foreign import Normalized
-        # --mean/--std put the user's model inside a wrapper: its layer names gain the "model." prefix
-        head = f"model.{a.head}" if isinstance(model, Normalized) and not a.head.startswith("model.") else a.head
+        # --mean/--std put the user's model inside a wrapper: its layer names gain the "model." prefix, which
+        # an error about the name must not show (the user named the layer of their own model)
+        head = a.head
+        if isinstance(model, Normalized) and not a.head.startswith("model."):
+            layers = dict(model.model.named_modules())
+            if a.head not in layers:
+                linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
+                raise ValueError(f"--head: no layer named {a.head!r} in the model; its linear layers: "
+                                 f"{', '.join(linears) or 'none'}")
+            head = f"model.{a.head}"
         for name in a.attacks:  # the attacks that read features (black-box ones take no head)
             if attack_parameters(name) is None or "head" in attack_parameters(name):
                 params[name] = {"head": head, **params.get(name, {})}
@@ -64,6 +87,8 @@ def attack_settings(a, eps: float, norm: str, model=None) -> dict:
 def attack_params(a) -> dict:
     """--attack-param spsa.samples=256 ... as {"spsa": {"samples": 256}}, each naming one of --attacks."""
     from ..attacks import canonical_attack_name
+    from ..attacks.registry import ATTACKS
+    from ..attacks.stages import check_overrides
     out: dict = {}
     for key, value in getattr(a, "attack_param", None) or []:  # `rescale` has no --attack-param
         attack, dot, name = key.partition(".")
@@ -72,7 +97,11 @@ def attack_params(a) -> dict:
         attack = canonical_attack_name(attack)
         if attack not in a.attacks:
             raise ValueError(f"--attack-param {key}: {attack} is not among --attacks ({', '.join(a.attacks)})")
+        if name in ("eps", "norm"):  # one attack at another ε would measure another threat model than reported
+            raise ValueError(f"--attack-param {key}: ε and the norm belong to the whole evaluation; use --eps, --norm")
         out.setdefault(attack, {})[name] = value
+    for attack, params in out.items():  # the names, before anything is loaded (the values when it is built)
+        check_overrides(ATTACKS, attack, params)
     return out
 
 
@@ -133,6 +162,7 @@ def cmd_evaluate(a) -> int:
         say(repaired)
         return 0
     out = group.first(report_path, a)
+    attack_params(a)  # checked before anything is loaded
     source = resolve_source(a)
     eps, norm = threat_settings(a, source)
     device = group.device(a.device)
@@ -168,10 +198,7 @@ def cmd_evaluate(a) -> int:
             again = command_line().replace(" --overwrite", "")
             raise RunInterrupted(f"{e}; continue with: {again}{'' if a.resume else ' --resume'}", e.signum) from None
         if group.main:
-            print(report.table())
-            for f in report.flags:
-                if f["triggered"]:
-                    print(f"warning [{f['name']}]: {f['message']}")
+            print(report.table())  # with a line for each sanity flag that fired
             report.save(out)
     if group.main:
         shutil.rmtree(state, ignore_errors=True)  # the report now holds every result the folder kept

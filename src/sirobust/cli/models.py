@@ -68,7 +68,7 @@ class Source:
 
 def resolve_source(a) -> Source:
     """Check the model flags together and find the dataset, before anything heavy is loaded."""
-    from ..checkpoint import BEST_NAME_ALIASES, read_metadata
+    from ..checkpoint import read_metadata, resolve_weights_path
     if getattr(a, "robustbench", None):
         return _robustbench_source(a)
     if getattr(a, "robustbench_dataset", None) or getattr(a, "threat_model", None):
@@ -85,21 +85,36 @@ def resolve_source(a) -> Source:
     if a.model_arg and not a.model_def:
         raise ValueError("--model-arg goes with --model-def")
     if a.model_dir:
-        path = Path(a.model_dir) / BEST_NAME_ALIASES[a.checkpoint]
-        if not path.exists():  # a run without validation has only the last weights
-            path = Path(a.model_dir) / BEST_NAME_ALIASES["last"]
-        kind = "run"
+        path, kind = resolve_weights_path(a.model_dir, a.checkpoint), "run"  # as sirobust.load(folder) resolves it
     elif a.model_def:
         path, kind = (Path(a.weights) if a.weights else None), "definition"
     elif a.torchscript:
         path, kind = Path(a.torchscript), "torchscript"
     else:
         path, kind = Path(a.weights), "weights"
-    recorded = read_metadata(path).get("dataset") or None if kind in ("run", "weights") else None
+    meta = read_metadata(path) if kind in ("run", "weights") else {}
+    recorded = meta.get("dataset") or None
     dataset = a.dataset or recorded
     if not dataset:
         raise ValueError("--dataset is needed: the model records none (e.g. --dataset cifar10)")
+    if a.dataset and meta:
+        _check_dataset_fits(a.dataset, meta, path)
     return Source(kind, path, dataset)
+
+
+def _check_dataset_fits(dataset: str, meta: dict, path: Path) -> None:
+    """A --dataset whose images or classes the sirobust model cannot take is refused before any data is read
+    (or downloaded): its channels and classes against those the weights record."""
+    from ..data import get_dataset_info
+    info = get_dataset_info(dataset)
+    wants = {"channels": meta.get("in_channels"), "classes": meta.get("num_classes")}
+    has = {"channels": str(info.in_channels), "classes": str(info.num_classes)}
+    wrong = [k for k in wants if wants[k] is not None and wants[k] != has[k]]
+    if wrong:
+        said = f" (trained on {meta['dataset']})" if meta.get("dataset") else ""
+        raise ValueError(f"--dataset {dataset}: its images have {has['channels']} channel(s) and "
+                         f"{has['classes']} classes, the model in {path}{said} takes {wants['channels']} and "
+                         f"{wants['classes']}; choose a dataset of that shape")
 
 
 def _robustbench_source(a) -> Source:
