@@ -68,6 +68,19 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path):
     assert r.returncode == 2 and "nothing to resume" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("argv,hint", [(["evaluate", "--attaks", "pgd"], "(did you mean --attacks?)"),
+                                       (["evaluate", "--stpes=3"], "(did you mean --steps?)"),
+                                       (["trian"], "(did you mean 'train'?)"),
+                                       (["evaluate", "--split", "tset"], "(did you mean 'test'?)"),
+                                       (["evaluate", "--zzzzzz"], "unrecognized arguments: --zzzzzz\n")])
+def test_a_mistyped_flag_or_command_gets_the_closest_name(capsys, argv, hint):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and hint in err.splitlines()[0] + "\n", err
+    assert "did you mean" not in err or hint.startswith("(did")  # nothing far-fetched for a word close to none
+
+
 def test_quick_demo_runs_every_stage_and_writes_its_files(tmp_path):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     for name in ("comparison.md", "rescale.json", "rescale.png", "demo.json"):

@@ -198,3 +198,47 @@ def test_attack_objects_must_share_the_threat_model_and_settings_recorded_are_th
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         evaluate(trained_cnn, (x, y), steps=0, progress=False)
     assert _tolerance(torch.float16) > 1e-4 and _tolerance(torch.float32) == 1e-6
+
+
+def test_asking_for_more_examples_than_the_data_holds_is_said(tiny_net, image_batch):
+    x, y = image_batch
+    said: list = []
+    rep = evaluate(tiny_net, (x, y), attacks=["fgsm"], eps=0.1, n=20, progress=False, log=said.append)
+    assert rep.n == 8 and said[0] == "n = 20, but the data holds 8 examples: evaluating all 8"
+    said.clear()
+    evaluate(tiny_net, (x, y), attacks=["fgsm"], eps=0.1, n=8, progress=False, log=said.append)
+    assert not any(line.startswith("n = ") for line in said)
+
+
+def test_every_form_of_data_gives_the_same_report(tiny_net, image_batch):
+    """(x, y), a TensorDataset, a map-style dataset of (image, label) pairs and a DataLoader over it: the same
+    examples, so the same per-example outcomes (a TensorDataset was refused)."""
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+    x, y = image_batch
+
+    class Pairs(Dataset):
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return x[i], int(y[i])
+
+    def outcome(data):
+        rep = evaluate(tiny_net, data, attacks=["fgsm"], eps=0.1, progress=False)
+        return rep.clean_correct, rep.attacks["fgsm"].robust
+
+    expected = outcome((x, y))
+    for data in (TensorDataset(x, y), Pairs(), DataLoader(Pairs(), batch_size=3)):
+        assert outcome(data) == expected, type(data).__name__
+    with pytest.raises(TypeError, match="a dataset must give \\(image tensor, integer label\\) pairs"):
+        evaluate(tiny_net, _Strings(), attacks=["fgsm"], eps=0.1, progress=False)
+
+
+class _Strings:
+    """A map-style dataset of the wrong kind of items."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return "an image", "a label"

@@ -92,6 +92,9 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
              precision: str = "auto", compile: bool = False, group: Optional[Group] = None) -> Report:
     """Evaluate ``model`` on ``data`` under each attack; see the module docstring.
 
+    ``data``: ``(x, y)`` tensors (pixels in [0, 1], or uint8), a sirobust ``ImageDataset``, a ``TensorDataset``,
+    a map-style dataset of ``(image, label)`` pairs, or an iterable of ``(x, y)`` batches such as a DataLoader.
+
     ``eps`` (pixel units; ``"8/255"`` accepted) defaults to the budget of the model's recorded
     dataset or of ``data``'s dataset, and is otherwise required. ``n`` takes the first n examples.
     ``indices`` are the examples' indices in their dataset: they key the random starts and are
@@ -128,6 +131,8 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         raise ValueError(f"attacks is empty: name at least one attack (valid: {', '.join(list_attacks())})")
     if n is not None:
         n = check_int("n", n, min=1)
+        if n > x_all.shape[0] and log:  # not silently fewer than asked for
+            log(f"n = {n}, but the data holds {x_all.shape[0]} examples: evaluating all {x_all.shape[0]}")
         x_all, y_all = x_all[:n], y_all[:n]
     if x_all.shape[0] == 0:
         raise ValueError("data has no examples to evaluate")

@@ -14,13 +14,27 @@ from .features import FeatureAccessError, forward_with_features
 
 
 def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, Optional[str], Optional[str]]:
-    """(x, y, dataset name, split) from a tuple, an ImageDataset, or an iterable of (x, y) batches."""
+    """(x, y, dataset name, split) from a tuple, an ImageDataset, a TensorDataset, a map-style dataset of
+    (image, label) pairs, or an iterable of (x, y) batches (a DataLoader)."""
     name = split = None
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x, y = data
     elif hasattr(data, "images") and hasattr(data, "labels"):
         x, y = data.images, data.labels
         name, split = getattr(data, "name", None), getattr(data, "split", None)
+    elif isinstance(getattr(data, "tensors", None), tuple) and len(data.tensors) == 2:  # a TensorDataset
+        x, y = data.tensors
+    elif (hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, Iterable)
+          and not isinstance(data, (str, bytes, torch.Tensor))):
+        # a map-style dataset of single (image, label) pairs (torchvision's CIFAR10 with ToTensor, say)
+        if len(data) == 0:
+            raise ValueError("data has no examples")
+        pairs = [data[i] for i in range(len(data))]
+        try:
+            x, y = torch.stack([p[0] for p in pairs]), torch.as_tensor([int(p[1]) for p in pairs])
+        except (TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise TypeError(f"data: a dataset must give (image tensor, integer label) pairs of one shape ({e})") \
+                from None
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, torch.Tensor)):
         batches = [(bx, by) for bx, by in data]
         if not batches:
@@ -28,7 +42,8 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, Optional[str], Optiona
         xs, ys = zip(*batches)
         x, y = torch.cat(xs), torch.cat(ys)
     else:
-        raise TypeError("data must be (x, y) tensors, an ImageDataset, or an iterable of (x, y) batches; "
+        raise TypeError("data must be (x, y) tensors, an ImageDataset, a dataset of (image, label) pairs, or an "
+                        "iterable of (x, y) batches; "
                         f"got {type(data).__name__}")
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"data must hold tensors, got images {type(x).__name__} and labels {type(y).__name__}")

@@ -41,7 +41,29 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kw)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}{renamed_flag_hint(message)}\n{self.format_usage()}")
+        self.exit(2, f"{self.prog}: error: {message}{self.suggestion(message)}{renamed_flag_hint(message)}\n"
+                     f"{self.format_usage()}")
+
+    def suggestion(self, message: str) -> str:
+        """' (did you mean --attacks?)' for a mistyped flag or command: the closest option of this parser and
+        of its commands' parsers (argparse reports an unknown flag from the top-level parser), or of the
+        choices argparse lists."""
+        import difflib
+        import re
+        if message.startswith("unrecognized arguments: "):
+            typed = [w.split("=")[0] for w in message.split(": ", 1)[1].split() if w.startswith("-")]
+            known = {o for parser in self.parsers() for action in parser._actions for o in action.option_strings}
+        else:
+            m = re.match(r"argument .*: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+            typed, known = ([m.group(1)], re.findall(r"'([^']*)'", m.group(2))) if m else ([], set())
+        close = [c if c.startswith("-") else repr(c)
+                 for word in typed for c in difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.75)]
+        return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+    def parsers(self) -> list:
+        """This parser and every parser of its commands."""
+        subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        return [self] + [p for a in subs for p in a.choices.values()]
 
 
 def _typed(fn: Callable, metavar: str = ""):
