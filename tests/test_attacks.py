@@ -249,7 +249,16 @@ def test_integer_labels_of_any_width_and_bad_settings():
         APGDCE(m, eps=0.1, loss="dlr")  # it was dropped without a word
     with pytest.raises(ValueError, match="si-pgd runs the 'si' loss and takes no other"):
         SIPGD(m, eps=0.1, loss="ce")
-    assert APGDCE(m, eps=0.1, loss="ce").loss.name == "ce"
+    assert APGDCE(m, eps=0.1, loss="ce").loss.name == "ce" and APGDCE(m, eps=0.1, loss="CE").loss.name == "ce"
+    from sirobust.losses import get_loss
+    with pytest.raises(ValueError, match="a Loss object: give its parameters to the attack itself"):
+        SIPGD(m, eps=0.1, loss=get_loss("si", scale=30))  # its scale would have been overwritten by 15
+    with pytest.raises(ValueError, match="loss 'ce' has no parameter bogus"):
+        PGD(m, eps=0.1, loss=get_loss("ce"), bogus=1)  # a Loss object is held to its parameters too
+    from sirobust.attacks.registry import build_attack
+    with pytest.raises(ValueError, match="attack 'fgsm' sets steps itself; it is not one of its parameters"):
+        build_attack("fgsm", m, {"steps": 5}, eps=0.1)
+    assert build_attack("apgd-ce", m, {"loss": "ce"}, eps=0.1).loss.name == "ce"  # as the constructor: same rule
 
 
 def test_si_pgd_works_on_a_cosine_head_model_behind_a_wrapper(fmnist_test):

@@ -218,7 +218,7 @@ def test_cli_attack_params_reach_the_attacks_and_bad_ones_are_named(trained_cnn,
                          (["si-pgd.bogus=3"], "'bogus'; its parameters are eps, alpha, steps, scale"),
                          (["si-pgd.bogus=3"], "; and those of its loss 'si': scale"),
                          (["pgd.eps=0.5"], "belong to the whole evaluation; use --eps, --norm"),
-                         (["apgd-ce.loss=dlr"], "attack 'apgd-ce' has no parameter 'loss'")):
+                         (["apgd-ce.loss=dlr"], "apgd-ce runs the 'ce' loss and takes no other (got loss='dlr')")):
         assert main(["evaluate", "--weights", str(weights), "--attacks", "pgd,si-pgd,apgd-ce", "-n", "4",
                      "--no-progress", "--out", str(tmp_path / "x.json"), "--attack-param", *bad]) == 2
         said = capsys.readouterr()

@@ -138,14 +138,20 @@ def test_the_scale_flag_needs_two_examples_and_a_stored_one_is_judged_again():
     assert scale_sensitivity_flag(value(3, n=256))["triggered"]
     assert not scale_sensitivity_flag(value(10, si_change=0.05))["triggered"]  # SI-PGD moved too: not the scale
 
-    # the message names the cause the measurement supports: saturation only where CE gradients are zero
-    healthy = scale_sensitivity_flag({**value(10), "zero_gradient_share": 0.0})["message"]
-    assert "not by saturation" in healthy and "saturates" not in healthy and "weaker objective" in healthy
-    saturated = scale_sensitivity_flag({**value(10), "zero_gradient_share": 0.4})["message"]
-    assert "40.0% of these examples have an exactly-zero CE gradient" in saturated and "saturates" in saturated
-    assert "not by saturation" not in saturated
-    unknown = scale_sensitivity_flag(value(10))["message"]  # stored before the share was recorded
-    assert "saturation (vanishing CE gradients) or because CE is a weaker objective" in unknown
+    # the message names the cause the scale of the gain supports: saturation only where shrinking helps
+    def at(alpha, broken_more=10, **extra):
+        v = {"pgd_accuracy": 0.5, "pgd_accuracy_rescaled": {"0.01": 0.5, "100.0": 0.5}, "si_pgd_change": 0.0,
+             "n": 64, **extra}
+        v["pgd_accuracy_rescaled"][alpha] = 0.5 - broken_more / 64
+        return scale_sensitivity_flag(v)["message"]
+
+    enlarged = at("100.0", zero_gradient_share=0.5)  # a gain at ×100 is never saturation, zero gradients or not
+    assert "weaker objective than CE of logits ×100" in enlarged and "(32 of the 64 examples have an exactly-zero" \
+        in enlarged and "not saturation" in enlarged
+    shrunk = at("0.01", zero_gradient_share=0.25)
+    assert "its softmax saturates at the model's own scale" in shrunk and "(16 of the 64 examples" in shrunk
+    assert "weaker objective" not in shrunk
+    assert "exactly-zero" not in at("0.01")  # stored before the share was recorded: nothing invented
 
     stored = {"name": "scale_sensitivity", "triggered": True, "value": value(1),
               "message": "PGD-CE breaks 1.6 points more examples once the logits are multiplied by 100 ..."}

@@ -111,7 +111,13 @@ def test_mean_and_std_wrap_the_model_and_are_recorded(tmp_path, user_model, caps
                  "fashion-mnist-mini", "--mean", "0.5", "--std", "0.25", "--attacks", "si-pgd", "-n", "4",
                  "--head", "body.3", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "--head: no layer named 'body.3' in the model; its linear layers: " in err and "model." not in err, err
+    assert "--head: no layer named 'body.3' in the model; its linear layers: fc1, classifier" in err, err
+    assert "model." not in err
+    assert main(["evaluate", "--model-def", f"{d / 'net.py'}:make_net", "--weights", str(d / "net.pt"), "--dataset",
+                 "fashion-mnist-mini", "--mean", "0.5", "--std", "0.25", "--attacks", "si-pgd", "-n", "4",
+                 "--head", "conv", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--head: a Conv2d, not a linear layer: 'conv' in the model" in err and "model." not in err, err
     out = tmp_path / "r.json"
     r = cli("evaluate", "--model-def", f"{d / 'net.py'}:make_net", "--weights", str(d / "net.pt"), "--dataset",
             "fashion-mnist-mini", "--mean", "0.5", "--std", "0.25", "--attacks", "fgsm", "-n", "20", "--out",

@@ -452,10 +452,14 @@ def test_a_report_never_replaces_a_run_folders_own_files(tmp_path, straight, cap
     shutil.copytree(straight, run)
     own = {name: (run / name).read_bytes() for name in ("run.json", "config.json", "summary.json")}
     args = ["evaluate", "--model-dir", str(run), "--attacks", "fgsm", "-n", "8", "--no-progress", "--overwrite"]
-    for name in ("run.json", "config.json", "summary.json", "metrics.json"):
+    for name in ("run.json", "config.json", "summary.json", "Summary.json"):
         assert main(args + ["--out", str(run / name)]) == 2
-        assert f"belongs to the run in {run}" in capsys.readouterr().err
+        assert f"--out: {name} in {run} is a file of the run there, not a report" in capsys.readouterr().err
+    resume = [a for a in args if a != "--overwrite"] + ["--resume", "--out", str(run / "config.json")]
+    assert main(resume) == 2 and "is a file of the run there" in capsys.readouterr().err  # not read as a report
     assert {name: (run / name).read_bytes() for name in own} == own
+    assert main(["evaluate", "--model-dir", str(run / "model.safetensors"), "-n", "4"]) == 2
+    assert "--model-dir takes a run folder; " in capsys.readouterr().err  # a file: --weights, not --checkpoint's pick
     assert main(args + ["--out", str(run / "report.json")]) == 0 and (run / "report.json").is_file()
 
 

@@ -69,13 +69,15 @@ def describe_loss(name: str) -> str:
 
 def get_loss(name: str, **params) -> Loss:
     """Look up a loss by name and bind parameters (e.g. ``scale=15`` for ``si``)."""
-    if isinstance(name, Loss):
-        return name.with_params(**params) if params else name
-    loss = LOSSES.get(name)
-    accepted = loss_parameters(name)
-    unknown = sorted(set(params) - set(accepted))
+    loss = name if isinstance(name, Loss) else LOSSES.get(name)
+    if not params:
+        return loss if isinstance(name, Loss) else loss.with_params()  # a copy: never the registry's own object
+    # a Loss object of the registry's is held to its parameters too (one of the user's own takes any)
+    accepted = loss_parameters(loss.name) if LOSSES.get(loss.name, None) is not None else None
+    unknown = sorted(set(params) - set(accepted)) if accepted is not None else []
     if unknown:
-        raise ValueError(f"loss {name!r} has no parameter {', '.join(unknown)}; its parameters: {', '.join(accepted) or 'none'}")
+        raise ValueError(f"loss {loss.name!r} has no parameter {', '.join(unknown)}; its parameters: "
+                         f"{', '.join(accepted) or 'none'}")
     return loss.with_params(**params)
 
 

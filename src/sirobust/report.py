@@ -101,7 +101,12 @@ class Report:
 
     @classmethod
     def load(cls, path: PathLike) -> "Report":
-        return cls.from_dict(read_json(path))
+        """A report saved by :meth:`save`; any other JSON file is a ValueError naming it."""
+        data = read_json(path)
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a sirobust evaluation report (no {e} in it)") from None
 
     def save(self, path: PathLike, markdown: bool = True) -> Path:
         """Strict JSON written atomically; with ``markdown`` a ``.md`` table beside it, written first: a

@@ -139,24 +139,23 @@ def scale_sensitivity_flag(value: dict) -> dict:
     return _flag(name, pgd_drop > 0.01 and more >= 2 and si_move <= 0.01, value,
                  f"PGD-CE breaks {100 * pgd_drop:.1f} points ({more} of {n} examples) more once the logits are "
                  f"multiplied by {float(worst_alpha):g} (SI-PGD changes by {100 * si_move:.1f}): what CE measures on "
-                 f"this model depends on the logit scale, {_scale_cause(value.get('zero_gradient_share'))}; so "
-                 "pgd's and apgd-ce's numbers are inflated, and aa's can be (its DLR, FAB and Square stages may or "
-                 "may not take what APGD-CE misses); trust si-pgd, apgd-si, aa-si and the worst case.")
+                 f"this model depends on the logit scale: {_scale_cause(float(worst_alpha), value)}; so pgd's and "
+                 "apgd-ce's numbers are inflated, and aa's can be (its DLR, FAB and Square stages may or may not take "
+                 "what APGD-CE misses); trust si-pgd, apgd-si, aa-si and the worst case.")
 
 
-def _scale_cause(zero_share) -> str:
-    """Why PGD-CE depends on the scale here, as far as the measurement says. The paper's case (Fig. 1) is a
-    saturated softmax whose CE gradients vanish; on a healthy model the usual cause is that CE at the model's
-    own scale is a weaker objective than CE of rescaled logits (×100 is close to a margin loss, ×0.01 to a
-    linear one). Evaluations stored before the share was recorded say neither."""
-    if zero_share is None:
-        return "by saturation (vanishing CE gradients) or because CE is a weaker objective at the model's own scale"
-    if zero_share > 0.01:
-        return (f"and {100 * zero_share:.1f}% of these examples have an exactly-zero CE gradient at the model's own "
-                "scale: the softmax saturates, as in the paper's Fig. 1")
-    return (f"though not by saturation ({100 * zero_share:.1f}% of these examples have a zero CE gradient): CE at "
-            "the model's own scale is a weaker objective here than CE of rescaled logits (×100 is close to a "
-            "margin loss, ×0.01 to a linear one)")
+def _scale_cause(alpha: float, value: dict) -> str:
+    """Why PGD-CE gains at ``alpha``. Shrinking the logits (α < 1) relieves a saturated softmax, whose CE
+    gradients vanish: the paper's Fig. 1. Enlarging them (α > 1) saturates more, so a gain there is the other
+    cause: CE at the model's own scale is a weaker objective than CE of enlarged logits, which is close to a
+    margin loss (as on a model whose logits are cosines). The measured share of exactly-zero CE gradients at
+    the model's own scale is quoted where it was recorded (evaluations stored before it was are not)."""
+    share, n = value.get("zero_gradient_share"), int(value["n"])
+    zeros = "" if share is None else f" ({round(share * n)} of the {n} examples have an exactly-zero CE gradient)"
+    if alpha < 1:
+        return f"its softmax saturates at the model's own scale, as in the paper's Fig. 1{zeros}"
+    return (f"CE at the model's own scale is a weaker objective than CE of logits ×{alpha:g}, which is close to a "
+            f"margin loss (not saturation, which that rescaling would worsen){zeros}")
 
 
 BLACK_BOX = ("square", "spsa", "rays")  # the registered attacks that never ask for a gradient (Attack.black_box)

@@ -31,16 +31,28 @@ from .robust import attack_still_robust
 _MODES = ("eval", "train", "keep")
 
 
-def fixed_loss(attack: "Attack", kw: dict):
+def fixed_loss(attack: "Attack", kw: dict) -> str:
     """The loss of an attack that fixes its own (SI-PGD runs ``si``, APGD-CE ``ce``: its ``default_loss``), taken
-    out of ``kw``: a ``loss=`` naming another is refused, not silently dropped (it was, for the APGD stages)."""
-    given = kw.pop("loss", None)
+    out of ``kw``. A ``loss=`` naming it (any spelling the registry accepts) is fine; another loss, or a Loss
+    object (whose parameters the attack's own would overwrite), is refused rather than silently dropped."""
+    check_fixed_loss(attack.name, attack.default_loss, kw.pop("loss", None))
+    return attack.default_loss
+
+
+def check_fixed_loss(name: str, default: str, given) -> None:
+    """Refuse ``given`` as the ``loss=`` of the attack ``name``, which runs ``default`` (see :func:`fixed_loss`)."""
+    from ..losses import LOSSES
     if given is None:
-        return attack.default_loss
-    if getattr(given, "name", given) != attack.default_loss:
-        raise ValueError(f"{attack.name} runs the {attack.default_loss!r} loss and takes no other (got loss="
-                         f"{getattr(given, 'name', given)!r}); pgd, fgsm, fgsm-rs and rfgsm take loss=")
-    return given
+        return
+    if isinstance(given, str):
+        try:
+            if LOSSES.canonical(given) == default:
+                return
+        except ValueError:  # an unknown name is another loss
+            pass
+    as_object = "" if isinstance(given, str) else ", a Loss object: give its parameters to the attack itself"
+    raise ValueError(f"{name} runs the {default!r} loss and takes no other (got loss={getattr(given, 'name', given)!r}"
+                     f"{as_object}); pgd, fgsm, fgsm-rs and rfgsm take loss=")
 
 
 def recorded_dataset(model: nn.Module) -> Optional[str]:

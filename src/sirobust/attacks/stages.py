@@ -6,13 +6,14 @@ registry imports AutoAttack and AutoAttack never imports the registry.
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Optional, Type
 
 from torch import nn
 
 from ..registry import Registry
 from .apgd import APGDCE, APGDDLR, APGDSI, APGDT
-from .base import Attack
+from .base import Attack, check_fixed_loss
 from .fab import FAB, FABT
 from .pgd import FGSM, FGSMRS, PGD, PGDCW, PGDDLR, RFGSM, SIPGD
 from .rays import RayS
@@ -55,25 +56,33 @@ def build_from(registry: Registry[Type[Attack]], name: str, model: nn.Module, ov
                          "not to one attack")
     kw = {k: v for k, v in shared.items() if k not in getattr(cls, "fixed", ())}
     kw.update(overrides)
-    return cls(model, **kw)
+    try:
+        return cls(model, **kw)
+    except TypeError as e:  # a setting the preset fixes itself (fgsm's steps, say), given as an override
+        taken = re.search(r"got multiple values for keyword argument '(\w+)'", str(e))
+        if not taken:
+            raise
+        raise ValueError(f"attack {name!r} sets {taken.group(1)} itself; it is not one of its parameters") from None
 
 
 def check_overrides(registry: Registry[Type[Attack]], name: str, overrides: dict) -> None:
     """Refuse, naming the attack and what it accepts, a parameter the attack ``name`` does not take, before any
     model exists (the CLI checks ``--attack-param`` with this before loading anything). The PGD and APGD
-    families pass other names on to their loss, so theirs are checked against the loss they will run."""
+    families pass other names on to their loss, so theirs are checked against the loss they will run; those
+    that fix their loss accept ``loss=`` only naming it, as their constructors do (:func:`.base.fixed_loss`)."""
     cls = registry[registry.canonical(name)]
     own, loss_note = named_parameters_of(cls), ""
     accepted = own
     if getattr(cls, "default_loss", None):
-        if "loss" not in _own_parameters(cls):  # SI-PGD, PGD-CW, the APGD stages: the loss is the attack's own
-            own = [p for p in own if p != "loss"]
-        loss = overrides.get("loss", cls.default_loss) if "loss" in own else cls.default_loss
-        if not isinstance(loss, str):
-            return  # a Loss object (Python only): get_loss checks its parameters when the attack is built
         from ..losses import LOSSES, loss_parameters
-        loss = LOSSES.canonical(loss)  # an unknown loss: the registry's error, with the valid names
-        accepted = own + loss_parameters(loss)
+        loss = overrides.get("loss", cls.default_loss)
+        if "loss" not in _own_parameters(cls):  # SI-PGD, PGD-CW, the APGD stages: the loss is the attack's own
+            check_fixed_loss(cls.name, cls.default_loss, overrides.get("loss"))
+            own, loss = [p for p in own if p != "loss"], cls.default_loss
+        if not isinstance(loss, str) and LOSSES.get(loss.name, None) is None:
+            return  # a Loss of the user's own (Python only): it takes whatever parameters its function does
+        loss = LOSSES.canonical(getattr(loss, "name", loss))  # an unknown loss: the registry's error, with the names
+        accepted = own + ["loss"] + loss_parameters(loss)
         loss_note = f"; and those of its loss {loss!r}: {', '.join(loss_parameters(loss)) or 'none'}"
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:

@@ -22,10 +22,10 @@ def refuse_a_run_folders_own_file(out: Path) -> None:
     run.json would leave a run that can no longer be resumed or reused."""
     from ..runfolder import RUN_FILE
     from ..train_files import CONFIG_NAME, METRICS_NAME, SUMMARY_NAME
-    own = {Path(name).stem for name in (RUN_FILE, CONFIG_NAME, SUMMARY_NAME, METRICS_NAME)}
-    if (out.parent / RUN_FILE).is_file() and out.stem in own:
-        raise ValueError(f"--out: {out} (and {out.with_suffix('.md').name} beside it) belongs to the run in "
-                         f"{out.parent}; write the report under another name, e.g. {out.parent / 'report.json'}")
+    own = {Path(name).stem.lower() for name in (RUN_FILE, CONFIG_NAME, SUMMARY_NAME, METRICS_NAME)}
+    if (out.parent / RUN_FILE).is_file() and out.stem.lower() in own:  # lower: case-insensitive file systems
+        raise ValueError(f"--out: {out.name} in {out.parent} is a file of the run there, not a report; write the "
+                         f"report under another name, e.g. {out.parent / 'report.json'}")
 
 
 def report_path(a) -> Path:
@@ -71,9 +71,11 @@ def attack_settings(a, eps: float, norm: str, model=None) -> dict:
         head = a.head
         if isinstance(model, Normalized) and not a.head.startswith("model."):
             layers = dict(model.model.named_modules())
-            if a.head not in layers:
+            if not isinstance(layers.get(a.head), nn.Linear):
                 linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
-                raise ValueError(f"--head: no layer named {a.head!r} in the model; its linear layers: "
+                what = "no layer named" if a.head not in layers else f"a {type(layers[a.head]).__name__}, not a " \
+                    "linear layer:"
+                raise ValueError(f"--head: {what} {a.head!r} in the model; its linear layers: "
                                  f"{', '.join(linears) or 'none'}")
             head = f"model.{a.head}"
         for name in a.attacks:  # the attacks that read features (black-box ones take no head)
@@ -157,6 +159,8 @@ def cmd_evaluate(a) -> int:
     from ..runfolder import ConfigMismatch, RunFolder, command_line, config_difference
     group = current(a.device)  # torchrun: join the other processes (rank 0 writes, every rank attacks)
     say = print if group.main else (lambda *_, **__: None)
+    if a.out:
+        refuse_a_run_folders_own_file(Path(a.out))  # also before --resume reads it as a report
     repaired = group.first(finish_interrupted_save, a) if a.resume else None
     if repaired:
         say(repaired)

@@ -85,6 +85,8 @@ def resolve_source(a) -> Source:
     if a.model_arg and not a.model_def:
         raise ValueError("--model-arg goes with --model-def")
     if a.model_dir:
+        if Path(a.model_dir).is_file():
+            raise ValueError(f"--model-dir takes a run folder; {a.model_dir} is a file: give it with --weights")
         path, kind = resolve_weights_path(a.model_dir, a.checkpoint), "run"  # as sirobust.load(folder) resolves it
     elif a.model_def:
         path, kind = (Path(a.weights) if a.weights else None), "definition"
