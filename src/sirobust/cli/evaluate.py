@@ -42,7 +42,6 @@ def report_path(a) -> Path:
             check_output_file(out, "the report")  # "it is a folder": one message for every command
         if out.suffix != ".json":
             raise ValueError(f"--out must name a .json file (the Markdown table goes beside it), got {out}")
-        refuse_a_run_folders_own_file(out)
         taken = [p for p in (out, out.with_suffix(".md")) if p.exists()]
         if out.exists() and a.resume:
             raise ValueError(f"--resume: {out} exists, so that evaluation finished; nothing to resume")
@@ -159,8 +158,8 @@ def cmd_evaluate(a) -> int:
     from ..runfolder import ConfigMismatch, RunFolder, command_line, config_difference
     group = current(a.device)  # torchrun: join the other processes (rank 0 writes, every rank attacks)
     say = print if group.main else (lambda *_, **__: None)
-    if a.out:
-        refuse_a_run_folders_own_file(Path(a.out))  # also before --resume reads it as a report
+    if a.out:  # before anything else, --resume's reading of it as a report included
+        refuse_a_run_folders_own_file(Path(a.out))
     repaired = group.first(finish_interrupted_save, a) if a.resume else None
     if repaired:
         say(repaired)
