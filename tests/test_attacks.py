@@ -240,9 +240,9 @@ def test_integer_labels_of_any_width_and_bad_settings():
             assert out.shape == x.shape
     with pytest.raises(ValueError, match=r"alpha \(the step size\) must be > 0"):
         PGD(m, eps=0.1, alpha=0.0, steps=5)
-    with pytest.raises(ValueError, match="no parameter scale.*none"):
+    with pytest.raises(ValueError, match="no parameter scale.*its loss 'ce': none"):
         PGD(m, eps=0.1, loss="ce", scale=30)
-    with pytest.raises(ValueError, match="its parameters: scale"):
+    with pytest.raises(ValueError, match="PGD has no parameter margin; .*its loss 'si': scale"):
         PGD(m, eps=0.1, loss="si", margin=0.1)
     from sirobust.attacks import APGDCE
     with pytest.raises(ValueError, match="apgd-ce runs the 'ce' loss and takes no other"):
@@ -253,7 +253,7 @@ def test_integer_labels_of_any_width_and_bad_settings():
     from sirobust.losses import get_loss
     with pytest.raises(ValueError, match="a Loss object: give its parameters to the attack itself"):
         SIPGD(m, eps=0.1, loss=get_loss("si", scale=30))  # its scale would have been overwritten by 15
-    with pytest.raises(ValueError, match="loss 'ce' has no parameter bogus"):
+    with pytest.raises(ValueError, match="PGD has no parameter bogus; .*its loss 'ce': none"):
         PGD(m, eps=0.1, loss=get_loss("ce"), bogus=1)  # a Loss object is held to its parameters too
     from sirobust.attacks.registry import build_attack
     with pytest.raises(ValueError, match="attack 'fgsm' sets steps itself; it is not one of its parameters"):

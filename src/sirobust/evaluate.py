@@ -33,12 +33,12 @@ from .attacks import Attack, list_attacks
 from .attacks.base import default_eps, recorded_dataset
 from .attacks.result import AttackOutput
 from .checks import (as_names, check_images, check_int, check_labels, check_step_size, logits_of, model_channels,
-                     model_dtype, parse_number)
+                     model_device, model_dtype, parse_number)
 from .distributed import Group
 from .distributed import current as current_group
 from .fastpath import check_precision, resolve_precision
 from .interrupts import RunInterrupted
-from .modes import model_mode
+from .modes import model_mode, modules_in_train_mode
 from .progress import evaluation_key
 from .provenance import environment_info, model_description, precision_of, weights_identity
 from .report import AttackResult, Report, accuracy
@@ -154,14 +154,14 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
             for part in [atk, *(a for _, a in getattr(atk, "stages", []))]:  # an ensemble's stages too
                 part.compile = True
     threat = make_threat(norm, eps)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device(model) or torch.device("cpu")
     group = group or current_group(device.type)
     fast = resolve_precision(precision, device, compile=compile)
     if device.type == "cuda" and x_all.numel() * x_all.element_size() < _RESIDENT_BYTES:
         # the evaluation set lives on the device: no host-to-device copy per batch (CIFAR-10 test: 123 MB)
         x_all, y_all = x_all.to(device), y_all.to(device)
 
-    was_training = model.training
+    was_training = modules_in_train_mode(model)  # those whose output depends on the mode
     with model_mode(model, "eval"):
         probe_x, probe_y = x_all[:min(N, 64)].to(device), y_all[:min(N, 64)].to(device)
         with torch.no_grad():
@@ -201,7 +201,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         if gives_gradients(flags):
             some = todo[:SCALE_CHECK_EXAMPLES]
             flags.append(check_scale_sensitivity(model, x_all[some].to(device), y_all[some].to(device), eps, norm,
-                                                 seed))
+                                                 seed, precision=precision))
 
     worst = clean.clone()
     broken_by: list = [None if c else "clean" for c in clean.tolist()]

@@ -297,7 +297,10 @@ def _reproduces(model: nn.Module, prepared: nn.Module, fast: FastPath, probe: Op
     from .checks import logits_of
     with torch.no_grad(), fp32_island(probe.device):
         want = logits_of(model(probe)).float()
-        got = logits_of(prepared(fast.inputs(probe))).float()
+        try:  # a forward written for contiguous tensors (x.view(B, -1)) raises on channels_last ones
+            got = logits_of(prepared(fast.inputs(probe))).float()
+        except Exception:  # noqa: BLE001 (whatever the copy raises, the model as given is what runs)
+            return False
     return bool(torch.isfinite(got).all()) and bool((got - want).abs().max() <= 1e-3 * want.abs().max().clamp_min(1.0))
 
 
@@ -329,8 +332,11 @@ def _prepare(model: nn.Module, fast: FastPath, probe: Optional[torch.Tensor]) ->
     if [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] != \
             [n for n, m in prepared.named_modules() if isinstance(m, nn.Linear)]:
         return model, "as given (its linear layers would not keep their names)"
+    if probe is None and not isinstance(model, ImageClassifier):
+        # nothing to try the copy on, and a user's forward may not take the copy's layout: the model as given
+        return model, "as given (no input to check a copy on)"
     if not _reproduces(model, prepared, fast, probe):
-        return model, "as given (the folded copy did not reproduce the logits)"
+        return model, "as given (the copy did not reproduce the logits, or its forward raised)"
     what = [w for w, on in (("batch norm folded", folded), ("channels_last", fast.channels_last),
                             ("compiled", fast.compile)) if on]
     _PRIVATE.add(prepared)

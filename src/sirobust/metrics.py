@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .checks import model_device
 from .modes import model_mode
 
 
@@ -24,7 +25,7 @@ def correct_mask(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, b
     stays small in memory). The model's mode is left as it is; attacks restore it. ``keys`` (N,) are the
     examples' indices: they key a sirobust attack's random starts (the result then does not depend on batching).
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device(model) or torch.device("cpu")
     out = torch.empty(len(labels), dtype=torch.bool)
     for start in range(0, len(labels), batch_size):
         x = images[start:start + batch_size].to(device)

@@ -37,10 +37,14 @@ def check_randomness(model: nn.Module, x: torch.Tensor) -> dict:
                  "transformations).")
 
 
-def check_train_mode(was_training: bool) -> dict:
-    return _flag("model_in_train_mode", was_training, was_training,
-                 "the model was in train mode when handed over (batch-norm statistics and dropout change per "
-                 "batch); it was evaluated in eval mode and its mode restored afterwards.")
+def check_train_mode(in_train_mode) -> dict:
+    """``in_train_mode``: the modules that were in train mode and behave differently there
+    (:func:`~sirobust.modes.modules_in_train_mode`), or a bool."""
+    names = [] if isinstance(in_train_mode, bool) else list(in_train_mode)
+    which = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+    return _flag("model_in_train_mode", bool(in_train_mode), bool(in_train_mode),
+                 f"the model was in train mode when handed over{which}: batch-norm statistics and dropout change "
+                 "per batch there; it was evaluated in eval mode and its mode restored afterwards.")
 
 
 def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.01) -> tuple[dict, dict]:
@@ -49,8 +53,15 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshol
     x = x.detach().clone().requires_grad_(True)
     try:
         with torch.enable_grad():
-            loss = F.cross_entropy(model(x), y, reduction="sum")
-            grad, = torch.autograd.grad(loss, x)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            grad, = torch.autograd.grad(loss, x, retain_graph=True)
+            # the margin (largest other logit − true logit) does not saturate: its gradient tells a softmax that
+            # saturated (CE's gradient zero, the margin's not) from a model that gives none (both zero: rounding,
+            # quantisation, a step function inside)
+            other = logits.detach().scatter(1, y[:, None], float("-inf")).argmax(1)
+            margin = (logits.gather(1, other[:, None]) - logits.gather(1, y[:, None])).sum()
+            margin_grad, = torch.autograd.grad(margin, x)
     except (MemoryError, torch.cuda.OutOfMemoryError):
         raise
     except Exception as e:  # a model that only answers queries (an API, a non-differentiable pipeline)
@@ -59,15 +70,25 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshol
                    "(square, spsa, rays) can evaluate it")
         return tuple({"name": name, "triggered": False, "value": None, "message": message}
                      for name in ("nonfinite_gradients", "zero_gradients"))
-    share = (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
+    zero = grad.flatten(1).abs().amax(1) == 0
+    share = zero.float().mean().item()
+    both = (zero & (margin_grad.flatten(1).abs().amax(1) == 0)).float().mean().item()  # the margin's is zero too
     nonfinite = (~torch.isfinite(grad.flatten(1)).all(1)).float().mean().item()
+    if both >= share / 2:
+        cause = (f"on {both:.1%} the gradient of the logit margin is zero too, so the model itself gives no "
+                 "gradient there (rounding or quantising the input, a step function): every gradient attack fails, "
+                 "scale-invariant ones included; trust only the black-box attacks (square, rays, spsa), or attack "
+                 "a differentiable approximation of that step (BPDA, Athalye et al. 2018).")
+    else:
+        cause = ("the gradient of the logit margin is not zero there, so the softmax saturates (e.g. rescaled "
+                 "logits): CE-based attacks like PGD fail; trust scale-invariant attacks (si-pgd, pgd-dlr) and "
+                 "the worst case instead.")
     return _flag("nonfinite_gradients", nonfinite > 0, nonfinite,
                  f"{nonfinite:.1%} of the examples have a NaN or infinite input gradient of the CE loss: gradient "
                  "attacks cannot move there and will stop with an error; the model is not differentiable at "
                  "these inputs."), _flag("zero_gradients", share > threshold, share,
                  f"{share:.1%} of the examples have an exactly-zero input gradient of the CE loss: gradient "
-                 "masking (saturated softmax, e.g. rescaled logits) makes CE-based attacks like PGD fail; "
-                 "trust scale-invariant attacks (si-pgd, pgd-dlr) and the worst case instead.")
+                 f"masking; {cause}")
 
 
 def gives_gradients(flags: list[dict]) -> bool:
@@ -75,8 +96,8 @@ def gives_gradients(flags: list[dict]) -> bool:
     return not any(f["name"] == "zero_gradients" and f["value"] is None for f in flags)
 
 
-def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, was_training: bool) -> list[dict]:
-    """All checks on one batch (the model in eval mode)."""
+def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, was_training) -> list[dict]:
+    """All checks on one batch (the model in eval mode). ``was_training``: as :func:`check_train_mode` takes it."""
     with torch.no_grad():
         logits = model(x)
     return [check_probabilities(logits), check_randomness(model, x), check_train_mode(was_training),
@@ -84,7 +105,7 @@ def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, was_training:
 
 
 def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str,
-                            seed: int = 0, steps: int = 5, alphas=(1e-2, 1e2)) -> dict:
+                            seed: int = 0, steps: int = 5, alphas=(1e-2, 1e2), precision: str = "auto") -> dict:
     """Does rescaling the logits change what PGD-CE measures, while SI-PGD's number stays (paper Sec. 4.1)?
 
     On the clean-correct examples given (evaluate passes up to :data:`SCALE_CHECK_EXAMPLES`): PGD-CE and
@@ -92,7 +113,8 @@ def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
     while SI-PGD does not move means that what PGD-CE measures on this model depends on the logit scale, so its
     number at the model's own scale is inflated (the rule: :func:`scale_sensitivity_flag`). The share of these
     examples whose CE input gradient is exactly zero at the model's own scale is recorded too, so that the
-    message can say whether the cause is the saturation of the paper's Fig. 1 or a weaker objective."""
+    message can say whether the cause is the saturation of the paper's Fig. 1 or a weaker objective.
+    ``precision``: the evaluation's (its attacks are built with it, so that ``fp32`` runs the model as given)."""
     from .attacks import PGD, SIPGD
     from .features import FeatureAccessError
     from .models import ScaledLogits
@@ -101,7 +123,7 @@ def check_scale_sensitivity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         return _flag(name, False, None, "")
 
     def acc(m, cls):
-        atk = cls(m, eps=eps, norm=norm, steps=steps, seed=seed)
+        atk = cls(m, eps=eps, norm=norm, steps=steps, seed=seed, precision=precision)
         keys = torch.arange(x.shape[0], device=x.device)
         with torch.no_grad():
             return (m(atk(x, y, keys=keys)).argmax(1) == y).float().mean().item()

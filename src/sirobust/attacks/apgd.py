@@ -19,10 +19,10 @@ from torch import nn
 
 from ..checks import check_float, check_int, logits_of
 from ..features import find_head
-from ..losses import Loss, get_loss
+from ..losses import Loss
 from ..fastpath import fp32_island
 from ..threat import ThreatModel
-from .base import Attack, fixed_loss
+from .base import Attack, attack_loss, fixed_loss
 from .loop import DeferredVerdicts, _nonfinite, _raise_if, fooled_checked, is_fooled, objective, sync_every
 from .robust import attack_still_robust
 
@@ -196,7 +196,7 @@ class APGD(Attack):
         self.steps = check_int("steps", steps, min=1)
         self.rho = check_float("rho", rho, min=0, max=1)
         self.eot_iter = check_int("eot_iter", eot_iter, min=1)
-        self.loss = get_loss(loss, **loss_params)
+        self.loss = attack_loss(self, loss, loss_params)
         self.head = head
         if self.loss.needs_features:
             find_head(model, head)

@@ -23,7 +23,7 @@ from ..checks import (check_eps, check_images, check_int, check_labels, check_sa
 from ..fastpath import FastPath, attack_model, check_precision, resolve_precision
 from ..modes import model_mode
 from ..rng import GeneratorNoise, KeyedNoise, Noise, generator
-from ..threat import ThreatModel, canonical_norm, make_threat
+from ..threat import ThreatModel, canonical_norm, cast_toward, make_threat
 from .loop import is_fooled
 from .result import AttackOutput, as_output
 from .robust import attack_still_robust
@@ -53,6 +53,29 @@ def check_fixed_loss(name: str, default: str, given) -> None:
     as_object = "" if isinstance(given, str) else ", a Loss object: give its parameters to the attack itself"
     raise ValueError(f"{name} runs the {default!r} loss and takes no other (got loss={getattr(given, 'name', given)!r}"
                      f"{as_object}); pgd, fgsm, fgsm-rs and rfgsm take loss=")
+
+
+def attack_loss(attack: "Attack", loss, loss_params: dict):
+    """The loss an attack of the PGD and APGD families runs: ``loss`` bound to the keywords the attack did not
+    take itself. A keyword neither takes is refused as the attack's (a torchattacks habit, ``random_init``,
+    gets "did you mean random_start"), not as a parameter the loss lacks."""
+    import difflib
+
+    from ..losses import LOSSES, get_loss, loss_parameters
+    registered = loss if isinstance(loss, str) else getattr(loss, "name", None)
+    if loss_params and registered is not None and (isinstance(loss, str) or LOSSES.get(registered, None) is not None):
+        accepted = loss_parameters(LOSSES.canonical(registered))
+        unknown = sorted(set(loss_params) - set(accepted))
+        if unknown:
+            from .stages import named_parameters_of  # (stages imports this module's attacks)
+            own = [k for k in named_parameters_of(type(attack)) if k != "loss" or "loss" not in getattr(
+                type(attack), "fixed", ())]
+            close = difflib.get_close_matches(unknown[0], list(dict.fromkeys(own + accepted)), n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ValueError(f"{type(attack).__name__} has no parameter {', '.join(unknown)}{hint}; its parameters: "
+                             f"{', '.join(own)}; and those of its loss {LOSSES.canonical(registered)!r}: "
+                             f"{', '.join(accepted) or 'none'}")
+    return get_loss(loss, **loss_params)
 
 
 def recorded_dataset(model: nn.Module) -> Optional[str]:
@@ -87,7 +110,9 @@ class Attack:
         restarts: independent runs; an example is robust only if it survives all.
         seed: seeds the attack's randomness (None: fresh each time the attack is built).
         model_mode: ``"eval"`` (default) runs the attack with ``model.eval()``,
-            ``"train"`` with ``model.train()``, ``"keep"`` leaves it; the mode is restored.
+            ``"train"`` with ``model.train()``, ``"keep"`` leaves it; the mode is restored. In train mode
+            every forward pass updates batch norm's running statistics (as in torchattacks): those are not
+            restored, since training with adversarial examples wants them.
         early_stop: evaluation mode (default): points the model already gets wrong
             are not attacked, and an example stops at the first iterate that fools
             the model. ``False`` (for training): every example takes every step.
@@ -170,7 +195,11 @@ class Attack:
                                               None if target is None else target.detach().to(x.device).long(),
                                               None if keys is None else keys.detach().long(), runner, fast)
         if out.x_adv.dtype != x.dtype:  # back to the caller's dtype, inside the ball in that precision too
-            out = replace(out, x_adv=self.threat.project(out.x_adv.to(x.dtype), x.detach()))
+            finer = torch.finfo(x.dtype).eps < torch.finfo(out.x_adv.dtype).eps
+            # finer (float64 x, float32 model): the work copy rounded x, so project around the caller's own x;
+            # coarser (bf16/fp16 x): round toward x, since projecting in bf16 rounds x ± ε itself
+            out = replace(out, x_adv=self.threat.project(out.x_adv.to(x.dtype), x.detach()) if finer
+                          else cast_toward(out.x_adv, x.detach()))
         return out
 
     def generator(self, device: torch.device) -> torch.Generator:

@@ -51,6 +51,10 @@ class ExternalAttack:
         if isinstance(own, numbers.Real) and abs(float(own) - self.eps) > 1e-9:
             raise ValueError(f"attack {self.name!r} uses ε = {float(own):.6g} but the evaluation is {self.norm} "
                              f"ε = {self.eps:.6g}: build it with the same ε, so that the worst case means one threat model")
+        own_norm = attack_norm(fn)
+        if own_norm is not None and own_norm.lower() != self.norm.lower():
+            raise ValueError(f"attack {self.name!r} attacks in the {own_norm} norm but the evaluation is {self.norm}: "
+                             "build it for the same norm, so that the worst case means one threat model")
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = self.fn(x, y)
@@ -72,3 +76,17 @@ class ExternalAttack:
 
     def __repr__(self) -> str:
         return f"ExternalAttack({self.name}, {self.norm} ε={self.eps:.6g})"
+
+
+def attack_norm(fn) -> Optional[str]:
+    """The norm an outside attack object says it uses: its ``norm`` attribute (torchattacks' APGD, FAB, Square,
+    AutoAttack; ART's ``norm``), else an ``L2``/``L1`` suffix of a torchattacks class's name (PGDL2, PGDRSL2,
+    EADL1); None when it says nothing (a plain function)."""
+    norm = getattr(fn, "norm", None)
+    if isinstance(norm, str) and norm:
+        return {"inf": "Linf", "linf": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1": "L1"}.get(norm.lower(), norm)
+    if isinstance(norm, numbers.Real) and not isinstance(norm, bool):  # ART: np.inf, 2, 1
+        return "Linf" if float(norm) == float("inf") else f"L{float(norm):g}"
+    if type(fn).__module__.split(".")[0] != "torchattacks":
+        return None
+    return next((n for n in ("L2", "L1") if type(fn).__name__.endswith(n)), None)

@@ -13,8 +13,8 @@ from torch import nn
 
 from ..checks import check_float, check_int, check_step_size
 from ..features import find_head
-from ..losses import Loss, get_loss
-from .base import Attack, fixed_loss
+from ..losses import Loss
+from .base import Attack, attack_loss, fixed_loss
 from .loop import pgd_loop
 
 
@@ -43,7 +43,7 @@ class PGD(Attack):
                          early_stop=early_stop, precision=precision)
         self.steps = check_int("steps", steps, min=1)
         self.alpha = check_step_size(self.eps / 4 if alpha is None else alpha, self.eps, self.steps, "alpha", force)
-        self.loss = get_loss(loss, **loss_params)
+        self.loss = attack_loss(self, loss, loss_params)
         self.random_start = bool(random_start)
         self.head = head
         if self.loss.needs_features:
