@@ -177,3 +177,25 @@ def test_resume_without_run_json_says_it_is_missing(tmp_path, capsys):
     assert main(common + ["--epochs", "2", "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"{out / 'run.json'} is missing" in err and "lr" in err
+
+
+def test_sigterm_outside_a_graceful_block_exits_143_and_a_finished_blocks_signal_is_handed_on():
+    import os
+    import signal
+
+    from sirobust.interrupts import Terminated, graceful_stop, take_pending_stop, terminate_as_interrupt
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        terminate_as_interrupt()
+        with pytest.raises(KeyboardInterrupt) as caught:  # every cleanup runs, as for Ctrl-C
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert isinstance(caught.value, Terminated) and caught.value.exit_code == 143
+        with graceful_stop() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.name == "SIGTERM"
+        assert take_pending_stop() == signal.SIGTERM and take_pending_stop() is None  # handed on once
+        with graceful_stop():
+            pass
+        assert take_pending_stop() is None
+    finally:
+        signal.signal(signal.SIGTERM, saved)

@@ -8,7 +8,7 @@ from helpers import assert_same_weights, small_config
 
 import sirobust
 from sirobust.defenses.at import AT
-from sirobust.io import read_jsonl
+from sirobust.io import read_json, read_jsonl
 from sirobust.runfolder import RunFolderError
 from sirobust.statefile import StateFileError
 from sirobust.train import ResumeMismatch, TrainingDiverged, fit
@@ -47,6 +47,9 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, defense, si):
     fit(small(tmp_path / "split", epochs=3, **kw), resume=True, log=lambda *_: None)
     assert_same_weights(tmp_path / "straight" / "model.safetensors", tmp_path / "split" / "model.safetensors")
     assert [r["epoch"] for r in read_jsonl(tmp_path / "split" / "metrics.jsonl")] == [1, 2, 3]
+    # the command that resumed a run is recorded for the resumed one only
+    assert read_json(tmp_path / "straight" / "summary.json")["provenance"]["resumed_by"] is None
+    assert read_json(tmp_path / "split" / "summary.json")["provenance"]["resumed_by"]
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
@@ -227,3 +230,46 @@ def test_cost_estimate_of_each_defense_is_unchanged():
     assert flops("trades", attack_steps=10) == expected(30 + 7)
     assert flops("free", defense_params={"m": 4}) == expected(3 * 4)  # FreeAT's attack rides on the update
     assert flops("fgsm-rs") == expected(3 + 3)
+
+
+def test_a_signal_in_a_runs_last_epoch_stops_compare_before_the_next_run(tmp_path, monkeypatch):
+    """The run finishes (its last epoch is the whole job), and the request is not lost: compare stops there."""
+    import os
+    import signal
+
+    import sirobust.train as trainer
+    from sirobust.interrupts import RunInterrupted
+    from sirobust.reproduce.compare import compare_defenses
+    real, calls = trainer._train_epoch, []
+
+    def epoch_then_signal(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(1)
+        if len(calls) == 1:  # after the first run's last batch: the epoch loop has nothing left to check
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(trainer, "_train_epoch", epoch_then_signal)
+    kw = dict(epochs=1, out=str(tmp_path), eval_n=16, steps=1, progress=False,
+              train_kw=dict(train_n=64, val_n=16, attack_steps=1))
+    with pytest.raises(RunInterrupted, match="stopped by a signal during the comparison") as stopped:
+        compare_defenses("fashion-mnist-mini", "cnn-small", ["at"], si_modes=(False, True), log=lambda *_: None, **kw)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert len(calls) == 1 and (tmp_path / "at" / "summary.json").exists()  # the first run is whole
+    assert not (tmp_path / "at-si" / "summary.json").exists()  # the second never started
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(defense="standard", si=True), "--with-si needs an adversarial defense .*fgsm-rs, free, gat, gradalign"),
+    (dict(defense="free", attack_steps=3), r"attack_steps \(--steps\) does not apply to free"),
+])
+def test_a_setting_the_defense_cannot_take_is_refused_before_the_run_folder_exists(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        fit(small(tmp_path / "run", **kw), log=lambda *_: None)
+    assert not (tmp_path / "run").exists()  # the corrected command can take the same --out
+
+
+def test_the_overfitting_checks_subset_size_has_its_flag():
+    from sirobust.cli import build_parser, train_config_from_args
+    args = build_parser().parse_args(["train", "--defense", "fgsm-rs", "--overfit-n", "64"])
+    assert train_config_from_args(args).overfit_n == 64

@@ -49,6 +49,9 @@ class ModelOutput:
 
 HeadSpec = Union[None, str, nn.Linear]
 _HALF = (torch.bfloat16, torch.float16)
+# every place a head can be named, for the errors that ask for one
+HOW_TO_NAME_THE_HEAD = ('(head="NAME" for an attack, attack_params={"si-pgd": {"head": "NAME"}} for evaluate, '
+                        "--head NAME on the command line)")
 
 # Models whose head passed the α·(Wz+b)+c check; keyed weakly so models can be freed.
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -112,7 +115,8 @@ def forward_with_features(model: nn.Module, x: torch.Tensor, head: HeadSpec = No
     finally:
         handle.remove()
     if not captured:
-        raise FeatureAccessError(f"the head {name!r} was not called in the forward pass; name the final linear layer with head=")
+        raise FeatureAccessError(f"the head {name!r} was not called in the forward pass; name the final linear layer "
+                                 + HOW_TO_NAME_THE_HEAD)
     z = captured[-1]  # the last call is the one that produced the logits
     if z.dim() != 2 or logits.dim() != 2 or z.shape[0] != logits.shape[0]:
         raise FeatureAccessError(
@@ -151,7 +155,8 @@ def _check_affine(logits: torch.Tensor, head_out: torch.Tensor, name: str) -> No
     if logits.shape != head_out.shape:
         raise FeatureAccessError(
             f"the model's logits have shape {tuple(logits.shape)} but its last linear layer {name!r} gives "
-            f"{tuple(head_out.shape)}: the output is not a rescaling of that layer (name the head with head=)")
+            f"{tuple(head_out.shape)}: the output is not a rescaling of that layer (name the head "
+            + HOW_TO_NAME_THE_HEAD + ")")
     lc = (logits - logits.mean(1, keepdim=True)).double()
     hc = (head_out - head_out.mean(1, keepdim=True)).double()
     denom = (hc * hc).sum()
@@ -163,4 +168,5 @@ def _check_affine(logits: torch.Tensor, head_out: torch.Tensor, name: str) -> No
         raise FeatureAccessError(
             f"the model's logits are not a positive multiple of its last linear layer {name!r} "
             f"(best fit α = {alpha.item():.3g}, relative residual {resid.item():.2g}); scale-invariant attacks need "
-            "logits = α·(W z + b) + c with α > 0. Name the final linear layer with head=, or remove what follows it.")
+            "logits = α·(W z + b) + c with α > 0. Name the final linear layer " + HOW_TO_NAME_THE_HEAD
+            + ", or remove what follows it.")

@@ -59,16 +59,38 @@ def graceful_stop() -> Iterator[StopRequest]:
         stop.signum = signum
 
     saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    global _pending
+    _pending = None  # one from an earlier block belongs to a job that is over
     try:
         yield stop
+        if stop.requested:  # the block finished its job without stopping (a run's last epoch): tell the caller
+            _pending = stop.signum
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+_pending: Optional[int] = None  # a signal that a graceful_stop block received and finished its job anyway
+
+
+def take_pending_stop() -> Optional[int]:
+    """The signal a :func:`graceful_stop` block received without stopping, because its job was done (a training
+    run asked to stop in its last epoch completes it), then forgotten. A caller with more to do (``compare``,
+    ``reproduce``: the next run) checks this after each such job, so that the request is not lost."""
+    global _pending
+    signum, _pending = _pending, None
+    return signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt (so that every cleanup runs), exiting 143 as the shell expects."""
+
+    exit_code = 128 + int(signal.SIGTERM)
 
 
 def terminate_as_interrupt() -> None:
     """Make SIGTERM raise KeyboardInterrupt (as SIGINT does), so cleanup code runs on ``kill``."""
     if threading.current_thread() is threading.main_thread():
         def handler(signum, _frame):
-            raise KeyboardInterrupt
+            raise Terminated
         signal.signal(signal.SIGTERM, handler)

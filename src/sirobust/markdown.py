@@ -25,3 +25,8 @@ def markdown_table(header: Optional[Sequence[str]], rows: Iterable[Sequence], al
 
 def _row(cells: Sequence) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def count(n: int, noun: str) -> str:
+    """``1 run``, ``3 runs``, ``0 runs``: a count with its noun (regular plurals only)."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")

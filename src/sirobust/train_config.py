@@ -111,6 +111,9 @@ class TrainConfig:
         milestones = tuple(check_int("milestones", m, min=1) for m in milestones)
         steps = check_int("attack_steps (--steps)", inner.get("steps", 10) if self.attack_steps is None
                           else self.attack_steps, min=1 if kind.uses_attack else 0)
+        if "steps" in kind.unused_attack_settings and steps != inner.get("steps", 10):
+            raise ValueError(f"attack_steps (--steps) does not apply to {defense}: "
+                             f"{kind.unused_attack_settings['steps']}")
         if self.attack_alpha is not None:  # the preset's own step again (a resolved config resolved once more) is fine
             own = "alpha" in inner and math.isclose(self.attack_alpha, inner["alpha"] * eps, rel_tol=1e-9)
             alpha = check_step_size(self.attack_alpha, eps, steps, "attack_alpha (--step-size)",

@@ -62,11 +62,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"sirobust {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         kept = {"train": " (the last finished checkpoint is kept; continue with --resume)",
                 "compare": " (finished runs are kept; continue with --resume)"}.get(args.command, "")
         print(f"sirobust {args.command}: interrupted; every file written so far is complete{kept}", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)  # 143 for SIGTERM
     finally:
         from ..distributed import shutdown
         shutdown()  # leave a torchrun process group cleanly (nothing to do alone)

@@ -31,7 +31,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"one of {', '.join(list_defenses())} (default {C.defense})")
     p.add_argument("--defense-param", type=parse_param, action="append", default=None, metavar="KEY=VALUE",
                    help="a defense's own parameter, repeatable: lam=6 (trades, mart, he, alp), alpha=0.5 and "
-                        "pairing=mse|l2 (alp), scale=15 and margin=0.2 (he)")
+                        "pairing=mse|l2 (alp), scale=15 and margin=0.2 (he), m=8 (free), lam=10, lam_multiplier=4 "
+                        "and start_noise=0.5 (gat), lam (gradalign)")
     optional_store_true(p, "--with-si", dest="si",
                         help="add the SI mechanism: SI-PGD inner attack + β·CosFace term (paper Sec. 4.3)")
     p.add_argument("--si-scale", type=float_arg("--si-scale", min=0, min_open=True), default=None,
@@ -78,6 +79,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "catastrophic overfitting (default: on for the single-step defenses)")
     p.add_argument("--no-overfit-check", dest="overfit_check", action="store_const", const=False,
                    help="turn that check off")
+    p.add_argument("--overfit-n", type=int_arg("--overfit-n", min=1), default=None,
+                   help=f"unaugmented training images that check runs PGD-5 on (default {C.overfit_n})")
     optional_store_true(p, "--early-stop", help="stop at a catastrophic-overfitting collapse; best.safetensors stays "
                                                 "the checkpoint from before it")
     p.add_argument("--augment", choices=["none", "crop", "flip", "crop-flip"], default=None,

@@ -105,6 +105,9 @@ class Defense:
     # why the adversary does not start from InnerAttack's random start (so --attack-start cannot apply to it);
     # None: it does
     own_start: Optional[str] = None
+    # the inner-attack settings the defense does not use, each with why (FreeAT steps once per replay); a user
+    # flag setting one of them to another value than the preset's is refused, not recorded and ignored
+    unused_attack_settings: dict = {}
     # does the adversary's step come from the training pass's own backward (FreeAT), costing no passes of its own?
     attack_reuses_training_backward = False
     # does the training objective leave some parameters without a gradient (HE: its cosine head's bias)? DDP

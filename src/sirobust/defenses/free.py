@@ -33,6 +33,8 @@ class FreeAT(Defense):
     inner_preset = {"steps": 1, "alpha": 1.0, "random_start": False, "model_mode": "train"}
     guard_overfitting = True
     own_start = "its δ carries over from replay to replay (zero at the first batch)"
+    unused_attack_settings = {"steps": "δ takes one signed step per replay, from the training backward; "
+                                       "--defense-param m=... sets how many replays (default 8)"}
     attack_reuses_training_backward = True  # δ's gradient comes from the update's own backward: the attack is free
 
     def __init__(self, attack=None, si=None, m: int = 8):

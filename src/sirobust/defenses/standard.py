@@ -14,9 +14,13 @@ class Standard(Defense):
     name = "standard"
     uses_attack = False
 
+    def __init__(self, attack=None, si=None):
+        if si is not None:  # refused when the config is resolved, before a run folder or the data exist
+            raise ValueError("--with-si needs an adversarial defense (at, trades, alp, mart, or the single-step "
+                             "fgsm-rs, free, gat, gradalign); standard training has no adversary")
+        super().__init__(attack=attack, si=None)
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None):
-        if self.si is not None:
-            raise ValueError("--with-si needs an adversarial defense (at, trades, alp, mart); standard training has no adversary")
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss_defense": loss.item(), "clean_acc": (logits.detach().argmax(1) == y).float().mean().item()}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..io import atomic_write_text, write_json
+from ..markdown import count
 from .plan import make_plan, result_folder
 from .schema import PRESETS, ConfigError, Experiment, parse_experiment, read_config_file
 
@@ -159,8 +160,8 @@ def reproduce(name: str, preset: str = "mini", out: str = "runs/reproduce", over
                 return _incomplete(exp, preset, collect, log, runner.missing_text(), shard)
             if group.main:
                 write_outputs(summary, target)
-        log(f"\n{exp.name} ({preset}) written to {target}/: {runner.trained} runs trained, {runner.reused_runs} "
-            f"reused; {runner.evaluated} evaluations computed, {runner.reused_evals} reused"
+        log(f"\n{exp.name} ({preset}) written to {target}/: {count(runner.trained, 'run')} trained, "
+            f"{runner.reused_runs} reused; {count(runner.evaluated, 'evaluation')} computed, {runner.reused_evals} reused"
             + (f"; from the ledger {runner.ledger_evals} evaluations ({runner.ledger_runs} runs not trained), "
                f"{runner.filed} filed in it" if runner.ledger is not None else ""))
         return summary

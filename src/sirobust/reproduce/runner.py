@@ -24,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from .._version import __version__
+from ..interrupts import RunInterrupted, take_pending_stop
 from ..io import file_sha256, read_json, write_json
 from ..provenance import environment_info
 from ..runfolder import RUN_FILE, RunFolder, command_line
@@ -267,7 +269,13 @@ class Runner:
                 self.reused_runs += 1
             else:
                 self.trained += 1
-            return True
+        # a signal in a run's last epoch lets that run finish; the grid stops before the next one
+        signum = take_pending_stop()
+        if self.group.any(signum is not None):
+            raise RunInterrupted(f"stopped by {signal.Signals(signum).name if signum else 'a signal to another process'}"
+                                 f" after training {cfg.out}; every finished run is kept. Continue with the same "
+                                 "command", signum)
+        return True
 
     def in_order(self, units: list) -> list:
         """``units`` (run names, or cells) in the order this process takes them: the plan's, or for a job of

@@ -14,7 +14,7 @@ import io
 import statistics
 from typing import Optional
 
-from ..markdown import markdown_table
+from ..markdown import count, markdown_table
 from .plan import changed_settings, result_name
 from .schema import Column
 from .stats import compare, holm, holm_note, statement, summarise
@@ -295,8 +295,9 @@ def to_markdown(summary: dict) -> str:
     made = (f"The results took {work['train_seconds'] / 3600:.1f} h of training ({work['runs']} runs) and "
             f"{work['eval_seconds'] / 3600:.1f} h of evaluation ({work['evaluations']} evaluations), summed over "
             "every process and session that computed them.  ") if work else ""
-    lines += ["", f"command: `{summary['command']}`  ", f"{c['trained']} runs trained, {c['reused_runs']} reused; "
-              f"{c['evaluated']} evaluations computed, {c['reused_evaluations']} reused; {summary['seconds']:.0f} s.  ",
+    lines += ["", f"command: `{summary['command']}`  ",
+              f"{count(c['trained'], 'run')} trained, {c['reused_runs']} reused; {count(c['evaluated'], 'evaluation')} "
+              f"computed, {c['reused_evaluations']} reused; {summary['seconds']:.0f} s.  ",
               *([made] if made else []),
               f"sirobust {env['sirobust']}, torch {env['torch']}, commit {env['git_commit']}, {env['gpu'] or 'CPU'}", ""]
     return "\n".join(lines)
