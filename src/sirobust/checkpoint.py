@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import safetensors.torch
 import torch
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
@@ -67,6 +68,21 @@ def save_model(model: ImageClassifier, path: PathLike, *, model_name: str, datas
     # serialised in memory, written by us: a failed write is then a plain OSError naming the file
     data = safetensors.torch.save(state, metadata=meta)
     return atomic_write_bytes(path, canonical_safetensors(data))
+
+
+USER_MODEL_PREFIX = "user:"  # the model name a run records for a model of the user's own (user:ClassName)
+
+
+def save_user_model(model: nn.Module, path: PathLike, *, model_name: str, dataset: Optional[str] = None,
+                    extra: Optional[dict[str, Any]] = None) -> Path:
+    """Write the weights of a model of the user's own (trained by :func:`sirobust.train.fit`) to ``path``
+    atomically: its state dict as safetensors, with the run's metadata and a checksum. sirobust cannot rebuild
+    such a model; its own code does: ``model.load_state_dict(safetensors.torch.load_file(path))``, or
+    ``sirobust evaluate --model-def FILE.py:FACTORY --weights path``."""
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"sirobust_format": FORMAT_VERSION, "model": model_name, "dataset": dataset or "",
+            "extra": json.dumps(extra or {}, sort_keys=True), "tensors_sha256": tensors_digest(state)}
+    return atomic_write_bytes(path, canonical_safetensors(safetensors.torch.save(state, metadata=meta)))
 
 
 def canonical_safetensors(data: bytes) -> bytes:
@@ -121,6 +137,11 @@ def _build_args(meta: dict[str, str], path: Path) -> dict[str, Any]:
         return meta[key]
 
     name = field("model")
+    if name.startswith(USER_MODEL_PREFIX):
+        raise CheckpointError(f"{path} holds the weights of a model of your own ({name[len(USER_MODEL_PREFIX):]}), "
+                              "which sirobust cannot build: build it with your code and load them with "
+                              "model.load_state_dict(safetensors.torch.load_file(path)), or evaluate it with "
+                              "sirobust evaluate --model-def FILE.py:FACTORY --weights " + str(path))
     if name not in list_models():
         raise CheckpointError(f"{path}: metadata names model {name!r}, not one of {', '.join(list_models())}")
     def parsed(key: str, parse, allowed: str):

@@ -51,7 +51,8 @@ HeadSpec = Union[None, str, nn.Linear]
 _HALF = (torch.bfloat16, torch.float16)
 # every place a head can be named, for the errors that ask for one
 HOW_TO_NAME_THE_HEAD = ('(head="NAME" for an attack, attack_params={"si-pgd": {"head": "NAME"}} for evaluate, '
-                        "--head NAME on the command line)")
+                        '--head NAME on the command line, or a sirobust_head = "NAME" attribute of the model, '
+                        "which training reads)")
 
 # Models whose head passed the α·(Wz+b)+c check; keyed weakly so models can be freed.
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -63,13 +64,32 @@ def _is_linear(m: nn.Module) -> bool:
                                         and getattr(m, "original_name", None) == "Linear")
 
 
+def _declared_head(model: nn.Module, modules: dict) -> Optional[str]:
+    """The head a model names itself (an existing submodule), or None. Training a model of your own with SI
+    uses this: the model carries its head's name, as timm's models do."""
+    for prefix, m in (("", model), ("module.", getattr(model, "module", None))):
+        if not isinstance(m, nn.Module):
+            continue
+        name = getattr(m, "sirobust_head", None)
+        if name is None:
+            cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None)
+            name = cfg.get("classifier") if isinstance(cfg, dict) else None
+        if isinstance(name, str) and prefix + name in modules:
+            return prefix + name
+    return None
+
+
 def find_head(model: nn.Module, head: HeadSpec = None) -> tuple[str, nn.Linear]:
     """Return (name, module) of the classifier's last linear layer.
 
     ``head`` may be a module name as in ``model.named_modules()`` (e.g. ``"fc"``),
-    the ``nn.Linear`` itself, or None for the last ``nn.Linear`` registered.
+    the ``nn.Linear`` itself, or None: the head the model declares (a ``sirobust_head = "NAME"`` attribute, or
+    timm's ``pretrained_cfg["classifier"]``; looked up through a DDP or DataParallel wrapper), else the last
+    ``nn.Linear`` registered.
     """
     named = list(model.named_modules())
+    if head is None:
+        head = _declared_head(model, dict(named))
     if isinstance(head, nn.Module):
         for name, m in named:
             if m is head:

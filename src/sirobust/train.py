@@ -38,6 +38,7 @@ from .distributed import Group
 from .distributed import current as current_group
 from .fastpath import FastPath, resolve_precision, restore_deterministic, set_deterministic
 from .interrupts import RunInterrupted, StopRequest, graceful_stop
+from .checkpoint import USER_MODEL_PREFIX
 from .models import build_model
 from .rng import generator, seed_global
 from .runfolder import RunFolder
@@ -60,7 +61,8 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last complete epoch's checkpoint is untouched."""
 
 
-def fit(config: TrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+def fit(config: TrainConfig, resume: bool = False, overwrite: bool = False, log=print,
+        model: Optional[nn.Module] = None) -> dict:
     """Train per ``config``; returns the summary written to ``out/summary.json``.
 
     ``out`` is claimed as a :class:`~sirobust.runfolder.RunFolder`: a folder that
@@ -70,10 +72,30 @@ def fit(config: TrainConfig, resume: bool = False, overwrite: bool = False, log=
     :class:`~sirobust.interrupts.RunInterrupted`. The run seeds and checkpoints
     its own RNG streams; the caller's global RNG state and cuDNN settings are
     restored on return.
+
+    ``model``: a model of your own (any ``nn.Module`` taking [0, 1] pixels of ``config.dataset``, normalising
+    them itself, and returning logits), trained in place instead of ``config.model``, which the run records as
+    ``user:ClassName``. Its weights are saved as its state dict (``model.safetensors``, ``best.safetensors``):
+    load them with ``model.load_state_dict(safetensors.torch.load_file(path))`` or evaluate them with
+    ``sirobust evaluate --model-def FILE.py:FACTORY --weights PATH``. With ``config.si`` its last ``nn.Linear``
+    must produce the logits (SI uses its input and weights). Resuming such a run takes the model again. It is
+    checked on two random images before the run folder is claimed; the fast path leaves its memory layout
+    alone (a forward may flatten with ``.view``).
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or move it aside and start again")
+    if model is not None:  # recorded as user:ClassName; resolved with that name (no zoo schedule preset)
+        config = dataclasses.replace(config, model=user_model_name(model))
+    else:
+        recorded = (recorded_config(config.out) or {}) if resume else {}
+        own = str(recorded.get("model", config.model))
+        if own.startswith(USER_MODEL_PREFIX):
+            raise ValueError(f"the run in {config.out} trains a model of your own ({own}): continue it in Python "
+                             "with the model again, fit(config, model=..., resume=True), built as it was (the "
+                             "command line trains sirobust's own models)")
     cfg = config.resolved()
+    if model is not None:
+        check_user_model(model, cfg)
     group = current_group(cfg.device)  # under torchrun: this process's rank among the others
     device = group.device(cfg.device)
     if group.enabled and cfg.batch_size < 2 * group.world:
@@ -101,7 +123,7 @@ def fit(config: TrainConfig, resume: bool = False, overwrite: bool = False, log=
                     # fixed input shapes: let cuDNN pick the fastest kernels (bit-exact GPU resume needs
                     # --deterministic; on a CPU it is always exact)
                     torch.backends.cudnn.benchmark = True
-                return _fit(cfg, device, folder, stop, log, group)
+                return _fit(cfg, device, folder, stop, log, group, model)
         finally:
             torch.backends.cudnn.benchmark = benchmark
             restore_deterministic(determinism)
@@ -140,14 +162,14 @@ class _Progress:
 
 
 def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRequest, log,
-         group: Optional[Group] = None) -> dict:
+         group: Optional[Group] = None, user_model: Optional[nn.Module] = None) -> dict:
     """The run in ``folder``: set up (or restore), then one epoch after another, each trained, validated,
     guarded, recorded and checkpointed."""
     group = group or Group()
     out, metrics_path = folder.path, folder.path / METRICS_NAME
     state = resume_state(cfg, folder, log, group)
     data = _data(cfg, device, group)
-    parts = _parts(cfg, device, group)
+    parts = _parts(cfg, device, group, user_model)
     progress = _progress(cfg, state, data, parts, device, group, log, out)
     if group.main:  # rank 0 writes every file of the run; the others only compute
         prepare_folder(cfg, out, state is None, data.val is not None, data.val_idx, parts.defense,
@@ -224,12 +246,16 @@ def _data(cfg: TrainConfig, device: torch.device, group: Group) -> _Data:
     return _Data(val_ds, val_idx, 0 if val_ds is None else min(cfg.val_n, len(val_ds)), loader, overfit)
 
 
-def _parts(cfg: TrainConfig, device: torch.device, group: Group) -> _Parts:
+def _parts(cfg: TrainConfig, device: torch.device, group: Group, user_model: Optional[nn.Module] = None) -> _Parts:
     info = get_dataset_info(cfg.dataset)
     seed_global(cfg.seed)  # model init; everything after is checkpointed
-    model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                        mean=info.mean, std=info.std).to(device)
     fast = resolve_precision(cfg.precision, device)
+    if user_model is not None:  # trained in place, in the layout its forward was written for
+        model = user_model.to(device)
+        fast = dataclasses.replace(fast, channels_last=False)
+    else:
+        model = build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                            mean=info.mean, std=info.std).to(device)
     if fast.channels_last:
         model = model.to(memory_format=torch.channels_last)  # the layout the fastest convolutions use
     si = SIConfig(cfg.si_scale, cfg.si_margin, cfg.si_weight) if cfg.si else None
@@ -338,3 +364,36 @@ def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig,
     out["train_acc"] = out.get("adv_acc", out.get("clean_acc", math.nan))
     return out, None
 
+
+
+def user_model_name(model: nn.Module) -> str:
+    """``user:ClassName``: how a run records a model of the user's own."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return USER_MODEL_PREFIX + type(model).__qualname__
+
+
+def check_user_model(model: nn.Module, cfg: TrainConfig) -> None:
+    """Refuse, before any run folder or data, a model of the user's own that this run cannot train: one whose
+    output on two random images of ``cfg.dataset`` is not (2, classes) logits, one without a linear head for SI,
+    or HE (whose cosine head replaces a zoo model's own)."""
+    from .checks import logits_of, model_device
+    from .features import forward_with_features
+    from .modes import model_mode
+    if cfg.defense == "he":
+        raise ValueError("he replaces the model's head by a cosine head, which only sirobust's own models have; "
+                         "train a model of your own with another defense (trades --with-si is the paper's match)")
+    info = get_dataset_info(cfg.dataset)
+    x = torch.rand(2, info.in_channels, info.image_size, info.image_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(model_device(model) or "cpu")
+    with torch.no_grad(), model_mode(model, "eval"):
+        try:
+            logits = logits_of(model(x))
+        except Exception as e:  # noqa: BLE001 (whatever it raises, say which input it was given)
+            raise ValueError(f"the model failed on a batch of {cfg.dataset} images, (2, {info.in_channels}, "
+                             f"{info.image_size}, {info.image_size}) pixels in [0, 1]: {type(e).__name__}: {e}") from e
+        if logits.dim() != 2 or logits.shape[1] != info.num_classes:
+            raise ValueError(f"the model returns {tuple(logits.shape)} for 2 images of {cfg.dataset}; it must return "
+                             f"(2, {info.num_classes}) logits, one per class")
+        if cfg.si:
+            forward_with_features(model, x)  # its last linear layer must give the logits (else a clear error)

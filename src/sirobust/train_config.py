@@ -87,7 +87,10 @@ class TrainConfig:
         from .data.registry import canonical_dataset
         from .defenses import canonical_defense
         from .models import canonical_model
-        dataset, model = canonical_dataset(self.dataset), canonical_model(self.model)
+        from .checkpoint import USER_MODEL_PREFIX
+        dataset = canonical_dataset(self.dataset)
+        # a model of the user's own (fit(config, model=...)) is recorded as user:ClassName
+        model = self.model if str(self.model).startswith(USER_MODEL_PREFIX) else canonical_model(self.model)
         defense, norm = canonical_defense(self.defense), canonical_norm(self.norm)
         info = get_dataset_info(dataset)
         sched_name = resolve_name("schedule", self.schedule or MODEL_SCHEDULE.get(model, "resnet"), SCHEDULES)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import BEST_NAME, WEIGHTS_NAME, save_model
+from .checkpoint import BEST_NAME, USER_MODEL_PREFIX, WEIGHTS_NAME, save_model, save_user_model
 from .defenses import Defense
 from .io import append_jsonl, atomic_write_text, file_sha256, read_jsonl, write_json
 from .provenance import environment_info, precision_of
@@ -68,16 +68,22 @@ def save_weights(cfg: TrainConfig, out: Path, model: nn.Module, defense: Defense
     # Wong et al.'s early stop keeps the weights from before a collapse as the run's result: the collapsed
     # epoch's weights are not saved over the previous epoch's (with or without a validation split)
     if main and not (collapsed and cfg.early_stop):
-        save_model(model, out / WEIGHTS_NAME, model_name=cfg.model, dataset=cfg.dataset,
-                   extra={"epoch": epoch + 1, "defense": defense.describe()})
+        _save(model, out / WEIGHTS_NAME, model_name=cfg.model, dataset=cfg.dataset,
+              extra={"epoch": epoch + 1, "defense": defense.describe()})
     select = best["metric"]
     if val and val[select] > best[select] and not collapsed:
         best = {"epoch": epoch + 1, "metric": select, "val_robust_acc": val["val_robust_acc"],
                 "val_clean_acc": val["val_clean_acc"]}
         if main:
-            save_model(model, out / BEST_NAME, model_name=cfg.model, dataset=cfg.dataset,
-                       extra={"epoch": epoch + 1, "defense": defense.describe(), "best": best})
+            _save(model, out / BEST_NAME, model_name=cfg.model, dataset=cfg.dataset,
+                  extra={"epoch": epoch + 1, "defense": defense.describe(), "best": best})
     return best
+
+
+def _save(model: nn.Module, path: Path, *, model_name: str, **kw) -> None:
+    """A zoo model with what rebuilds it; a model of the user's own (``user:Name``) as its state dict."""
+    (save_user_model if model_name.startswith(USER_MODEL_PREFIX) else save_model)(model, path, model_name=model_name,
+                                                                                  **kw)
 
 
 def write_summary(cfg: TrainConfig, folder: RunFolder, device, model: nn.Module, fast, best: dict,
