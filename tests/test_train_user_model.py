@@ -75,7 +75,7 @@ class EightClasses(MyNet):
 @pytest.mark.parametrize("model,kw,error,message", [
     (EightClasses(), {}, ValueError, r"returns \(2, 8\) for 2 images of fashion-mnist-mini; it must return \(2, 10\)"),
     (Probabilities(), {}, FeatureAccessError, "not a positive multiple of its last linear layer 'classifier'"),
-    (MyNet(), {"defense": "he", "si": False}, ValueError, "only sirobust's own models have"),
+    (MyNet(), {"defense": "he", "si": False}, ValueError, "he cannot train a model of your own: .*only sirobust's own"),
     ("resnet18", {}, TypeError, "model must be a torch.nn.Module"),
 ])
 def test_what_a_users_model_cannot_train_is_refused_before_the_run_folder(tmp_path, model, kw, error, message):

@@ -99,6 +99,30 @@ def test_half_precision_images_come_back_inside_the_ball_exactly(tiny_net, dtype
         assert dist.max() > eps - 2 * torch.finfo(dtype).eps
 
 
+@pytest.mark.parametrize("model_dtype,x_dtype", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
+def test_half_precision_models_return_points_inside_the_ball_exactly(model_dtype, x_dtype):
+    from conftest import TinyNet
+    model = TinyNet().to(model_dtype).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(32, 1, 12, 12, generator=g).to(x_dtype)
+    y = torch.randint(0, 10, (32,), generator=g)
+    for norm, eps in (("Linf", 8 / 255), ("L2", 0.5)):
+        x_adv = PGD(model, eps=eps, norm=norm, steps=3, early_stop=False)(x, y)
+        d = (x_adv.double() - x.double()).flatten(1)
+        dist = d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+        assert x_adv.dtype == x_dtype and (dist <= eps).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_an_outside_attack_far_outside_the_ball_on_bf16_data_is_excluded(tiny_net):
+    x = torch.rand(8, 1, 12, 12, generator=torch.Generator().manual_seed(3)).bfloat16()
+    y = torch.arange(8)
+    model = tiny_net.eval().bfloat16()
+    rep = evaluate(model, (x, y), attacks=[("far", lambda a, b: (a + 1.9 * 8 / 255).clamp(0, 1))], eps=8 / 255,
+                   progress=False)
+    assert rep.attacks["far"].excluded  # 1.9ε: was within the old bf16 slack of 4 ulps at 1.0 (0.031)
+
+
 def test_float64_images_come_back_inside_the_ball_around_the_callers_own_x(tiny_net):
     x = torch.rand(8, 1, 12, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y = torch.arange(8)
@@ -176,3 +200,11 @@ def test_an_outside_attack_in_another_norm_is_refused(tiny_net, image_batch):
     rep = evaluate(tiny_net, image_batch, attacks=[torchattacks.PGD(tiny_net, eps=0.1, steps=2)], eps=0.1,
                    progress=False)
     assert len(rep.attacks) == 1
+    from sirobust.attacks.external import attack_norm
+
+    class Spelled:  # sirobust's own spellings are read; an unrelated string says nothing
+        def __init__(self, norm):
+            self.norm = norm
+
+    assert [attack_norm(Spelled(n)) for n in ("L_inf", "l2", "batch", float("inf"), 2)] == \
+        ["Linf", "L2", None, "Linf", "L2"]

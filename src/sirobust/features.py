@@ -64,18 +64,31 @@ def _is_linear(m: nn.Module) -> bool:
                                         and getattr(m, "original_name", None) == "Linear")
 
 
-def _declared_head(model: nn.Module, modules: dict) -> Optional[str]:
-    """The head a model names itself (an existing submodule), or None. Training a model of your own with SI
-    uses this: the model carries its head's name, as timm's models do."""
-    for prefix, m in (("", model), ("module.", getattr(model, "module", None))):
-        if not isinstance(m, nn.Module):
-            continue
-        name = getattr(m, "sirobust_head", None)
-        if name is None:
-            cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None)
-            name = cfg.get("classifier") if isinstance(cfg, dict) else None
-        if isinstance(name, str) and prefix + name in modules:
-            return prefix + name
+def _declared_head(model: nn.Module) -> Optional[str]:
+    """The head a model names itself, as its name in ``model.named_modules()``, or None. A ``sirobust_head =
+    "NAME"`` attribute must name a submodule (else an error: a typo is not ignored); timm's
+    ``pretrained_cfg["classifier"]`` is taken only when it names one. A container named is its last linear layer
+    (a fine-tuned ``head = Sequential(Dropout, Linear)``). Looked up through the wrappers that keep a model
+    intact: DDP and DataParallel (``module``), ``torch.compile`` (``_orig_mod``) and sirobust's own (``model`` of a
+    class with ``wraps_model``: ``Normalized``, ``ScaledLogits``, ...), never through a user's submodules (a timm backbone inside a model of
+    one's own declares the backbone's head, not the model's)."""
+    m, seen = model, set()
+    while isinstance(m, nn.Module) and id(m) not in seen:
+        seen.add(id(m))
+        own = m.__dict__.get("sirobust_head", getattr(type(m), "sirobust_head", None))
+        cfg = getattr(m, "pretrained_cfg", None) or getattr(m, "default_cfg", None)
+        timm = cfg.get("classifier") if isinstance(cfg, dict) else None
+        modules = dict(m.named_modules())
+        if isinstance(own, str) and own not in modules:
+            raise FeatureAccessError(f"sirobust_head names {own!r}, which is not a submodule of the model; linear "
+                                     f"layers in it: {[n for n, x in modules.items() if _is_linear(x)] or 'none'}")
+        for name in (own, timm):
+            if isinstance(name, str) and name in modules:
+                linears = [x for _n, x in modules[name].named_modules() if _is_linear(x)]
+                if linears:  # the declared layer, or the last linear layer inside the declared container
+                    return next(n for n, x in model.named_modules() if x is linears[-1])
+        m = next((getattr(m, a) for a in ("module", "_orig_mod", "model")
+                  if isinstance(getattr(m, a, None), nn.Module) and (a != "model" or getattr(type(m), "wraps_model", False))), None)
     return None
 
 
@@ -89,7 +102,7 @@ def find_head(model: nn.Module, head: HeadSpec = None) -> tuple[str, nn.Linear]:
     """
     named = list(model.named_modules())
     if head is None:
-        head = _declared_head(model, dict(named))
+        head = _declared_head(model)
     if isinstance(head, nn.Module):
         for name, m in named:
             if m is head:

@@ -11,6 +11,7 @@ import types
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
+import torch
 from torch import nn
 
 
@@ -43,6 +44,13 @@ def modules_in_train_mode(model: nn.Module) -> list[str]:
             return bool(m.track_running_stats)  # without running statistics both modes use the batch's
         if isinstance(m, (_DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)):
             return m.p > 0
+        if isinstance(m, nn.RReLU):  # a random slope in train mode, the mean slope in eval mode
+            return True
+        if isinstance(m, torch.jit.ScriptModule):  # its compiled code, where a script module keeps it
+            try:
+                return "training" in m.code
+            except Exception:  # noqa: BLE001 (a module without code of its own: unknown, so it may)
+                return not any(True for _ in m.children())
         if type(m).__module__.startswith("torch."):  # torch's other layers: those with a dropout rate
             return isinstance(getattr(m, "dropout", None), float) and m.dropout > 0
         return any(_reads_training(f) for cls in type(m).__mro__ if not cls.__module__.startswith(("torch.", "builtins"))
@@ -54,9 +62,15 @@ def modules_in_train_mode(model: nn.Module) -> list[str]:
 def _reads_training(obj) -> bool:
     """Does this function (or a function nested in it) name an attribute ``training``? Read from the compiled
     code, so it works where the source is not at hand (a notebook, ``python -c``)."""
-    obj = getattr(obj, "__func__", obj)  # classmethod / staticmethod
-    code = getattr(obj, "__code__", obj if isinstance(obj, types.CodeType) else None)
-    if code is None:
-        return isinstance(obj, property) and any(_reads_training(f) for f in (obj.fget, obj.fset) if f)
+    try:
+        obj = getattr(obj, "__func__", obj)  # classmethod / staticmethod
+        wrapped = getattr(obj, "__wrapped__", None)  # a decorated method (@torch.no_grad()): its own code
+        if callable(wrapped) and wrapped is not obj and _reads_training(wrapped):
+            return True
+        code = obj if isinstance(obj, types.CodeType) else getattr(obj, "__code__", None)
+        if not isinstance(code, types.CodeType):
+            return isinstance(obj, property) and any(_reads_training(f) for f in (obj.fget, obj.fset) if f)
+    except Exception:  # noqa: BLE001 (an attribute whose __getattr__ answers anything: not code)
+        return False
     return "training" in code.co_names or any(_reads_training(c) for c in code.co_consts
                                                if isinstance(c, types.CodeType))

@@ -85,6 +85,7 @@ def fit(config: TrainConfig, resume: bool = False, overwrite: bool = False, log=
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or move it aside and start again")
     if model is not None:  # recorded as user:ClassName; resolved with that name (no zoo schedule preset)
+        model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its own parameters, plain names
         config = dataclasses.replace(config, model=user_model_name(model))
     else:
         recorded = (recorded_config(config.out) or {}) if resume else {}
@@ -380,9 +381,10 @@ def check_user_model(model: nn.Module, cfg: TrainConfig) -> None:
     from .checks import logits_of, model_device
     from .features import forward_with_features
     from .modes import model_mode
-    if cfg.defense == "he":
-        raise ValueError("he replaces the model's head by a cosine head, which only sirobust's own models have; "
-                         "train a model of your own with another defense (trades --with-si is the paper's match)")
+    from .defenses import DEFENSES
+    why = DEFENSES.get(cfg.defense).zoo_models_only
+    if why:
+        raise ValueError(f"{cfg.defense} cannot train a model of your own: {why}; use another defense")
     info = get_dataset_info(cfg.dataset)
     x = torch.rand(2, info.in_channels, info.image_size, info.image_size, generator=torch.Generator().manual_seed(0))
     x = x.to(model_device(model) or "cpu")

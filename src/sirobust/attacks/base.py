@@ -11,6 +11,7 @@ and restarts where a point counts as robust only if it survives every restart
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import replace
 from typing import Optional, Union
@@ -55,6 +56,27 @@ def check_fixed_loss(name: str, default: str, given) -> None:
                      f"{as_object}); pgd, fgsm, fgsm-rs and rfgsm take loss=")
 
 
+def named_parameters_of(cls: type) -> list[str]:
+    """Every named keyword argument along ``cls``'s chain of ``__init__``s (up to the first without ``**kw``)."""
+    names: list[str] = []
+    for c in cls.__mro__:
+        if "__init__" not in vars(c):
+            continue
+        params = inspect.signature(c.__init__).parameters
+        names += [k for k, p in params.items() if k not in ("self", "model") and k not in names
+                  and p.kind is not inspect.Parameter.VAR_KEYWORD]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
+def init_parameters(cls: type) -> list[str]:
+    """The named keyword arguments of the first ``__init__`` along ``cls``'s MRO."""
+    init = next(c for c in cls.__mro__ if "__init__" in vars(c)).__init__
+    return [k for k, p in inspect.signature(init).parameters.items() if k not in ("self", "model")
+            and p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+
 def attack_loss(attack: "Attack", loss, loss_params: dict):
     """The loss an attack of the PGD and APGD families runs: ``loss`` bound to the keywords the attack did not
     take itself. A keyword neither takes is refused as the attack's (a torchattacks habit, ``random_init``,
@@ -67,9 +89,9 @@ def attack_loss(attack: "Attack", loss, loss_params: dict):
         accepted = loss_parameters(LOSSES.canonical(registered))
         unknown = sorted(set(loss_params) - set(accepted))
         if unknown:
-            from .stages import named_parameters_of  # (stages imports this module's attacks)
-            own = [k for k in named_parameters_of(type(attack)) if k != "loss" or "loss" not in getattr(
-                type(attack), "fixed", ())]
+            fixed = set(getattr(type(attack), "fixed", ())) | ({"loss"} if getattr(type(attack), "default_loss", None)
+                                                               and "loss" not in init_parameters(type(attack)) else set())
+            own = [k for k in named_parameters_of(type(attack)) if k not in fixed]
             close = difflib.get_close_matches(unknown[0], list(dict.fromkeys(own + accepted)), n=2, cutoff=0.6)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             raise ValueError(f"{type(attack).__name__} has no parameter {', '.join(unknown)}{hint}; its parameters: "
@@ -194,12 +216,12 @@ class Attack:
             out = self._perturb_with_restarts(xw, y.detach().to(x.device).long(),
                                               None if target is None else target.detach().to(x.device).long(),
                                               None if keys is None else keys.detach().long(), runner, fast)
-        if out.x_adv.dtype != x.dtype:  # back to the caller's dtype, inside the ball in that precision too
-            finer = torch.finfo(x.dtype).eps < torch.finfo(out.x_adv.dtype).eps
-            # finer (float64 x, float32 model): the work copy rounded x, so project around the caller's own x;
-            # coarser (bf16/fp16 x): round toward x, since projecting in bf16 rounds x ± ε itself
-            out = replace(out, x_adv=self.threat.project(out.x_adv.to(x.dtype), x.detach()) if finer
-                          else cast_toward(out.x_adv, x.detach()))
+        if out.x_adv.dtype != x.dtype or x.dtype in (torch.float16, torch.bfloat16):
+            # back to the caller's dtype, inside the ball around the caller's own x in that dtype too: projected
+            # in float64 (the work copy may have rounded x; a projection in bf16 or fp16 rounds x ± ε itself),
+            # then each coordinate rounded toward x (exact for L∞ and L2: no |δᵢ| grows)
+            exact = self.threat.project(out.x_adv.double(), x.detach().double())
+            out = replace(out, x_adv=cast_toward(exact, x.detach()))
         return out
 
     def generator(self, device: torch.device) -> torch.Generator:

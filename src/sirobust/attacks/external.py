@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..threat import ThreatModel, make_threat
+from ..threat import ThreatModel, canonical_norm, make_threat
 
 
 def external_name(fn) -> str:
@@ -83,10 +83,15 @@ def attack_norm(fn) -> Optional[str]:
     AutoAttack; ART's ``norm``), else an ``L2``/``L1`` suffix of a torchattacks class's name (PGDL2, PGDRSL2,
     EADL1); None when it says nothing (a plain function)."""
     norm = getattr(fn, "norm", None)
-    if isinstance(norm, str) and norm:
-        return {"inf": "Linf", "linf": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1": "L1"}.get(norm.lower(), norm)
     if isinstance(norm, numbers.Real) and not isinstance(norm, bool):  # ART: np.inf, 2, 1
         return "Linf" if float(norm) == float("inf") else f"L{float(norm):g}"
+    if isinstance(norm, str) and norm:
+        if norm.strip().lower() in ("1", "l1"):
+            return "L1"
+        try:  # every spelling sirobust reads ("L_inf", "inf", "2"); anything else ("batch") says nothing
+            return canonical_norm(norm)
+        except ValueError:
+            return None
     if type(fn).__module__.split(".")[0] != "torchattacks":
         return None
     return next((n for n in ("L2", "L1") if type(fn).__name__.endswith(n)), None)

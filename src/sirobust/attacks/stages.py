@@ -13,7 +13,7 @@ from torch import nn
 
 from ..registry import Registry
 from .apgd import APGDCE, APGDDLR, APGDSI, APGDT
-from .base import Attack, check_fixed_loss
+from .base import Attack, check_fixed_loss, init_parameters, named_parameters_of
 from .fab import FAB, FABT
 from .pgd import FGSM, FGSMRS, PGD, PGDCW, PGDDLR, RFGSM, SIPGD
 from .rays import RayS
@@ -76,7 +76,7 @@ def check_overrides(registry: Registry[Type[Attack]], name: str, overrides: dict
     if getattr(cls, "default_loss", None):
         from ..losses import LOSSES, loss_parameters
         loss = overrides.get("loss", cls.default_loss)
-        if "loss" not in _own_parameters(cls):  # SI-PGD, PGD-CW, the APGD stages: the loss is the attack's own
+        if "loss" not in init_parameters(cls):  # SI-PGD, PGD-CW, the APGD stages: the loss is the attack's own
             check_fixed_loss(cls.name, cls.default_loss, overrides.get("loss"))
             own, loss = [p for p in own if p != "loss"], cls.default_loss
         if not isinstance(loss, str) and LOSSES.get(loss.name, None) is None:
@@ -88,27 +88,6 @@ def check_overrides(registry: Registry[Type[Attack]], name: str, overrides: dict
     if unknown:
         raise ValueError(f"attack {name!r} has no parameter {', '.join(map(repr, unknown))}; its parameters are "
                          f"{', '.join(own)}{loss_note}")
-
-
-def _own_parameters(cls: Type[Attack]) -> list[str]:
-    """The named keyword arguments of the first ``__init__`` along ``cls``'s MRO."""
-    init = next(c for c in cls.__mro__ if "__init__" in vars(c)).__init__
-    return [k for k, p in inspect.signature(init).parameters.items() if k not in ("self", "model")
-            and p.kind is not inspect.Parameter.VAR_KEYWORD]
-
-
-def named_parameters_of(cls: Type[Attack]) -> list[str]:
-    """Every named keyword argument along ``cls``'s chain of ``__init__``s (up to the first without ``**kw``)."""
-    names: list[str] = []
-    for c in cls.__mro__:
-        if "__init__" not in vars(c):
-            continue
-        params = inspect.signature(c.__init__).parameters
-        names += [k for k, p in params.items() if k not in ("self", "model") and k not in names
-                  and p.kind is not inspect.Parameter.VAR_KEYWORD]
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            break
-    return names
 
 
 def parameters_of(cls: Type[Attack]) -> Optional[list[str]]:

@@ -108,6 +108,8 @@ class Defense:
     # the inner-attack settings the defense does not use, each with why (FreeAT steps once per replay); a user
     # flag setting one of them to another value than the preset's is refused, not recorded and ignored
     unused_attack_settings: dict = {}
+    # why the defense trains sirobust's own models only (HE: it replaces the model's head), or None
+    zoo_models_only: Optional[str] = None
     # does the adversary's step come from the training pass's own backward (FreeAT), costing no passes of its own?
     attack_reuses_training_backward = False
     # does the training objective leave some parameters without a gradient (HE: its cosine head's bias)? DDP

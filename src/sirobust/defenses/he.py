@@ -45,6 +45,8 @@ from .trades import TRADES, kl_clean_adv
 class HypersphereLogits(nn.Module):
     """``x ↦ s · cos θ(x)``, cos θ_k = W_k·z / (‖W_k‖‖z‖) of ``model``'s last linear layer (bias dropped)."""
 
+    wraps_model = True  # the model inside keeps its own head (sirobust.features finds it through this)
+
     def __init__(self, model: nn.Module, scale: float = 15.0):
         super().__init__()
         self.model = model
@@ -62,6 +64,7 @@ class HE(TRADES):
 
     name = "he"
     leaves_parameters_unused = True  # the cosine head never uses its bias
+    zoo_models_only = "it replaces the model's head by a cosine head, which only sirobust's own models have"
 
     def __init__(self, attack=None, si=None, lam: float = 6.0, scale: float = 15.0, margin: float = 0.2):
         if si is not None:

@@ -156,6 +156,8 @@ def import_factory(spec: str):
 class Normalized(nn.Module):
     """``model(Normalize(mean, std)(x))``: a model that expects normalised inputs, taking [0, 1] pixels."""
 
+    wraps_model = True  # the model inside keeps its own head (sirobust.features finds it through this)
+
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.normalize = Normalize(mean, std)

@@ -59,6 +59,8 @@ class SelectOutput(nn.Module):
         model = SelectOutput(hf_model, "logits")      # or SelectOutput(model, 0) for (logits, aux)
     """
 
+    wraps_model = True  # the model inside keeps its own head (sirobust.features finds it through this)
+
     def __init__(self, model: nn.Module, key):
         super().__init__()
         self.model = model
@@ -78,6 +80,8 @@ class ScaledLogits(nn.Module):
 
         scaled = ScaledLogits(model, 100.0)            # CE saturates; SI-PGD does not notice
     """
+
+    wraps_model = True  # the model inside keeps its own head (sirobust.features finds it through this)
 
     def __init__(self, model: nn.Module, alpha: float):
         super().__init__()

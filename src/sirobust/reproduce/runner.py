@@ -265,12 +265,14 @@ class Runner:
         with self.claim(f"run {Path(cfg.out).resolve()}") as claim:
             if not claim.held:
                 return False
-            if train_or_reuse(cfg, self.log, protocol, self.group):
+            take_pending_stop()  # one left by an earlier job of this process is not this run's
+            reused = train_or_reuse(cfg, self.log, protocol, self.group)
+            if reused:
                 self.reused_runs += 1
             else:
                 self.trained += 1
         # a signal in a run's last epoch lets that run finish; the grid stops before the next one
-        signum = take_pending_stop()
+        signum = None if reused else take_pending_stop()
         if self.group.any(signum is not None):
             raise RunInterrupted(f"stopped by {signal.Signals(signum).name if signum else 'a signal to another process'}"
                                  f" after training {cfg.out}; every finished run is kept. Continue with the same "
