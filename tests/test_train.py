@@ -273,3 +273,20 @@ def test_the_overfitting_checks_subset_size_has_its_flag():
     from sirobust.cli import build_parser, train_config_from_args
     args = build_parser().parse_args(["train", "--defense", "fgsm-rs", "--overfit-n", "64"])
     assert train_config_from_args(args).overfit_n == 64
+
+
+def test_compare_over_seeds_trains_each_run_per_seed_and_tests_across_them(tmp_path):
+    from sirobust.reproduce.compare import compare_defenses
+    kw = dict(epochs=1, out=str(tmp_path), eval_n=24, steps=1, progress=False,
+              train_kw=dict(train_n=64, val_n=16, attack_steps=1))
+    res = compare_defenses("fashion-mnist-mini", "cnn-small", ["at"], seeds=[0, 1], log=lambda *_: None, **kw)
+    assert [r["label"] for r in res["rows"]] == ["AT", "AT-SI"]
+    for r in res["rows"]:
+        assert r["seeds"] == [0, 1] and len(r["per_seed"]) == 2
+        runs = [p["run"] for p in r["per_seed"]]
+        assert [p.rsplit("-", 1)[1] for p in runs] == ["seed0", "seed1"]
+        naturals = [read_json(p["report"])["clean_acc"] for p in r["per_seed"]]
+        assert r["natural"] == pytest.approx(sum(naturals) / 2)  # the cell is the mean over the seeds
+        assert read_json(f"{runs[1]}/config.json")["config"]["seed"] == 1
+    md = (tmp_path / "compare.md").read_text()
+    assert "±" in md and "seed" in md

@@ -19,11 +19,12 @@ def cmd_compare(a) -> int:
     compare_defenses(a.dataset, a.model, a.defenses, si_modes=si_modes, epochs=a.epochs,
                      out=str(output_path(a, DEFAULT_OUT)), mode=run_mode(a), eval_n=a.n, steps=a.steps, eps=a.eps,
                      device=a.device, seed=a.seed, progress=not a.no_progress, which=a.checkpoint,
-                     train_kw=train_kw or None, defense_params=dict(a.defense_param))
+                     train_kw=train_kw or None, defense_params=dict(a.defense_param), seeds=a.seeds)
     return 0
 
 
 def register(sub) -> None:
+    from .reproduce import seeds_arg
     from ..data.registry import canonical_dataset
     from ..defenses import canonical_defense, list_defenses
     from ..models import canonical_model
@@ -47,6 +48,9 @@ def register(sub) -> None:
                    help="test images evaluated (default 1000)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="weights evaluated (default best)")
     p.add_argument("--seed", type=int_arg("--seed", min=0), default=0, help="(default 0)")
+    p.add_argument("--seeds", type=seeds_arg, default=None, metavar="S1,S2,...",
+                   help="train every run once per seed (e.g. 0,1,2): each cell a mean ± sd, and a difference between "
+                        "a defense and its SI version stated only with paired tests across the seeds")
     add_data_args(p)
     add_output_args(p, DEFAULT_OUT, "folder of the runs and the table", resume=True)
     add_common_args(p)

@@ -40,13 +40,16 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
                      epochs: Optional[int] = None, out: str = "runs/compare", eval_n: Optional[int] = 1000,
                      steps: int = 20, eps: Optional[float] = None, device: str = "auto", seed: int = 0,
                      progress: bool = True, train_kw: Optional[dict] = None, which: str = "best", mode: str = "new",
-                     defense_params: Optional[dict] = None, log=print) -> dict:
+                     defense_params: Optional[dict] = None, log=print, seeds: Optional[Sequence[int]] = None) -> dict:
     """Train and evaluate every (defense, si) pair; returns the table as a dict and writes it to ``out``.
 
     ``out`` is a :class:`~sirobust.runfolder.RunFolder` of kind "compare": ``mode="resume"`` reuses the
     finished runs and evaluations and resumes a stopped run (the comparison's config must match),
     ``"overwrite"`` moves an earlier comparison aside, ``"new"`` (default) refuses a folder that holds one.
     ``defense_params`` maps ``"lam"`` (every defense that takes it) or ``"trades.lam"`` (one defense) to a value.
+    ``seeds`` (training seeds, instead of ``seed``): every run once per seed, each cell a mean ± sd, and a
+    difference between a defense and its SI version stated only where the paired tests of every seed and a t
+    interval across the seeds support it (one seed: the statements are about those two trained models only).
 
     The comparison is an experiment of :mod:`sirobust.reproduce` built from the flags (rows: the defenses,
     columns: Natural, each attack, the worst case) and run by its runner; every name and setting is checked,
@@ -60,11 +63,15 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
     eval_n = None if eval_n is None else check_int("eval_n (--num-examples)", eval_n, min=1)
     eps = get_dataset_info(dataset).default_eps if eps is None else eps
     per_defense = _split_defense_params(defenses, defense_params or {})
+    if seeds is not None:
+        from .schema import check_seeds
+        seeds = check_seeds(list(seeds), "seeds (--seeds)")
     config = {"dataset": dataset, "model": model, "defenses": list(defenses), "si_modes": list(si_modes),
               "epochs": epochs, "eval_n": eval_n, "steps": steps, "eps": eps, "seed": seed, "which": which,
-              "train_kw": train_kw or {}, "defense_params": defense_params or {}}
+              "train_kw": train_kw or {}, "defense_params": defense_params or {},
+              **({"seeds": seeds} if seeds is not None else {})}  # (a comparison recorded before --seeds resumes)
     exp = comparison_experiment(dataset, model, defenses, si_modes, epochs, eps, seed, train_kw or {}, per_defense,
-                                {"n": eval_n, "steps": steps, "eps": eps, "seed": seed, "which": which})
+                                {"n": eval_n, "steps": steps, "eps": eps, "seed": seed, "which": which}, seeds)
     plan = make_plan(exp, "custom", device=device)  # a bad setting fails here, before any training
     with RunFolder(out, "compare", mode, config=config, log=log) as folder:
         if folder.resumed and folder.record.get("config") is not None:
@@ -73,7 +80,8 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
                 raise ConfigMismatch(f"--resume: the comparison in {out} was started with a different configuration "
                                      f"(differs in: {', '.join(diff)}); use the same flags, or --overwrite")
         # each run in its own folder beside the table, named by its row (out/trades-si)
-        run_dirs = {run_name(c.train): folder.path / c.row.label.lower() for c in plan.cells}
+        run_dirs = {run_name(c.train): folder.path / (c.row.label.lower() + (f"-seed{c.seed}" if seeds else ""))
+                    for c in plan.cells}
         runner = Runner(plan, folder.path, device=device, progress=progress, log=log, run_dirs=run_dirs,
                         claims=False)  # compare's folder is its own (held for the whole call)
         try:
@@ -91,7 +99,7 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
 
 
 def comparison_experiment(dataset, model, defenses, si_modes, epochs, eps, seed, train_kw, per_defense,
-                          evaluation) -> Experiment:
+                          evaluation, seeds=None) -> Experiment:
     """The comparison as a :mod:`sirobust.reproduce` experiment with one preset, "custom"."""
     pairs = [("standard", False)] if "standard" in defenses else []
     pairs += [(d, s) for d in defenses if d != "standard" for s in si_modes if not (d == "he" and s)]
@@ -102,21 +110,29 @@ def comparison_experiment(dataset, model, defenses, si_modes, epochs, eps, seed,
     return Experiment(name="compare", kind="table", title=f"{model} on {dataset}", source="sirobust compare",
                       train=train, columns=COLUMNS, rows=rows,
                       presets={"custom": Preset(description=f"the flags of sirobust compare; {which}")},
-                      eval=evaluation)
+                      eval=evaluation, seeds=list(seeds) if seeds else None)
 
 
 def _rows(summary: dict, plan) -> list:
     """One dict per defense: its label, accuracies as fractions, the best epoch and its report (written into
     the run's folder as report.json, with a Markdown copy)."""
     from ..report import Report
+    cell_of = {c.row.label: c for c in plan.cells}
     out = []
-    for row, cell in zip(summary["rows"], plan.cells):
-        v = row["values"]
-        done = read_json(Path(row["run"]) / "summary.json")
-        Report.from_dict(read_json(row["reports"][0])["report"]).save(Path(row["run"]) / "report.json")
+    for row in summary["rows"]:
+        cell, v = cell_of[row["row"]], row["values"]
+        runs = [s["run"] for s in row["per_seed"]] if row.get("per_seed") else [row["run"]]
+        assert len(row["reports"]) == len(runs)  # one evaluation per run
+        per_seed = []
+        for run, report in zip(runs, row["reports"]):
+            Report.from_dict(read_json(report)["report"]).save(Path(run) / "report.json")
+            per_seed.append({"run": run, "best_epoch": read_json(Path(run) / "summary.json")["best"]["epoch"],
+                             "report": str(Path(run) / "report.json")})
         out.append({"label": row["row"], "defense": cell.train.defense, "si": cell.train.si, "natural": v["Natural"],
                     **{a: v[c.label] for a, c in zip(ATTACKS, COLUMNS[1:5])}, "worst_case": v["worst case"],
-                    "best_epoch": done["best"]["epoch"], "report": str(Path(row["run"]) / "report.json")})
+                    # one seed: its run's; several: the mean over them, each seed's run below
+                    "best_epoch": per_seed[0]["best_epoch"], "report": per_seed[0]["report"],
+                    **({"seeds": row["seeds"], "sd": row["sd"], "per_seed": per_seed} if len(runs) > 1 else {})})
     return out
 
 
