@@ -509,3 +509,13 @@ def test_output_checks_name_the_problem(tmp_path):
     with pytest.raises(OutputError, match="is a folder"):
         check_output_file(tmp_path)
     assert check_output_dir(tmp_path / "new" / "deep").is_dir()
+
+
+def test_both_damaged_generations_are_named_with_what_to_do(tmp_path):
+    run = tmp_path / "run"
+    fit(small(run, epochs=2, milestones=(2,)), **QUIET)
+    for name in ("train_state.pt", "train_state.prev.pt"):
+        (run / name).write_bytes(b"PK\x03\x04 not really")
+    r = cli("train", "--out", str(run), "--resume")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "train_state.pt" in r.stderr and "train_state.prev.pt" in r.stderr and "--overwrite" in r.stderr

@@ -290,3 +290,13 @@ def test_compare_over_seeds_trains_each_run_per_seed_and_tests_across_them(tmp_p
         assert read_json(f"{runs[1]}/config.json")["config"]["seed"] == 1
     md = (tmp_path / "compare.md").read_text()
     assert "±" in md and "seed" in md
+
+
+def test_compare_passes_its_training_and_validation_flags_to_every_run(tmp_path):
+    from sirobust.cli import main
+    assert main(["compare", "--defenses", "at", "--with-si", "off", "--epochs", "1", "--train-n", "64", "-n", "16",
+                 "--steps", "1", "--train-steps", "1", "--val-n", "16", "--val-steps", "1", "--batch-size", "32",
+                 "--val-size", "0.25", "--no-progress", "--out", str(tmp_path)]) == 0
+    config = read_json(tmp_path / "at" / "config.json")["config"]
+    assert (config["attack_steps"], config["val_n"], config["val_steps"], config["batch_size"], config["val_size"]) == \
+        (1, 16, 1, 32, 0.25)

@@ -144,4 +144,8 @@ def load_state(path: PathLike, device=None, log: Callable[[str], None] = print,
         elif p != path:
             log(f"warning: {path.name} is missing (a kill between two renames); using {p.name}")
         return state, p
+    if len(errors) > 1:  # say that no generation is left, and what is not lost
+        raise StateFileError(f"{errors[0]}; its previous generation too: {errors[1]}. No saved state of this run can "
+                             "be resumed (the weights files beside it are separate and checked when read); "
+                             "--overwrite starts the run again")
     raise errors[0]

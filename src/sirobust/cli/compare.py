@@ -11,7 +11,9 @@ DEFAULT_DEFENSES = "standard,at,trades,alp,mart,he"
 def cmd_compare(a) -> int:
     from ..reproduce.compare import compare_defenses
     si_modes = {"both": (False, True), "on": (True,), "off": (False,)}[a.si]
-    train_kw = {"train_n": a.train_n} if a.train_n else {}
+    # the training and validation settings given (the rest: each defense's and the schedule's presets)
+    train_kw = {k: getattr(a, k) for k in ("train_n", "val_n", "val_steps", "val_size", "batch_size", "attack_steps")
+                if getattr(a, k) is not None}
     if a.data_dir:
         train_kw["data_dir"] = a.data_dir
     if a.accept_checksum_mismatch:
@@ -25,6 +27,7 @@ def cmd_compare(a) -> int:
 
 def register(sub) -> None:
     from .reproduce import seeds_arg
+    from .train import _val_size
     from ..data.registry import canonical_dataset
     from ..defenses import canonical_defense, list_defenses
     from ..models import canonical_model
@@ -42,6 +45,17 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int_arg("--epochs", min=1), default=None, help="default: the schedule preset's")
     p.add_argument("--train-n", type=int_arg("--train-n", min=1), default=None,
                    help="train on the first n training examples only")
+    p.add_argument("--batch-size", type=int_arg("--batch-size", min=1), default=None,
+                   help="training batch size (default: train's, 128)")
+    p.add_argument("--train-steps", dest="attack_steps", type=int_arg("--train-steps", min=1), default=None,
+                   help="steps of the training attack (default: each defense's); --steps is the evaluation's")
+    p.add_argument("--val-size", type=_val_size, default=None,
+                   help="held-out share or count of the training set for per-epoch validation, 0: none (default: "
+                        "train's, 0.1)")
+    p.add_argument("--val-n", type=int_arg("--val-n", min=1), default=None,
+                   help="validation examples evaluated per epoch (default: train's, 1000)")
+    p.add_argument("--val-steps", type=int_arg("--val-steps", min=1), default=None,
+                   help="PGD steps of the per-epoch validation attack (default: train's, 10)")
     p.add_argument("--eps", type=number_arg("--eps"), default=None, help="ε in pixel units (default: the dataset's)")
     p.add_argument("--steps", type=int_arg("--steps", min=1), default=20, help="attack steps at evaluation (default 20)")
     p.add_argument("-n", "--num-examples", dest="n", type=int_arg("--num-examples", min=1), default=1000,
