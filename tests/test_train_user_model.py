@@ -52,7 +52,7 @@ def test_a_users_model_trains_in_place_with_si_and_resumes_bit_for_bit(tmp_path)
         sirobust.load(tmp_path / "straight" / "model.safetensors")
 
     fit(cfg(tmp_path / "split", epochs=1), model=MyNet(), log=lambda *_: None)
-    with pytest.raises(ValueError, match=r"trains a model of your own \(user:MyNet\): continue it in Python"):
+    with pytest.raises(ValueError, match=r"trains a model of your own \(user:MyNet\): give it again"):
         fit(cfg(tmp_path / "split"), resume=True, log=lambda *_: None)
     from sirobust.cli import main
     assert main(["train", "--out", str(tmp_path / "split"), "--resume"]) == 2  # the CLI says the same, no traceback
@@ -82,3 +82,25 @@ def test_what_a_users_model_cannot_train_is_refused_before_the_run_folder(tmp_pa
     with pytest.raises(error, match=message):
         fit(cfg(tmp_path / "run", **kw), model=model, log=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_trains_a_model_of_your_own_and_evaluates_its_weights(tmp_path):
+    from sirobust.cli import main
+    definition = tmp_path / "net.py"
+    definition.write_text("import torch.nn as nn\n\n"
+                          "def make(width=16):\n"
+                          "    return nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, 10))\n")
+    run = tmp_path / "run"
+    common = ["--defense", "at", "--with-si", "--epochs", "1", "--train-n", "64", "--val-n", "16", "--steps", "1",
+              "--model-def", f"{definition}:make", "--model-arg", "width=8", "--no-progress", "--out", str(run)]
+    assert main(["train", *common, "--head", "1"]) == 2  # the first linear layer: its output is not the logits
+    assert main(["train", *common, "--head", "0"]) == 2  # Flatten: no linear layer
+    assert not run.exists()  # both refused before the run folder
+    assert main(["train", *common, "--head", "3"]) == 0
+    assert read_json(run / "config.json")["config"]["model"] == "user:Sequential"
+    assert main(["train", "--model-arg", "width=8", "--out", str(tmp_path / "x")]) == 2  # without --model-def
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "--model-def", f"{definition}:make", "--model-arg", "width=8", "--weights",
+                 str(run / "model.safetensors"), "--dataset", "fashion-mnist-mini", "--attacks", "fgsm", "-n", "16",
+                 "--no-progress", "--out", str(report)]) == 0
+    assert read_json(report)["n"] == 16

@@ -87,6 +87,9 @@ def _declared_head(model: nn.Module) -> Optional[str]:
                 linears = [x for _n, x in modules[name].named_modules() if _is_linear(x)]
                 if linears:  # the declared layer, or the last linear layer inside the declared container
                     return next(n for n, x in model.named_modules() if x is linears[-1])
+                if name is own:
+                    raise FeatureAccessError(f"sirobust_head names {own!r}, a {type(modules[own]).__name__} with no "
+                                             "linear layer in it; name the linear layer that gives the logits")
         m = next((getattr(m, a) for a in ("module", "_orig_mod", "model")
                   if isinstance(getattr(m, a, None), nn.Module) and (a != "model" or getattr(type(m), "wraps_model", False))), None)
     return None

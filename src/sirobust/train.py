@@ -91,9 +91,9 @@ def fit(config: TrainConfig, resume: bool = False, overwrite: bool = False, log=
         recorded = (recorded_config(config.out) or {}) if resume else {}
         own = str(recorded.get("model", config.model))
         if own.startswith(USER_MODEL_PREFIX):
-            raise ValueError(f"the run in {config.out} trains a model of your own ({own}): continue it in Python "
-                             "with the model again, fit(config, model=..., resume=True), built as it was (the "
-                             "command line trains sirobust's own models)")
+            raise ValueError(f"the run in {config.out} trains a model of your own ({own}): give it again, built as "
+                             "it was (--model-def FILE.py:FACTORY with --resume; fit(config, model=..., resume=True) "
+                             "in Python)")
     cfg = config.resolved()
     if model is not None:
         check_user_model(model, cfg)

@@ -27,6 +27,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"one of {', '.join(list_datasets())} (default {C.dataset})")
     p.add_argument("--model", type=name_arg(canonical_model), default=None,
                    help=f"one of {', '.join(list_models())} (default {C.model})")
+    own = p.add_argument_group("a model of your own (instead of --model)")
+    own.add_argument("--model-def", metavar="FILE.py:FACTORY",
+                     help="your model: FACTORY(**model args) in FILE.py returns an nn.Module that takes [0, 1] pixels "
+                          "(normalising them itself) and returns logits; trained in place of a zoo model, its weights "
+                          "saved as its state dict (evaluate it with the same --model-def and --weights); give it "
+                          "again with --resume")
+    own.add_argument("--model-arg", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
+                     help="an argument of the factory, repeatable (e.g. num_classes=10)")
+    own.add_argument("--head", default=None, metavar="NAME",
+                     help="with --with-si, the linear layer whose input and weights SI uses (default: the one the "
+                          "model declares with a sirobust_head attribute, else its last nn.Linear)")
     p.add_argument("--defense", type=name_arg(canonical_defense), default=None,
                    help=f"one of {', '.join(list_defenses())} (default {C.defense})")
     p.add_argument("--defense-param", type=parse_param, action="append", default=None, metavar="KEY=VALUE",
@@ -149,7 +160,7 @@ def cmd_train(a) -> int:
     out = group.first(output_path, a, DEFAULT_OUT)
     a.out = str(out)
     recorded = group.first(recorded_config, out) if a.resume else None
-    summary = fit(train_config_from_args(a, recorded), resume=a.resume, overwrite=a.overwrite)
+    summary = fit(train_config_from_args(a, recorded), resume=a.resume, overwrite=a.overwrite, model=_own_model(a))
     if summary.get("rank"):  # under torchrun, rank 0 reports for the run
         return 0
     if summary["best"].get("metric") is None:  # val_size 0: no validation split, no model selection
@@ -160,6 +171,22 @@ def cmd_train(a) -> int:
             if summary["best"]["epoch"] is not None and Path(summary["best_weights"]).exists() else "")
     print(f"weights: {summary['weights']} (last epoch); {best}".rstrip("; "))
     return 0
+
+
+def _own_model(a):
+    """The model of --model-def (with its --model-arg and --head), or None."""
+    if a.model_def is None:
+        for flag, given in (("--model-arg", a.model_arg), ("--head", a.head)):
+            if given:
+                raise ValueError(f"{flag} goes with --model-def")
+        return None
+    if a.model is not None:
+        raise ValueError("give --model (a zoo model) or --model-def (your own), not both")
+    from ..foreign import build_user_model
+    model, _ = build_user_model(a.model_def, None, dict(a.model_arg))
+    if a.head is not None:
+        model.sirobust_head = a.head  # read by sirobust.features (a name that is no submodule is an error there)
+    return model
 
 
 def milestones_arg(text: str) -> tuple:
