@@ -12,15 +12,17 @@ Example::
         ...
 
 Supported: cifar10, cifar100, fashion-mnist, fashion-mnist-mini (embedded),
-mnist, svhn.  Files are looked for in ``data_dir`` (default ``$SIROBUST_DATA``
+mnist, svhn, and any images of your own (:func:`register_dataset`).  Files are looked for in ``data_dir`` (default ``$SIROBUST_DATA``
 or ``~/.cache/sirobust/data``) and downloaded with checksum verification.
 """
 from .base import ChecksumError, DataNotFoundError, DatasetInfo, ImageDataset, default_data_dir
 from .loader import BatchLoader
+from .own import register_dataset
 from .registry import dataset_splits, get_dataset_info, list_datasets, load_dataset
 from .split import train_val_split
 
 __all__ = [
+    "register_dataset",
     "ImageDataset",
     "DatasetInfo",
     "load_dataset",

@@ -1,0 +1,60 @@
+"""A dataset of your own (``register_dataset``): trained on by name like a built-in one, with a zoo model or a model
+of your own, its ε the default of what is evaluated on it; what is not 8-bit square images is refused."""
+import uuid
+
+import pytest
+import torch
+
+import sirobust
+from sirobust.data import get_dataset_info, list_datasets, load_dataset, register_dataset
+from sirobust.data.registry import DATASETS
+from sirobust.train import TrainConfig, fit
+
+
+@pytest.fixture
+def name():
+    name = f"own-{uuid.uuid4().hex[:8]}"
+    yield name
+    if DATASETS.get(name, None) is not None:
+        del DATASETS[name]  # the registry is the process's: other tests list the built-in datasets
+
+
+@pytest.fixture(scope="module")
+def mini():
+    train, test = load_dataset("fashion-mnist-mini", "train"), load_dataset("fashion-mnist-mini", "test")
+    return train.images[:192], train.labels[:192], test.images[:48], test.labels[:48]
+
+
+def test_a_registered_dataset_trains_and_evaluates_by_name(tmp_path, name, mini):
+    x, y, xt, yt = mini
+    info = register_dataset(name, train=(x.float() / 255, y), test=(xt, yt), eps=0.1)  # float 8-bit pixels too
+    assert name in list_datasets() and (info.num_classes, info.in_channels, info.image_size) == (10, 1, 28)
+    assert info.mean[0] == pytest.approx(x.float().div(255).mean().item(), abs=1e-6)
+    assert torch.equal(load_dataset(name, "train").images, x)  # exactly the pixels given
+    fit(TrainConfig(dataset=name, model="cnn-small", defense="at", si=True, epochs=1, val_n=32, val_steps=1,
+                    attack_steps=1, out=str(tmp_path / "run"), progress=False), log=lambda *_: None)
+    model = sirobust.load(tmp_path / "run" / "model.safetensors")
+    test = load_dataset(name, "test")
+    report = sirobust.evaluate(model, (test.float_images(), test.labels), attacks=["pgd"], steps=2, progress=False)
+    assert report.eps == 0.1 and report.n == 48  # the registered budget: the model records its dataset
+    assert report.attacks["pgd"].robust_acc <= report.clean_acc
+
+
+def test_what_is_not_8_bit_square_images_with_integer_labels_is_refused(name, mini):
+    x, y, _, _ = mini
+    bad = [(dict(train=(x.float() / 255 + 1e-3, y)), ValueError, "whole multiples of 1/255"),
+           (dict(train=(x[:, :, :, :20], y)), ValueError, "square images"),
+           (dict(train=(x, y.float())), TypeError, "integer tensor"),
+           (dict(train=(x, y), classes=["a", "b"]), ValueError, r"labels must be in \[0, 2\)"),
+           (dict(train=(x, y), augment="rotate"), ValueError, "augment must be one of none, crop, flip, crop-flip"),
+           (dict(train=x), TypeError, "an ImageDataset or an \\(images, labels\\) pair")]
+    for kw, error, message in bad:
+        with pytest.raises(error, match=message):
+            register_dataset(name, eps=0.1, **kw)
+    assert DATASETS.get(name, None) is None  # nothing half-registered
+    register_dataset(name, train=(x, y), eps=0.1)
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset(name, train=(x, y), eps=0.1)
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset("cifar10", train=(x, y), eps=0.1)
+    assert get_dataset_info(name).default_eps == 0.1
