@@ -51,6 +51,8 @@ def register_dataset(name: str, train: Split, test: Optional[Split] = None, *, e
             raise ValueError(f"{split} images are {tuple(ds.images.shape[1:])}, the training images "
                              f"{tuple(first.shape[1:])}: every split must have one shape")
     num_classes = len(classes) if classes is not None else int(max(int(d.labels.max()) for d in splits.values())) + 1
+    for ds in splits.values():  # one list of class names for every split (a test split may lack the last class)
+        ds.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
     pixels = first.float().div_(255).transpose(0, 1).flatten(1)
     info = dict(name=name, num_classes=num_classes, in_channels=int(first.shape[1]), image_size=int(first.shape[2]),
                 mean=tuple(pixels.mean(1).tolist()), std=tuple(pixels.std(1).clamp_min(1e-6).tolist()),
