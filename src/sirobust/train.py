@@ -32,13 +32,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checkpoint import USER_MODEL_PREFIX
 from .data import BatchLoader, ImageDataset, get_dataset_info, load_dataset, train_val_split
 from .defenses import Defense, InnerAttack, SIConfig, build_defense
 from .distributed import Group
 from .distributed import current as current_group
 from .fastpath import FastPath, resolve_precision, restore_deterministic, set_deterministic
 from .interrupts import RunInterrupted, StopRequest, graceful_stop
-from .checkpoint import USER_MODEL_PREFIX
 from .models import build_model
 from .rng import generator, seed_global
 from .runfolder import RunFolder
@@ -77,8 +77,9 @@ def fit(config: TrainConfig, resume: bool = False, overwrite: bool = False, log=
     them itself, and returning logits), trained in place instead of ``config.model``, which the run records as
     ``user:ClassName``. Its weights are saved as its state dict (``model.safetensors``, ``best.safetensors``):
     load them with ``model.load_state_dict(safetensors.torch.load_file(path))`` or evaluate them with
-    ``sirobust evaluate --model-def FILE.py:FACTORY --weights PATH``. With ``config.si`` its last ``nn.Linear``
-    must produce the logits (SI uses its input and weights). Resuming such a run takes the model again. It is
+    ``sirobust evaluate --model-def FILE.py:FACTORY --weights PATH``. With ``config.si`` the linear layer it
+    declares (``sirobust_head = "NAME"``), else its last ``nn.Linear``, must produce the logits (SI uses its
+    input and weights). Resuming such a run takes the model again. It is
     checked on two random images before the run folder is claimed; the fast path leaves its memory layout
     alone (a forward may flatten with ``.view``).
     """
@@ -366,7 +367,6 @@ def _train_epoch(model, defense, opt, loader, gen, epoch: int, cfg: TrainConfig,
     return out, None
 
 
-
 def user_model_name(model: nn.Module) -> str:
     """``user:ClassName``: how a run records a model of the user's own."""
     if not isinstance(model, nn.Module):
@@ -379,9 +379,9 @@ def check_user_model(model: nn.Module, cfg: TrainConfig) -> None:
     output on two random images of ``cfg.dataset`` is not (2, classes) logits, one without a linear head for SI,
     or HE (whose cosine head replaces a zoo model's own)."""
     from .checks import logits_of, model_device
+    from .defenses import DEFENSES
     from .features import forward_with_features
     from .modes import model_mode
-    from .defenses import DEFENSES
     why = DEFENSES.get(cfg.defense).zoo_models_only
     if why:
         raise ValueError(f"{cfg.defense} cannot train a model of your own: {why}; use another defense")
