@@ -14,7 +14,7 @@ from sirobust.attacks import PGD
 from sirobust.evaluate import evaluate
 from sirobust.report import Report, wilson_interval
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def cli(*args, cwd=None):
@@ -55,6 +55,7 @@ def test_cli_report_provenance_names_what_was_measured(tmp_path, weights):
     assert p["attacks"]["si-pgd"]["loss"] == {"name": "si", "scale": 15.0} and p["attacks"]["pgd"]["seed"] == 5
     assert p["seed"] == 5 and p["device"] == "cpu" and p["precision"] == "float32"
     assert p["torch"] == torch.__version__ and p["python"] == sys.version.split()[0] and p["sirobust"]
+    assert p["threads"] == 1 and p["cpu"]  # the command ran with OMP_NUM_THREADS=1 (ENV)
     assert p["command"].startswith("sirobust evaluate --weights") and "--restarts 2" in p["command"]
     assert p["utc_time"].endswith("Z")
     # counts are the record; fractions and intervals follow from them

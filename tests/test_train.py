@@ -26,6 +26,10 @@ def test_run_folder_has_metrics_weights_and_config(tmp_path):
         assert 0 <= r["val_clean_acc"] <= 1 and 0 <= r["val_robust_acc"] <= 1 and r["val_n"] == 64
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["config"]["eps"] == 0.1 and cfg["defense"]["attack"]["model_mode"] == "eval"
+    # the weights depend on the processor and the thread count (a CPU's sums), so the run records both
+    assert cfg["environment"]["threads"] == torch.get_num_threads() and cfg["environment"]["cpu"]
+    prov = json.loads((tmp_path / "summary.json").read_text())["provenance"]
+    assert prov["threads"] == torch.get_num_threads() and prov["cpu"] == cfg["environment"]["cpu"]
     assert len(cfg["val_indices"]) == 600  # the recorded validation split (10% of 6000)
     model = sirobust.load(tmp_path)
     assert model.sirobust_metadata["dataset"] == "fashion-mnist-mini"

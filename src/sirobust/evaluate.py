@@ -228,8 +228,8 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
             "attacks": {name: r.params for name, r in results.items()},
             "seed": seed, "device": str(device), "processes": group.world, "precision": precision_of(model),
             "fast_path": {**fast.describe(), "verdicts": "the model as given, " + precision_of(model)},
-            "sirobust": env["sirobust"], "torch": env["torch"], "python": env["python"],
-            "git_commit": env["git_commit"], "command": command_line(), "utc_time": utc_now(),
+            "sirobust": env["sirobust"], "torch": env["torch"], "python": env["python"], "cpu": env["cpu"],
+            "threads": env["threads"], "git_commit": env["git_commit"], "command": command_line(), "utc_time": utc_now(),
             **(provenance or {})}
     clean_acc = accuracy(int(clean.sum()), N)
     worst_acc = accuracy(int(worst.sum()), N)

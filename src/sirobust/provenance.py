@@ -35,7 +35,9 @@ def environment_info() -> dict:
         "python": sys.version.split()[0], "platform": platform.platform(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cpu": cpu_name(), "git_commit": git_commit(),
+        # a CPU's floating-point sums depend on the processor and the thread count, so the same run on
+        # another machine, or with another number of threads, gives other weights (docs/reproduction.md)
+        "cpu": cpu_name(), "threads": torch.get_num_threads(), "git_commit": git_commit(),
     }
 
 

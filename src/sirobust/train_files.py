@@ -104,6 +104,7 @@ def write_summary(cfg: TrainConfig, folder: RunFolder, device, model: nn.Module,
                               "started": folder.record.get("created"), "finished": utc_now(), "device": str(device),
                               "precision": precision_of(model), "fast_path": fast.describe(),
                               "processes": processes,
+                              "cpu": env["cpu"], "threads": env["threads"],
                               "sirobust": env["sirobust"], "torch": env["torch"],
                               "python": env["python"], "git_commit": env["git_commit"]}}
     write_json(out / SUMMARY_NAME, summary)
