@@ -86,6 +86,26 @@ def test_statements_say_only_what_the_numbers_support():
     small = compare({0: [True] * 50 + [False] * 50}, {0: [True] * 52 + [False] * 48})
     assert small["verdict"] == "no difference detected" and small["k"] == 1
     assert "McNemar p = 0.5" in statement("X-SI", "X", "PGD", small)
+    # one seed never states a difference between the methods, however small McNemar's p: it says these two
+    # runs differ (two trainings of one configuration differ by as much, docs/reproduction.md)
+    big = compare({0: [True] * 50 + [False] * 50}, {0: [True] * 80 + [False] * 20})
+    assert big["p"] < 1e-8 and big["verdict"] == "no difference detected" and big["runs_differ"]
+    assert statement("X-SI", "X", "PGD", big).startswith(
+        "X-SI vs X under PGD: no difference detected (one seed; these two runs differ, which says nothing of "
+        "another seed's: +30.00 points, McNemar p = ")
+    assert not small["runs_differ"] and "runs differ" not in statement("X-SI", "X", "PGD", small)
+
+
+def test_the_demo_says_two_runs_differ_never_that_one_method_beats_the_other():
+    from types import SimpleNamespace
+
+    from sirobust.demo import si_verdict
+    def report(kept):
+        return SimpleNamespace(worst_case_robust=[True] * kept + [False] * (100 - kept), worst_case_acc=kept / 100)
+    text = si_verdict([("TRADES", report(50)), ("TRADES-SI", report(80))], epochs=3)  # McNemar p ~ 1e-9
+    assert "these two runs differ" in text and "no difference between the methods is detected" in text
+    assert "keeps 30.0 points more" in text and "TRADES-SI is" not in text
+    assert "no difference detected (McNemar p = 0.5" in si_verdict([("TRADES", report(50)), ("TRADES-SI", report(52))], 3)
 
 
 def test_holm_rejects_step_down_and_stops_at_the_first_failure():

@@ -332,16 +332,16 @@ def comparison_lines(summary: dict) -> list[str]:
     how = ("McNemar's exact test on the same test points for each seed, and the mean difference over the seeds "
            "with its 95 % t interval (the seeds' spread taken as at least one seed's sampling error on these "
            "points); a difference is stated when that interval excludes 0" if k > 1 else
-           "McNemar's exact test on the same test points; one seed, so a difference is stated when p < 0.05, and "
-           "it says nothing of another seed's run")
+           "McNemar's exact test on the same test points; one seed, so no difference between the methods is "
+           "stated (that needs two seeds or more): where p < 0.05 the statement says these two runs differ")
     # Every statement is rebuilt from the stored per-seed counts, so a table written by an earlier version is
     # judged by the current rules; then Holm over all of them: many comparisons at 5 % each make some false
     # statements likely.
     found = [{**c, **summarise(c["per_seed"])} for c in found]
     holds = holm([c["p"] for c in found])
     notes = {id(c): holm_note(c, h, len(found)) for c, h in zip(found, holds)}
-    lines = ["", f"**Paired comparisons** ({how}; each stated difference says whether it survives Holm's correction "
-             f"for the {len(found)} comparisons here, family-wise error 5 %). Generated from the numbers:"]
+    lines = ["", f"**Paired comparisons** ({how}; each stated difference{' (here: each pair of runs said to differ)' if k == 1 else ''} says whether "
+             f"it survives Holm's correction for the {len(found)} comparisons here, family-wise error 5 %). Generated from the numbers:"]
     settings = list(dict.fromkeys((c["row_group"], c["column_group"]) for c in found))
     for setting in settings:
         where = ", ".join(x for x in setting if x)
