@@ -6,6 +6,8 @@
 #   Table 3 and Table 4 over training seeds 0, 1 and 2 (their committed tables have seed 0 alone, computed on a
 #   machine that is gone; their TRADES and default TRADES-SI rows are Table 6's runs, shared), then Table 6
 #   over seeds 0-4 (three seeds rarely show a difference that survives Holm's correction; five can).
+#   Between them, Fig. 4 over Table 6's seeds 0-2 and 4 directions (its weights are Table 3's TRADES and m = 0.2
+#   runs, already trained; a figure is drawn from the weights, so it is not in the ledger: commit its result).
 # Each cell's evaluations run as soon as its run is trained. After a table:
 #   python scripts/collect_reproduction.py OUT && git add benchmarks/reproduction docs && git commit
 # Usage: nice -n 19 scripts/run_seed_grid.sh [OUT] [JOBS]   (default runs/reproduce, 2 jobs)
@@ -18,4 +20,5 @@ RUN=(.venv/bin/sirobust reproduce --out "$OUT" --no-progress --preset mini --job
 set -x
 "${RUN[@]}" table3 --seeds 0,1,2
 "${RUN[@]}" table4 --seeds 0,1,2
+"${RUN[@]}" fig4
 "${RUN[@]}" table6 --seeds 0,1,2,3,4
