@@ -240,6 +240,15 @@ def test_evaluate_checks_every_attack_can_run_before_running_any(fmnist_test, mo
     with pytest.raises(sirobust.FeatureAccessError, match="attack 'si-pgd' cannot run on this model"):
         evaluate(NoLinear(), (x, y), attacks=["pgd", "si-pgd"], eps=0.1, progress=False)
     assert ran == []
+    # the default list: the message names every attack that cannot run and the list that can, to pass as is
+    with pytest.raises(sirobust.FeatureAccessError) as err:
+        evaluate(NoLinear(), (x, y), eps=0.1, progress=False, attack_params={"pgd-cw": {}})
+    assert "pass attacks=['pgd', 'pgd-cw', 'pgd-dlr'] (sirobust evaluate --attacks pgd,pgd-cw,pgd-dlr)" in str(err.value)
+    with pytest.raises(sirobust.FeatureAccessError, match=r"'si-pgd' cannot run on this model \(nor can 'aa-si'\)"):
+        evaluate(NoLinear(), (x, y), attacks=["si-pgd", "pgd", "aa-si"], eps=0.1, progress=False)
+    assert ran == []
+    assert evaluate(NoLinear(), (x, y), attacks=["pgd", "pgd-cw", "pgd-dlr"], eps=0.1, steps=2,
+                    progress=False).attacks.keys() == {"pgd", "pgd-cw", "pgd-dlr"}
     with pytest.raises(sirobust.FeatureAccessError, match="head: no submodule named 'fc'"):
         SIPGD(NoLinear(), eps=0.1, head="fc")
 

@@ -54,7 +54,7 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor, Optional[str], Optiona
 def build_runners(specs, model, eps, norm, shared: dict, attack_params: dict) -> list:
     """Each spec as a ready attack (ours or wrapped), with its name; names and threat models are checked
     before anything runs. A user's Attack object is never modified (a ``(name, attack)`` pair renames a copy)."""
-    runners, names = [], []
+    runners, names, unfit = [], [], []
     for spec in specs:
         name = None
         if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
@@ -63,8 +63,9 @@ def build_runners(specs, model, eps, norm, shared: dict, attack_params: dict) ->
             key = canonical_attack_name(spec)
             try:
                 runner = build_attack(key, model, overrides=attack_params.get(key), **shared)
-            except FeatureAccessError as e:
-                raise FeatureAccessError(f"attack {key!r} cannot run on this model: {e}") from None
+            except FeatureAccessError as e:  # the others are still built: the message names what can run
+                unfit.append((key, e))
+                continue
         elif isinstance(spec, Attack):
             if abs(spec.eps - eps) > 1e-12 or spec.norm != norm:
                 raise ValueError(f"attack {name or spec.name!r} uses {spec.norm} ε = {spec.eps:.6g} but the evaluation "
@@ -80,7 +81,22 @@ def build_runners(specs, model, eps, norm, shared: dict, attack_params: dict) ->
                              "(name, callable) pairs")
         names.append(runner.name)
         runners.append(runner)
+    if unfit:
+        (key, e), others = unfit[0], [k for k, _ in unfit[1:]]
+        also = f" (nor can {', '.join(repr(k) for k in others)})" if others else ""
+        raise FeatureAccessError(f"attack {key!r} cannot run on this model{also}: {e}"
+                                 + without_them([r.name for r in runners]))
     return runners
+
+
+def without_them(rest: list) -> str:
+    """How to evaluate without the attacks that read the features, in the API's and the command line's
+    spelling. The user drops them: a default list silently weakened would be a robustness number they did
+    not ask for."""
+    if not rest:
+        return ""
+    return (f"; to evaluate without the attacks that read the features, pass attacks={rest!r} (sirobust "
+            f"evaluate --attacks {','.join(rest)})")
 
 
 def preflight(model: nn.Module, runners: list, probe: torch.Tensor, num_classes: int) -> None:
@@ -98,4 +114,6 @@ def preflight(model: nn.Module, runners: list, probe: torch.Tensor, num_classes:
                 with torch.no_grad():
                     forward_with_features(model, probe, head=getattr(atk, "head", None), need_features=True)
             except FeatureAccessError as e:
-                raise FeatureAccessError(f"attack {atk.name!r} cannot run on this model: {e}") from None
+                rest = [a.name for a in runners if not getattr(getattr(a, "loss", None), "needs_features", False)]
+                raise FeatureAccessError(f"attack {atk.name!r} cannot run on this model: {e}"
+                                         + without_them(rest)) from None
