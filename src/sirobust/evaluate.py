@@ -42,6 +42,7 @@ from .modes import model_mode, modules_in_train_mode
 from .progress import evaluation_key
 from .provenance import environment_info, model_description, precision_of, weights_identity
 from .report import AttackResult, Report, accuracy
+from .evaluation_cost import cost_line
 from .evaluation_inputs import as_tensors, build_runners, preflight
 from .runfolder import command_line, utc_now
 from .sanity import (BLACK_BOX, SCALE_CHECK_EXAMPLES, check_scale_sensitivity, gives_gradients, result_flags,
@@ -186,6 +187,10 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         clean = group.first(_clean_pass, model, x_all, y_all, batch_size, device, saved)
         results: dict[str, AttackResult] = {}
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust
+        if log and group.main:  # the bound on what the attacks can cost, before they start
+            line = cost_line(model, runners, x_all[:min(N, batch_size)].to(device), len(todo), num_classes, device)
+            if line:
+                log(line)
         for atk in runners:
             results[atk.name] = _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device,
                                             progress, tqdm, saved, stop, group, num_classes)

@@ -206,6 +206,9 @@ class APGD(Attack):
                         rho=self.rho, target=target, targeted_success=target is not None, head=self.head,
                         eot_iter=self.eot_iter, early_stop=self.early_stop)
 
+    def forward_passes(self, num_classes: int) -> float:
+        return (3.0 * (self.steps + 1) * self.eot_iter + 2) * self.restarts  # the start's gradient too
+
     def params(self) -> dict:
         return {**super().params(), "steps": self.steps, "rho": self.rho, "eot_iter": self.eot_iter,
                 "loss": {"name": self.loss.name, **self.loss.params}, "first_step": f"2ε = {2 * self.eps:.6g}",
@@ -249,6 +252,9 @@ class APGDT(APGD):
 
     def params(self) -> dict:
         return {**super().params(), "n_targets": self.n_targets}
+
+    def forward_passes(self, num_classes: int) -> float:  # one APGD run per target class
+        return super().forward_passes(num_classes) * max(1, min(self.n_targets, num_classes - 1))
 
 
 class APGDCE(APGD):

@@ -122,6 +122,11 @@ class AutoAttack(Attack):
         broken[~robust] = -2  # misclassified without attack
         return AttackOutput(out, stages=broken)
 
+    def forward_passes(self, num_classes: int) -> float:
+        """Every stage on every example: the upper bound (a stage attacks only what the earlier ones left)."""
+        return sum(atk.forward_passes(num_classes) + 1 for name, atk in self.stages  # + each stage's verdict
+                   if name in self.stage_plan(num_classes)[0])
+
     def params(self) -> dict:
         return {**super().params(), "version": self.version,
                 "stages": {name: atk.params() for name, atk in self.stages},

@@ -183,6 +183,13 @@ class Attack:
         self._generator: Optional[torch.Generator] = None
         self.current_restart = 0  # which restart :meth:`run` is serving (FAB starts later restarts at random)
 
+    def forward_passes(self, num_classes: int) -> float:
+        """At most how many forward passes one example costs, a backward counted as two (so a gradient step is
+        3), every restart taking every step, with the forward passes that check a start and a verdict: an upper
+        bound for a cost estimate (early stopping, the default in evaluation, makes it less on examples that
+        break early; tests/test_evaluation_cost.py counts the passes). Subclasses with another loop override it."""
+        return (3.0 * getattr(self, "steps", 1) + 2) * self.restarts + 2
+
     # ------------------------------------------------------------------ api
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                  keys: Optional[torch.Tensor] = None) -> torch.Tensor:

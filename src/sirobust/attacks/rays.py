@@ -148,6 +148,9 @@ class RayS(Attack):
         keep = act[better]
         best_d[keep], best_s[keep] = hi[better], s[better]
 
+    def forward_passes(self, num_classes: int) -> float:  # one query a forward pass
+        return (self.queries + 4.0) * self.restarts
+
     def params(self) -> dict:
         out = {**super().params(), "queries": self.queries, "rtol": self.rtol, "stop_at_eps": self.stop_at_eps}
         out.pop("restarts")

@@ -124,6 +124,9 @@ class SPSA(Attack):
                 grad[rows] += (diff.view(len(rows), k, *([1] * (x.dim() - 1))) * v).sum(1)
         return grad / (2 * self.delta * self.samples)
 
+    def forward_passes(self, num_classes: int) -> float:  # 2 queries per direction, per iteration
+        return ((2.0 * self.samples + 1) * self.iterations + 4) * self.restarts  # + the loss at each iterate
+
     def params(self) -> dict:
         return {**super().params(), "samples": self.samples, "iterations": self.iterations, "delta": self.delta,
                 "lr": self.lr, "chunk": self.chunk, "random_start": self.random_start}

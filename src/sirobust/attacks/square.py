@@ -222,6 +222,9 @@ class Square(Attack):
         x_new = x + self.eps * delta / self.threat.magnitude(delta).clamp_min(1e-12)
         return self.threat.project(x_new.clamp(0, 1), x)
 
+    def forward_passes(self, num_classes: int) -> float:  # one query a forward pass
+        return (self.queries + 4.0) * self.restarts
+
     def params(self) -> dict:
         return {**super().params(), "queries": self.queries, "p_init": self.p_init,
                 "rescale_schedule": self.rescale_schedule, "revision": self.revision}

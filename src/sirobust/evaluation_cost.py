@@ -1,0 +1,59 @@
+"""How long an evaluation can take, said before it starts: a line for the log.
+
+Each attack says at most how many forward passes one example costs (:meth:`Attack.forward_passes`, a backward
+counted as two): every restart takes every step, every stage of an ensemble runs on every example. The time
+of one forward pass is measured here, on this model, device and batch size, so the bound needs no assumed
+throughput. It is an upper bound: early stopping (the default in evaluation) stops an example at the first
+point that fools the model, and an ensemble's later stages attack only what the earlier ones left, so a weak
+model costs far less. Users of AutoAttack learn its cost after the fact; this says it before.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from .checks import logits_of
+
+
+def forward_seconds(model, probe: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one forward pass per example, on a batch like ``probe`` (the second of two timed calls)."""
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits_of(model(probe))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+    once()  # the first call pays for allocation and kernel selection
+    return once() / probe.shape[0]
+
+
+def cost_line(model, runners: list, probe: torch.Tensor, examples: int, num_classes: int,
+              device: torch.device) -> Optional[str]:
+    """"cost: at most about 2.1 h ..." for ``examples`` attacked examples; None when there is nothing to attack."""
+    if examples == 0 or not runners:
+        return None
+    passes = {atk.name: atk.forward_passes(num_classes) for atk in runners if hasattr(atk, "forward_passes")}
+    unknown = [atk.name for atk in runners if not hasattr(atk, "forward_passes")]
+    per_example = forward_seconds(model, probe, device)
+    seconds = examples * sum(passes.values()) * per_example
+    each = ", ".join(f"{name} {p:,.0f}" for name, p in passes.items())
+    return (f"cost: at most about {_duration(seconds)} for the attacks on {examples:,} example"
+            f"{'s' if examples != 1 else ''} (forward passes per example at most: {each}"
+            + (f"; not counted: {', '.join(unknown)}" if unknown else "")
+            + f"; one forward pass took {1000 * per_example:.3g} ms an example here). Early stopping makes it "
+              "less on examples that break early; fewer examples, steps or queries lower the bound.")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
