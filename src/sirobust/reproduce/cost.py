@@ -25,8 +25,6 @@ THROUGHPUT = {"cpu": 30e9, "gpu": 100e12}
 # and the clean forward the defense also takes (FreeAT: the update alone, its attack rides on it)
 _DEFENSE_EXTRA = {"standard": 3, "at": 3, "trades": 7, "alp": 6, "mart": 6, "he": 7, "free": 3, "fgsm-rs": 3,
                   "gat": 6, "gradalign": 9}
-# forward-equivalents per attacked image (restarts multiply): steps or queries
-_ATTACK_PASSES = {"aa": 3 * 100 + 3 * 9 * 100 + 4 * 9 * 100 + 5000 / 2, "spsa": None, "rays": 10000}
 
 
 def train_flops(cfg) -> float:
@@ -44,14 +42,15 @@ def train_flops(cfg) -> float:
     return cfg.epochs * (size * per_image + validation) * per_forward
 
 
-def attack_passes(attack: str, params: dict, steps: int) -> float:
-    if attack == "spsa":
-        return 2 * params.get("samples", 128) * params.get("iterations", 100)
-    if attack == "rays":
-        return params.get("queries", 10000)
-    if attack in _ATTACK_PASSES:
-        return _ATTACK_PASSES[attack]
-    return 3 * params.get("steps", steps)
+def attack_passes(attack: str, params: dict, steps: int, restarts: int = 1, num_classes: int = 10) -> float:
+    """Forward passes per attacked image, at most: the attack's own count (:meth:`Attack.forward_passes`, the
+    bound ``evaluate`` logs), the attack built with these settings on a stand-in model of ``num_classes``."""
+    from torch import nn
+
+    from ..attacks import build_attack
+    stand_in = nn.Sequential(nn.Flatten(), nn.Linear(1, num_classes))  # a linear head, for the SI attacks
+    atk = build_attack(attack, stand_in, overrides=params, eps=8 / 255, steps=steps, restarts=restarts)
+    return atk.forward_passes(num_classes)
 
 
 # a published model's architecture, as configs write it, to the zoo model of the same cost
@@ -65,7 +64,7 @@ def eval_flops(plan, cell) -> float:
     per_forward = FORWARD_FLOPS.get(model, 1e9)
     total = 0.0
     for job in cell.jobs:
-        passes = 1 + sum(attack_passes(a, p, plan.eval["steps"]) * job.restarts for _n, a, p in job.attacks)
+        passes = 1 + sum(attack_passes(a, p, plan.eval["steps"], job.restarts) for _n, a, p in job.attacks)
         total += job.n * passes * per_forward
     return total
 
