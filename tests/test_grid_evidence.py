@@ -207,7 +207,7 @@ def test_each_stated_difference_says_whether_it_survives_holm_over_the_table():
     found = [{**one, "row_group": None, "column_group": None, "base": "A", "other": "B", "column": "PGD",
               "statement": statement("B", "A", "PGD", one)}]
     text = "\n".join(comparison_lines({"seeds": [0], "comparisons": found}))
-    assert one["p"] == one["per_seed"][0]["p"] < 0.05 and "holds under Holm's correction for the 1 comparison)" in text
+    assert one["p"] == one["per_seed"][0]["p"] < 0.05 and "the two runs' difference holds under Holm's correction for the 1 comparison)" in text
 
 
 def test_every_si_row_is_compared_with_its_base_by_default():

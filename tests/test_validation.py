@@ -243,7 +243,14 @@ def test_evaluate_checks_every_attack_can_run_before_running_any(fmnist_test, mo
     # the default list: the message names every attack that cannot run and the list that can, to pass as is
     with pytest.raises(sirobust.FeatureAccessError) as err:
         evaluate(NoLinear(), (x, y), eps=0.1, progress=False, attack_params={"pgd-cw": {}})
-    assert "pass attacks=['pgd', 'pgd-cw', 'pgd-dlr'] (sirobust evaluate --attacks pgd,pgd-cw,pgd-dlr)" in str(err.value)
+    assert "drop 'si-pgd': attacks=['pgd', 'pgd-cw', 'pgd-dlr'] (sirobust evaluate --attacks pgd,pgd-cw,pgd-dlr)" \
+        in str(err.value)
+    # an ensemble with a stage that reads the features is dropped too; an attack of the user's is not named as
+    # a string that would build another attack (a PGD of 50 steps is not "pgd")
+    mine = sirobust.attacks.PGD(NoLinear(), eps=0.1, steps=50)
+    with pytest.raises(sirobust.FeatureAccessError) as err:
+        evaluate(NoLinear(), (x, y), attacks=[("strong", mine), "aa-si", "si-pgd"], eps=0.1, progress=False)
+    assert "drop 'aa-si', 'si-pgd'" in str(err.value) and "attacks=[" not in str(err.value)
     with pytest.raises(sirobust.FeatureAccessError, match=r"'si-pgd' cannot run on this model \(nor can 'aa-si'\)"):
         evaluate(NoLinear(), (x, y), attacks=["si-pgd", "pgd", "aa-si"], eps=0.1, progress=False)
     assert ran == []

@@ -28,28 +28,38 @@ def forward_seconds(model, probe: torch.Tensor, device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
-    once()  # the first call pays for allocation and kernel selection
-    return once() / probe.shape[0]
+    # a randomised model draws from the global generators: the timing must not move what the attacks then draw
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        once()  # the first call pays for allocation and kernel selection
+        return once() / probe.shape[0]
 
 
 def cost_line(model, runners: list, probe: torch.Tensor, examples: int, num_classes: int,
-              device: torch.device) -> Optional[str]:
-    """"cost: at most about 2.1 h ..." for ``examples`` attacked examples; None when there is nothing to attack."""
+              device: torch.device, processes: int = 1) -> Optional[str]:
+    """"cost: at most about 2.1 h ..." for ``examples`` attacked examples shared by ``processes`` (torchrun deals
+    the batches out); None when there is nothing to attack or the model cannot be timed on ``probe``."""
     if examples == 0 or not runners:
         return None
-    passes = {atk.name: atk.forward_passes(num_classes) for atk in runners if hasattr(atk, "forward_passes")}
-    unknown = [atk.name for atk in runners if not hasattr(atk, "forward_passes")]
-    per_example = forward_seconds(model, probe, device)
-    seconds = examples * sum(passes.values()) * per_example
+    counts = {atk.name: getattr(atk, "forward_passes", lambda _k: None)(num_classes) for atk in runners}
+    passes = {name: p for name, p in counts.items() if p is not None}
+    unknown = [name for name, p in counts.items() if p is None]
+    try:
+        per_example = forward_seconds(model, probe, device)
+    except Exception:  # noqa: BLE001 - a log line must never end an evaluation; the attacks will say what is wrong
+        return None
+    seconds = examples * sum(passes.values()) * per_example / processes
     each = ", ".join(f"{name} {p:,.0f}" for name, p in passes.items())
+    shared = f", shared by {processes} processes" if processes > 1 else ""
     return (f"cost: at most about {_duration(seconds)} for the attacks on {examples:,} example"
-            f"{'s' if examples != 1 else ''} (forward passes per example at most: {each}"
+            f"{'s' if examples != 1 else ''}{shared} (forward passes per example at most: {each or 'none known'}"
             + (f"; not counted: {', '.join(unknown)}" if unknown else "")
             + f"; one forward pass took {1000 * per_example:.3g} ms an example here). Early stopping makes it "
               "less on examples that break early; fewer examples, steps or queries lower the bound.")
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "1 s"
     if seconds < 60:
         return f"{seconds:.0f} s"
     if seconds < 3600:

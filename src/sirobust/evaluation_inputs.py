@@ -66,6 +66,7 @@ def build_runners(specs, model, eps, norm, shared: dict, attack_params: dict) ->
             except FeatureAccessError as e:  # the others are still built: the message names what can run
                 unfit.append((key, e))
                 continue
+            runner.built_from = key  # ours, just built: the name that builds it again (for the messages)
         elif isinstance(spec, Attack):
             if abs(spec.eps - eps) > 1e-12 or spec.norm != norm:
                 raise ValueError(f"attack {name or spec.name!r} uses {spec.norm} ε = {spec.eps:.6g} but the evaluation "
@@ -85,35 +86,44 @@ def build_runners(specs, model, eps, norm, shared: dict, attack_params: dict) ->
         (key, e), others = unfit[0], [k for k, _ in unfit[1:]]
         also = f" (nor can {', '.join(repr(k) for k in others)})" if others else ""
         raise FeatureAccessError(f"attack {key!r} cannot run on this model{also}: {e}"
-                                 + without_them([r.name for r in runners]))
+                                 + without_them([key, *others], runners))
     return runners
 
 
-def without_them(rest: list) -> str:
-    """How to evaluate without the attacks that read the features, in the API's and the command line's
-    spelling. The user drops them: a default list silently weakened would be a robustness number they did
-    not ask for."""
-    if not rest:
-        return ""
-    return (f"; to evaluate without the attacks that read the features, pass attacks={rest!r} (sirobust "
-            f"evaluate --attacks {','.join(rest)})")
+def reads_features(atk) -> bool:
+    """Whether the attack, or a stage of an ensemble, takes its loss from the penultimate features."""
+    parts = [atk, *(stage for _name, stage in getattr(atk, "stages", []))]
+    return any(getattr(getattr(p, "loss", None), "needs_features", False) for p in parts)
+
+
+def without_them(unfit: list, runners: list) -> str:
+    """How to evaluate without the attacks that read the features: drop them, and, when the rest were all
+    named, the list to pass in the API's and the command line's spelling. The user drops them: a default list
+    silently weakened would be a robustness number they did not ask for."""
+    rest = [r for r in runners if r.name not in unfit and not reads_features(r)]
+    drop = [*unfit, *(r.name for r in runners if r.name not in unfit and reads_features(r))]
+    text = f"; to evaluate without the attacks that read the features, drop {', '.join(map(repr, drop))}"
+    names = [getattr(r, "built_from", None) for r in rest]
+    if rest and all(names):  # an object or callable of the user's cannot be spelt as a name
+        text += f": attacks={names!r} (sirobust evaluate --attacks {','.join(names)})"
+    return text
 
 
 def preflight(model: nn.Module, runners: list, probe: torch.Tensor, num_classes: int) -> None:
     """Fail now, not after the other attacks spent their time, if an attack cannot run on this model."""
     for atk in runners:
         loss = getattr(atk, "loss", None)
-        if loss is None:
-            continue
-        need = {"dlr": 3, "dlr-targeted": 4}.get(loss.name)
-        if need and num_classes < need:
+        need = {"dlr": 3, "dlr-targeted": 4}.get(getattr(loss, "name", None))
+        if need and num_classes < need:  # (an ensemble skips such stages itself, and says so)
             raise ValueError(f"attack {atk.name!r} uses the {loss.name} loss, which needs at least {need} classes; "
                              f"the model has {num_classes}")
-        if loss.needs_features:
+        # the attack's own loss, or its stages' (SI-APGD inside aa-si)
+        for part in [atk, *(stage for _name, stage in getattr(atk, "stages", []))]:
+            if not getattr(getattr(part, "loss", None), "needs_features", False):
+                continue
             try:
                 with torch.no_grad():
-                    forward_with_features(model, probe, head=getattr(atk, "head", None), need_features=True)
+                    forward_with_features(model, probe, head=getattr(part, "head", None), need_features=True)
             except FeatureAccessError as e:
-                rest = [a.name for a in runners if not getattr(getattr(a, "loss", None), "needs_features", False)]
                 raise FeatureAccessError(f"attack {atk.name!r} cannot run on this model: {e}"
-                                         + without_them(rest)) from None
+                                         + without_them([atk.name], runners)) from None

@@ -253,8 +253,8 @@ class APGDT(APGD):
     def params(self) -> dict:
         return {**super().params(), "n_targets": self.n_targets}
 
-    def forward_passes(self, num_classes: int) -> float:  # one APGD run per target class
-        return super().forward_passes(num_classes) * max(1, min(self.n_targets, num_classes - 1))
+    def forward_passes(self, num_classes: int) -> float:  # one APGD run and verdict per target, + the order
+        return (super().forward_passes(num_classes) + 1) * max(1, min(self.n_targets, num_classes - 1)) + 1
 
 
 class APGDCE(APGD):

@@ -124,8 +124,8 @@ class AutoAttack(Attack):
 
     def forward_passes(self, num_classes: int) -> float:
         """Every stage on every example: the upper bound (a stage attacks only what the earlier ones left)."""
-        return sum(atk.forward_passes(num_classes) + 1 for name, atk in self.stages  # + each stage's verdict
-                   if name in self.stage_plan(num_classes)[0])
+        return 1 + sum(atk.forward_passes(num_classes) + 1 for name, atk in self.stages  # the class check,
+                       if name in self.stage_plan(num_classes)[0])                    # each stage's verdict
 
     def params(self) -> dict:
         return {**super().params(), "version": self.version,

@@ -159,6 +159,9 @@ class Attack:
     # the black-box side of the check "a black-box attack beat the white-box ones" (sanity.result_flags). A class
     # attribute, not a name: an evaluation may label an attack anything ("spsa[samples=64]", "my-spsa")
     black_box = False
+    # the registry name an evaluation built this attack from ("pgd"), so that a message can say which list to
+    # pass instead; None for an attack object of the user's (it cannot be spelt as a name)
+    built_from: Optional[str] = None
 
     def __init__(self, model: nn.Module, eps: Optional[float] = None, norm: str = "Linf", restarts: int = 1,
                  seed: Optional[int] = 0, model_mode: str = "eval", early_stop: bool = True,
@@ -183,12 +186,13 @@ class Attack:
         self._generator: Optional[torch.Generator] = None
         self.current_restart = 0  # which restart :meth:`run` is serving (FAB starts later restarts at random)
 
-    def forward_passes(self, num_classes: int) -> float:
+    def forward_passes(self, num_classes: int) -> Optional[float]:
         """At most how many forward passes one example costs, a backward counted as two (so a gradient step is
         3), every restart taking every step, with the forward passes that check a start and a verdict: an upper
         bound for a cost estimate (early stopping, the default in evaluation, makes it less on examples that
-        break early; tests/test_evaluation_cost.py counts the passes). Subclasses with another loop override it."""
-        return (3.0 * getattr(self, "steps", 1) + 2) * self.restarts + 2
+        break early; tests/test_evaluation_cost.py counts the passes). None: unknown (an attack of your own
+        that does not say; the evaluation's cost line then names it as not counted)."""
+        return None
 
     # ------------------------------------------------------------------ api
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None, *,

@@ -307,11 +307,13 @@ class FAB(Attack):
         return attack_still_robust(x, robust, range(k), one_target)[0]
 
     def forward_passes(self, num_classes: int) -> float:
-        # a step: a forward and one backward per class difference (K − 1 untargeted, 1 per target for FAB-T)
-        per_run = lambda per_step: per_step * (self.steps + 1) + 4  # the start's Jacobian and the checks
-        if self.targeted:
-            return per_run(1 + 2.0) * self.restarts * max(1, min(self.n_targets, num_classes - 1))
-        return per_run(1 + 2.0 * num_classes) * self.restarts
+        # a step: the forward with gradient, one backward per class difference (K untargeted, 1 per target for
+        # FAB-T) and the forward that checks the new point; a run: the start's Jacobian and the final checks
+        def per_run(per_step: float) -> float:
+            return per_step * (self.steps + 1) + 4
+        if self.targeted:  # + the pass that orders the targets, per restart
+            return (per_run(2 + 2.0) * max(1, min(self.n_targets, num_classes - 1)) + 1) * self.restarts
+        return per_run(2 + 2.0 * num_classes) * self.restarts
 
     def params(self) -> dict:
         return {**super().params(), "steps": self.steps, "targeted": self.targeted, "n_targets": self.n_targets,

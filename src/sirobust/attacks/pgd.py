@@ -54,6 +54,9 @@ class PGD(Attack):
                         steps=self.steps, random_start=self.random_start, target=target,
                         early_stop=self.early_stop, noise=noise, head=self.head)
 
+    def forward_passes(self, num_classes: int) -> float:  # Attack.forward_passes: a step, a start, a verdict
+        return (3.0 * self.steps + 2) * self.restarts + 2
+
     def params(self) -> dict:
         head = self.head if self.head is None or isinstance(self.head, str) else type(self.head).__name__
         return {**super().params(), "alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,

@@ -142,7 +142,8 @@ def holm_note(result: dict, holds: bool, m: int) -> str:
         return ""
     # with seeds the p-value is not printed elsewhere in the statement: say it, so the reader sees how far
     # from Holm's threshold it is (3 seeds need t > 20 for p < 0.05 / 20)
-    p = f"t-test p = {p_text(result['p'])} over the {result['k']} seeds: " if result["k"] >= 2 else ""
+    p = f"t-test p = {p_text(result['p'])} over the {result['k']} seeds: " if result["k"] >= 2 else \
+        "the two runs' difference "  # one seed: what is corrected is the runs' difference, not a verdict
     return f"; {p}{'holds' if holds else 'does not hold'} under Holm's correction for the {m} " \
            f"comparison{'s' if m != 1 else ''}"
 
