@@ -419,3 +419,28 @@ def test_square_with_the_inference_form_breaks_what_the_copy_breaks(trained_cnn,
         robust_by[form] = robust(trained_cnn, x_adv, y)
     assert (robust_by["inference"] != robust_by["copy"]).sum() <= 1
     assert robust_by["copy"].sum() < (trained_cnn(x).argmax(1) == y).sum()  # Square breaks some points
+
+
+def test_a_randomised_model_evaluates_alike_whether_or_not_its_copy_was_checked_before(data):
+    """The check that a private copy reproduces the model runs two forwards on the first call only (then the
+    verdict is cached): with a model that draws noise, that moved every later draw, so the first evaluation after
+    torch.manual_seed differed from the second (26 against 24 of 64 robust). The check forks the generators."""
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+        def forward(self, x):
+            return self.net((x + 0.3 * torch.randn_like(x)).clamp(0, 1))
+
+    torch.manual_seed(0)
+    model = Noisy().eval()
+    x = data[0][:64]
+    with torch.no_grad():
+        y = model.net(x).argmax(1)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        rep = sirobust.evaluate(model, (x, y), attacks=["pgd"], eps=0.02, steps=3, progress=False)
+        runs.append((rep.worst_case_robust, torch.randn(1).item()))
+    assert runs[0] == runs[1]

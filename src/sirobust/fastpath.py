@@ -295,7 +295,10 @@ def _reproduces(model: nn.Module, prepared: nn.Module, fast: FastPath, probe: Op
     if probe is None:
         return True
     from .checks import logits_of
-    with torch.no_grad(), fp32_island(probe.device):
+    # a randomised model draws from the global generators: whether this check runs (a copy is cached or not)
+    # must not move what the attack then draws, or two evaluations after one torch.manual_seed would differ
+    cuda = [probe.device] if probe.device.type == "cuda" else []
+    with torch.no_grad(), fp32_island(probe.device), torch.random.fork_rng(devices=cuda):
         want = logits_of(model(probe)).float()
         try:  # a forward written for contiguous tensors (x.view(B, -1)) raises on channels_last ones
             got = logits_of(prepared(fast.inputs(probe))).float()
