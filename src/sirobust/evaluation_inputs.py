@@ -90,10 +90,15 @@ def build_runners(specs, model, eps, norm, shared: dict, attack_params: dict) ->
     return runners
 
 
-def reads_features(atk) -> bool:
-    """Whether the attack, or a stage of an ensemble, takes its loss from the penultimate features."""
+def parts_reading_features(atk) -> list:
+    """The attack, or the stages of an ensemble (SI-APGD inside aa-si), that take their loss from the
+    penultimate features."""
     parts = [atk, *(stage for _name, stage in getattr(atk, "stages", []))]
-    return any(getattr(getattr(p, "loss", None), "needs_features", False) for p in parts)
+    return [p for p in parts if getattr(getattr(p, "loss", None), "needs_features", False)]
+
+
+def reads_features(atk) -> bool:
+    return bool(parts_reading_features(atk))
 
 
 def without_them(unfit: list, runners: list) -> str:
@@ -117,10 +122,7 @@ def preflight(model: nn.Module, runners: list, probe: torch.Tensor, num_classes:
         if need and num_classes < need:  # (an ensemble skips such stages itself, and says so)
             raise ValueError(f"attack {atk.name!r} uses the {loss.name} loss, which needs at least {need} classes; "
                              f"the model has {num_classes}")
-        # the attack's own loss, or its stages' (SI-APGD inside aa-si)
-        for part in [atk, *(stage for _name, stage in getattr(atk, "stages", []))]:
-            if not getattr(getattr(part, "loss", None), "needs_features", False):
-                continue
+        for part in parts_reading_features(atk):
             try:
                 with torch.no_grad():
                     forward_with_features(model, probe, head=getattr(part, "head", None), need_features=True)
