@@ -58,3 +58,24 @@ def test_what_is_not_8_bit_square_images_with_integer_labels_is_refused(name, mi
     with pytest.raises(ValueError, match="already registered"):
         register_dataset("cifar10", train=(x, y), eps=0.1)
     assert get_dataset_info(name).default_eps == 0.1
+
+
+def test_a_run_resumed_on_other_data_under_the_same_name_is_refused(tmp_path, name, mini):
+    """Another process registers the name again: the run's recorded digest says whether it is the same data."""
+    from sirobust.train import ResumeMismatch
+    x, y, _, _ = mini
+    register_dataset(name, train=(x, y), eps=0.1)
+    cfg = TrainConfig(dataset=name, model="cnn-small", defense="standard", epochs=1, val_size=0, out=str(tmp_path),
+                      progress=False)
+    fit(cfg, log=lambda *_: None)
+    recorded = sirobust.io.read_json(tmp_path / "config.json")["data_sha256"]
+    assert recorded == get_dataset_info(name).data_sha256 and len(recorded) == 64
+    del DATASETS[name]
+    register_dataset(name, train=(x, (y + 1) % 10), eps=0.1)  # the same images, other labels
+    more = TrainConfig(**{**cfg.__dict__, "epochs": 2})
+    with pytest.raises(ResumeMismatch, match=f"dataset '{name}' registered in this process holds other images"):
+        fit(more, resume=True, log=lambda *_: None)
+    del DATASETS[name]
+    register_dataset(name, train=(x.float() / 255, y), eps=0.1)  # the same data, given as floats
+    fit(more, resume=True, log=lambda *_: None)
+    assert [r["epoch"] for r in sirobust.io.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]

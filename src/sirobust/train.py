@@ -45,8 +45,8 @@ from .runfolder import RunFolder
 from .schedule import SCHEDULES, learning_rate
 from .train_config import NEWER_FIELDS, ResumeMismatch, TrainConfig, recorded_config
 from .train_eval import guard_overfitting, validate
-from .train_files import (CONFIG_NAME, METRICS_NAME, prepare_folder, record_epoch, save_weights, tensorboard_writer,
-                          write_summary)
+from .train_files import (CONFIG_NAME, METRICS_NAME, check_same_data, prepare_folder, record_epoch, save_weights,
+                          tensorboard_writer, write_summary)
 from .train_state import STATE_NAME, restore_train_state, resume_state, save_train_state
 
 # the public names of the trainer, wherever they live
@@ -170,6 +170,8 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     group = group or Group()
     out, metrics_path = folder.path, folder.path / METRICS_NAME
     state = resume_state(cfg, folder, log, group)
+    if state is not None:
+        check_same_data(cfg, out)
     data = _data(cfg, device, group)
     parts = _parts(cfg, device, group, user_model)
     progress = _progress(cfg, state, data, parts, device, group, log, out)

@@ -39,7 +39,27 @@ def prepare_folder(cfg: TrainConfig, out: Path, fresh: bool, validated: bool, va
         (out / BEST_NAME).unlink(missing_ok=True)
     write_json(out / CONFIG_NAME, {"config": dataclasses.asdict(cfg), "defense": defense.describe(),
                                    "val_indices": val_idx, "environment": environment_info(),
-                                   "processes": processes})
+                                   "processes": processes, "data_sha256": data_sha256(cfg)})
+
+
+def data_sha256(cfg: TrainConfig) -> Optional[str]:
+    """The digest of a dataset registered in this process (register_dataset), None for a built-in one."""
+    from .data import get_dataset_info
+    return get_dataset_info(cfg.dataset).data_sha256
+
+
+def check_same_data(cfg: TrainConfig, out: Path) -> None:
+    """A resumed run on a registered dataset continues on the data it was trained on: the name alone does not
+    say so (another process may register other images under it)."""
+    path = out / CONFIG_NAME
+    recorded = json.loads(path.read_text()).get("data_sha256") if path.exists() else None
+    now = data_sha256(cfg)
+    if recorded and now and recorded != now:
+        from .train_config import ResumeMismatch
+        raise ResumeMismatch(f"--resume: the dataset {cfg.dataset!r} registered in this process holds other images "
+                             f"or labels than the run in {out} was trained on (sha256 {now[:12]}…, the run's "
+                             f"{recorded[:12]}…): register the same data under that name, or --overwrite to start "
+                             "again")
 
 
 def tensorboard_writer(out: Path):
@@ -103,7 +123,7 @@ def write_summary(cfg: TrainConfig, folder: RunFolder, device, model: nn.Module,
                               "command": folder.record.get("command"), "resumed_by": command_line() if getattr(folder, "resumed", False) else None,
                               "started": folder.record.get("created"), "finished": utc_now(), "device": str(device),
                               "precision": precision_of(model), "fast_path": fast.describe(),
-                              "processes": processes,
+                              "processes": processes, "data_sha256": data_sha256(cfg),
                               "cpu": env["cpu"], "threads": env["threads"],
                               "sirobust": env["sirobust"], "torch": env["torch"],
                               "python": env["python"], "git_commit": env["git_commit"]}}

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -79,6 +79,10 @@ class DatasetInfo:
     augment: str
     description: str
     default_eps_l2: float = 0.5
+    # a dataset registered in this process (register_dataset): the sha256 of its splits' pixels and labels, so
+    # that a run resumed in another process is refused on other data under the same name. None for the
+    # built-in ones, whose files are checked against their published checksums when they are read.
+    data_sha256: Optional[str] = None
 
     def eps_for(self, norm: str) -> float:
         """The customary budget of this dataset for ``norm`` ("Linf" or "L2"), in pixel units."""

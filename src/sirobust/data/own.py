@@ -9,7 +9,8 @@ Example::
     fit(TrainConfig(dataset="parts", model="resnet18", defense="trades", si=True, out="runs/parts"))
 
 The registration lasts for the process: a run trained on it is resumed, in another process, after the same
-``register_dataset`` call (the run records the name).
+``register_dataset`` call (the run records the name, and the sha256 of the data: other data under the same name
+is refused).
 """
 from __future__ import annotations
 
@@ -61,12 +62,25 @@ def register_dataset(name: str, train: Split, test: Optional[Split] = None, *, e
                                            + ", ".join(f"{len(d.labels)} {s}" for s, d in splits.items()) + ")")
     if eps_l2 is not None:
         info["default_eps_l2"] = check_eps(eps_l2, "L2", "eps_l2")
+    info["data_sha256"] = splits_sha256(splits)
 
     def loader(_name, split, _root, _download, **_kw) -> ImageDataset:
         return splits[split]
 
     DATASETS.register(name, _entry(loader, tuple(splits), **info))
     return DATASETS.get(name).info
+
+
+def splits_sha256(splits: dict) -> str:
+    """One sha256 of every split's name, 8-bit pixels (with their shape) and labels, in a fixed order."""
+    import hashlib
+    digest = hashlib.sha256()
+    for which in sorted(splits):
+        ds = splits[which]
+        digest.update(f"{which}:{tuple(ds.images.shape)}:{len(ds.labels)}".encode())
+        digest.update(ds.images.contiguous().numpy().tobytes())
+        digest.update(ds.labels.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _as_split(split: Split, name: str, which: str, classes) -> ImageDataset:
