@@ -147,6 +147,8 @@ def test_compare_reuses_finished_runs_and_tabulates_every_defense(tmp_path):
     for r in res["rows"]:
         assert r["worst_case"] <= min(r[a] for a in ("pgd", "pgd-cw", "pgd-dlr", "si-pgd")) <= r["natural"]
     assert "| TRADES-SI |" in (tmp_path / "compare.md").read_text()
+    assert "One training seed: no difference between a defense and its SI version is stated" in \
+        (tmp_path / "compare.md").read_text()
     logs.clear()
     with pytest.raises(RunFolderError, match="already holds a compare run"):
         compare_defenses("fashion-mnist-mini", "cnn-small", ["standard", "trades"], log=logs.append, **kw)
@@ -293,7 +295,7 @@ def test_compare_over_seeds_trains_each_run_per_seed_and_tests_across_them(tmp_p
         assert r["natural"] == pytest.approx(sum(naturals) / 2)  # the cell is the mean over the seeds
         assert read_json(f"{runs[1]}/config.json")["config"]["seed"] == 1
     md = (tmp_path / "compare.md").read_text()
-    assert "±" in md and "seed" in md
+    assert "±" in md and "seed" in md and "One training seed" not in md
 
 
 def test_compare_passes_its_training_and_validation_flags_to_every_run(tmp_path):

@@ -92,10 +92,17 @@ def compare_defenses(dataset: str, model: str, defenses: Sequence[str], si_modes
                                  "command and --resume", e.signum) from None
         result = {**summary, "dataset": dataset, "model": model, "eps": eps, "steps": steps, "epochs": epochs,
                   "checkpoint": which, "rows": _rows(summary, plan), "eval_n": summary["rows"][0]["n"]}
+        text = tables.to_markdown(summary) + (ONE_SEED if not seeds or len(seeds) < 2 else "")
         write_json(folder.path / "compare.json", result)  # inside the folder's lock, as every write of the run
-        atomic_write_text(folder.path / "compare.md", tables.to_markdown(summary))
-    log("\n" + tables.to_markdown(summary))
+        atomic_write_text(folder.path / "compare.md", text)
+    log("\n" + text)
     return result
+
+
+# what one training seed can say (reproduce/stats.py): the runs, not the defenses
+ONE_SEED = ("\nOne training seed: no difference between a defense and its SI version is stated from it, only whether "
+            "these runs differ. `--seeds 0,1,2` (seeds=[0, 1, 2]) trains every run once per seed and tests the "
+            "difference across them.\n")
 
 
 def comparison_experiment(dataset, model, defenses, si_modes, epochs, eps, seed, train_kw, per_defense,
