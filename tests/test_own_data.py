@@ -1,5 +1,6 @@
 """A dataset of your own (``register_dataset``): trained on by name like a built-in one, with a zoo model or a model
-of your own, its ε the default of what is evaluated on it; what is not 8-bit square images is refused."""
+of your own, its ε the default of what is evaluated on it; images of any height and width; what is not 8-bit
+images with integer labels is refused."""
 import uuid
 
 import pytest
@@ -40,10 +41,10 @@ def test_a_registered_dataset_trains_and_evaluates_by_name(tmp_path, name, mini)
     assert report.attacks["pgd"].robust_acc <= report.clean_acc
 
 
-def test_what_is_not_8_bit_square_images_with_integer_labels_is_refused(name, mini):
+def test_what_is_not_8_bit_images_with_integer_labels_is_refused(name, mini):
     x, y, _, _ = mini
     bad = [(dict(train=(x.float() / 255 + 1e-3, y)), ValueError, "whole multiples of 1/255"),
-           (dict(train=(x[:, :, :, :20], y)), ValueError, "square images"),
+           (dict(train=(x[:, 0], y)), ValueError, r"a \(N, C, H, W\) tensor"),
            (dict(train=(x, y.float())), TypeError, "integer tensor"),
            (dict(train=(x, y), classes=["a", "b"]), ValueError, r"labels must be in \[0, 2\)"),
            (dict(train=(x, y), augment="rotate"), ValueError, "augment must be one of none, crop, flip, crop-flip"),
@@ -79,3 +80,21 @@ def test_a_run_resumed_on_other_data_under_the_same_name_is_refused(tmp_path, na
     register_dataset(name, train=(x.float() / 255, y), eps=0.1)  # the same data, given as floats
     fit(more, resume=True, log=lambda *_: None)
     assert [r["epoch"] for r in sirobust.io.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_images_wider_than_high_train_with_augmentation_and_evaluate(tmp_path, name, mini):
+    """Not square (28 x 20 crops of the bundled images): a zoo model (global pooling) and a model of the user's
+    train with random crops and flips, and evaluate; the user model's check is given images of that shape."""
+    from torch import nn
+    x, y, xt, yt = mini
+    info = register_dataset(name, train=(x[..., 4:24], y), test=(xt[..., 4:24], yt), eps=0.1, augment="crop-flip")
+    assert info.image_shape == (1, 28, 20) and load_dataset(name, "train").images.shape[1:] == (1, 28, 20)
+    fit(TrainConfig(dataset=name, model="cnn-small", defense="at", epochs=1, val_n=16, val_steps=1, attack_steps=1,
+                    out=str(tmp_path / "zoo"), progress=False), log=lambda *_: None)
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(28 * 20, 10))  # fails on any other shape
+    fit(TrainConfig(dataset=name, defense="trades", si=True, epochs=1, val_size=0, attack_steps=1,
+                    out=str(tmp_path / "own"), progress=False), model=flat, log=lambda *_: None)
+    test = load_dataset(name, "test")
+    report = sirobust.evaluate(sirobust.load(tmp_path / "zoo" / "model.safetensors"),
+                               (test.float_images(), test.labels), attacks=["pgd", "si-pgd"], steps=2, progress=False)
+    assert report.n == 48 and report.worst_case_acc <= report.clean_acc

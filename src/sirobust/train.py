@@ -388,14 +388,14 @@ def check_user_model(model: nn.Module, cfg: TrainConfig) -> None:
     if why:
         raise ValueError(f"{cfg.defense} cannot train a model of your own: {why}; use another defense")
     info = get_dataset_info(cfg.dataset)
-    x = torch.rand(2, info.in_channels, info.image_size, info.image_size, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, *info.image_shape, generator=torch.Generator().manual_seed(0))
     x = x.to(model_device(model) or "cpu")
     with torch.no_grad(), model_mode(model, "eval"):
         try:
             logits = logits_of(model(x))
         except Exception as e:  # noqa: BLE001 (whatever it raises, say which input it was given)
-            raise ValueError(f"the model failed on a batch of {cfg.dataset} images, (2, {info.in_channels}, "
-                             f"{info.image_size}, {info.image_size}) pixels in [0, 1]: {type(e).__name__}: {e}") from e
+            raise ValueError(f"the model failed on a batch of {cfg.dataset} images, {(2, *info.image_shape)} "
+                             f"pixels in [0, 1]: {type(e).__name__}: {e}") from e
         if logits.dim() != 2 or logits.shape[1] != info.num_classes:
             raise ValueError(f"the model returns {tuple(logits.shape)} for 2 images of {cfg.dataset}; it must return "
                              f"(2, {info.num_classes}) logits, one per class")

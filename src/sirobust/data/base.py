@@ -79,10 +79,16 @@ class DatasetInfo:
     augment: str
     description: str
     default_eps_l2: float = 0.5
+    image_width: Optional[int] = None  # a registered dataset's images may be wider than high; None: square
     # a dataset registered in this process (register_dataset): the sha256 of its splits' pixels and labels, so
     # that a run resumed in another process is refused on other data under the same name. None for the
     # built-in ones, whose files are checked against their published checksums when they are read.
     data_sha256: Optional[str] = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return self.in_channels, self.image_size, self.image_width or self.image_size
 
     def eps_for(self, norm: str) -> float:
         """The customary budget of this dataset for ``norm`` ("Linf" or "L2"), in pixel units."""

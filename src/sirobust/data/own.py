@@ -29,7 +29,7 @@ def register_dataset(name: str, train: Split, test: Optional[Split] = None, *, e
                      description: str = "") -> DatasetInfo:
     """Register ``train`` (and ``test``) under ``name`` for this process; returns its :class:`DatasetInfo`.
 
-    Each split is an :class:`ImageDataset` or ``(images, labels)``: images (N, C, H, W) square, uint8, or
+    Each split is an :class:`ImageDataset` or ``(images, labels)``: images (N, C, H, W), any H and W, uint8, or
     floats in [0, 1] that are whole multiples of 1/255 (sirobust holds datasets as 8-bit pixels, as the
     datasets the field evaluates on are); labels integers in ``[0, classes)``. ``eps`` (and ``eps_l2``) are the
     budgets used when none is given; ``augment`` one of none, crop, flip, crop-flip. The per-channel mean and
@@ -56,6 +56,7 @@ def register_dataset(name: str, train: Split, test: Optional[Split] = None, *, e
         ds.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
     pixels = first.float().div_(255).transpose(0, 1).flatten(1)
     info = dict(name=name, num_classes=num_classes, in_channels=int(first.shape[1]), image_size=int(first.shape[2]),
+                image_width=int(first.shape[3]) if first.shape[3] != first.shape[2] else None,
                 mean=tuple(pixels.mean(1).tolist()), std=tuple(pixels.std(1).clamp_min(1e-6).tolist()),
                 default_eps=check_eps(eps, "Linf", "eps"), augment=augment,
                 description=description or f"{name}: a dataset registered in this process ("
@@ -90,8 +91,8 @@ def _as_split(split: Split, name: str, which: str, classes) -> ImageDataset:
         images, labels = split
     else:
         raise TypeError(f"{which} must be an ImageDataset or an (images, labels) pair, got {type(split).__name__}")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[2] != images.shape[3]:
-        raise ValueError(f"{which} images must be a (N, C, H, W) tensor of square images, got "
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or min(images.shape[2:]) < 1:
+        raise ValueError(f"{which} images must be a (N, C, H, W) tensor, got "
                          f"{getattr(images, 'shape', type(images).__name__)}")
     if images.dtype != torch.uint8:
         if not images.is_floating_point():
