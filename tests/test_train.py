@@ -41,6 +41,16 @@ def test_run_folder_has_metrics_weights_and_config(tmp_path):
     assert sirobust.load(tmp_path / "best.safetensors").sirobust_metadata["extra"].count(f'"epoch": {first_best}')
 
 
+def test_holding_out_most_of_the_data_is_warned_of_and_the_usual_split_is_not(tmp_path):
+    said = []
+    fit(small(tmp_path / "odd", epochs=1, val_size=0.999, train_n=None), log=said.append)
+    warned = [m for m in said if m.startswith("warning: val_size (--val-size) 0.999 holds out 5994 of 6000")]
+    assert warned and "leaving 6 to train on" in warned[0]
+    said.clear()
+    fit(small(tmp_path / "usual", epochs=1), log=said.append)
+    assert not [m for m in said if "val_size" in m]
+
+
 @pytest.mark.parametrize("defense,si", [("at", False), ("trades", True),
                                         pytest.param("he", False, marks=pytest.mark.slow)])  # he: 11 s
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, defense, si):

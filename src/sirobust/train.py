@@ -172,7 +172,7 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
     state = resume_state(cfg, folder, log, group)
     if state is not None:
         check_same_data(cfg, out)
-    data = _data(cfg, device, group)
+    data = _data(cfg, device, group, log)
     parts = _parts(cfg, device, group, user_model)
     progress = _progress(cfg, state, data, parts, device, group, log, out)
     if group.main:  # rank 0 writes every file of the run; the others only compute
@@ -231,13 +231,16 @@ def _fit(cfg: TrainConfig, device: torch.device, folder: RunFolder, stop: StopRe
                          group.world)
 
 
-def _data(cfg: TrainConfig, device: torch.device, group: Group) -> _Data:
+def _data(cfg: TrainConfig, device: torch.device, group: Group, log=print) -> _Data:
     full = group.local_first(load_dataset, cfg.dataset, "train", data_dir=cfg.data_dir,
                              accept_checksum_mismatch=cfg.accept_checksum_mismatch)
     if cfg.val_size == 0:  # the whole training set is trained on (TRADES' and MART's protocol): nothing held out
         train_ds, val_ds, val_idx = full, None, torch.zeros(0, dtype=torch.int64)
     else:
         train_ds, val_ds, val_idx = train_val_split(full, cfg.val_size, seed=cfg.seed)
+        if len(val_ds) > len(train_ds):  # legal, but almost always a typo (0.999 for 0.1, a count for a fraction)
+            log(f"warning: val_size (--val-size) {cfg.val_size!r} holds out {len(val_ds)} of {len(full)} examples, "
+                f"leaving {len(train_ds)} to train on; the usual value is a fraction like 0.1")
     if cfg.train_n is not None:
         train_ds = train_ds.subset(torch.arange(min(cfg.train_n, len(train_ds))))
     # with N processes every one walks the same global batches and trains on its slice of each
