@@ -401,6 +401,33 @@ def test_jobs_and_concurrent_shards_train_each_run_once_and_give_the_one_process
     assert len(runs) == 4 and not list((tmp_path / "shards").rglob("*.partial"))
 
 
+# ~20 s of CLI processes: slow set
+@pytest.mark.slow
+def test_a_stop_signal_to_jobs_inside_an_evaluation_saves_its_batches_and_says_how_to_continue(tmp_path):
+    """SIGTERM to `reproduce --jobs 2` reaches each job, which ends its evaluation after the batch it is on (saved
+    in the .partial folder) and says so, instead of dying by the signal (exit -15, nothing said)."""
+    import signal
+    import time
+    long_eval = TINY.replace('eval = { n = 24, steps = 2 }', 'eval = { n = 4000, steps = 20, batch_size = 100 }')
+    cfg = _write(tmp_path, long_eval)
+    proc = _cli([str(cfg), "--preset", "smoke", "--no-progress", "--out", str(tmp_path / "out"), "--jobs", "2"],
+                tmp_path)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[evaluate]" in line:
+            break
+    time.sleep(3)  # a few of the evaluation's 40 batches
+    proc.send_signal(signal.SIGTERM)
+    text = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "exited with status" not in text, text
+    assert re.search(r"\[job \d/2\] stopped: stopped by SIGTERM during \S+; every finished batch is saved \(in "
+                     r".*\.partial\)\. Continue with the same command", text), text
+    saved = list((tmp_path / "out").rglob("*.partial/*"))
+    assert saved, text  # the finished batches, which the same command reuses
+
+
 def test_a_job_that_finishes_its_part_takes_the_runs_no_other_job_has_started(tmp_path, monkeypatch):
     """--jobs: a static split cannot know which runs are done already, so a job does its shard's units first and
     then the others' from the end; a run another process holds is waited for, and taken over once its holder

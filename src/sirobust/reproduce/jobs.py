@@ -112,8 +112,9 @@ def main(argv: list[str]) -> int:
     if threads:
         import torch
         torch.set_num_threads(int(threads))
-    from ..interrupts import RunInterrupted
+    from ..interrupts import RunInterrupted, terminate_as_interrupt
     from . import reproduce
+    terminate_as_interrupt()  # a SIGTERM between saved points still runs every cleanup (locks, temporary files)
     try:
         reproduce(spec["name"], preset=spec["preset"], out=spec["out"], overrides=spec["overrides"],
                   device=spec["device"], progress=False, model_dir=spec["model_dir"],
@@ -123,6 +124,10 @@ def main(argv: list[str]) -> int:
     except RunInterrupted as e:
         print(f"stopped: {e}", flush=True)
         return 128 + int(getattr(e, "signum", signal.SIGTERM) or signal.SIGTERM)
+    except KeyboardInterrupt as e:  # a second signal, or one outside a saved point: every file is complete
+        print("stopped: interrupted; every file written so far is complete. Continue with the same command",
+              flush=True)
+        return getattr(e, "exit_code", 128 + int(signal.SIGINT))
     return 0
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .._version import __version__
-from ..interrupts import RunInterrupted, take_pending_stop
+from ..interrupts import RunInterrupted, graceful_stop, take_pending_stop
 from ..io import file_sha256, read_json, write_json
 from ..provenance import environment_info
 from ..runfolder import RUN_FILE, RunFolder, command_line
@@ -529,10 +529,16 @@ class Runner:
         # 10,000 CIFAR images) continues from its last batch; the batches are cut by batch_size, hence the name
         partial = path.with_name(f"{path.stem}-b{e['batch_size']}.partial")
         saved = EvaluationProgress(partial) if self.group.main else None
-        rep = evaluate(model, test, attacks=attacks, eps=eps, steps=e["steps"], restarts=job.restarts, n=job.n,
-                       batch_size=e["batch_size"], seed=e["seed"], device=pick_device(self.device),
-                       progress=self.progress, precision=e["precision"], provenance=prov, group=self.group,
-                       saved=saved, config={"dataset": cell.dataset, "split": "test", "model_description": cell.row.label})
+        # a stop signal ends the evaluation after its current batch (saved): a job of --jobs gets SIGTERM
+        try:
+            with graceful_stop() as stop:
+                rep = evaluate(model, test, attacks=attacks, eps=eps, steps=e["steps"], restarts=job.restarts,
+                               n=job.n, batch_size=e["batch_size"], seed=e["seed"], device=pick_device(self.device),
+                               progress=self.progress, precision=e["precision"], provenance=prov, group=self.group,
+                               saved=saved, stop=stop,
+                               config={"dataset": cell.dataset, "split": "test", "model_description": cell.row.label})
+        except RunInterrupted as stopped:
+            raise RunInterrupted(f"{stopped} (in {partial}). Continue with the same command", stopped.signum) from None
         result = {"spec": spec, "row": cell.row.label, "combo": cell.combo, "seconds": time.time() - t0,
                   "report": rep.to_dict()}
         if self.group.main:
