@@ -59,7 +59,7 @@ def _tolerance(dtype: torch.dtype) -> float:
     """Float slack when checking ‖δ‖ ≤ ε: 1e-6 for float32 and float64; for bf16 and fp16 data (whose ‖δ‖ is
     measured in float64), half a rounding step at 1.0 (x ± ε rounded to nearest in that dtype), 0.0039 and 0.00049. (It was
     4 ulps at 1.0, 0.031 in bf16: an attack at 1.9ε of 8/255 passed.) sirobust's attacks return points
-    inside the ball exactly in every dtype."""
+    inside the ball up to the rounding of x ± ε in the data's dtype (threat.LinfBall.project), well within this."""
     return max(1e-6, torch.finfo(dtype).eps / 2)
 
 
