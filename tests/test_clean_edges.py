@@ -179,7 +179,7 @@ def test_resume_without_run_json_says_it_is_missing(tmp_path, capsys):
     assert f"{out / 'run.json'} is missing" in err and "lr" in err
 
 
-def test_sigterm_outside_a_graceful_block_exits_143_and_a_finished_blocks_signal_is_handed_on():
+def test_sigterm_outside_a_graceful_block_exits_143_and_a_finished_blocks_signal_is_handed_on(capfd):
     import os
     import signal
 
@@ -193,6 +193,8 @@ def test_sigterm_outside_a_graceful_block_exits_143_and_a_finished_blocks_signal
         with graceful_stop() as stop:
             os.kill(os.getpid(), signal.SIGTERM)
         assert stop.name == "SIGTERM"
+        # heard at once, though the job stops only at its next saved point
+        assert "SIGTERM received; stopping after the current step" in capfd.readouterr().err
         assert take_pending_stop() == signal.SIGTERM and take_pending_stop() is None  # handed on once
         with graceful_stop():
             pass

@@ -9,6 +9,8 @@ which still runs every ``finally`` (locks released, temporary files removed).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -57,6 +59,12 @@ def graceful_stop() -> Iterator[StopRequest]:
         if stop.requested:
             raise KeyboardInterrupt
         stop.signum = signum
+        # the job may be inside a long step (an AutoAttack batch): say that the signal was heard. os.write, not
+        # print: a handler that prints while the interrupted code writes to stderr (a progress bar) would raise
+        # "reentrant call" at that point
+        with contextlib.suppress(OSError):
+            os.write(2, f"sirobust: {stop.name} received; stopping after the current step, which is saved (a second "
+                        "Ctrl-C or SIGTERM stops at once)\n".encode())
 
     saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     global _pending
