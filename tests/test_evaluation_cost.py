@@ -68,3 +68,19 @@ def test_the_evaluation_logs_the_bound_before_the_attacks(tiny_net, image_batch)
     assert "on 5 examples" in cost[0] and "pgd 16" in cost[0] and "not counted: mine" in cost[0]
     line = cost_line(tiny_net, [], x, 5, 10, torch.device("cpu"))
     assert line is None  # nothing to attack, nothing said
+
+
+def test_the_forward_pass_is_timed_in_the_attacks_precision(tiny_net, image_batch):
+    """bf16 attacks make a forward pass several times cheaper on a GPU: the bound is timed under their autocast
+    (checked here on the CPU's autocast, which the same context manager turns on)."""
+    from sirobust.evaluation_cost import forward_seconds
+    from sirobust.fastpath import resolve_precision
+    x, _ = image_batch
+    seen = []
+    hook = tiny_net.register_forward_pre_hook(lambda _m, _i: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        forward_seconds(tiny_net, x, torch.device("cpu"), resolve_precision("bf16", "cpu"))
+        forward_seconds(tiny_net, x, torch.device("cpu"), resolve_precision("fp32", "cpu"))
+    finally:
+        hook.remove()
+    assert seen == [True, True, False, False]

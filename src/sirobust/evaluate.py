@@ -189,7 +189,7 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
         todo = clean.nonzero().squeeze(1)  # only clean-correct points can be robust
         if log and group.main:  # the bound on what the attacks can cost, before they start
             line = cost_line(model, runners, x_all[:min(N, batch_size)].to(device), len(todo), num_classes, device,
-                             group.world)
+                             group.world, fast)
             if line:
                 log(line)
         for atk in runners:
