@@ -261,25 +261,36 @@ def test_an_interrupted_evaluation_resumes_without_redoing_a_batch(tmp_path, tra
               attack_params={"apgd-ce": {"steps": 3}})
     straight = evaluate(trained_cnn, (x, y), **kw)
 
-    class StopAfter:  # a stop request that arrives after a given number of batches
+    class StopAfter:  # a stop request that arrives once a given number of batches has run
         signum, name = 15, "SIGTERM"
 
         def __init__(self, batches):
-            self.left = batches
+            self.batches, self.ran = batches, 0
 
         @property
         def requested(self):
-            self.left -= 1
-            return self.left < 0
+            return self.ran >= self.batches
 
+    total = 2 * -(-sum(straight.clean_correct) // 8)
+    assert total >= 4  # two batches or more an attack
+    stop = StopAfter(total // 2 + 1)  # in apgd-ce's first batch
+    real = ev._run_batch
+
+    def counted(*a, **k):
+        stop.ran += 1
+        return real(*a, **k)
+    monkeypatch.setattr(ev, "_run_batch", counted)
     saved = EvaluationProgress(tmp_path)
     with pytest.raises(RunInterrupted, match="stopped by SIGTERM during apgd-ce"):
-        evaluate(trained_cnn, (x, y), saved=saved, stop=StopAfter(4), **kw)
+        evaluate(trained_cnn, (x, y), saved=saved, stop=stop, **kw)
     done_before = saved.done_batches("pgd") + saved.done_batches("apgd-ce")
-    total = 2 * -(-sum(straight.clean_correct) // 8)
-    assert 0 < done_before < total
+    assert done_before == total // 2 + 1
+    # heard in an attack's last batch: stopped before the next attack, none of whose batches has run
+    stop, saved_2 = StopAfter(total // 2), EvaluationProgress(tmp_path / "2")
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM before apgd-ce"):
+        evaluate(trained_cnn, (x, y), saved=saved_2, stop=stop, **kw)
+    assert saved_2.done_batches("pgd") == total // 2 and saved_2.done_batches("apgd-ce") == 0
     calls = []
-    real = ev._run_batch
     monkeypatch.setattr(ev, "_run_batch", lambda *a, **k: calls.append(a[1].name) or real(*a, **k))
     resumed = evaluate(trained_cnn, (x, y), saved=saved, **kw)
     assert len(calls) == total - done_before  # nothing finished is redone

@@ -199,5 +199,16 @@ def test_sigterm_outside_a_graceful_block_exits_143_and_a_finished_blocks_signal
         with graceful_stop():
             pass
         assert take_pending_stop() is None
+        # with no stderr (closed at start), nothing is written: fd 2 may then be a file the job opened
+        import sys
+        real_stderr = sys.__stderr__
+        sys.__stderr__ = None
+        try:
+            with graceful_stop() as stop:
+                os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            sys.__stderr__ = real_stderr
+        assert stop.name == "SIGTERM" and "received" not in capfd.readouterr().err
+        take_pending_stop()
     finally:
         signal.signal(signal.SIGTERM, saved)

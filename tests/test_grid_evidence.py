@@ -401,13 +401,13 @@ def test_jobs_and_concurrent_shards_train_each_run_once_and_give_the_one_process
     assert len(runs) == 4 and not list((tmp_path / "shards").rglob("*.partial"))
 
 
-# ~20 s of CLI processes: slow set
+# ~45 s of CLI processes: slow set (the same stops in-process are in the default set, below)
 @pytest.mark.slow
 def test_a_stop_signal_to_jobs_inside_an_evaluation_saves_its_batches_and_says_how_to_continue(tmp_path):
     """SIGTERM to `reproduce --jobs 2` reaches each job, which ends its evaluation after the batch it is on (saved
-    in the .partial folder) and says so, instead of dying by the signal (exit -15, nothing said)."""
+    in the .partial folder), or stops after it when that was its last batch, and says so, instead of dying by
+    the signal (exit -15, nothing said)."""
     import signal
-    import time
     long_eval = TINY.replace('eval = { n = 24, steps = 2 }', 'eval = { n = 4000, steps = 20, batch_size = 100 }')
     cfg = _write(tmp_path, long_eval)
     proc = _cli([str(cfg), "--preset", "smoke", "--no-progress", "--out", str(tmp_path / "out"), "--jobs", "2"],
@@ -417,15 +417,93 @@ def test_a_stop_signal_to_jobs_inside_an_evaluation_saves_its_batches_and_says_h
         lines.append(line)
         if "[evaluate]" in line:
             break
-    time.sleep(3)  # a few of the evaluation's 40 batches
     proc.send_signal(signal.SIGTERM)
     text = "".join(lines) + proc.communicate(timeout=300)[0]
     assert proc.returncode == 128 + signal.SIGTERM, text
     assert "exited with status" not in text, text
-    assert re.search(r"\[job \d/2\] stopped: stopped by SIGTERM during \S+; every finished batch is saved \(in "
-                     r".*\.partial\)\. Continue with the same command", text), text
-    saved = list((tmp_path / "out").rglob("*.partial/*"))
-    assert saved, text  # the finished batches, which the same command reuses
+    assert "SIGTERM received; stopping after the current step" in text, text  # heard at once
+    assert re.search(r"\[job \d/2\] stopped: stopped by SIGTERM ((during|before) \S+; every finished batch is saved \(in "
+                     r".*\.partial\)|after the evaluation \S+; every finished evaluation is saved)\. Continue with "
+                     r"the same command", text), text
+    assert list((tmp_path / "out").rglob("*.partial/*")) or list((tmp_path / "out").rglob("eval-*.json")), text
+
+
+def _signal_during(monkeypatch, module, name, signum, at_end=False):
+    """Make ``module.name`` send this process ``signum`` on its first call, as it starts or (``at_end``) as it
+    returns."""
+    import os
+    real = getattr(module, name)
+    calls = []
+
+    def signalled(*a, **k):
+        calls.append(1)
+        if len(calls) == 1 and not at_end:
+            os.kill(os.getpid(), signum)  # handled by graceful_stop's handler: the flag is set, the work goes on
+        out = real(*a, **k)
+        if len(calls) == 1 and at_end:
+            os.kill(os.getpid(), signum)
+        return out
+    monkeypatch.setattr(module, name, signalled)
+    return calls
+
+
+def test_a_stop_signal_in_a_grids_evaluation_stops_it_after_the_batch_and_the_same_command_continues(
+        tmp_path, monkeypatch):
+    """Inside an evaluation (its first batch): stopped after that batch, which is saved; in the last batch
+    of the last attack (the evaluation finishes): the grid stops after it rather than going on with its queue;
+    the same command then finishes the grid, reusing what was saved."""
+    import importlib
+    import signal
+
+    from sirobust.interrupts import RunInterrupted, take_pending_stop
+    ev = importlib.import_module("sirobust.evaluate")  # the module (the package's `evaluate` is the function)
+    cfg = _write(tmp_path, TINY.replace('eval = { n = 24, steps = 2 }', 'eval = { n = 24, steps = 2, batch_size = 12 }'))
+    out = str(tmp_path / "out")
+    batches = _signal_during(monkeypatch, ev, "_run_batch", signal.SIGTERM)
+    with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM (during|before) \S+; every finished batch is saved \(in .*"
+                                             r"\.partial\)\. Continue with the same command") as e:
+        reproduce(str(cfg), preset="smoke", out=out, progress=False, log=_quiet)
+    assert e.value.exit_code == 143 and len(batches) == 1 and list((tmp_path / "out").rglob("*.partial/*"))
+    monkeypatch.undo()
+    evaluations = _signal_during(monkeypatch, ev, "evaluate", signal.SIGTERM, at_end=True)
+    with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM after the evaluation \S+eval-\S+\.json; every "
+                                             r"finished evaluation is saved\. Continue with the same command"):
+        reproduce(str(cfg), preset="smoke", out=out, progress=False, log=_quiet)
+    assert len(evaluations) == 1 and take_pending_stop() is None  # the grid stopped there, not after its queue
+    monkeypatch.undo()
+    lines = []
+    summary = reproduce(str(cfg), preset="smoke", out=out, progress=False, log=lambda *a, **_k: lines.append(a[0]))
+    assert summary is not None and any(line.startswith("[reuse]") for line in lines)
+
+
+def test_a_second_stop_signal_to_the_jobs_parent_stops_its_jobs_at_once_and_none_outlives_it():
+    """`reproduce --jobs`: the first Ctrl-C asks each job to stop after its step; a second one, while the parent
+    waits, passes a second signal on (a job then stops at once), and a job that still runs is killed, so that
+    none is left holding its locks behind the parent."""
+    import signal
+    import threading
+
+    from sirobust.reproduce.jobs import _stop_children
+    stops_on_second = ("import signal, sys, time\nseen = []\n"
+                       "def h(*_):\n    seen.append(1)\n    if len(seen) == 2: sys.exit(7)\n"
+                       "signal.signal(signal.SIGTERM, h)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    deaf = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for code in (stops_on_second, deaf)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    second = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # the user's second Ctrl-C
+    second.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _stop_children(procs, grace_seconds=2.0)
+    finally:
+        second.cancel()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert procs[0].returncode == 7  # stopped by the second signal passed on
+    assert procs[1].returncode == -signal.SIGKILL  # ignored both: killed after the grace period
 
 
 def test_a_job_that_finishes_its_part_takes_the_runs_no_other_job_has_started(tmp_path, monkeypatch):

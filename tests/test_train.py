@@ -45,7 +45,7 @@ def test_holding_out_most_of_the_data_is_warned_of_and_the_usual_split_is_not(tm
     said = []
     fit(small(tmp_path / "odd", epochs=1, val_size=0.999, train_n=None), log=said.append)
     warned = [m for m in said if m.startswith("warning: val_size (--val-size) 0.999 holds out 5994 of 6000")]
-    assert warned and "leaving 6 to train on" in warned[0]
+    assert warned and "leaving 6 for training" in warned[0]
     said.clear()
     fit(small(tmp_path / "usual", epochs=1), log=said.append)
     assert not [m for m in said if "val_size" in m]

@@ -192,7 +192,9 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
                              group.world, fast)
             if line:
                 log(line)
-        for atk in runners:
+        for i, atk in enumerate(runners):
+            if i and group.any(stop is not None and stop.requested):  # heard in the last batch of the one before
+                raise _interrupted(stop, f"before {atk.name}")
             results[atk.name] = _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size, device,
                                             progress, tqdm, saved, stop, group, num_classes)
             if results[atk.name].excluded:
@@ -308,11 +310,9 @@ def _run_attack(model, atk, threat, x_all, y_all, keys_all, todo, N, batch_size,
                 saved.save_batch(atk.name, p_s, p_done)
             record(p_s, p_done)
         seconds += max(p_done["seconds"] for _, p_done in parts)  # the processes ran side by side
-        if group.any(stop is not None and stop.requested) and r + group.world < len(remaining):
+        if r + group.world < len(remaining) and group.any(stop is not None and stop.requested):
             bar.close()
-            name = stop.name if stop is not None and stop.requested else "a stop signal to another process"
-            raise RunInterrupted(f"stopped by {name} during {atk.name}; every finished batch is saved",
-                                 stop.signum if stop is not None else None)
+            raise _interrupted(stop, f"during {atk.name}")
     bar.close()
     k = int(robust.sum())
     acc = accuracy(k, N)
@@ -357,6 +357,13 @@ def adbd(distances: torch.Tensor) -> dict:
     return {"mean": found.mean().item() if found.numel() else None,
             "median": found.median().item() if found.numel() else None,
             "found": int(found.numel()), "not_found": int(distances.numel() - found.numel())}
+
+
+def _interrupted(stop, where: str) -> RunInterrupted:
+    """The stop of an evaluation ``where`` ("during pgd"), once every process has saved its finished batches."""
+    name = stop.name if stop is not None and stop.requested else "a stop signal to another process"
+    return RunInterrupted(f"stopped by {name} {where}; every finished batch is saved",
+                          stop.signum if stop is not None else None)
 
 
 def _run_batch(model, atk, threat, x, y, keys, ours: bool, tol: float, device) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -54,6 +55,8 @@ def graceful_stop() -> Iterator[StopRequest]:
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
+    # the process's own stderr, not fd 2 blindly: with stderr closed at start, fd 2 may be a file the job opened
+    err = sys.__stderr__
 
     def handler(signum, _frame):
         if stop.requested:
@@ -62,9 +65,9 @@ def graceful_stop() -> Iterator[StopRequest]:
         # the job may be inside a long step (an AutoAttack batch): say that the signal was heard. os.write, not
         # print: a handler that prints while the interrupted code writes to stderr (a progress bar) would raise
         # "reentrant call" at that point
-        with contextlib.suppress(OSError):
-            os.write(2, f"sirobust: {stop.name} received; stopping after the current step, which is saved (a second "
-                        "Ctrl-C or SIGTERM stops at once)\n".encode())
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # (no stderr, or a closed one)
+            os.write(err.fileno(), f"sirobust: {stop.name} received; stopping after the current step, which is saved "
+                                   "(a second Ctrl-C or SIGTERM stops at once)\n".encode())
 
     saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     global _pending

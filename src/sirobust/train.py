@@ -240,7 +240,7 @@ def _data(cfg: TrainConfig, device: torch.device, group: Group, log=print) -> _D
         train_ds, val_ds, val_idx = train_val_split(full, cfg.val_size, seed=cfg.seed)
         if len(val_ds) > len(train_ds):  # legal, but almost always a typo (0.999 for 0.1, a count for a fraction)
             log(f"warning: val_size (--val-size) {cfg.val_size!r} holds out {len(val_ds)} of {len(full)} examples, "
-                f"leaving {len(train_ds)} to train on; the usual value is a fraction like 0.1")
+                f"leaving {len(train_ds)} for training; the usual value is a fraction like 0.1")
     if cfg.train_n is not None:
         train_ds = train_ds.subset(torch.arange(min(cfg.train_n, len(train_ds))))
     # with N processes every one walks the same global batches and trains on its slice of each

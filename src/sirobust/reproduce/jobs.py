@@ -87,17 +87,37 @@ def run_jobs(name: str, preset: str, out: str, overrides: Optional[dict], device
             proc.wait()
             pump.join()
     except BaseException:  # Ctrl-C or SIGTERM: each child saves its progress and stops
-        for _k, proc, _thread in children:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _k, proc, _thread in children:
-            proc.wait()
+        _stop_children([proc for _k, proc, _thread in children])
         raise
     failed = [(k, proc.returncode) for k, proc, _ in children if proc.returncode != 0]
     if failed:
         raise JobsFailed("; ".join(f"job {k}/{jobs} exited with status {rc}" for k, rc in failed)
                            + " (its lines above, prefixed [job K/N], say why); what the others finished is kept: "
                              "run the same command again to continue")
+
+
+def _stop_children(procs: list, grace_seconds: float = 60.0) -> None:
+    """Ask each running job to stop after its current step (SIGTERM) and wait for them. A second Ctrl-C or
+    SIGTERM while waiting passes a second signal on, which stops the jobs at once (every file they wrote is
+    complete); a job still running ``grace_seconds`` after that is killed. The parent never leaves a job running
+    behind it: the job would hold its locks and write into a closed pipe."""
+    def signal_running():
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+    signal_running()
+    try:
+        for proc in procs:
+            proc.wait()
+    except KeyboardInterrupt:
+        signal_running()
+        for proc in procs:
+            try:
+                proc.wait(timeout=grace_seconds)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
 
 
 def _pump(proc, prefix: str, log: Callable) -> None:

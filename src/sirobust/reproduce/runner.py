@@ -546,6 +546,12 @@ class Runner:
             for kept in path.parent.glob(f"{path.stem}-b*.partial"):  # all of it is in the result now (also the
                 shutil.rmtree(kept, ignore_errors=True)               # batches of a try with another batch size)
         self.evaluated += 1
+        # a signal during its last batch let the evaluation finish: the grid stops now, not after its whole queue
+        if self.group.any(stop.requested):
+            take_pending_stop()
+            raise RunInterrupted(f"stopped by {stop.name or 'a signal to another process'} after the evaluation "
+                                 f"{path}; every finished evaluation is saved. Continue with the same command",
+                                 stop.signum)
         return {**result, "path": str(path)}
 
     def weights_epoch(self, cell: Cell, ledger: Optional[dict] = None) -> Optional[int]:
