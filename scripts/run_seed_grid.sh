@@ -22,6 +22,6 @@ set -x
 "${RUN[@]}" table4 --seeds 0,1,2
 "${RUN[@]}" fig4
 "${RUN[@]}" table6 --seeds 0,1,2,3,4
-# Table 9 (black-box) over seeds 0-2: Table 6's seed-1 and seed-2 models were trained on a machine that is gone,
-# so this trains them again (their white-box evaluations are in the ledger; SPSA and RayS need the weights)
+# Table 9 (black-box) over seeds 0-2, on the Table 6 models the step above trained here (its committed table's
+# runs were trained on a machine that is gone, before the ledger existed; SPSA and RayS need the weights)
 "${RUN[@]}" table9 --seeds 0,1,2
