@@ -199,6 +199,13 @@ def test_sigterm_outside_a_graceful_block_exits_143_and_a_finished_blocks_signal
         with graceful_stop():
             pass
         assert take_pending_stop() is None
+        with pytest.raises(KeyboardInterrupt) as caught:  # a second signal stops at once, with its own status
+            with graceful_stop():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert isinstance(caught.value, Terminated) and caught.value.exit_code == 143
+        take_pending_stop()
+        capfd.readouterr()
         # with no stderr (closed at start), nothing is written: fd 2 may then be a file the job opened
         import sys
         real_stderr = sys.__stderr__

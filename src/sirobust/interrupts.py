@@ -59,8 +59,8 @@ def graceful_stop() -> Iterator[StopRequest]:
     err = sys.__stderr__
 
     def handler(signum, _frame):
-        if stop.requested:
-            raise KeyboardInterrupt
+        if stop.requested:  # the second: at once (SIGTERM's exit status stays 143)
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         stop.signum = signum
         # the job may be inside a long step (an AutoAttack batch): say that the signal was heard. os.write, not
         # print: a handler that prints while the interrupted code writes to stderr (a progress bar) would raise
