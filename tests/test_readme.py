@@ -56,3 +56,16 @@ def test_readme_demo_numbers_are_generated_from_a_demo_run():
     block = re.search(r"<!-- demo-results:begin[^>]*-->\n(.*?)\n<!-- demo-results:end -->", README, re.S).group(1)
     assert block.strip() == render_results(summary).strip()
     assert not summary["quick"] and summary["epochs"] == 3
+
+
+def test_the_made_on_line_names_the_thread_count_on_a_cpu_and_not_on_a_gpu():
+    """The thread count changes a CPU's sums, hence the weights: a reader comparing digits needs it."""
+    from sirobust.demo import made_on
+    cpu = made_on({"environment": {"cpu": "AMD EPYC", "gpu": None, "torch": "2.13.0+cpu", "threads": 2}})
+    assert cpu.startswith("Made on AMD EPYC (2 CPU threads) with torch 2.13.0+cpu.") and "thread counts" in cpu
+    one = made_on({"environment": {"cpu": "AMD EPYC", "gpu": None, "torch": "2.13.0+cpu", "threads": 1}})
+    assert "(1 CPU thread)" in one
+    gpu = made_on({"environment": {"cpu": "x", "gpu": "NVIDIA H100", "torch": "2.11", "threads": 16}})
+    assert gpu.startswith("Made on NVIDIA H100 with torch 2.11.") and "CPU thread" not in gpu
+    old = made_on({"environment": {"cpu": "AMD EPYC", "gpu": None, "torch": "2.13.0+cpu"}})  # recorded before
+    assert old.startswith("Made on AMD EPYC with torch")

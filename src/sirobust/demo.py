@@ -86,7 +86,7 @@ def si_verdict(reports: list[tuple[str, object]], epochs: int) -> str:
                 "other way. The paper's gains are for 120-epoch CIFAR-10 ResNet-18 runs.")
     else:
         text = (f"Here, after {epochs} epoch{'s' * (epochs != 1)}, TRADES-SI minus TRADES in worst case is {diff:+.1f} points: no "
-                f"difference detected ({counts}). Other CPUs and torch builds give other digits, and can flip the "
+                f"difference detected ({counts}). Other CPUs, thread counts and torch builds give other digits, and can flip the "
                 f"sign of a gap this size; what holds across such runs is that {epochs} epoch{'s' * (epochs != 1)} on this data cannot "
                 "tell the two apart. The paper's gains are for 120-epoch CIFAR-10 ResNet-18 runs.")
     measured = longer_run()
@@ -108,13 +108,15 @@ def flags_summary(reports: list[tuple[str, object]]) -> str:
 
 
 def made_on(summary: dict) -> str:
-    """Where these digits were made: floating-point kernels differ between processors and torch builds, and a
-    few epochs of training amplify the difference."""
+    """Where these digits were made: floating-point kernels differ between processors, CPU thread counts (the
+    order of a sum) and torch builds, and a few epochs of training amplify the difference."""
     env = summary.get("environment") or {}
     where = env.get("gpu") or env.get("cpu") or "an unrecorded processor"
-    return (f"Made on {where} with torch {env.get('torch', '(unrecorded)')}. Other processors and torch builds give "
-            "other numbers, by up to a point or two after three epochs of training: read a run of yours against "
-            "this table with that margin.")
+    threads = f" ({env['threads']} CPU thread{'s' * (env['threads'] != 1)})" if env.get("threads") and not env.get("gpu") \
+        else ""
+    return (f"Made on {where}{threads} with torch {env.get('torch', '(unrecorded)')}. Other processors, thread counts "
+            "and torch builds give other numbers, by up to a point or two after three epochs of training: read a "
+            "run of yours against this table with that margin.")
 
 
 def render_results(summary: dict) -> str:
@@ -198,7 +200,7 @@ def _run_demo(out_dir: Path, quick: bool, device: str, progress: bool, log) -> d
     env = environment_info()
     summary = {"seconds": time.time() - t_start, "epochs": epochs, "eps": info.default_eps, "n_eval": n_eval,
                "steps": steps, "device": str(dev), "quick": quick, "command": command_line(), "rows": rows,
-               "environment": {"cpu": env["cpu"], "gpu": env["gpu"], "torch": env["torch"]},
+               "environment": {"cpu": env["cpu"], "gpu": env["gpu"], "torch": env["torch"], "threads": env["threads"]},
                "si_verdict": verdict,
                "rescale": {"alphas": result["alphas"], "accuracy": result["accuracy"], "clean": result["clean"],
                            "n": n_rescale},
