@@ -474,6 +474,10 @@ def test_a_stop_signal_in_a_grids_evaluation_stops_it_after_the_batch_and_the_sa
     lines = []
     summary = reproduce(str(cfg), preset="smoke", out=out, progress=False, log=lambda *a, **_k: lines.append(a[0]))
     assert summary is not None and any(line.startswith("[reuse]") for line in lines)
+    # an evaluation the grid computes says its cost bound first, then each attack's accuracy as it finishes
+    computed = [i for i, line in enumerate(lines) if line.startswith("[evaluate]")]
+    assert computed and lines[computed[-1] + 1].startswith("  cost: at most about")
+    assert re.match(r"  si-pgd\s+\d+\.\d\d%", lines[computed[-1] + 3]), lines[computed[-1]:]
 
 
 def test_a_second_stop_signal_to_the_jobs_parent_stops_its_jobs_at_once_and_none_outlives_it():

@@ -535,7 +535,7 @@ class Runner:
                 rep = evaluate(model, test, attacks=attacks, eps=eps, steps=e["steps"], restarts=job.restarts,
                                n=job.n, batch_size=e["batch_size"], seed=e["seed"], device=pick_device(self.device),
                                progress=self.progress, precision=e["precision"], provenance=prov, group=self.group,
-                               saved=saved, stop=stop,
+                               saved=saved, stop=stop, log=lambda line: self.log(f"  {line}"),  # bound, results
                                config={"dataset": cell.dataset, "split": "test", "model_description": cell.row.label})
         except RunInterrupted as stopped:
             raise RunInterrupted(f"{stopped} (in {partial}). Continue with the same command", stopped.signum) from None
