@@ -87,7 +87,11 @@ def run_jobs(name: str, preset: str, out: str, overrides: Optional[dict], device
             proc.wait()
             pump.join()
     except BaseException:  # Ctrl-C or SIGTERM: each child saves its progress and stops
-        _stop_children([proc for _k, proc, _thread in children])
+        try:
+            _stop_children([proc for _k, proc, _thread in children])
+        finally:
+            for _k, _proc, pump in children:  # the jobs' last lines ("stopped: ...") are printed before the parent's
+                pump.join(timeout=5)
         raise
     failed = [(k, proc.returncode) for k, proc, _ in children if proc.returncode != 0]
     if failed:
