@@ -104,10 +104,12 @@ def evaluate(model: nn.Module, data, attacks: Union[str, Sequence[AttackSpec]] =
     ``indices`` are the examples' indices in their dataset: they key the random starts and are
     recorded (default 0..N-1). ``attack_params`` maps an attack name to its own keyword arguments
     (``{"si-pgd": {"scale": 30}}``). ``provenance`` adds or overrides provenance fields (the CLI
-    records the weights file's sha256 and the command there). ``log`` gets a line per attack
-    as soon as it finishes. ``saved`` (an :class:`~sirobust.progress.EvaluationProgress`) keeps every
+    records the weights file's sha256 and the command there). ``log`` gets the cost bound before the attacks
+    start, then a line per attack as soon as it finishes. ``saved`` (an :class:`~sirobust.progress.EvaluationProgress`) keeps every
     finished batch on disk and reuses what an earlier, stopped call finished; ``stop`` (a
-    :class:`~sirobust.interrupts.StopRequest`) ends the evaluation between two batches. ``precision``
+    :class:`~sirobust.interrupts.StopRequest`) ends the evaluation between two batches, or between two
+    attacks, raising :class:`~sirobust.interrupts.RunInterrupted`; a request that comes during the last batch
+    of the last attack lets the evaluation finish (the caller sees ``stop.requested``). ``precision``
     (auto, fp32, fp32-fast, bf16; :mod:`sirobust.fastpath`) is how our attacks run the model; every
     verdict is taken on the model as given, in fp32. ``compile`` runs our attacks on a ``torch.compile``d
     private copy of the model (not with ``precision="fp32"``). Under torchrun (``group``, default: the
