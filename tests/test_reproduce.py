@@ -795,6 +795,28 @@ def test_fig4_over_training_seeds_and_directions_compares_how_fast_the_loss_rise
     r = rise(data["per_seed"]["1"]["more_directions"][0]["AT-SI"])
     assert f"| AT-SI | 1 | {rise(data['per_seed']['1']['models']['AT-SI']):.3f} | {r:.3f} |" in md
     assert "over 2 seeds, 95 % interval" in md and "flatter along" in md
+    # stopped after its first seed (half an hour each on a CPU), it continues from the second, to the same data
+    import sirobust.reproduce.figures as figure_module
+    real, calls = figure_module.COMPUTE["fig4"], []
+
+    def stopped_at_seed_1(runner, cells, fig):
+        calls.append(cells[0].seed)
+        if cells[0].seed == 1 and calls.count(1) == 1:
+            raise KeyboardInterrupt  # as a kill between two seeds
+        return real(runner, cells, fig)
+    figure_module.COMPUTE["fig4"] = stopped_at_seed_1
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out2"), progress=False, log=_quiet,
+                      overrides={"seeds": [0, 1]})
+        lines = []
+        again = reproduce(str(cfg), preset="smoke", out=str(tmp_path / "out2"), progress=False,
+                          log=lambda *a, **_k: lines.append(a[0]), overrides={"seeds": [0, 1]})
+    finally:
+        figure_module.COMPUTE["fig4"] = real
+    assert calls == [0, 1, 1] and any(line.startswith("[reuse]") and line.endswith(": seed 0") for line in lines)
+    assert again["data"] == json.loads(json.dumps(data))
+    assert not list((tmp_path / "out2").rglob("figure.partial.json"))  # all of it is in figure.json now
     with pytest.raises(ConfigError, match=r"directions: expected an integer >= 1"):
         make_plan(load_experiment(str(_write(tmp_path, text.replace("directions = 2", "directions = 0"),
                                               "bad.toml"))), "smoke")

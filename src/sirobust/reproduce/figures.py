@@ -75,10 +75,11 @@ def make_figure(runner, target: Path) -> dict:
         runner.log(f"[reuse] {data_path} (same settings and weights): plotting again")
         runner.reused_evals += 1
         data, computed = saved["data"], saved.get("computed")
+    partial_path = target / "figure.partial.json"
     if data is None:
         if seeded:
-            data = {"figure": kind, "seeds": seeds,
-                    "per_seed": {str(s): COMPUTE[kind](runner, [c for c in cells if c.seed == s], fig) for s in seeds}}
+            data = {"figure": kind, "seeds": seeds, "per_seed": _per_seed(runner, kind, cells, fig, seeds, spec,
+                                                                          partial_path)}
         else:
             data = COMPUTE[kind](runner, cells, fig)
         runner.evaluated += 1
@@ -101,7 +102,26 @@ def make_figure(runner, target: Path) -> dict:
                    computed=computed, environment=environment_info())
     write_json(data_path, summary)
     atomic_write_text(target / "figure.md", to_markdown(summary))
+    partial_path.unlink(missing_ok=True)  # every seed is in figure.json now
     return summary
+
+
+def _per_seed(runner, kind: str, cells, fig, seeds: list, spec: dict, partial_path: Path) -> dict:
+    """Each seed's data of a seeded figure, each seed filed in ``partial_path`` as it is finished, so that a
+    figure stopped after some of its seeds (Fig. 4: half an hour a seed on a CPU) continues from the next one.
+    Seeds filed under another spec (other settings or weights) are not used."""
+    group = runner.group
+    filed = group.first(lambda: read_json(partial_path) if partial_path.exists() else None)
+    per_seed = dict(filed["per_seed"]) if filed and filed.get("spec") == json.loads(json.dumps(spec)) else {}
+    for s in seeds:
+        if str(s) in per_seed:
+            runner.log(f"[reuse] {partial_path}: seed {s}")
+            continue
+        per_seed[str(s)] = COMPUTE[kind](runner, [c for c in cells if c.seed == s], fig)
+        if group.main:
+            partial_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(partial_path, {"spec": spec, "per_seed": per_seed})
+    return {str(s): per_seed[str(s)] for s in seeds}
 
 
 def to_markdown(summary: dict) -> str:
